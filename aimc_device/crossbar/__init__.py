@@ -1,0 +1,1 @@
+"""aimc_device.crossbar (see DESIGN.md)."""

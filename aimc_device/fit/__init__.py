@@ -1,0 +1,1 @@
+"""aimc_device.fit (see DESIGN.md)."""

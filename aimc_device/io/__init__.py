@@ -1,0 +1,1 @@
+"""aimc_device.io (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""aimc_device.nn (see DESIGN.md)."""

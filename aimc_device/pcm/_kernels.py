@@ -1,0 +1,217 @@
+"""Numba kernels that sample the PCM model: one fused, parallel pass over the devices.
+
+Private. The public wrappers are in ``devices.py``; the formulas' single definition is in
+``formulas.py`` and the tests compare both (deterministic parts to float tolerance, random parts
+with Kolmogorov-Smirnov tests).
+
+Random numbers come from a counter-based generator: the SplitMix64 finaliser applied to
+``key + golden * counter`` with the counter built from the element index, a stream number and a
+draw number. A device's numbers therefore depend only on (seed, index), never on how the loop is
+split among threads: same seed, same bits, on any thread count. Normal variates use the 256-layer
+ziggurat of Marsaglia & Tsang (2000), about one hash and one multiply per variate.
+
+References
+----------
+.. [1] G. Marsaglia, W. W. Tsang, "The ziggurat method for generating random variables",
+   J. Stat. Softw. 5(8) (2000).
+.. [2] G. L. Steele, D. Lea, C. H. Flood, "Fast splittable pseudorandom number generators",
+   OOPSLA (2014) (SplitMix64).
+"""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+from numba import prange
+
+# --- Ziggurat tables (256 layers, 52-bit mantissa), built once from the recurrence of [1]. -----
+_ZIG_R = 3.6541528853610088  # right edge of the base layer
+_ZIG_V = 0.00492867323399  # area of each layer under exp(-x^2/2)
+_M52 = float(2**52)
+
+
+def _ziggurat_tables():
+    ki = np.zeros(256, dtype=np.uint64)
+    wi = np.zeros(256, dtype=np.float64)
+    fi = np.zeros(256, dtype=np.float64)
+    dn = tn = _ZIG_R
+    q = _ZIG_V / math.exp(-0.5 * dn * dn)
+    ki[0] = np.uint64((dn / q) * _M52)
+    ki[1] = 0
+    wi[0] = q / _M52
+    wi[255] = dn / _M52
+    fi[0] = 1.0
+    fi[255] = math.exp(-0.5 * dn * dn)
+    for i in range(254, 0, -1):
+        dn = math.sqrt(-2.0 * math.log(_ZIG_V / dn + math.exp(-0.5 * dn * dn)))
+        ki[i + 1] = np.uint64((dn / tn) * _M52)
+        tn = dn
+        fi[i] = math.exp(-0.5 * dn * dn)
+        wi[i] = dn / _M52
+    return ki, wi, fi
+
+
+_KI, _WI, _FI = _ziggurat_tables()
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31 = np.uint64(30), np.uint64(27), np.uint64(31)
+_S8, _S1, _S11 = np.uint64(8), np.uint64(1), np.uint64(11)
+_MASK8 = np.uint64(0xFF)
+_MASK52 = np.uint64(0x000FFFFFFFFFFFFF)
+_ONE = np.uint64(1)
+_DRAWS = np.uint64(64)  # counters reserved per (element, stream): ample for ziggurat rejections
+_STREAMS = np.uint64(4)
+_INV53 = 1.0 / float(2**53)
+
+#: Stream numbers: each kind of draw has its own counters.
+STREAM_PROGRAM, STREAM_DRIFT, STREAM_READ = 0, 1, 2
+
+
+@nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
+def _hash(key, ctr):
+    """SplitMix64 output for counter ``ctr`` of the stream keyed ``key`` [2]."""
+    z = key + _GOLDEN * (ctr + _ONE)
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+@nb.njit("float64(uint64, uint64)", cache=True, inline="always")
+def _uniform(key, ctr):
+    """Uniform variate in [0, 1) with 53 random bits."""
+    return float(_hash(key, ctr) >> _S11) * _INV53
+
+
+@nb.njit("float64(uint64, uint64, uint64)", cache=True)
+def normal(key, index, stream):
+    """Standard normal variate for (key, element index, stream): ziggurat of [1]."""
+    base = (index * _STREAMS + stream) * _DRAWS
+    j = np.uint64(0)
+    x = 0.0
+    while j < _DRAWS - np.uint64(3):
+        r = _hash(key, base + j)
+        j += _ONE
+        idx = np.intp(r & _MASK8)
+        r = r >> _S8
+        sign = r & _ONE
+        rabs = (r >> _S1) & _MASK52
+        x = float(rabs) * _WI[idx]
+        if sign:
+            x = -x
+        if rabs < _KI[idx]:
+            return x  # about 99 % of draws end here
+        if idx == 0:  # the tail beyond R
+            while j < _DRAWS - np.uint64(2):
+                xx = -math.log1p(-_uniform(key, base + j)) / _ZIG_R
+                yy = -math.log1p(-_uniform(key, base + j + _ONE))
+                j += np.uint64(2)
+                if yy + yy > xx * xx:
+                    return -(_ZIG_R + xx) if sign else _ZIG_R + xx
+        else:
+            u = _uniform(key, base + j)
+            j += _ONE
+            if (_FI[idx - 1] - _FI[idx]) * u + _FI[idx] < math.exp(-0.5 * x * x):
+                return x
+    return x  # unreachable in practice (probability < 1e-60)
+
+
+@nb.njit(
+    [
+        "void(float32[::1], float64[::1], uint64, float64[::1])",
+        "void(float64[::1], float64[::1], uint64, float64[::1])",
+    ],
+    cache=True,
+    parallel=True,
+)
+def standard_normal_fill(dummy, out_scale, key, out):  # pragma: no cover - exercised via tests
+    """Fill ``out`` with N(0, 1) * out_scale (broadcast scalar if len 1); used by the tests."""
+    n = out.shape[0]
+    s0 = out_scale[0]
+    scalar = out_scale.shape[0] == 1
+    for i in prange(n):
+        s = s0 if scalar else out_scale[i]
+        out[i] = s * normal(key, np.uint64(i), np.uint64(STREAM_READ))
+
+
+_PROGRAM_SIG = [
+    "void({t}[::1], float64, float64, float64, float64, float64, float64, float64, float64, "
+    "float64, float64, float64, float64, uint64, {t}[::1], {t}[::1])".format(t=t)
+    for t in ("float32", "float64")
+]
+
+
+@nb.njit(_PROGRAM_SIG, cache=True, parallel=True, fastmath=False)
+def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, key,
+                   g_prog, nu):
+    """Programming (Eq. 7, clipped at 0) and drift-exponent draw (Eq. 9), fused.
+
+    g_target, g_prog [S]; nu dimensionless; the other scalars as in PCMModel.
+    """
+    n = g_target.shape[0]
+    for i in prange(n):
+        g = abs(np.float64(g_target[i]))
+        x = g / g_max
+        sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
+        ui = np.uint64(i)
+        gp = g + sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM))
+        g_prog[i] = max(gp, 0.0)
+        lnx = math.log(max(x, 1e-12))
+        mu = min(max(ma * lnx + mb, mlo), mhi)  # Eq. 9
+        sd = min(max(sa * lnx + sb, slo), shi)
+        nu[i] = mu + sd * normal(key, ui, np.uint64(STREAM_DRIFT))
+
+
+_READ_SIG = [
+    "void({t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, float64, float64, "
+    "uint64, {t}[::1])".format(t=t)
+    for t in ("float32", "float64")
+]
+
+
+@nb.njit(_READ_SIG, cache=True, parallel=True, fastmath=False)
+def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp, q_max, key,
+                out):
+    """Drift (Eq. 8) and 1/f read noise (Eqs. 10-12), fused; result clipped at 0 (Eq. 12).
+
+    g_ref [S] sets Q_s; g_prog [S]; nu dimensionless; log_drift = ln((t + t0)/t0);
+    time_factor = sqrt(ln((t_eff + T_read)/(2 T_read))); out [S].
+    """
+    n = g_prog.shape[0]
+    for i in prange(n):
+        gd = np.float64(g_prog[i]) * math.exp(-np.float64(nu[i]) * log_drift)  # Eq. 8
+        x = max(abs(np.float64(g_ref[i])) / g_max, 1e-12)
+        q = min(q_coeff * x**q_exp, q_max)  # Eq. 10
+        sig = abs(gd) * q * time_factor  # Eq. 11
+        out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
+
+
+_PERTURB_SIG = [
+    "void({t}[::1], float64, float64, float64, float64, float64, float64, float64, float64, "
+    "float64, uint64, {t}[::1])".format(t=t)
+    for t in ("float32", "float64")
+]
+
+
+@nb.njit(_PERTURB_SIG, cache=True, parallel=True, fastmath=False)
+def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_factor, scale, key,
+                   out):
+    """Programming noise plus 1/f read noise without drift, scaled: the HWA training noise.
+
+    out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|) time_factor xi_2) [S]; the sign of g is
+    the sign of the weight (the active device of the differential pair).
+    """
+    n = g_target.shape[0]
+    for i in prange(n):
+        g = np.float64(g_target[i])
+        a = abs(g)
+        x = a / g_max
+        sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
+        q = min(q_coeff * max(x, 1e-12)**q_exp, q_max)  # Eq. 10
+        sig_r = a * q * time_factor  # Eq. 11 at g_D = g (no drift)
+        ui = np.uint64(i)
+        noise = sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM)) + sig_r * normal(
+            key, ui, np.uint64(STREAM_READ))
+        out[i] = g + scale * noise

@@ -1,0 +1,186 @@
+"""Sampling PCM devices: programming, drift, 1/f read noise and faults, on numpy arrays.
+
+The heavy work runs in fused, parallel Numba kernels (``_kernels.py``); these wrappers check
+input, choose the kernel for the dtype and keep what is drawn once (programming error, drift
+exponent, faults) in a :class:`ProgrammedState` apart from what each read draws.
+
+References
+----------
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-12.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._random import derive_key
+from . import _kernels as K
+from .formulas import read_noise_time_factor
+from .params import PCMModel
+
+__all__ = ["ProgrammedState", "program", "read", "perturb", "check_conductance"]
+
+
+def check_conductance(g, name: str = "g_target", model: PCMModel | None = None,
+                      signed: bool = False) -> np.ndarray:
+    """Validate a conductance array [S]: finite, non-negative unless ``signed``; float32/float64.
+
+    Raises
+    ------
+    ValueError
+        Naming ``name`` and what is wrong.
+    """
+    arr = np.asarray(g)
+    if arr.dtype not in (np.float32, np.float64):
+        if not np.issubdtype(arr.dtype, np.number):
+            raise TypeError(f"{name}: expected a numeric array of conductances [S], got {arr.dtype}")
+        arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name}: contains NaN or inf; conductances must be finite [S]")
+    if not signed and np.any(arr < 0):
+        raise ValueError(f"{name}: negative conductance {arr.min():.3g} S; conductances are >= 0 "
+                         "(use the sign of the weight for the differential pair)")
+    if model is not None and np.any(np.abs(arr) > 10 * model.g_max):
+        raise ValueError(f"{name}: values up to {np.abs(arr).max():.3g} S exceed 10 x g_max = "
+                         f"{10 * model.g_max:.3g} S; pass conductances in siemens, not uS")
+    return arr
+
+
+@dataclass(frozen=True)
+class ProgrammedState:
+    """What is drawn once when devices are programmed.
+
+    Attributes
+    ----------
+    g_target : ndarray, target conductance [S]
+    g_prog : ndarray, programmed conductance right after programming, g_P [S] (Eq. 7, >= 0)
+    nu : ndarray, drift exponent per device, dimensionless (Eq. 9)
+    stuck : ndarray of bool or None, devices stuck at their programmed value (faults)
+    """
+
+    g_target: np.ndarray
+    g_prog: np.ndarray
+    nu: np.ndarray
+    stuck: np.ndarray | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.g_target.shape
+
+
+def _flat(a: np.ndarray, dtype) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=dtype).reshape(-1)
+
+
+def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
+    """Program devices to target conductances: draw the programming error and drift exponents.
+
+    g_P = max(g^ + sigma_P(g^) xi, 0) (Eq. 7, clipped: a conductance is never negative);
+    nu ~ Normal(mu_nu(x), sigma_nu(x)) (Eq. 9), fixed for the life of the device. Devices named
+    by the model's stuck-at fractions are drawn next and held at 0, g_max or a uniform value.
+
+    Parameters
+    ----------
+    g_target : ndarray, target conductance [S], any shape, >= 0
+    model : PCMModel
+    rng : int, numpy.random.Generator or None
+        Seed or generator; the same seed gives the same bits on any number of threads.
+
+    Returns
+    -------
+    ProgrammedState, arrays of g_target's shape and float dtype (float32 stays float32).
+    """
+    g = check_conductance(g_target, "g_target", model)
+    shape, dtype = g.shape, g.dtype
+    key = derive_key(rng)
+    flat = _flat(g, dtype)
+    g_prog = np.empty_like(flat)
+    nu = np.empty_like(flat)
+    c0, c1, c2 = model.prog_coeffs
+    (ma, mb), (mlo, mhi) = model.drift_mean_coeffs, model.drift_mean_bounds
+    (sa, sb), (slo, shi) = model.drift_std_coeffs, model.drift_std_bounds
+    K.program_kernel(flat, model.g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, key,
+                     g_prog, nu)
+    stuck = None
+    if model.has_faults:
+        fgen = np.random.default_rng([int(key), 0xFA17])  # faults: their own stream of the key
+        u = fgen.random(flat.size)
+        f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
+        at0 = u < f0
+        atmax = (u >= f0) & (u < f0 + f1)
+        atrand = (u >= f0 + f1) & (u < f0 + f1 + f2)
+        g_prog[at0] = 0.0
+        g_prog[atmax] = model.g_max
+        g_prog[atrand] = fgen.uniform(0.0, model.g_max, int(atrand.sum()))
+        stuck_flat = at0 | atmax | atrand
+        nu[stuck_flat] = 0.0
+        stuck = stuck_flat.reshape(shape)
+    return ProgrammedState(g_target=np.array(g, copy=True),
+                           g_prog=g_prog.reshape(shape), nu=nu.reshape(shape), stuck=stuck)
+
+
+def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndarray:
+    """Conductance t seconds after programming: drift plus 1/f read noise (Eqs. 8-12).
+
+    g_D = g_P ((t + t0)/t0)^(-nu); g = max(g_D + |g_D| Q_s(x_ref) sqrt(ln((t_eff + T_read) /
+    (2 T_read))) xi, 0), with x_ref and t_eff set by ``model.read_noise_reference`` and
+    ``model.read_noise_time``. Stuck devices return their stuck value.
+
+    Parameters
+    ----------
+    state : ProgrammedState
+    t : float, time since the end of programming [s], >= 0
+    model : PCMModel
+    rng : int, numpy.random.Generator or None
+
+    Returns
+    -------
+    ndarray, conductance [S], same shape and dtype as ``state.g_prog``.
+    """
+    t = float(t)
+    if not np.isfinite(t) or t < 0:
+        raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 [s]")
+    key = derive_key(rng)
+    dtype = state.g_prog.dtype
+    g_prog = _flat(state.g_prog, dtype)
+    nu = _flat(state.nu, dtype)
+    g_ref = _flat(state.g_target if model.read_noise_reference == "target" else state.g_prog,
+                  dtype)
+    out = np.empty_like(g_prog)
+    K.read_kernel(g_ref, g_prog, nu, float(np.log((t + model.t0) / model.t0)),
+                  read_noise_time_factor(t, model), model.g_max, model.read_noise_coeff,
+                  model.read_noise_exponent, model.read_noise_max, key, out)
+    if state.stuck is not None:
+        s = state.stuck.reshape(-1)
+        out[s] = g_prog[s]
+    return out.reshape(state.g_prog.shape)
+
+
+def perturb(g, model: PCMModel, t: float = 20.0, scale: float = 1.0, rng=None) -> np.ndarray:
+    """Hardware-aware training noise: programming noise plus t seconds of 1/f read noise, no drift.
+
+    out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|/g_max) sqrt(ln((t + T_read)/(2 T_read)))
+    xi_2), MODEL.md section 8. ``g`` may be signed (the sign of the weight).
+
+    Parameters
+    ----------
+    g : ndarray, signed conductance [S]
+    model : PCMModel
+    t : float, read-noise time [s]; 20 s in [1]
+    scale : float, noise scale (the ramped HWA hyper-parameter), dimensionless
+    rng : int, numpy.random.Generator or None
+
+    Returns
+    -------
+    ndarray, perturbed signed conductance [S], same shape and dtype as ``g``.
+    """
+    arr = check_conductance(g, "g", model, signed=True)
+    key = derive_key(rng)
+    flat = _flat(arr, arr.dtype)
+    out = np.empty_like(flat)
+    c0, c1, c2 = model.prog_coeffs
+    K.perturb_kernel(flat, model.g_max, c0, c1, c2, model.read_noise_coeff,
+                     model.read_noise_exponent, model.read_noise_max,
+                     read_noise_time_factor(t, model), float(scale), key, out)
+    return out.reshape(arr.shape)

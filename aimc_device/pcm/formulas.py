@@ -1,0 +1,182 @@
+"""Deterministic formulas of the PCM model (MODEL.md section 4), for numpy arrays and torch tensors.
+
+Each function takes an array of any shape (numpy ndarray or torch tensor, float32 or float64) and
+returns the same kind of array. These are the statistics' single definition: the sampling kernels
+(``_kernels.py``, Numba, fused) restate them in scalar form for speed and are tested against these
+functions; the torch sampler (``torch_ops.py``) calls these directly.
+
+References
+----------
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-11.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .params import PCMModel
+
+__all__ = [
+    "relative_conductance",
+    "programming_noise_std",
+    "drift_exponent_stats",
+    "drift_factor",
+    "read_noise_q",
+    "read_noise_time_factor",
+    "read_noise_std",
+]
+
+# Smallest relative conductance used inside a logarithm or a negative power; below it the clip
+# bounds of the formulas are reached anyway (ln x -> -inf gives the upper clip of mu_nu, sigma_nu;
+# x^-0.65 -> inf gives the cap of Q_s).
+_X_FLOOR = 1e-12
+
+
+def _xp(a):
+    """The array namespace of ``a``: torch for tensors, numpy otherwise."""
+    if type(a).__module__.startswith("torch"):
+        import torch
+
+        return torch
+    return np
+
+
+def _as_array(a):
+    xp = _xp(a)
+    return a if xp is not np else np.asarray(a, dtype=np.result_type(a, np.float32))
+
+
+def relative_conductance(g, model: PCMModel):
+    """x = |g| / g_max, floored at a tiny positive number for logs and powers.
+
+    Parameters
+    ----------
+    g : array, conductance [S]
+    model : PCMModel
+
+    Returns
+    -------
+    array, x, dimensionless, in (0, inf)
+    """
+    g = _as_array(g)
+    xp = _xp(g)
+    return xp.clip(xp.abs(g) / model.g_max, _X_FLOOR, None)
+
+
+def programming_noise_std(g_target, model: PCMModel):
+    """Standard deviation of the programming error, sigma_P (Eq. 7).
+
+    sigma_P(x) = c0 + c1 x + c2 x^2 with x = g_target / g_max.
+
+    Parameters
+    ----------
+    g_target : array, target conductance [S]
+    model : PCMModel
+
+    Returns
+    -------
+    array, sigma_P [S]
+    """
+    g_target = _as_array(g_target)
+    x = _xp(g_target).abs(g_target) / model.g_max
+    c0, c1, c2 = model.prog_coeffs
+    return c0 + x * (c1 + x * c2)  # Eq. 7
+
+
+def drift_exponent_stats(g_target, model: PCMModel):
+    """Mean and standard deviation of the drift exponent nu (Eq. 9).
+
+    mu_nu = clip(a ln x + b, lo, hi), sigma_nu = clip(a' ln x + b', lo', hi').
+
+    Parameters
+    ----------
+    g_target : array, target conductance [S]
+    model : PCMModel
+
+    Returns
+    -------
+    (mean, std) : arrays, dimensionless
+    """
+    x = relative_conductance(g_target, model)
+    xp = _xp(x)
+    lnx = xp.log(x)
+    a, b = model.drift_mean_coeffs
+    sa, sb = model.drift_std_coeffs
+    mean = xp.clip(a * lnx + b, *model.drift_mean_bounds)  # Eq. 9, mean
+    std = xp.clip(sa * lnx + sb, *model.drift_std_bounds)  # Eq. 9, spread
+    return mean, std
+
+
+def drift_factor(nu, t, model: PCMModel):
+    """Drift attenuation ((t + t0) / t0)^(-nu) (Eq. 8).
+
+    Parameters
+    ----------
+    nu : array, drift exponent, dimensionless
+    t : float, time since the end of programming [s], >= 0
+    model : PCMModel
+
+    Returns
+    -------
+    array, g_D / g_P, dimensionless
+    """
+    nu = _as_array(nu)
+    xp = _xp(nu)
+    return xp.exp(-nu * float(np.log((t + model.t0) / model.t0)))  # Eq. 8
+
+
+def read_noise_q(x_ref, model: PCMModel):
+    """Relative 1/f read-noise amplitude Q_s(x) = min(coeff x^exponent, max) (Eq. 10).
+
+    Parameters
+    ----------
+    x_ref : array, relative conductance g/g_max, dimensionless
+    model : PCMModel
+
+    Returns
+    -------
+    array, Q_s, dimensionless
+    """
+    x_ref = _as_array(x_ref)
+    xp = _xp(x_ref)
+    x = xp.clip(xp.abs(x_ref), _X_FLOOR, None)
+    return xp.clip(model.read_noise_coeff * x**model.read_noise_exponent, None,
+                   model.read_noise_max)  # Eq. 10
+
+
+def read_noise_time_factor(t: float, model: PCMModel) -> float:
+    """sqrt(ln((t_eff + T_read) / (2 T_read))) of Eq. 11, with t_eff per ``model.read_noise_time``.
+
+    Parameters
+    ----------
+    t : float, time since the end of programming [s]
+    model : PCMModel
+
+    Returns
+    -------
+    float, dimensionless; 0 where the log would be negative (t_eff < T_read).
+    """
+    t_eff = float(t) + (model.t0 if model.read_noise_time == "t_plus_t0" else 0.0)
+    return float(np.sqrt(max(np.log((t_eff + model.t_read) / (2.0 * model.t_read)), 0.0)))
+
+
+def read_noise_std(g, t: float, model: PCMModel, g_ref=None):
+    """Standard deviation of the 1/f read noise at time t (Eq. 11).
+
+    sigma_read = |g| * Q_s(x_ref) * sqrt(ln((t_eff + T_read) / (2 T_read))).
+
+    Parameters
+    ----------
+    g : array, drifted conductance g_D [S]
+    t : float, time since the end of programming [s]
+    model : PCMModel
+    g_ref : array, optional, conductance [S] that sets Q_s: the target (``read_noise_reference ==
+        "target"``) or the programmed one (``"programmed"``). Defaults to ``g``.
+
+    Returns
+    -------
+    array, sigma_read [S]
+    """
+    g = _as_array(g)
+    xp = _xp(g)
+    x_ref = (g if g_ref is None else _as_array(g_ref)) / model.g_max
+    return xp.abs(g) * read_noise_q(x_ref, model) * read_noise_time_factor(t, model)  # Eq. 11

@@ -1,0 +1,1 @@
+"""aimc_device.study (see DESIGN.md)."""

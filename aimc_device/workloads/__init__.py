@@ -1,0 +1,1 @@
+"""aimc_device.workloads (see DESIGN.md)."""
