@@ -1,1 +1,71 @@
-"""aimc_device.workloads (see DESIGN.md)."""
+"""Small networks and data sets that need no download (DESIGN.md, issue 5).
+
+Three topologies, as in the paper's study, all on scikit-learn's handwritten digits (shipped
+with the package):
+
+========== ============================================== ====================
+name       model                                          input
+========== ============================================== ====================
+cnn        ResNet-style CNN (3 stages of basic blocks)    1x8x8 image
+lstm       ``nn.LSTM`` + ``fc`` on the last hidden state  8 rows of 8 pixels
+transformer ``nn.TransformerEncoder`` (2 layers, d=48)    16 patches of 2x2
+========== ============================================== ====================
+
+Examples
+--------
+>>> from aimc_device.workloads import get_workload
+>>> wl = get_workload("cnn")
+>>> model = wl.train_fp(wl.build_model(seed=0), seed=0)
+>>> err = wl.evaluate(model)                          # test error, a fraction
+>>> a_star = 1 - (err - err) / (wl.chance_error - err)
+"""
+from __future__ import annotations
+
+from ._base import Workload, chance_error, epoch_seed, scoped_seed
+from .cnn import CNNWorkload, ResNetDigits
+from .lstm import LSTMClassifier, LSTMWorkload
+from .transformer import PatchTransformer, TransformerWorkload
+
+__all__ = ["WORKLOADS", "QUICK", "get_workload", "Workload", "CNNWorkload", "LSTMWorkload",
+           "TransformerWorkload", "ResNetDigits", "LSTMClassifier", "PatchTransformer",
+           "chance_error", "epoch_seed", "scoped_seed"]
+
+#: Registry: name -> workload class.
+WORKLOADS: dict[str, type[Workload]] = {
+    "cnn": CNNWorkload,
+    "lstm": LSTMWorkload,
+    "transformer": TransformerWorkload,
+}
+
+#: Reduced settings for tests and ``--quick`` runs (a few seconds each on 2 CPU cores).
+QUICK: dict[str, dict] = {
+    "cnn": dict(epochs=4, width=8),
+    "lstm": dict(epochs=8, hidden=32),
+    "transformer": dict(epochs=8, d_model=24, dim_ff=48),
+}
+
+
+def get_workload(name: str, quick: bool = False, **kw) -> Workload:
+    """A workload by name.
+
+    Parameters
+    ----------
+    name : {"cnn", "lstm", "transformer"}
+        Registry name.
+    quick : bool
+        Use the reduced settings of :data:`QUICK` (fewer epochs, a smaller model).
+    **kw
+        Overrides of the workload's fields (``epochs``, ``lr``, ``batch_size``, ``seed``,
+        model sizes, ...); they win over the quick settings.
+
+    Returns
+    -------
+    Workload
+    """
+    try:
+        cls = WORKLOADS[name]
+    except KeyError:
+        raise ValueError(f"unknown workload {name!r}; choose one of {sorted(WORKLOADS)}") from None
+    settings = dict(QUICK[name]) if quick else {}
+    settings.update(kw)
+    return cls(quick=quick, **settings)
