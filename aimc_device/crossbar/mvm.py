@@ -1,0 +1,230 @@
+"""The analog matrix-vector product of a tiled layer (MODEL.md sections 2, 3, 6; Eqs. 1-2, 5, 14-19).
+
+:func:`analog_mvm` is the functional core shared by :class:`~aimc_device.crossbar.AnalogArray`
+and the torch adapter (:mod:`aimc_device.nn`). Per tile it computes
+
+    y_k = alpha_k * out_scale_k * Q_out( sigma_out xi + f_NL( dy_IR + sum_j (w~_ij + n_ij) x~_j ) ),
+    x~ = Q_in(x_k / alpha_k),
+
+and adds the tiles in digital. The cost is a few stacked GEMMs (DESIGN.md, "Speed by design"):
+[x~; x~ o P] against W~ (signal and IR-drop shape), [|x~|; x~^2] against |W~| (IR-drop activity
+and short-term noise variance); the rest is one fused elementwise pass (a Numba kernel on CPU,
+torch ops elsewhere).
+
+Gradients (hardware-aware training, MODEL.md sec. 8): the backward pass is plain floating point
+through the (perturbed) weights, with straight-through quantisers; the noise, IR-drop and
+asymmetry terms are added as constants (no gradient through them).
+
+References
+----------
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 1, 2, 5, 14-19.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import CrossbarConfig
+from .periphery import (
+    asymmetry_delta,
+    ir_drop_delta,
+    ir_drop_profile,
+    quantize,
+    s_adc,
+    short_term_noise_std,
+)
+
+__all__ = ["analog_mvm"]
+
+_F = torch.nn.functional.linear
+
+
+def _abs_cached(w: torch.Tensor) -> torch.Tensor:
+    """|W~|, cached on the tensor object and invalidated by any in-place change of it."""
+    if w.requires_grad:
+        return w.detach().abs()
+    cache = getattr(w, "_aimc_abs", None)
+    if cache is not None and cache[0] == w._version:
+        return cache[1]
+    a = w.abs()
+    try:
+        w._aimc_abs = (w._version, a)
+    except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+        pass
+    return a
+
+
+def _as_tensor(v, like: torch.Tensor, name: str) -> torch.Tensor:
+    t = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+    return t.to(dtype=like.dtype, device=like.device)
+
+
+def _check(x, w_tiles, alpha, out_scale):
+    if not isinstance(w_tiles, (list, tuple)) or not w_tiles:
+        raise ValueError("w_tiles: expected a non-empty list of (out, in_k) weight tensors")
+    n_out = w_tiles[0].shape[0]
+    for k, w in enumerate(w_tiles):
+        if w.dim() != 2 or w.shape[0] != n_out:
+            raise ValueError(f"w_tiles[{k}]: shape {tuple(w.shape)}; every tile must be "
+                             f"(out={n_out}, in_k)")
+    n_in = sum(w.shape[1] for w in w_tiles)
+    if x.dim() != 2 or x.shape[1] != n_in:
+        raise ValueError(f"x: shape {tuple(x.shape)}; expected (batch, {n_in}) for these tiles")
+    n_t = len(w_tiles)
+    if alpha.shape != (n_t,):
+        raise ValueError(f"alpha: shape {tuple(alpha.shape)}; expected ({n_t},), one input range "
+                         "per tile")
+    if out_scale.shape != (n_t, n_out):
+        raise ValueError(f"out_scale: shape {tuple(out_scale.shape)}; expected ({n_t}, {n_out}), "
+                         "one factor per tile and output")
+
+
+def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
+               generator=None, asymmetry=None, zeta=None) -> torch.Tensor:
+    """Analog MVM of a tiled layer with its periphery (Eqs. 1, 2, 5, 14-19).
+
+    Parameters
+    ----------
+    x : torch.Tensor (batch, in) or (in,), real inputs (unit of the layer's input)
+    w_tiles : list of torch.Tensor (out, in_k), normalised signed weights w~ (already programmed,
+        drifted or perturbed by the caller), dimensionless, nominally in [-1, 1]
+    cfg : CrossbarConfig
+    alpha : torch.Tensor (n_tiles,), input range per tile (unit of x)
+    out_scale : torch.Tensor (n_tiles, out), digital factor per tile and column (gamma x any
+        learned scale x drift-compensation factor; unit of y / unit of x)
+    generator : torch.Generator or None
+        Source of the per-MVM draws (short-term and output noise).
+    asymmetry : list of torch.Tensor (out, in_k) or None
+        Read-polarity asymmetry a_ij per tile (drawn once, see :func:`periphery.draw_asymmetry`);
+        used only when given.
+    zeta : torch.Tensor (out,) or list of them, or None
+        S-shaped ADC saturation per column (Eq. 19); None: ``cfg.mu_zeta`` for every column.
+
+    Returns
+    -------
+    torch.Tensor (batch, out) (or (out,) for a 1-d x), in the unit of the layer's output.
+
+    Raises
+    ------
+    ValueError
+        On shapes that do not fit together, naming the argument.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__} (AnalogArray.mvm "
+                        "takes numpy arrays)")
+    w0 = w_tiles[0] if isinstance(w_tiles, (list, tuple)) and w_tiles else None
+    if w0 is None:
+        _check(x, w_tiles, None, None)
+    squeeze = x.dim() == 1
+    if squeeze:
+        x = x[None]
+    if x.dtype != w0.dtype:
+        x = x.to(w0.dtype)
+    alpha = _as_tensor(alpha, w0, "alpha").reshape(-1) if not (
+        isinstance(alpha, torch.Tensor) and alpha.dim() == 1) else alpha.to(w0.dtype)
+    out_scale = _as_tensor(out_scale, w0, "out_scale")
+    _check(x, w_tiles, alpha, out_scale)
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or alpha.requires_grad or out_scale.requires_grad
+        or any(w.requires_grad for w in w_tiles))
+    out = None
+    start = 0
+    for k, w in enumerate(w_tiles):
+        n = w.shape[1]
+        xk = x[:, start:start + n]
+        start += n
+        asym = asymmetry[k] if asymmetry is not None else None
+        zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
+        yk = _tile(xk, w, cfg, alpha[k], out_scale[k], generator, asym, zk, grad)
+        out = yk if out is None else (out + yk if grad else out.add_(yk))
+    return out[0] if squeeze else out
+
+
+def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad):
+    """One tile: alpha * out_scale * Q_out(analog(Q_in(x / alpha))) (Eq. 1)."""
+    if cfg.noise_management == "abs_max":
+        a = xk.detach().abs().amax(dim=1, keepdim=True)
+        a = torch.where(a > 0, a, torch.ones_like(a))  # (batch, 1)
+    else:
+        a = alpha_k
+    if cfg.bound_management == "iterative" and cfg.out_bits:
+        return _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad)
+    z = _analog(xk / a, w, cfg, gen, asym, zeta, grad)
+    return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)  # Eq. 1, ADC of Eq. 5
+
+
+def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
+    """Iterative bound management: halve the inputs of saturated samples and repeat."""
+    b = xk.shape[0]
+    a = (a * torch.ones((b, 1), dtype=xk.dtype, device=xk.device)).detach()
+    z = _analog(xk / a, w, cfg, gen, asym, zeta, grad)
+    for _ in range(cfg.bound_management_iters):
+        sat = (z.detach().abs() >= cfg.out_bound).any(dim=1)
+        if not bool(sat.any()):
+            break
+        a = torch.where(sat[:, None], 2.0 * a, a)
+        idx = sat.nonzero()[:, 0]
+        z_new = _analog(xk[idx] / a[idx], w, cfg, gen, asym, zeta, grad)
+        z = z.index_put((idx,), z_new) if grad else z.index_put_((idx,), z_new)
+    return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)
+
+
+def _analog(xs, w, cfg, gen, asym, zeta, grad):
+    """Pre-ADC analog value of one tile for inputs xs = x / alpha (Eq. 2 with Eqs. 14-19)."""
+    xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
+    b, n = xt.shape
+    need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
+    need_st = cfg.w_noise > 0
+    xd = xt.detach() if grad else xt
+    if need_ir:  # one GEMM: [x~; x~ o P] against W~ (Eqs. 2, 15)
+        p = ir_drop_profile(n, xt.dtype, xt.device)
+        zz = _F(torch.cat([xt, xd * p]), w)
+        z, w_px = zz[:b], zz[b:].detach()
+    else:
+        z = _F(xt, w)  # Eq. 2, signal
+    with torch.no_grad():
+        extra = None
+        if need_ir or need_st:
+            wabs = _abs_cached(w)
+            if need_ir and need_st:  # one GEMM: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+                s = _F(torch.cat([xd.abs(), xd * xd]), wabs)
+                abs_x, x2 = s[:b], s[b:]
+            elif need_ir:
+                abs_x, x2 = _F(xd.abs(), wabs), None
+            else:
+                abs_x, x2 = None, _F(xd * xd, wabs)
+            if need_ir:
+                extra = ir_drop_delta(abs_x, w_px, n, cfg.ir_drop, cfg.ir_drop_g)  # Eq. 15
+        if asym is not None:
+            d = asymmetry_delta(xd, w.detach(), asym)
+            extra = d if extra is None else extra.add_(d)
+        if cfg.s_adc:
+            if need_st:
+                st = short_term_noise_std(x2, cfg.w_noise)  # Eq. 14
+                st.mul_(torch.randn(st.shape, dtype=st.dtype, device=st.device, generator=gen))
+                extra = st if extra is None else extra.add_(st)
+            noise_std = cfg.out_noise
+        else:
+            # f_NL = identity: short-term and output noise are one Gaussian of variance
+            # sigma_out^2 + sigma_i^2 (Eqs. 2, 14), one draw instead of two.
+            if need_st:
+                noise_std = (x2.mul_(cfg.w_noise ** 2).add_(cfg.out_noise ** 2)).sqrt_()
+            else:
+                noise_std = cfg.out_noise
+        if isinstance(noise_std, torch.Tensor) or noise_std > 0:
+            noise = torch.randn(z.shape, dtype=z.dtype, device=z.device, generator=gen)
+            noise = noise.mul_(noise_std)
+        else:
+            noise = None
+    if cfg.s_adc:
+        if extra is not None:
+            z = z + extra if grad else z.add_(extra)
+        zeta = cfg.mu_zeta if zeta is None else zeta
+        z = s_adc(z, zeta, cfg.out_bound)  # Eq. 19
+        if noise is not None:
+            z = z + noise if grad else z.add_(noise)  # Eq. 2, output noise
+        return z
+    if extra is not None:
+        noise = extra if noise is None else noise.add_(extra)
+    if noise is not None:
+        z = z + noise if grad else z.add_(noise)
+    return z
