@@ -7,7 +7,8 @@ Randomness is passed in as seeds. Model initialisation and training draw from to
 generator only inside :func:`torch.random.fork_rng`, so the caller's global state is left as it
 was; shuffling uses its own :class:`torch.Generator`. Each epoch's randomness is derived from
 ``(seed, epoch)`` alone, so a run resumed from the checkpoint of epoch ``k`` gives the same
-model as one that was never interrupted.
+model as one that was never interrupted. Results are bitwise reproducible for the same seed
+and thread count; across thread counts torch's float reductions differ in the last bits.
 """
 from __future__ import annotations
 

@@ -1,0 +1,186 @@
+"""Tests of aimc_device.workloads: data, determinism, quick training beats chance."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aimc_device.workloads import (QUICK, WORKLOADS, Workload, chance_error, epoch_seed,
+                                   get_workload)
+from aimc_device.workloads.digits import as_patches, as_rows, load_digits_split
+
+NAMES = ["cnn", "lstm", "transformer"]
+SHAPES = {"cnn": (1, 8, 8), "lstm": (8, 8), "transformer": (16, 4)}
+
+
+def test_registry():
+    assert set(NAMES) <= set(WORKLOADS)
+    for name in NAMES:
+        wl = get_workload(name)
+        assert isinstance(wl, Workload) and wl.name == name
+        assert wl.epochs > 0 and wl.lr > 0
+        assert get_workload(name, quick=True).epochs < wl.epochs
+        assert set(QUICK[name]) <= {f for f in wl.__dataclass_fields__}
+    assert get_workload("cnn", quick=True, epochs=2).epochs == 2
+    with pytest.raises(ValueError, match="unknown workload"):
+        get_workload("mlp")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_data_shapes_and_determinism(name):
+    wl = get_workload(name)
+    train, test = wl.load_data(seed=3)
+    x, y = train.tensors
+    assert x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape[1:] == SHAPES[name]
+    assert len(train) + len(test) == 1797
+    assert len(test) == pytest.approx(0.25 * 1797, abs=1)
+    assert set(y.tolist()) == set(range(10))
+    # standardised on the training split
+    assert abs(float(x.mean())) < 1e-4 and float(x.std()) == pytest.approx(1.0, abs=1e-3)
+    # same seed, same data (also from a fresh workload object); other seed, other split
+    train2, test2 = get_workload(name).load_data(seed=3)
+    assert torch.equal(train2.tensors[0], x) and torch.equal(test2.tensors[1], test.tensors[1])
+    train3, _ = get_workload(name).load_data(seed=4)
+    assert not torch.equal(train3.tensors[1], y)
+
+
+def test_layouts_are_views_of_the_same_images():
+    x_tr = load_digits_split(0)[0]
+    img = x_tr.reshape(-1, 8, 8)
+    assert np.array_equal(as_rows(x_tr)[:, 2], img[:, 2])
+    p = as_patches(x_tr)
+    assert np.array_equal(p[:, 0], img[:, :2, :2].reshape(-1, 4))
+    assert np.array_equal(p[:, 5], img[:, 2:4, 2:4].reshape(-1, 4))   # row 1, column 1
+    with pytest.raises(ValueError):
+        as_patches(x_tr, patch=3)
+
+
+def test_n_train_subsample():
+    wl = get_workload("lstm", n_train=200)
+    train, test = wl.load_data(0)
+    assert len(train) == 200 and len(test) == pytest.approx(450, abs=1)
+
+
+def test_chance_error():
+    assert chance_error([0, 1, 2, 3]) == pytest.approx(0.75)
+    assert chance_error(np.array([1, 1, 1, 0])) == pytest.approx(0.25)
+    assert chance_error(torch.arange(10).repeat(5)) == pytest.approx(0.9)
+    with pytest.raises(ValueError):
+        chance_error([])
+    wl = get_workload("cnn")
+    labels = wl.load_data()[1].tensors[1].numpy()
+    expected = 1 - np.bincount(labels).max() / labels.size
+    assert wl.chance_error == pytest.approx(expected)
+    assert 0.88 < wl.chance_error < 0.91
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_build_model_deterministic_and_leaves_global_rng(name):
+    wl = get_workload(name, quick=True)
+    state = torch.get_rng_state()
+    a, b, c = wl.build_model(seed=1), wl.build_model(seed=1), wl.build_model(seed=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa if sa[k].is_floating_point())
+    # the conventionally digital layers exist and are standard modules
+    names = dict(a.named_modules())
+    for layer in wl.digital_layers:
+        assert isinstance(names[layer], (nn.Linear, nn.Conv2d)), layer
+    # the classifier is a separate nn.Linear with one output per class
+    assert isinstance(a.fc, nn.Linear) and a.fc.out_features == 10
+
+
+def test_model_structure():
+    cnn = get_workload("cnn").build_model()
+    assert sum(isinstance(m, nn.Conv2d) for m in cnn.modules()) >= 7
+    assert isinstance(get_workload("lstm").build_model().lstm, nn.LSTM)
+    tr = get_workload("transformer").build_model()
+    layers = [m for m in tr.modules() if isinstance(m, nn.TransformerEncoderLayer)]
+    assert len(layers) == 2 and all(m.self_attn.batch_first for m in layers)
+    # odd head count keeps torch's fused inference path (which bypasses submodules) off
+    assert all(m.self_attn.num_heads % 2 == 1 for m in layers)
+
+
+def test_transformer_eval_calls_submodules():
+    """A converter swaps linear1/linear2; in eval mode the swap must take effect."""
+    wl = get_workload("transformer", quick=True)
+    model = wl.build_model().eval()
+    x = wl.load_data()[1].tensors[0][:8]
+    calls = []
+    model.encoder.layers[0].linear1.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        model(x)
+    assert calls
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_training_beats_chance(name):
+    wl = get_workload(name, quick=True)
+    model = wl.build_model(seed=0)
+    err0 = wl.evaluate(model)
+    state = torch.get_rng_state()
+    losses = []
+    out = wl.train_fp(model, seed=0, progress=False,
+                      on_epoch_end=lambda e, m, o, s, loss: losses.append(loss))
+    assert out is model and not model.training
+    assert torch.equal(torch.get_rng_state(), state)          # no global seeding left behind
+    assert len(losses) == wl.epochs and losses[-1] < losses[0]
+    err = wl.evaluate(model)
+    assert err < 0.5 * wl.chance_error and err < err0
+    # evaluate is deterministic and restores the mode
+    model.train()
+    assert wl.evaluate(model) == err and model.training
+    _, test_loader = wl.loaders()
+    assert wl.evaluate(model, test_loader) == err
+    with torch.no_grad():
+        logits = model.eval()(wl.load_data()[1].tensors[0][:4])
+    loss = wl.task_loss(logits, wl.load_data()[1].tensors[1][:4])
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def _train(wl, seed, **kw):
+    model = wl.build_model(seed=0)
+    wl.train_fp(model, seed=seed, progress=False, **kw)
+    return model
+
+
+def test_training_deterministic_and_resumable():
+    wl = get_workload("transformer", quick=True, epochs=3)   # has dropout
+    a, b, c = _train(wl, 7), _train(wl, 7), _train(wl, 8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    # stop after epoch 1, resume from the checkpoint: same model as the uninterrupted run
+    ckpt = {}
+
+    def save(epoch, model, opt, sched, loss):
+        if epoch == 1:
+            # deep copies: state_dict() holds live references that later steps update
+            ckpt.update(copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict(),
+                                           sched=sched.state_dict())))
+    _train(wl, 7, on_epoch_end=save)
+    resumed = wl.build_model(seed=5)
+    resumed.load_state_dict(ckpt["model"])
+    wl.train_fp(resumed, seed=7, progress=False, start_epoch=2,
+                optimizer_state=ckpt["opt"], scheduler_state=ckpt["sched"])
+    sr = resumed.state_dict()
+    assert all(torch.equal(sa[k], sr[k]) for k in sa)
+
+
+def test_epoch_seed():
+    assert epoch_seed(0, 1) == epoch_seed(0, 1)
+    assert len({epoch_seed(0, 1), epoch_seed(0, 2), epoch_seed(1, 1), epoch_seed(0, 1, 1)}) == 4
+    assert 0 <= epoch_seed(2**40, 10**6) < 2**63
+
+
+def test_sgd_and_bad_optimizer():
+    wl = get_workload("cnn", quick=True)
+    opt, sched = wl.make_optimizer(wl.build_model())
+    assert isinstance(opt, torch.optim.SGD)
+    with pytest.raises(ValueError, match="optimizer"):
+        get_workload("cnn", optimizer="rmsprop").make_optimizer(wl.build_model())
