@@ -10,6 +10,9 @@ from . import periphery
 from .config import CrossbarConfig
 from .mapping import conductance_targets, map_weights, split_sizes, tile_slices
 from .mvm import analog_mvm
+from .array import AnalogArray
+from .metric import EVALUATION_TIMES, mvm_error, mvm_error_breakdown, nonideality_configs
 
 __all__ = ["CrossbarConfig", "periphery", "split_sizes", "tile_slices", "map_weights",
-           "conductance_targets", "analog_mvm"]
+           "conductance_targets", "analog_mvm", "AnalogArray", "mvm_error",
+           "mvm_error_breakdown", "nonideality_configs", "EVALUATION_TIMES"]

@@ -1,0 +1,283 @@
+"""An analog array and its life cycle: map -> program -> drift to t -> MVM (MODEL.md sections 1-5).
+
+References
+----------
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 1-12 and Methods (drift
+   compensation).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .._random import derive_key, torch_generator
+from ..pcm import PCMModel, program, read
+from ..pcm.torch_ops import program_torch, read_torch
+from .config import CrossbarConfig
+from .mapping import conductance_targets, map_weights, split_sizes, tile_slices
+from .mvm import analog_mvm
+from .periphery import draw_asymmetry, draw_zeta
+
+__all__ = ["AnalogArray", "resolve_device"]
+
+
+def resolve_device(device) -> PCMModel | None:
+    """A PCMModel from a model, a preset name, or None (ideal devices: no PCM effects)."""
+    if device is None or isinstance(device, PCMModel):
+        return device
+    if isinstance(device, str):
+        return PCMModel.preset(device)
+    raise TypeError(f"device: expected a PCMModel, a preset name or None, got "
+                    f"{type(device).__name__}")
+
+
+def _to_tensor(a, name: str, dtype=None, device=None) -> torch.Tensor:
+    t = a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))
+    if not (t.is_floating_point()):
+        t = t.to(torch.float64 if dtype is None else dtype)
+    if dtype is not None or device is not None:
+        t = t.to(dtype=dtype or t.dtype, device=device or t.device)
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or inf; give finite values")
+    return t
+
+
+class AnalogArray:
+    """A weight matrix mapped onto PCM crossbar tiles, with periphery and drift compensation.
+
+    Parameters
+    ----------
+    weights : ndarray or torch.Tensor (out, in), the layer's weights (any unit)
+    cfg : CrossbarConfig or None (the standard model)
+    device : PCMModel, preset name or None
+        Device statistics for :meth:`program` and :meth:`drift`; default the "rasch2023" preset
+        (MODEL.md sec. 4). None: ideal devices, the programmed weights equal their targets and
+        do not drift (only the periphery is non-ideal).
+    bias : ndarray or torch.Tensor (out,) or None, digital bias beta (unit of the output)
+    input_range : float or sequence (n_tiles,), alpha per tile (unit of the input)
+
+    Attributes
+    ----------
+    tile_sizes : list of int, inputs per tile (near-equal parts of at most cfg.max_rows)
+    w_target : torch.Tensor (out, in), normalised target weights w~ (column scale per tile)
+    w_tiles : list of torch.Tensor (out, in_k), current normalised weights per tile (targets
+        before :meth:`program`, programmed or drifted after)
+    gamma : torch.Tensor (n_tiles, out), column scales (unit of the weights)
+    alpha : torch.Tensor (n_tiles,), input range per tile
+    comp : torch.Tensor (n_tiles, out), drift-compensation factors (1 until :meth:`drift`)
+    t : float or None, time since programming of the current weights [s]
+
+    References
+    ----------
+    .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023).
+    """
+
+    def __init__(self, weights, cfg: CrossbarConfig | None = None, device="rasch2023",
+                 bias=None, input_range=1.0):
+        self.cfg = CrossbarConfig() if cfg is None else cfg
+        if not isinstance(self.cfg, CrossbarConfig):
+            raise TypeError(f"cfg: expected a CrossbarConfig, got {type(self.cfg).__name__}")
+        self.device_model = resolve_device(device)
+        W = _to_tensor(weights, "weights")
+        if W.dim() != 2 or W.shape[0] == 0 or W.shape[1] == 0:
+            raise ValueError(f"weights: expected a non-empty 2-d matrix (out, in), got shape "
+                             f"{tuple(W.shape)}")
+        self.weights = W
+        self.shape = tuple(W.shape)
+        self.tile_sizes = split_sizes(W.shape[1], self.cfg.max_rows)
+        self.slices = tile_slices(self.tile_sizes)
+        w_tiles, self.gamma = map_weights(W, self.tile_sizes)  # MODEL.md sec. 1
+        self.w_target = torch.cat(w_tiles, dim=1)
+        self._g_target, self._sign = conductance_targets(self.w_target, self.cfg.g_max)
+        self.bias = None if bias is None else _to_tensor(bias, "bias", W.dtype, W.device)
+        if self.bias is not None and self.bias.shape != (W.shape[0],):
+            raise ValueError(f"bias: shape {tuple(self.bias.shape)}; expected ({W.shape[0]},)")
+        self.alpha = torch.ones(len(self.tile_sizes), dtype=W.dtype, device=W.device)
+        self.input_range = input_range
+        self.comp = torch.ones_like(self.gamma)
+        self.asymmetry = None
+        self.zeta = None
+        self.t = None
+        self._state = None
+        self._s_ref = None
+        self._gen = torch_generator(None, W.device)
+        self._set_weights(self.w_target.clone())
+
+    # ------------------------------------------------------------------ weights and ranges
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tile_sizes)
+
+    def _set_weights(self, w: torch.Tensor) -> None:
+        self._w = w
+        self.w_tiles = [w[:, sl] for sl in self.slices]
+
+    @property
+    def input_range(self) -> torch.Tensor:
+        """alpha per tile (unit of the input); set with a float or one value per tile."""
+        return self.alpha
+
+    @input_range.setter
+    def input_range(self, value) -> None:
+        a = torch.as_tensor(np.asarray(value, dtype=np.float64)).to(self.alpha.dtype)
+        a = a.to(self.alpha.device).reshape(-1)
+        if a.numel() == 1:
+            a = a.expand(self.n_tiles).clone()
+        if a.numel() != self.n_tiles:
+            raise ValueError(f"input_range: give one value or {self.n_tiles} (one per tile), "
+                             f"got {a.numel()}")
+        if not bool(torch.isfinite(a).all()) or bool((a <= 0).any()):
+            raise ValueError(f"input_range = {a.tolist()}: must be finite and > 0")
+        self.alpha = a
+
+    def calibrate_input_range(self, x_samples, quantile: float = 1.0) -> torch.Tensor:
+        """Set alpha per tile from sample inputs: the ``quantile`` of |x| on each tile's inputs.
+
+        quantile = 1 is the abs-max (the paper's direct-mapping calibration, MODEL.md sec. 9).
+        """
+        x = self._input(x_samples)[0]
+        if not 0.0 < quantile <= 1.0:
+            raise ValueError(f"quantile = {quantile}: must lie in (0, 1]")
+        vals = []
+        for sl in self.slices:
+            ax = x[:, sl].abs()
+            v = ax.max() if quantile == 1.0 else torch.quantile(ax.reshape(-1).double(), quantile)
+            vals.append(float(v) if float(v) > 0 else 1.0)
+        self.input_range = vals
+        return self.alpha
+
+    # ------------------------------------------------------------------ life cycle
+    def _streams(self, rng, n: int) -> list[int]:
+        """n independent sub-seeds from one rng (seed, Generator or None)."""
+        key = int(derive_key(rng))
+        return [int(s) for s in np.random.SeedSequence(key).generate_state(n, dtype=np.uint64)]
+
+    def program(self, rng=None) -> "AnalogArray":
+        """Program the devices: draw programming error and drift exponents (MODEL.md Eqs. 7, 9).
+
+        Also draws what the periphery fixes once (read asymmetry, S-ADC zeta), records the drift
+        compensation reference s_ref from the programmed weights, and seeds the per-MVM stream.
+
+        Parameters
+        ----------
+        rng : int, numpy.random.Generator or None
+        """
+        s_prog, s_asym, s_zeta, s_mvm = self._streams(rng, 4)
+        model = self.device_model
+        g_t = self._g_target
+        if model is None:
+            g_prog = g_t.clone()
+            self._state = None
+        elif g_t.device.type == "cpu":
+            self._state = program(g_t.numpy(), model, rng=s_prog)
+            g_prog = torch.from_numpy(self._state.g_prog)
+        else:
+            g_prog, nu = program_torch(g_t, model, generator=torch_generator(s_prog, g_t.device))
+            self._state = (g_prog, nu)
+        self._set_weights(self._sign * (g_prog / self.cfg.g_max))  # Eq. 12, w~ = sign g / g_max
+        dev, dt = self._w.device, self._w.dtype
+        self.asymmetry = None
+        if self.cfg.asymmetry > 0:
+            gen = torch_generator(s_asym, dev)
+            self.asymmetry = [draw_asymmetry(w.shape, self.cfg.asymmetry, gen, dt, dev)
+                              for w in self.w_tiles]
+        self.zeta = None
+        if self.cfg.s_adc:
+            gen = torch_generator(s_zeta, dev)
+            self.zeta = [draw_zeta(self.shape[0], self.cfg.mu_zeta, self.cfg.sigma_zeta, gen,
+                                   dt, dev) for _ in self.w_tiles]
+        self._s_ref = self._readout()
+        self.comp = torch.ones_like(self.gamma)
+        self.t = 0.0
+        self._gen = torch_generator(s_mvm, dev)
+        return self
+
+    def drift(self, t: float, rng=None) -> "AnalogArray":
+        """Move every device to t seconds after programming and compensate (MODEL.md secs. 4, 5).
+
+        Drift and 1/f read noise are drawn once here and held until the next call; the drift
+        compensation factor per tile (or column) is s_ref / s_t.
+
+        Parameters
+        ----------
+        t : float, time since the end of programming [s], >= 0
+        rng : int, numpy.random.Generator or None
+        """
+        if self._s_ref is None:
+            raise RuntimeError("AnalogArray.drift: call program(rng) first")
+        t = float(t)
+        if not np.isfinite(t) or t < 0:
+            raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 [s]")
+        model = self.device_model
+        if model is None:
+            g = self._g_target
+        elif isinstance(self._state, tuple):
+            g_prog, nu = self._state
+            g = read_torch(self._g_target, g_prog, nu, t, model,
+                           generator=torch_generator(rng, g_prog.device))
+        else:
+            g = torch.from_numpy(read(self._state, t, model, rng=rng))
+        self._set_weights(self._sign * (g / self.cfg.g_max))  # Eq. 12
+        self.t = t
+        if self.cfg.drift_compensation is None:
+            self.comp = torch.ones_like(self.gamma)
+        else:
+            s_t = self._readout()
+            self.comp = self._s_ref / torch.where(s_t > 0, s_t, torch.ones_like(s_t))
+        return self
+
+    def _readout(self) -> torch.Tensor:
+        """Drift-compensation readout s per tile, broadcast to (n_tiles, out) (MODEL.md sec. 5).
+
+        The known inputs are the unit vectors e_j of the tile's rows, read without per-MVM
+        noise; s = sum over inputs of |y| = sum_ij |w~_ij| per tile ("global"), or sum_j |w~_ij|
+        per column ("column"), as IBM aihwkit's GlobalDriftCompensation does.
+        """
+        s = torch.stack([w.abs().sum(dim=1) for w in self.w_tiles])  # (n_tiles, out)
+        if self.cfg.drift_compensation == "column":
+            return s
+        return s.sum(dim=1, keepdim=True).expand_as(s).clone()
+
+    # ------------------------------------------------------------------ MVM
+    def _input(self, x):
+        is_numpy = not isinstance(x, torch.Tensor)
+        t = _to_tensor(x, "x", self._w.dtype, self._w.device)
+        if t.dim() not in (1, 2) or t.shape[-1] != self.shape[1]:
+            raise ValueError(f"x: shape {tuple(t.shape)}; expected (batch, {self.shape[1]}) or "
+                             f"({self.shape[1]},)")
+        return (t if t.dim() == 2 else t[None]), is_numpy, t.dim() == 1
+
+    @property
+    def out_scale(self) -> torch.Tensor:
+        """Digital factor per tile and column, gamma x drift compensation (n_tiles, out)."""
+        return self.gamma * self.comp
+
+    def mvm(self, x, rng=None):
+        """The analog product y = W x (+ bias) with the full periphery (MODEL.md Eqs. 1, 2).
+
+        Parameters
+        ----------
+        x : ndarray or torch.Tensor (batch, in) or (in,), inputs (unit of the layer's input)
+        rng : int, torch.Generator or None
+            Per-MVM draws; None continues the stream seeded by :meth:`program`.
+
+        Returns
+        -------
+        Same kind as x (numpy in, numpy out), (batch, out) or (out,).
+        """
+        xt, is_numpy, squeeze = self._input(x)
+        gen = self._gen if rng is None else torch_generator(rng, self._w.device)
+        with torch.no_grad():
+            y = analog_mvm(xt, self.w_tiles, self.cfg, self.alpha, self.out_scale,
+                           generator=gen, asymmetry=self.asymmetry, zeta=self.zeta)
+            if self.bias is not None:
+                y.add_(self.bias)
+        y = y[0] if squeeze else y
+        return y.cpu().numpy() if is_numpy else y
+
+    __call__ = mvm
+
+    def __repr__(self) -> str:
+        dev = "ideal" if self.device_model is None else self.device_model.name
+        return (f"AnalogArray(shape={self.shape}, tiles={self.tile_sizes}, device={dev}, "
+                f"t={self.t})")

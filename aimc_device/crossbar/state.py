@@ -1,0 +1,71 @@
+"""The programmed state of an :class:`AnalogArray` as a flat dict of tensors, and back.
+
+What a programmed array has drawn (programming error, drift exponents, faults, read asymmetry,
+S-ADC gains), where it stands in time (current weights, drift-compensation reference and
+factors) and its per-MVM random stream, so that a torch ``state_dict`` can carry it and a reload
+continues exactly where it left off. No pickle: tensors only.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..pcm import ProgrammedState
+from .array import AnalogArray
+
+__all__ = ["export_state", "import_state"]
+
+
+def export_state(array: AnalogArray) -> dict[str, torch.Tensor]:
+    """The programmed state of ``array`` as tensors (empty dict before programming)."""
+    if array._s_ref is None:
+        return {}
+    out = {
+        "w": array._w.detach().clone(),
+        "comp": array.comp.detach().clone(),
+        "s_ref": array._s_ref.detach().clone(),
+        "t": torch.tensor(float(array.t)),
+        "mvm_rng": array._gen.get_state(),
+    }
+    st = array._state
+    if isinstance(st, ProgrammedState):
+        out["g_prog"] = torch.from_numpy(st.g_prog.copy())
+        out["nu"] = torch.from_numpy(st.nu.copy())
+        if st.stuck is not None:
+            out["stuck"] = torch.from_numpy(st.stuck.copy())
+    elif isinstance(st, tuple):
+        out["g_prog"], out["nu"] = (t.detach().clone() for t in st)
+    if array.asymmetry is not None:
+        out["asymmetry"] = torch.cat(array.asymmetry, dim=1)
+    if array.zeta is not None:
+        out["zeta"] = torch.stack(array.zeta)
+    return out
+
+
+def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogArray:
+    """Restore a state from :func:`export_state` into an array built from the same weights."""
+    if not state:
+        return array
+    w = state["w"].to(array._w.device, array._w.dtype)
+    if tuple(w.shape) != array.shape:
+        raise ValueError(f"import_state: saved weights have shape {tuple(w.shape)}, the array "
+                         f"{array.shape}; rebuild the array from the same weights")
+    array._set_weights(w.clone())
+    array.comp = state["comp"].to(w.device, w.dtype).clone()
+    array._s_ref = state["s_ref"].to(w.device, w.dtype).clone()
+    array.t = float(state["t"])
+    gen = torch.Generator(device=w.device)
+    gen.set_state(state["mvm_rng"].cpu())
+    array._gen = gen
+    if "g_prog" in state and w.device.type == "cpu":
+        array._state = ProgrammedState(
+            g_target=array._g_target.numpy().copy(),
+            g_prog=state["g_prog"].numpy().copy(), nu=state["nu"].numpy().copy(),
+            stuck=state["stuck"].numpy().copy() if "stuck" in state else None)
+    elif "g_prog" in state:
+        array._state = (state["g_prog"].to(w.device), state["nu"].to(w.device))
+    else:
+        array._state = None
+    array.asymmetry = (list(torch.split(state["asymmetry"].to(w.device), array.tile_sizes, 1))
+                       if "asymmetry" in state else None)
+    array.zeta = list(state["zeta"].to(w.device)) if "zeta" in state else None
+    return array
