@@ -1,1 +1,10 @@
-"""aimc_device.fit (see DESIGN.md)."""
+"""Statistics from measurements: fit a PCM model to a campaign, with a report.
+
+Layer ``fit``: imports :mod:`aimc_device.pcm` and :mod:`aimc_device.io` only.
+"""
+from ._stats import CampaignStats, FitError, campaign_statistics
+from .pcm_fit import fit_drift, fit_pcm, fit_programming_noise, fit_read_noise
+from .report import ComponentFit, FitReport
+
+__all__ = ["fit_pcm", "fit_programming_noise", "fit_drift", "fit_read_noise",
+           "campaign_statistics", "CampaignStats", "FitReport", "ComponentFit", "FitError"]
