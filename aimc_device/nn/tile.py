@@ -1,0 +1,245 @@
+"""The analog weight of a layer: a crossbar array as a torch module.
+
+An :class:`AnalogTile` holds one weight matrix (out x in) the way the hardware holds it
+(MODEL.md sections 1 and 8): normalised weights ``w~`` in [-1, 1] (the conductances relative to
+g_max, signed by the device of the differential pair), cut along the inputs into tiles of at most
+``cfg.max_rows`` rows, with learned digital output scales (column-wise ``gamma`` and a per-tile
+``kappa``) and a learned input range ``alpha`` per tile. All physics comes from
+:mod:`aimc_device.crossbar` (periphery, mapping, programming, drift compensation) and
+:mod:`aimc_device.pcm` (device noise); this module only wires it into torch.
+
+Three ways to run the forward pass:
+
+- training (``module.training``): the periphery of ``cfg`` with weight noise drawn from the
+  device model (programming noise plus 20 s of 1/f read noise, scaled by ``noise_scale``), a new
+  draw every call; gradients flow to the clean ``weight``, ``alpha``, ``gamma`` and ``kappa``;
+- evaluation after :meth:`program` / :meth:`drift`: the programmed, drifted conductances of the
+  crossbar array, with fresh short-term and output noise each call;
+- evaluation before programming: the periphery with the clean weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..crossbar import AnalogArray, CrossbarConfig
+from ..crossbar.mapping import map_weights, split_sizes
+from ..crossbar.mvm import analog_mvm
+from ..crossbar.state import export_state, import_state
+from ..pcm import PCMModel
+from ..pcm.torch_ops import perturb_tensor
+
+__all__ = ["AnalogTile"]
+
+
+class AnalogTile(nn.Module):
+    """A weight matrix on analog crossbar tiles, trainable hardware-aware.
+
+    Parameters
+    ----------
+    in_features, out_features : int
+    cfg : CrossbarConfig
+    device : PCMModel or None
+        Device statistics for the training noise and for programming; None: no device noise.
+    weight : torch.Tensor, optional
+        Floating-point weights (out, in) in the layer's units; mapped column-wise per tile.
+    rng : numpy.random.SeedSequence, int or None
+        Seeds the tile's own generators (weight noise and per-MVM noise).
+
+    Attributes
+    ----------
+    weight : Parameter (out, in), normalised weights w~ in [-1, 1], dimensionless
+    gamma : Parameter (n_tiles, out), column-wise output scales, units of the layer's weights
+    kappa : Parameter (n_tiles,), per-tile output scale, initialised to cfg.out_bound (1 when
+        the ADC is unbounded); the digital factor of tile k is gamma_k * kappa_k / kappa_init
+    alpha : Parameter (n_tiles,), input range per tile, units of the layer's inputs
+    noise_scale : float, scale of the training weight noise (ramped by the HWA callback)
+    training_noise_time : float, read-noise time of the training noise [s]; 20 s in MODEL.md 8
+    """
+
+    def __init__(self, in_features: int, out_features: int, cfg: CrossbarConfig,
+                 device: PCMModel | None = None, weight: torch.Tensor | None = None,
+                 rng=None):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.cfg = cfg
+        self.device_model = device
+        self.tile_sizes = list(split_sizes(self.in_features, cfg.max_rows))
+        n_tiles = len(self.tile_sizes)
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+        self.gamma = nn.Parameter(torch.ones(n_tiles, self.out_features))
+        # kappa starts at the ADC bound b_out (MODEL.md 8); with no ADC bound, at 1.
+        self._kappa0 = float(cfg.out_bound) if np.isfinite(cfg.out_bound) else 1.0
+        self.kappa = nn.Parameter(torch.full((n_tiles,), self._kappa0))
+        self.alpha = nn.Parameter(torch.ones(n_tiles))
+        self.noise_scale = 1.0
+        self.training_noise_time = 20.0
+        # The programmed crossbar array; its state goes into buffers named prog_<key> so that
+        # state_dict carries it (see _save_state / _load_from_state_dict).
+        self._array: AnalogArray | None = None
+        self._prog_keys: list[str] = []
+        ss = rng if isinstance(rng, np.random.SeedSequence) else np.random.SeedSequence(rng)
+        self._np_rng = np.random.default_rng(ss.spawn(1)[0])
+        self._torch_gen = torch.Generator().manual_seed(int(ss.generate_state(1)[0] & 0x7FFFFFFF))
+        self._cuda_gens: dict = {}
+        if weight is not None:
+            self.set_weight(weight)
+        else:
+            nn.init.uniform_(self.weight, -1.0, 1.0)
+
+    # ---------------------------------------------------------------------------- weights
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tile_sizes)
+
+    def _digital_scale(self) -> torch.Tensor:
+        """Digital factor per tile and column, (n_tiles, out)."""
+        return self.gamma * (self.kappa / self._kappa0).unsqueeze(1)
+
+    @torch.no_grad()
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Map floating-point weights (out, in) onto the tile: w~ and column-wise gamma."""
+        weight = torch.as_tensor(weight, dtype=self.weight.dtype, device=self.weight.device)
+        if weight.shape != (self.out_features, self.in_features):
+            raise ValueError(f"weight: expected shape {(self.out_features, self.in_features)}, "
+                             f"got {tuple(weight.shape)}")
+        w_tiles, gamma = map_weights(weight, self.tile_sizes)
+        self.weight.copy_(torch.cat(list(w_tiles), dim=1))
+        self.gamma.copy_(gamma)
+        self.kappa.fill_(self._kappa0)
+        self.forget_programming()
+
+    @torch.no_grad()
+    def effective_weight(self) -> torch.Tensor:
+        """The floating-point weight (out, in) the tile represents, clean (no device noise)."""
+        parts = torch.split(self.weight, self.tile_sizes, dim=1)
+        scale = self._digital_scale()
+        return torch.cat([p * scale[k].unsqueeze(1) for k, p in enumerate(parts)], dim=1)
+
+    @torch.no_grad()
+    def clip_weights(self) -> None:
+        """Clip w~ to [-1, 1] (after every optimiser step, MODEL.md section 8)."""
+        self.weight.clamp_(-1.0, 1.0)
+
+    @torch.no_grad()
+    def remap(self) -> None:
+        """Column-wise remapping: rescale w~ so each column of each tile spans [-1, 1]."""
+        parts = torch.split(self.weight, self.tile_sizes, dim=1)
+        for k, p in enumerate(parts):
+            m = p.abs().amax(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
+            p.div_(m.unsqueeze(1))
+            self.gamma[k].mul_(m)
+
+    # --------------------------------------------------------------------------- noise
+    def _generator(self, device: torch.device):
+        if device.type == "cpu":
+            return self._torch_gen
+        gen = self._cuda_gens.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(int(self._np_rng.integers(2**62)))
+            self._cuda_gens[device] = gen
+        return gen
+
+    def _noisy_weight(self) -> torch.Tensor:
+        """w~ plus device noise (MODEL.md section 8); the noise carries no gradient."""
+        w = self.weight
+        if self.device_model is None or self.noise_scale == 0.0:
+            return w
+        g_max = self.device_model.g_max
+        noisy = perturb_tensor(w.detach() * g_max, self.device_model, t=self.training_noise_time,
+                               scale=self.noise_scale, rng=self._np_rng)
+        return w + (noisy.to(w.device, w.dtype) / g_max - w.detach())
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = analog MVM of x (..., in) -> (..., out), without bias."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input: last dimension must be in_features = {self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        gen = self._generator(x.device)
+        if self.training:
+            w_tiles = torch.split(self._noisy_weight(), self.tile_sizes, dim=1)
+            y = analog_mvm(x2, w_tiles, self.cfg, self.alpha, self._digital_scale(),
+                           generator=gen)
+        elif self._array is not None:
+            arr = self._array
+            y = analog_mvm(x2, [w.to(x.device, x.dtype) for w in arr.w_tiles], self.cfg,
+                           self.alpha, arr.out_scale.to(x.device, x.dtype), generator=gen,
+                           asymmetry=arr.asymmetry, zeta=arr.zeta)
+        else:
+            w_tiles = torch.split(self.weight, self.tile_sizes, dim=1)
+            y = analog_mvm(x2, w_tiles, self.cfg, self.alpha, self._digital_scale(),
+                           generator=gen)
+        return y.reshape(*lead, self.out_features)
+
+    # --------------------------------------------------------------- programming and drift
+    @torch.no_grad()
+    def program(self, rng=None) -> None:
+        """Program the current weights onto a crossbar array (draws programming noise)."""
+        if self.device_model is None:
+            raise ValueError("program(): this analog layer has no device model; pass device= "
+                             "to nn.convert to program it")
+        self.forget_programming()
+        self._array = self._new_array().program(rng=rng)
+        self._save_state()
+
+    @torch.no_grad()
+    def drift(self, t: float, rng=None) -> None:
+        """Move the programmed devices to t seconds after programming (with compensation)."""
+        if self._array is None:
+            raise RuntimeError("drift(): program the layer first (nn.program(model, rng))")
+        self._array.drift(t, rng=rng)
+        self._save_state()
+
+    def forget_programming(self) -> None:
+        """Drop the programmed state (the next evaluation uses the clean weights again)."""
+        self._array = None
+        for key in self._prog_keys:
+            delattr(self, f"prog_{key}")
+        self._prog_keys = []
+
+    @property
+    def is_programmed(self) -> bool:
+        return self._array is not None
+
+    def _new_array(self) -> AnalogArray:
+        arr = AnalogArray(self.effective_weight().cpu(), self.cfg, device=self.device_model)
+        arr.input_range = self.alpha.detach().cpu()
+        return arr
+
+    def _save_state(self) -> None:
+        for key, value in export_state(self._array).items():
+            name = f"prog_{key}"
+            if key not in self._prog_keys:
+                self._prog_keys.append(key)
+            if name in self._buffers:
+                self._buffers[name] = torch.as_tensor(value)
+            else:
+                self.register_buffer(name, torch.as_tensor(value))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # The programmed buffers exist only once programmed: create them from the saved ones.
+        keys = [k[len(prefix) + 5:] for k in state_dict
+                if k.startswith(prefix + "prog_") and "." not in k[len(prefix):]]
+        if self._array is not None and not keys:
+            self.forget_programming()
+        for key in keys:
+            name = f"prog_{key}"
+            if name not in self._buffers:
+                self.register_buffer(name, torch.empty_like(state_dict[prefix + name]))
+                self._prog_keys.append(key)
+            else:
+                self._buffers[name] = torch.empty_like(state_dict[prefix + name])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if keys:
+            self._array = import_state(self._new_array(),
+                                       {k: self._buffers[f"prog_{k}"].cpu() for k in keys})
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, tiles={self.tile_sizes}, "
+                f"programmed={self.is_programmed}")

@@ -1,0 +1,278 @@
+"""Hardware-aware (HWA) training in an ordinary torch loop (MODEL.md section 8).
+
+The forward pass of an analog model in training mode already injects the hardware noise (see
+``tile.py``). What an HWA loop adds after each optimiser step, and what this module provides:
+
+- the weight-noise scale ramped linearly over the first epochs;
+- normalised weights clipped to [-1, 1] after every update, optional column-wise remapping once
+  per epoch;
+- input ranges alpha decayed slightly toward smaller values (they are learned by gradient), and
+  initialised from the average abs-max input of a few batches, capped at 10;
+- optional distillation from the floating-point model (temperature 10, 0.75 distillation +
+  0.25 task loss).
+
+Use :class:`AnalogOptimizer` around any torch optimiser, or :func:`train_hwa` for one call.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .convert import analog_tiles, set_noise_scale
+from .tile import AnalogTile
+
+__all__ = ["HWAConfig", "AnalogOptimizer", "init_input_ranges", "distillation_loss",
+           "train_hwa"]
+
+
+@dataclass(frozen=True)
+class HWAConfig:
+    """Settings of hardware-aware training (MODEL.md section 8; Rasch et al. 2023, Methods).
+
+    Attributes
+    ----------
+    noise_scale : float
+        Final scale of the device weight noise, dimensionless (1 = the device model's noise).
+    ramp_epochs : float
+        Epochs over which the noise scale rises linearly from 0 (0: full noise at once).
+    training_noise_time : float
+        Read-noise time of the training noise [s]; 20 s in the paper.
+    alpha_decay : float
+        Relative decay of each input range per step toward smaller ranges, dimensionless.
+    alpha_min : float
+        Smallest input range, in the layer's input units.
+    clip_weights : bool
+        Clip w~ to [-1, 1] after every step.
+    remap_every_epoch : bool
+        Column-wise remapping of w~ once per epoch.
+    init_batches : int
+        Batches used to initialise the input ranges (0: keep them).
+    input_range_cap : float
+        Cap of the initial input range, in the layer's input units; 10 in the paper.
+    distill_temperature : float
+        Temperature of the distillation softmax; 10 in the paper.
+    distill_weight : float
+        Weight of the distillation loss (the task loss gets 1 - weight); 0.75 in the paper.
+    """
+
+    noise_scale: float = 1.0
+    ramp_epochs: float = 1.0
+    training_noise_time: float = 20.0
+    alpha_decay: float = 1e-4
+    alpha_min: float = 1e-3
+    clip_weights: bool = True
+    remap_every_epoch: bool = False
+    init_batches: int = 10
+    input_range_cap: float = 10.0
+    distill_temperature: float = 10.0
+    distill_weight: float = 0.75
+
+    def __post_init__(self):
+        for name in ("noise_scale", "ramp_epochs", "alpha_decay", "training_noise_time"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HWAConfig.{name} = {getattr(self, name)}: must be >= 0")
+        if not 0.0 <= self.distill_weight <= 1.0:
+            raise ValueError(f"HWAConfig.distill_weight = {self.distill_weight}: must be in [0, 1]")
+        if self.distill_temperature <= 0 or self.input_range_cap <= 0:
+            raise ValueError("HWAConfig.distill_temperature and input_range_cap must be > 0")
+
+
+class AnalogOptimizer:
+    """Wraps a torch optimiser with the HWA steps that follow each update.
+
+    ``step()`` runs the wrapped optimiser, then clips the normalised weights, decays the input
+    ranges and advances the noise ramp; ``epoch_end()`` remaps if configured. Everything else
+    (``zero_grad``, ``param_groups``, ``state_dict``) is the wrapped optimiser's.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+    model : nn.Module, the analog model being trained
+    hwa : HWAConfig
+    steps_per_epoch : int, for the noise ramp (ramp in steps = ramp_epochs * steps_per_epoch)
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                 hwa: HWAConfig | None = None, steps_per_epoch: int = 1):
+        self.optimizer = optimizer
+        self.model = model
+        self.hwa = hwa or HWAConfig()
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.steps = 0
+        self.tiles = analog_tiles(model)
+        for tile in self.tiles:
+            tile.training_noise_time = self.hwa.training_noise_time
+        self._apply_ramp()
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    @property
+    def current_noise_scale(self) -> float:
+        ramp = self.hwa.ramp_epochs * self.steps_per_epoch
+        frac = 1.0 if ramp == 0 else min(1.0, self.steps / ramp)
+        return self.hwa.noise_scale * frac
+
+    def _apply_ramp(self) -> None:
+        set_noise_scale(self.model, self.current_noise_scale)
+
+    def step(self, closure: Callable | None = None):
+        loss = self.optimizer.step(closure)
+        self.post_step()
+        return loss
+
+    @torch.no_grad()
+    def post_step(self) -> None:
+        """The HWA updates after one optimiser step."""
+        for tile in self.tiles:
+            if self.hwa.clip_weights:
+                tile.clip_weights()
+            if self.hwa.alpha_decay:
+                tile.alpha.mul_(1.0 - self.hwa.alpha_decay)
+            tile.alpha.clamp_(min=self.hwa.alpha_min)
+        self.steps += 1
+        self._apply_ramp()
+
+    @torch.no_grad()
+    def epoch_end(self) -> None:
+        if self.hwa.remap_every_epoch:
+            for tile in self.tiles:
+                tile.remap()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(), "steps": self.steps,
+                "hwa": asdict(self.hwa)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+        self._apply_ramp()
+
+
+@torch.no_grad()
+def init_input_ranges(model: nn.Module, batches, cap: float = 10.0,
+                      forward: Callable | None = None) -> None:
+    """Set every analog tile's input range alpha to the mean abs-max of its inputs, capped.
+
+    Parameters
+    ----------
+    model : nn.Module, analog model
+    batches : iterable of model inputs (or (input, target) pairs: the first element is used)
+    cap : float, largest initial range, in the layer's input units (10 in the paper)
+    forward : callable(model, batch), optional; default ``model(batch)``
+    """
+    tiles = analog_tiles(model)
+    sums: dict[AnalogTile, torch.Tensor] = {}
+    counts: dict[AnalogTile, int] = {}
+
+    def hook(tile: AnalogTile, args):
+        x = args[0].detach().reshape(-1, tile.in_features)
+        parts = torch.split(x, tile.tile_sizes, dim=1)
+        m = torch.stack([p.abs().amax() for p in parts]).cpu()
+        sums[tile] = sums.get(tile, 0) + m
+        counts[tile] = counts.get(tile, 0) + 1
+
+    handles = [t.register_forward_pre_hook(hook) for t in tiles]
+    was_training = model.training
+    model.eval()
+    saved = [t._array for t in tiles]
+    for t in tiles:  # measure with the clean weights, not a programmed state
+        t._array = None
+    try:
+        for batch in batches:
+            inp = batch[0] if isinstance(batch, (tuple, list)) else batch
+            (forward or (lambda m, b: m(b)))(model, inp)
+    finally:
+        for h in handles:
+            h.remove()
+        for t, a in zip(tiles, saved):
+            t._array = a
+        model.train(was_training)
+    for tile in tiles:
+        if tile in sums:
+            alpha = (sums[tile] / counts[tile]).clamp(min=1e-3, max=cap)
+            tile.alpha.copy_(alpha.to(tile.alpha.device, tile.alpha.dtype))
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                      targets: torch.Tensor, task_loss: Callable = F.cross_entropy,
+                      temperature: float = 10.0, weight: float = 0.75) -> torch.Tensor:
+    """weight * T^2 KL(softmax(teacher/T) || softmax(student/T)) + (1 - weight) * task loss."""
+    t = temperature
+    kl = F.kl_div(F.log_softmax(student_logits / t, dim=-1),
+                  F.log_softmax(teacher_logits.detach() / t, dim=-1),
+                  reduction="batchmean", log_target=True) * (t * t)
+    return weight * kl + (1.0 - weight) * task_loss(student_logits, targets)
+
+
+def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
+              optimizer: torch.optim.Optimizer | None = None,
+              loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
+              hwa: HWAConfig | None = None, progress: bool = True,
+              on_epoch_end: Callable | None = None) -> list[float]:
+    """Hardware-aware fine-tuning in one call (SGD with momentum unless an optimiser is given).
+
+    Parameters
+    ----------
+    model : nn.Module, analog model from :func:`aimc_device.nn.convert`
+    loader : iterable of (inputs, targets) batches
+    epochs : int
+    lr : float, learning rate of the default SGD optimiser
+    optimizer : torch optimiser over ``model.parameters()``, optional
+    loss_fn : callable(outputs, targets) -> loss
+    teacher : nn.Module, optional floating-point model for distillation
+    hwa : HWAConfig
+    progress : bool, show a tqdm bar
+    on_epoch_end : callable(epoch, model), optional (e.g. checkpointing)
+
+    Returns
+    -------
+    list of float, mean training loss per epoch.
+    """
+    hwa = hwa or HWAConfig()
+    if hwa.init_batches:
+        batches = []
+        for i, b in enumerate(loader):
+            if i >= hwa.init_batches:
+                break
+            batches.append(b)
+        init_input_ranges(model, batches, cap=hwa.input_range_cap)
+    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    aopt = AnalogOptimizer(opt, model, hwa, steps_per_epoch=len(loader))
+    if teacher is not None:
+        teacher = copy.deepcopy(teacher).eval()
+    history = []
+    for epoch in range(epochs):
+        model.train()
+        total, n = 0.0, 0
+        bar = tqdm(loader, desc=f"HWA epoch {epoch + 1}/{epochs}", disable=not progress,
+                   leave=False)
+        for x, y in bar:
+            aopt.zero_grad()
+            out = model(x)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_out = teacher(x)
+                loss = distillation_loss(out, t_out, y, loss_fn, hwa.distill_temperature,
+                                         hwa.distill_weight)
+            else:
+                loss = loss_fn(out, y)
+            loss.backward()
+            aopt.step()
+            total += float(loss) * len(y)
+            n += len(y)
+            bar.set_postfix(loss=total / max(n, 1), noise=aopt.current_noise_scale)
+        aopt.epoch_end()
+        history.append(total / max(n, 1))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, model)
+    return history
