@@ -157,7 +157,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     chunk_devices : int, optional
         Devices per chunk; default the dask chunking of ``g`` (about 32 MiB).
     progress : bool
-        Show a tqdm progress bar over chunks.
+        Show a tqdm progress bar over chunks (when stderr is a terminal).
 
     Returns
     -------
@@ -196,7 +196,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         data = ds["g"].data
         n_chunks = (len(data.chunks[0]) if hasattr(data, "chunks") and chunk_devices is None
                     else None)
-        chunks = tqdm(chunks, total=n_chunks, desc="fitting", unit="chunk")
+        chunks = tqdm(chunks, total=n_chunks, desc="fitting", unit="chunk", disable=None)
     start = 0
     for part in chunks:
         g = part["g"].values

@@ -419,7 +419,8 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
             if progress:
                 from tqdm.auto import tqdm
 
-                starts = tqdm(starts, desc=f"writing {os.path.basename(path)}", unit="chunk")
+                starts = tqdm(starts, desc=f"writing {os.path.basename(path)}", unit="chunk",
+                              disable=None)
             for start in starts:
                 stop = min(n, start + chunk_devices)
                 block = ds["g"].data[start:stop]

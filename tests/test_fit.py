@@ -1,0 +1,139 @@
+"""aimc_device.fit: round trip against the preset, embedded errors, streaming, bad data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aimc_device import fit, io, pcm
+from aimc_device.fit import FitError
+
+PRESET = pcm.PCMModel.preset("rasch2023")
+X = np.arange(1, 21) / 20
+
+
+def _campaign(model=PRESET, levels=20, devices=2000, repeats=4, rng=11, **kw):
+    return pcm.simulate_campaign(model, levels=levels, devices_per_level=devices,
+                                 repeats=repeats, rng=rng, **kw)
+
+
+def _rel_err(fitted, truth):
+    return np.abs(np.asarray(fitted) / np.asarray(truth) - 1.0)
+
+
+@pytest.fixture(scope="module")
+def reference_fit():
+    ds = _campaign()
+    before = ds.copy(deep=True)
+    model, report = fit.fit_pcm(ds)
+    return ds, before, model, report
+
+
+def test_round_trip_recovers_preset(reference_fit):
+    """20 levels x 2000 devices: sigma_P within 3 %, mu_nu 3 %, sigma_nu 5 %, coeff 5 %."""
+    _, _, model, _ = reference_fit
+    g = X * PRESET.g_max
+    err_p = _rel_err(pcm.programming_noise_std(g, model), pcm.programming_noise_std(g, PRESET))
+    mu, sd = pcm.drift_exponent_stats(g, model)
+    mu0, sd0 = pcm.drift_exponent_stats(g, PRESET)
+    assert err_p.max() < 0.03, err_p
+    assert _rel_err(mu, mu0).max() < 0.03
+    assert _rel_err(sd, sd0).max() < 0.05
+    assert abs(model.read_noise_coeff / PRESET.read_noise_coeff - 1) < 0.05
+    assert abs(model.read_noise_exponent / PRESET.read_noise_exponent - 1) < 0.05
+    assert model.g_max == PRESET.g_max and model.t0 == PRESET.t0
+    assert model.read_noise_time == "t" and model.read_noise_reference == "target"
+
+
+def test_fit_does_not_mutate(reference_fit):
+    ds, before, _, _ = reference_fit
+    assert ds.identical(before)
+
+
+def test_report(reference_fit):
+    _, _, model, report = reference_fit
+    assert set(report.components) == {"programming_noise", "drift_mean", "drift_std",
+                                      "read_noise"}
+    for cf in report.components.values():
+        assert cf.coeffs.shape == cf.stderr.shape
+        assert cf.residuals.shape == cf.x.shape == cf.data.shape
+        assert 0.2 < cf.chi2_reduced < 3.0, (cf.name, cf.chi2_reduced)
+        assert cf.r_squared > 0.9
+    pn = report["programming_noise"]
+    assert np.all(np.abs(pn.coeffs - PRESET.prog_coeffs) < 4 * pn.stderr + 1e-9)
+    assert report.model is model and "fit_pcm" in report.provenance["fit_function"]
+    assert "c0" in report.summary()
+    fig = report.plot(reference=PRESET)
+    assert len(fig.axes) == 4
+    assert isinstance(report.to_dict()["components"]["read_noise"]["coeffs"]["coeff"]["value"],
+                      float)
+
+
+def test_doubled_programming_noise_is_recovered():
+    wrong = PRESET.replace(prog_coeffs=tuple(2 * c for c in PRESET.prog_coeffs))
+    model, _ = fit.fit_pcm(_campaign(wrong, devices=1000, rng=5))
+    g = X * PRESET.g_max
+    ratio = pcm.programming_noise_std(g, model) / pcm.programming_noise_std(g, PRESET)
+    # At x < 0.15 the doubled noise reaches 0 S (g_P is clipped at 0, Eq. 7), which narrows the
+    # measured spread; above, the doubling is recovered.
+    assert np.all(np.abs(ratio[X >= 0.15] - 2.0) < 0.08), ratio
+    assert np.all(ratio > 1.8), ratio
+
+
+def test_changed_drift_and_read_noise_are_recovered():
+    wrong = PRESET.replace(drift_mean_coeffs=(-0.02, 0.03), read_noise_coeff=0.015,
+                           read_noise_exponent=-0.5)
+    params, comps = fit.fit_drift(_campaign(wrong, devices=1000, rng=6))
+    assert params["drift_mean_coeffs"][0] == pytest.approx(-0.02, rel=0.1)
+    p, _ = fit.fit_read_noise(_campaign(wrong, devices=300, rng=7))
+    assert p["read_noise_coeff"] == pytest.approx(0.015, rel=0.03)
+    assert p["read_noise_exponent"] == pytest.approx(-0.5, rel=0.03)
+
+
+def test_fixed_clip_keeps_prior_bounds():
+    params, comps = fit.fit_drift(_campaign(devices=300, rng=8), clip="fixed")
+    assert params["drift_mean_bounds"] == PRESET.drift_mean_bounds
+    assert params["drift_std_bounds"] == PRESET.drift_std_bounds
+    assert "clip=fixed" in comps["drift_mean"].notes
+
+
+def test_aihwkit_conventions_round_trip():
+    model = pcm.PCMModel.preset("rasch2023-aihwkit")
+    fitted, report = fit.fit_pcm(_campaign(model, devices=800, rng=9), prior=model)
+    assert fitted.read_noise_reference == "programmed"
+    assert fitted.read_noise_coeff == pytest.approx(model.read_noise_coeff, rel=0.05)
+    assert fitted.read_noise_exponent == pytest.approx(model.read_noise_exponent, rel=0.05)
+
+
+def test_streaming_matches_in_memory(tmp_path):
+    ds = _campaign(levels=6, devices=200, rng=2)
+    io.write_measurements(ds, tmp_path / "c.h5")
+    lazy = io.read_measurements(tmp_path / "c.h5", chunk_devices=97)
+    whole = fit.campaign_statistics(ds)
+    streamed = fit.campaign_statistics(lazy)
+    for name in ("n", "sum_nu", "sum_nu2", "sum_gp2", "rn_s2", "rn_g2"):
+        np.testing.assert_allclose(getattr(streamed, name), getattr(whole, name), rtol=1e-9)
+    m1, _ = fit.fit_pcm(ds)
+    m2, rep = fit.fit_pcm(lazy)
+    assert m1.prog_coeffs == pytest.approx(m2.prog_coeffs, rel=1e-9)
+    assert rep.provenance["source_file"] == str(tmp_path / "c.h5")
+
+
+def test_one_level_only():
+    with pytest.raises(FitError, match="usable target level"):
+        fit.fit_pcm(_campaign(levels=np.array([0.5]), devices=50))
+
+
+def test_no_repeated_reads():
+    with pytest.raises(FitError, match="repeated reads"):
+        fit.fit_pcm(_campaign(levels=4, devices=50, repeats=1))
+
+
+def test_all_zero_conductance():
+    ds = _campaign(levels=4, devices=50)
+    ds = ds.assign(g=ds["g"] * 0)
+    with pytest.raises(FitError, match="all-zero conductance"):
+        fit.fit_pcm(ds)
+
+
+def test_fit_errors_are_value_errors():
+    assert issubclass(FitError, ValueError)
