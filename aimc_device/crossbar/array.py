@@ -42,6 +42,16 @@ def _to_tensor(a, name: str, dtype=None, device=None) -> torch.Tensor:
     return t
 
 
+_REF_SEED = 20230823  # fixed seed of the drift-compensation inputs (any fixed value)
+
+
+def _reference_inputs(n: int, n_rows: int, dtype, device) -> torch.Tensor:
+    """The fixed, known +-1 inputs of the drift-compensation readout (n, n_rows)."""
+    gen = torch.Generator().manual_seed(_REF_SEED)
+    x = torch.randint(0, 2, (n, n_rows), generator=gen).to(dtype) * 2 - 1
+    return x.to(device)
+
+
 class AnalogArray:
     """A weight matrix mapped onto PCM crossbar tiles, with periphery and drift compensation.
 
@@ -229,11 +239,17 @@ class AnalogArray:
     def _readout(self) -> torch.Tensor:
         """Drift-compensation readout s per tile, broadcast to (n_tiles, out) (MODEL.md sec. 5).
 
-        The known inputs are the unit vectors e_j of the tile's rows, read without per-MVM
-        noise; s = sum over inputs of |y| = sum_ij |w~_ij| per tile ("global"), or sum_j |w~_ij|
-        per column ("column"), as IBM aihwkit's GlobalDriftCompensation does.
+        The known inputs are a fixed set of ``cfg.drift_comp_inputs`` random +-1 vectors (the
+        same for every array and every call), read without per-MVM noise; s = sum over inputs
+        and columns of |y| per tile ("global") or per column ("column"). Random full-scale
+        inputs weigh the devices as typical inputs do, so that the compensated output scale is
+        restored even though small conductances drift faster than large ones.
         """
-        s = torch.stack([w.abs().sum(dim=1) for w in self.w_tiles])  # (n_tiles, out)
+        s = []
+        for w in self.w_tiles:
+            x_ref = _reference_inputs(self.cfg.drift_comp_inputs, w.shape[1], w.dtype, w.device)
+            s.append(torch.nn.functional.linear(x_ref, w).abs().sum(dim=0))
+        s = torch.stack(s)  # (n_tiles, out)
         if self.cfg.drift_compensation == "column":
             return s
         return s.sum(dim=1, keepdim=True).expand_as(s).clone()
@@ -246,6 +262,11 @@ class AnalogArray:
             raise ValueError(f"x: shape {tuple(t.shape)}; expected (batch, {self.shape[1]}) or "
                              f"({self.shape[1]},)")
         return (t if t.dim() == 2 else t[None]), is_numpy, t.dim() == 1
+
+    @property
+    def mvm_generator(self) -> torch.Generator:
+        """The stream of per-MVM draws (short-term, output noise), seeded by :meth:`program`."""
+        return self._gen
 
     @property
     def out_scale(self) -> torch.Tensor:

@@ -78,6 +78,9 @@ class CrossbarConfig:
     drift_compensation : str or None
         "global" (one factor s_ref / s_t per tile, [1] MODEL.md sec. 5), "column" (one per column)
         or None.
+    drift_comp_inputs : int
+        Number of known +-1 input vectors fed for the drift-compensation readout s = sum |y|
+        (MODEL.md sec. 5). 64 (not given in [1]; enough that s varies < 1 % between draws).
     g_max : float
         Conductance of a full-scale weight |w~| = 1 [S]. 25 uS in [1] (MODEL.md sec. 1).
     noise_management : str
@@ -107,6 +110,7 @@ class CrossbarConfig:
     mu_zeta: float = 0.25
     sigma_zeta: float = 0.1
     drift_compensation: str | None = "global"
+    drift_comp_inputs: int = 64
     g_max: float = 25e-6
     noise_management: str = "none"
     bound_management: str = "none"
@@ -118,7 +122,7 @@ class CrossbarConfig:
         "max_rows": "1", "max_cols": "1", "inp_bits": "bit", "inp_bound": "1",
         "out_bits": "bit", "out_bound": "1", "out_noise": "1", "w_noise": "1",
         "ir_drop": "1", "ir_drop_g": "1", "mu_zeta": "1", "sigma_zeta": "1", "g_max": "S",
-        "bound_management_iters": "1", "asymmetry": "1",
+        "bound_management_iters": "1", "asymmetry": "1", "drift_comp_inputs": "1",
     }
     #: Where each default comes from.
     CITATIONS: ClassVar[dict[str, str]] = {
@@ -145,7 +149,7 @@ class CrossbarConfig:
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool) and float(v) == int(v):
                 object.__setattr__(self, name, int(v) if int(v) > 0 else None)
-        for name in ("max_rows", "max_cols", "bound_management_iters"):
+        for name in ("max_rows", "max_cols", "bound_management_iters", "drift_comp_inputs"):
             v = getattr(self, name)
             if isinstance(v, float) and v == int(v):
                 object.__setattr__(self, name, int(v))
@@ -162,7 +166,7 @@ class CrossbarConfig:
         def bad(name: str, what: str) -> ValueError:
             return ValueError(f"CrossbarConfig.{name} = {getattr(self, name)!r}: {what}")
 
-        for name in ("max_rows", "max_cols", "bound_management_iters"):
+        for name in ("max_rows", "max_cols", "bound_management_iters", "drift_comp_inputs"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be a positive integer")
@@ -276,7 +280,7 @@ class CrossbarConfig:
                 v = v.decode()
             if hasattr(v, "item"):
                 v = v.item()
-            if v == "none":
+            if v == "none" and k in ("inp_bits", "out_bits", "drift_compensation"):
                 v = None
             d[k] = v
         if "s_adc" in d:

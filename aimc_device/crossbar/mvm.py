@@ -21,8 +21,10 @@ References
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from . import _kernels as _K
 from .config import CrossbarConfig
 from .periphery import (
     asymmetry_delta,
@@ -79,7 +81,8 @@ def _check(x, w_tiles, alpha, out_scale):
 
 
 def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
-               generator=None, asymmetry=None, zeta=None) -> torch.Tensor:
+               generator=None, asymmetry=None, zeta=None, fused: bool | None = None
+               ) -> torch.Tensor:
     """Analog MVM of a tiled layer with its periphery (Eqs. 1, 2, 5, 14-19).
 
     Parameters
@@ -98,6 +101,11 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
         used only when given.
     zeta : torch.Tensor (out,) or list of them, or None
         S-shaped ADC saturation per column (Eq. 19); None: ``cfg.mu_zeta`` for every column.
+    fused : bool or None
+        Use the fused Numba output stage (CPU, no gradient, no S-shaped ADC, no asymmetry, no
+        bound management). None: whenever it applies. False: the torch path, which is the
+        reference the tests compare against. The two draw different (equally distributed)
+        noise from the same generator.
 
     Returns
     -------
@@ -126,6 +134,20 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
     grad = torch.is_grad_enabled() and (
         x.requires_grad or alpha.requires_grad or out_scale.requires_grad
         or any(w.requires_grad for w in w_tiles))
+    can_fuse = (not grad and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+                and not cfg.s_adc and asymmetry is None and cfg.bound_management == "none")
+    if fused and not can_fuse:
+        raise ValueError("fused=True needs CPU tensors, no gradient, s_adc=False, no asymmetry "
+                         "and bound_management='none'")
+    if can_fuse and fused is not False:
+        out = torch.empty((x.shape[0], w0.shape[0]), dtype=x.dtype)
+        start = 0
+        for k, w in enumerate(w_tiles):
+            n = w.shape[1]
+            _tile_fused(x[:, start:start + n], w, cfg, alpha[k], out_scale[k], generator, out,
+                        k > 0)
+            start += n
+        return out[0] if squeeze else out
     out = None
     start = 0
     for k, w in enumerate(w_tiles):
@@ -150,6 +172,65 @@ def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad):
         return _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad)
     z = _analog(xk / a, w, cfg, gen, asym, zeta, grad)
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)  # Eq. 1, ADC of Eq. 5
+
+
+_EMPTY = {}
+
+
+def _empty(dtype):
+    e = _EMPTY.get(dtype)
+    if e is None:
+        e = _EMPTY[dtype] = np.empty((0, 0), dtype=dtype)
+    return e
+
+
+def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
+    """One tile on CPU without gradient: stacked GEMMs and the fused Numba output stage."""
+    b, n = xk.shape
+    dt = xk.dtype
+    need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
+    need_st = cfg.w_noise > 0
+    if cfg.noise_management == "abs_max":
+        a = xk.abs().amax(dim=1, keepdim=True)
+        a = torch.where(a > 0, a, torch.ones_like(a))  # (batch, 1)
+        row_f = a.reshape(-1).contiguous()
+        col_f = scale_k.contiguous()
+    else:
+        a = alpha_k
+        row_f = torch.ones(1, dtype=dt)
+        col_f = (scale_k * alpha_k).contiguous()
+    buf = torch.empty(((2 if need_ir else 1) * b, n), dtype=dt)
+    lev = buf[:b]
+    if cfg.inp_bits:  # DAC (Eq. 5) in integer levels; the level size is folded into `unit`
+        s_in = (2.0 ** cfg.inp_bits - 2.0) / (2.0 * cfg.inp_bound)
+        torch.mul(xk, s_in / a, out=lev)
+        lev.round_().clamp_(-(2.0 ** (cfg.inp_bits - 1) - 1.0), 2.0 ** (cfg.inp_bits - 1) - 1.0)
+        unit = 1.0 / s_in
+    else:
+        torch.div(xk, a, out=lev)
+        unit = 1.0
+    if need_ir:
+        torch.mul(lev, ir_drop_profile(n, dt), out=buf[b:])
+    zz = _F(buf, w)  # [W~ x~; W~ (P o x~)] in one GEMM (Eqs. 2, 15)
+    empty = _empty(zz.numpy().dtype)
+    abs_x = x2 = empty
+    if need_ir or need_st:
+        m = int(need_ir) + int(need_st)
+        buf2 = torch.empty((m * b, n), dtype=dt)
+        if need_ir:
+            torch.abs(lev, out=buf2[:b])
+        if need_st:
+            torch.mul(lev, lev, out=buf2[(m - 1) * b:])
+        ss = _F(buf2, _abs_cached(w)).numpy()  # [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+        abs_x = ss[:b] if need_ir else empty
+        x2 = ss[(m - 1) * b:] if need_st else empty
+    zn = zz.numpy()
+    s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
+    levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
+    key = np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    _K.output_stage(zn[:b], zn[b:] if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
+                    cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
+                    row_f.numpy(), col_f.numpy(), key, bool(accumulate), out.numpy())
 
 
 def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):

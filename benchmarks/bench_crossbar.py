@@ -1,0 +1,89 @@
+"""Speed of the crossbar simulator as ratios against torch.nn.functional.linear (issue 3).
+
+512 x 512 weights, batch 256, float32, same process. Prints a table of ratios:
+
+- "periphery only": DAC, ADC, output noise, scales on; IR drop and short-term noise off
+  (target <= 1.3x);
+- "standard model": the full standard model of Rasch et al. (2023) (target <= 4.5x);
+- "program + drift": programming and drifting a 512 x 512 array through aimc_device.pcm
+  (target <= 5x the exact forward).
+
+Run: ``.venv/bin/python benchmarks/bench_crossbar.py [--repeats N]``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from aimc_device.crossbar import AnalogArray, CrossbarConfig, analog_mvm
+
+TARGETS = {"periphery only": 1.3, "standard model": 4.5, "program + drift": 5.0}
+
+
+def _best(fn, repeats: int, inner: int) -> float:
+    """Best-of-``repeats`` mean time of ``inner`` calls [s] (robust on a shared machine)."""
+    fn()
+    best = np.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / inner)
+    return best
+
+
+def run(repeats: int = 7, inner: int = 20, batch: int = 256, n: int = 512) -> dict:
+    torch.manual_seed(0)
+    w = torch.randn(n, n) * 0.246
+    x = torch.rand(batch, n) * 2 - 1
+    arr = AnalogArray(w, CrossbarConfig(), device="rasch2023")
+    arr.program(rng=0)
+    gen = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.linear
+    cfgs = {
+        "periphery only": CrossbarConfig(ir_drop=0.0, w_noise=0.0),
+        "standard model": CrossbarConfig(),
+    }
+    cases = {name: (lambda cfg=cfg: analog_mvm(x, arr.w_tiles, cfg, arr.alpha, arr.out_scale,
+                                                generator=gen)) for name, cfg in cfgs.items()}
+    cases["program + drift"] = lambda: arr.program(rng=1).drift(3600.0, rng=2)
+    inners = {name: inner for name in cases}
+    inners["program + drift"] = max(2, inner // 4)
+    lin = lambda: f(x, w)  # noqa: E731
+    # Interleaved: each repeat times the baseline and every case back to back, so that load
+    # from other processes hits both; the best of the repeats is kept for each.
+    best = {name: np.inf for name in ("linear", *cases)}
+    with torch.no_grad():
+        for _ in range(repeats):
+            best["linear"] = min(best["linear"], _best(lin, 1, inner))
+            for name, fn in cases.items():
+                best[name] = min(best[name], _best(fn, 1, inners[name]))
+    t_lin = best.pop("linear")
+    rows = best
+    return {"linear": t_lin, **rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--inner", type=int, default=20)
+    args = p.parse_args(argv)
+    res = run(args.repeats, args.inner)
+    t_lin = res.pop("linear")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"F.linear 512x512, batch 256: {t_lin * 1e3:.3f} ms")
+    print(f"{'case':18s} {'time [ms]':>10s} {'ratio':>7s} {'target':>7s}")
+    ok = True
+    for name, t in res.items():
+        r = t / t_lin
+        ok &= r <= TARGETS[name]
+        print(f"{name:18s} {t * 1e3:10.3f} {r:7.2f} {TARGETS[name]:7.1f}"
+              f"{'' if r <= TARGETS[name] else '  (over)'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

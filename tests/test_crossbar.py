@@ -1,0 +1,349 @@
+"""Tests of aimc_device.crossbar (issue 3): config, mapping, periphery, MVM, array, MVM error."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from aimc_device.crossbar import (
+    AnalogArray,
+    CrossbarConfig,
+    analog_mvm,
+    map_weights,
+    mvm_error,
+    nonideality_configs,
+    periphery,
+    split_sizes,
+)
+
+F = torch.nn.functional.linear
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def _case(out=40, inp=1100, batch=64, seed=0, dtype=torch.float64):
+    g = _gen(seed)
+    w = torch.randn(out, inp, generator=g, dtype=dtype) * 0.246
+    x = torch.rand(batch, inp, generator=g, dtype=dtype) * 2 - 1
+    return w, x
+
+
+# ---------------------------------------------------------------------------------- config
+class TestConfig:
+    def test_defaults_are_the_standard_model(self):
+        c = CrossbarConfig()
+        assert (c.max_rows, c.inp_bits, c.inp_bound, c.out_bits, c.out_bound) == (512, 8, 1.0, 8,
+                                                                                  10.0)
+        assert (c.out_noise, c.w_noise, c.ir_drop, c.ir_drop_g) == (0.04, 0.0175, 1.0, 1.75e-6)
+        assert c.drift_compensation == "global" and not c.s_adc and c.g_max == 25e-6
+        assert set(CrossbarConfig.CITATIONS) <= {f for f in c.to_dict()}
+
+    def test_ideal_and_replace(self):
+        i = CrossbarConfig.ideal()
+        assert i.inp_bits is None and i.out_bits is None and i.out_noise == 0 and i.ir_drop == 0
+        assert CrossbarConfig(out_bits=0).out_bits is None
+        assert CrossbarConfig().replace(out_noise=0.1).out_noise == 0.1
+        with pytest.raises(ValueError, match="no field 'nope'"):
+            CrossbarConfig().replace(nope=1)
+
+    def test_json_and_hdf5_round_trip(self, tmp_path):
+        c = CrossbarConfig(out_bits=None, out_bound=math.inf, drift_compensation="column",
+                           asymmetry=0.02)
+        assert CrossbarConfig.from_json(c.to_json()) == c
+        for name in ("c.json", "c.h5"):
+            c.save(tmp_path / name)
+            assert CrossbarConfig.load(tmp_path / name) == c
+        d = CrossbarConfig().replace(drift_compensation=None)
+        d.save(tmp_path / "d.h5")
+        assert CrossbarConfig.load(tmp_path / "d.h5") == d
+
+    @pytest.mark.parametrize("field,value", [
+        ("out_noise", -0.1), ("inp_bits", 1), ("max_rows", 0), ("out_bound", 0.0),
+        ("drift_compensation", "sometimes"), ("noise_management", "max"),
+        ("bound_management", "x"), ("w_noise", float("nan")), ("g_max", -1.0),
+    ])
+    def test_bad_field_is_named(self, field, value):
+        with pytest.raises(ValueError, match=f"CrossbarConfig.{field}"):
+            CrossbarConfig(**{field: value})
+
+    def test_unknown_key_in_dict(self):
+        with pytest.raises(ValueError, match="unknown field"):
+            CrossbarConfig.from_dict({"out_noisee": 0.1})
+
+
+# ---------------------------------------------------------------------------------- mapping
+def test_split_sizes_near_equal():
+    assert split_sizes(1100, 512) == [367, 367, 366]
+    assert split_sizes(512, 512) == [512]
+    assert split_sizes(513, 512) == [257, 256]
+    for n in (1, 77, 1024, 1537):
+        s = split_sizes(n, 512)
+        assert sum(s) == n and max(s) <= 512 and max(s) - min(s) <= 1
+    with pytest.raises(ValueError, match="n = 0"):
+        split_sizes(0, 512)
+
+
+def test_map_weights_columnwise():
+    w, _ = _case(out=8, inp=30)
+    w[3] = 0.0
+    tiles, gamma = map_weights(w, [15, 15])
+    assert gamma.shape == (2, 8) and len(tiles) == 2
+    for k, t in enumerate(tiles):
+        assert t.abs().max() <= 1.0
+        torch.testing.assert_close(t * gamma[k][:, None], w[:, 15 * k:15 * (k + 1)])
+        assert torch.all(t.abs().amax(dim=1)[torch.arange(8) != 3] == 1.0)
+    assert torch.all(tiles[0][3] == 0)
+
+
+# ---------------------------------------------------------------------------------- quantiser
+@pytest.mark.parametrize("bits,bound", [(8, 1.0), (4, 10.0), (3, 2.0)])
+def test_quantizer_levels_clip_and_ste(bits, bound):
+    z = torch.linspace(-2 * bound, 2 * bound, 20001, dtype=torch.float64, requires_grad=True)
+    q = periphery.quantize(z, bits, bound)
+    levels = torch.unique(q.detach())
+    assert len(levels) == 2 ** bits - 1
+    assert levels.min() == -bound and levels.max() == bound
+    step = periphery.quantizer_step(bits, bound)
+    torch.testing.assert_close(torch.diff(levels), torch.full_like(levels[1:], step))
+    assert (q.detach() - z.detach()).abs()[z.detach().abs() <= bound].max() <= step / 2 + 1e-12
+    q.sum().backward()
+    inside = z.detach().abs() <= bound
+    assert torch.all(z.grad[inside] == 1.0) and torch.all(z.grad[~inside] == 0.0)
+    assert periphery.quantize(z, None, bound) is z
+
+
+# ---------------------------------------------------------------------------------- MVM
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("shape", [(40, 1100), (600, 1030), (7, 512)])
+def test_ideal_reproduces_exact_product(shape, fused):
+    w, x = _case(*shape)
+    bias = torch.linspace(-1, 1, shape[0], dtype=w.dtype)
+    arr = AnalogArray(w, CrossbarConfig.ideal(), device=None, bias=bias)
+    assert arr.n_tiles == math.ceil(shape[1] / 512)
+    y = analog_mvm(x, arr.w_tiles, arr.cfg, arr.alpha, arr.out_scale, fused=fused) + bias
+    torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-10, atol=1e-10)
+    # numpy in -> numpy out, after programming ideal devices and drifting them
+    arr.program(rng=0).drift(3600.0, rng=1)
+    yn = arr.mvm(x.numpy())
+    assert isinstance(yn, np.ndarray)
+    np.testing.assert_allclose(yn, (x @ w.T + bias).numpy(), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(arr.mvm(x[0].numpy()), yn[0], rtol=1e-12, atol=1e-12)
+
+
+def test_fused_path_matches_torch_path():
+    w, x = _case(out=64, inp=700, batch=128, dtype=torch.float32)
+    tiles, gamma = map_weights(w, split_sizes(700, 512))
+    alpha = torch.ones(2)
+    for cfg in (CrossbarConfig(out_noise=0.0, w_noise=0.0), CrossbarConfig(out_noise=0.0,
+                w_noise=0.0, noise_management="abs_max")):
+        a = analog_mvm(x, tiles, cfg, alpha, gamma, fused=True)
+        b = analog_mvm(x, tiles, cfg, alpha, gamma, fused=False)
+        # rounding may flip an ADC level on a handful of outputs, never more than one level
+        step = periphery.quantizer_step(8, 10.0) * gamma.max() * 1.001
+        diff = (a - b).abs()
+        assert diff.max() <= 2 * step and (diff > 1e-4).float().mean() < 0.01
+    # with noise: same distribution of the error
+    cfg = CrossbarConfig(ir_drop=0.0, out_bits=None, out_bound=math.inf)
+    ideal = analog_mvm(x, tiles, CrossbarConfig.ideal(), alpha, gamma)
+    ea = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), fused=True) - ideal)
+    eb = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), fused=False) - ideal)
+    assert abs(ea.std() / eb.std() - 1) < 0.03 and abs(ea.mean()) < 0.01
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_output_noise_has_its_std_on_zero_input(fused):
+    cfg = CrossbarConfig.ideal(out_noise=0.04, w_noise=0.0175)  # w_noise: nothing on x = 0
+    w = torch.randn(256, 128, generator=_gen(0))
+    x = torch.zeros(400, 128)
+    y = analog_mvm(x, [w.clamp(-1, 1)], cfg, torch.ones(1), torch.ones(1, 256),
+                   generator=_gen(3), fused=fused)
+    assert abs(float(y.std()) / 0.04 - 1) < 0.02 and abs(float(y.mean())) < 0.001
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_short_term_noise_std_follows_eq14(fused):
+    cfg = CrossbarConfig.ideal(w_noise=0.0175)
+    tiles, _ = map_weights(torch.randn(64, 256, generator=_gen(0)), [256])
+    x = torch.rand(1, 256, generator=_gen(1)).expand(4000, 256).contiguous()
+    y = analog_mvm(x, tiles, cfg, torch.ones(1), torch.ones(1, 64), generator=_gen(2),
+                   fused=fused)
+    want = 0.0175 * torch.sqrt(F(x[:1] ** 2, tiles[0].abs()))[0]  # Eq. 14
+    ratio = y.std(dim=0) / want
+    assert abs(float(ratio.mean()) - 1) < 0.02
+    torch.testing.assert_close(y.mean(dim=0), F(x[:1], tiles[0])[0], atol=5e-3, rtol=0)
+
+
+def test_ir_drop_lowers_far_rows_more():
+    cfg = CrossbarConfig.ideal(ir_drop=1.0)
+    n = 512
+    w = torch.full((4, n), 0.8, dtype=torch.float64)
+    near = torch.zeros(1, n, dtype=torch.float64)
+    far = near.clone()
+    near[0, :128] = 1.0
+    far[0, -128:] = 1.0
+    one = (torch.ones(1, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64))
+    for fused in (True, False):
+        y_near = analog_mvm(near, [w], cfg, *one, fused=fused)
+        y_far = analog_mvm(far, [w], cfg, *one, fused=fused)
+        exact = 0.8 * 128
+        d_near, d_far = exact - y_near[0, 0].item(), exact - y_far[0, 0].item()
+        assert 0 <= d_near < d_far
+        # size: a = g_ir n sum|w||x|, dy = -c(a) sum w x P (Eqs. 15-18)
+        a = 1.75e-6 * n * exact
+        c = 0.05 * a ** 3 - 0.2 * a ** 2 + 0.5 * a
+        p = periphery.ir_drop_profile(n, torch.float64)
+        assert d_far == pytest.approx(c * 0.8 * float(p[-128:].sum()), rel=1e-6)
+        assert d_near == pytest.approx(c * 0.8 * float(p[:128].sum()), rel=1e-6)
+
+
+def test_each_nonideality_alone_raises_the_error():
+    cfgs = nonideality_configs(CrossbarConfig(s_adc=True, asymmetry=0.05))
+    assert set(cfgs) == {"DAC", "ADC", "output noise", "short-term noise", "IR drop",
+                         "S-shaped ADC", "read asymmetry"}
+    base = mvm_error(CrossbarConfig.ideal(), n_inputs=100)
+    assert base < 1e-6
+    eps = {k: mvm_error(c, n_inputs=100) for k, c in cfgs.items()}
+    assert all(v > 1e-3 for v in eps.values()), eps
+    # rough sizes predicted by the formulas on this test case (|y| ~ 4.3 output units)
+    assert 0.002 < eps["DAC"] < 0.01 and 0.005 < eps["output noise"] < 0.015
+    assert 0.02 < eps["short-term noise"] < 0.04 and 0.01 < eps["IR drop"] < 0.04
+    assert 0.02 < eps["ADC"] < 0.08  # quantisation plus clipping at 10
+
+
+def test_gradients_flow_with_straight_through():
+    w, x = _case(out=16, inp=600, batch=8, dtype=torch.float32)
+    tiles, gamma = map_weights(w, split_sizes(600, 512))
+    tiles = [t.clone().requires_grad_() for t in tiles]
+    xg = x.clone().requires_grad_()
+    alpha = torch.ones(2, requires_grad=True)
+    scale = gamma.clone().requires_grad_()
+    y = analog_mvm(xg, tiles, CrossbarConfig(), alpha, scale, generator=_gen(0))
+    y.pow(2).sum().backward()
+    for t in (xg, alpha, scale, *tiles):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0
+    # ideal config: the gradient is the exact one of x W^T
+    xg.grad = None
+    y = analog_mvm(xg, [t.detach() for t in tiles], CrossbarConfig.ideal(), torch.ones(2),
+                   gamma)
+    y.sum().backward()
+    torch.testing.assert_close(xg.grad, torch.ones(8, 16) @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_options_run():
+    w, x = _case(out=32, inp=600, batch=16, dtype=torch.float32)
+    exact = x @ w.T
+    for kw in (dict(s_adc=True), dict(asymmetry=0.05), dict(bound_management="iterative"),
+               dict(noise_management="abs_max"), dict(drift_compensation="column")):
+        arr = AnalogArray(w, CrossbarConfig(**kw), device="rasch2023").program(rng=0)
+        y = arr.drift(60.0, rng=1).mvm(x)
+        assert y.shape == exact.shape and torch.isfinite(y).all()
+        assert float((y - exact).norm() / exact.norm()) < 0.35, kw
+
+
+def test_bound_management_avoids_saturation():
+    w = torch.full((4, 512), 1.0)
+    x = torch.full((2, 512), 0.5)  # exact output 256, far above the ADC bound of 10
+    cfg = CrossbarConfig.ideal(out_bits=8, out_bound=10.0)
+    y0 = analog_mvm(x, [w], cfg, torch.ones(1), torch.ones(1, 4))
+    y1 = analog_mvm(x, [w], cfg.replace(bound_management="iterative",
+                                        bound_management_iters=6), torch.ones(1),
+                    torch.ones(1, 4))
+    assert torch.allclose(y0, torch.full_like(y0, 10.0))
+    torch.testing.assert_close(y1, torch.full_like(y1, 256.0), rtol=0.01, atol=0)
+
+
+# ---------------------------------------------------------------------------------- life cycle
+def test_drift_compensation_restores_output_scale_after_a_year():
+    w, x = _case(out=256, inp=512, batch=200, dtype=torch.float32)
+    cfg = CrossbarConfig.ideal()
+    arr = AnalogArray(w, cfg.replace(drift_compensation="global"), device="rasch2023")
+    arr.program(rng=0)
+    s0 = float(arr.mvm(x).abs().mean())
+    arr.drift(365.25 * 86400, rng=1)
+    s1 = float(arr.mvm(x).abs().mean())
+    assert abs(s1 / s0 - 1) < 0.02
+    assert float(arr.comp.mean()) > 1.5  # the drift it undid is large
+    raw = AnalogArray(w, cfg, device="rasch2023").program(rng=0).drift(365.25 * 86400, rng=1)
+    assert float(raw.mvm(x).abs().mean()) / s0 < 0.75
+    col = AnalogArray(w, cfg.replace(drift_compensation="column"), device="rasch2023")
+    col.program(rng=0)
+    sc0 = col.mvm(x).abs().mean(dim=0)
+    col.drift(365.25 * 86400, rng=1)
+    assert abs(float(col.mvm(x).abs().mean(dim=0).mean() / sc0.mean()) - 1) < 0.02
+
+
+def test_determinism():
+    w, x = _case(out=32, inp=700, batch=16, dtype=torch.float32)
+
+    def run(p, d, m):
+        arr = AnalogArray(w, CrossbarConfig(asymmetry=0.02), device="rasch2023")
+        return arr.program(rng=p).drift(3600.0, rng=d).mvm(x, rng=m)
+
+    a = run(0, 1, 2)
+    torch.testing.assert_close(a, run(0, 1, 2), rtol=0, atol=0)
+    for other in (run(9, 1, 2), run(0, 9, 2), run(0, 1, 9)):
+        assert (a - other).abs().max() > 1e-3
+    # the per-MVM stream seeded by program(): the same sequence of outputs
+    arr1 = AnalogArray(w, CrossbarConfig(), device="rasch2023").program(rng=5)
+    arr2 = AnalogArray(w, CrossbarConfig(), device="rasch2023").program(rng=5)
+    torch.testing.assert_close(arr1.mvm(x), arr2.mvm(x), rtol=0, atol=0)
+    assert mvm_error(n_inputs=50, rng=3) == mvm_error(n_inputs=50, rng=3)
+
+
+def test_bad_input_is_named():
+    w, x = _case(out=8, inp=20, batch=4)
+    arr = AnalogArray(w, device=None)
+    with pytest.raises(ValueError, match="x: shape"):
+        arr.mvm(x[:, :10])
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x: contains NaN"):
+        arr.mvm(bad)
+    wn = w.clone()
+    wn[1, 1] = float("inf")
+    with pytest.raises(ValueError, match="weights: contains NaN"):
+        AnalogArray(wn)
+    with pytest.raises(ValueError, match="weights: expected a non-empty 2-d"):
+        AnalogArray(np.zeros(5))
+    with pytest.raises(ValueError, match="bias: shape"):
+        AnalogArray(w, bias=np.zeros(3))
+    with pytest.raises(ValueError, match="input_range"):
+        arr.input_range = -1.0
+    with pytest.raises(RuntimeError, match="program"):
+        AnalogArray(w).drift(1.0)
+    with pytest.raises(ValueError, match="t = "):
+        AnalogArray(w).program(rng=0).drift(-1.0)
+    with pytest.raises(ValueError, match="alpha: shape"):
+        analog_mvm(x, arr.w_tiles, arr.cfg, torch.ones(3), arr.out_scale)
+    with pytest.raises(ValueError, match="out_scale: shape"):
+        analog_mvm(x, arr.w_tiles, arr.cfg, arr.alpha, torch.ones(1, 3))
+
+
+def test_calibrate_input_range():
+    w, x = _case(out=8, inp=1100, batch=32)
+    arr = AnalogArray(w, device=None)
+    x[:, 0] = 7.0
+    a = arr.calibrate_input_range(x)
+    assert a.shape == (3,) and a[0] == 7.0 and a[1] <= 1.0
+
+
+# ---------------------------------------------------------------------------------- MVM error
+def test_mvm_error_of_the_standard_model():
+    periph = mvm_error(CrossbarConfig(), device=None, n_inputs=200)
+    total = mvm_error(CrossbarConfig(), device="rasch2023", n_inputs=200)
+    year = mvm_error(CrossbarConfig(), device="rasch2023", t=3.15e7, n_inputs=200)
+    assert 0.05 < periph < 0.08  # ADC clipping dominates the periphery
+    assert 0.09 < total < 0.13 and total < year < 0.25
+
+
+def test_cli_mvm_error(capsys):
+    from aimc_device.cli import main
+
+    assert main(["mvm-error", "--t", "3600", "--n-inputs", "20", "--set", "out_bits=6"]) == 0
+    assert "eps_M at t = 3600 s" in capsys.readouterr().out
+    assert main(["mvm-error", "--set", "out_noise=-1"]) == 2
+    assert "CrossbarConfig.out_noise" in capsys.readouterr().err
