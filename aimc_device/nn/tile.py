@@ -166,6 +166,8 @@ class AnalogTile(nn.Module):
                            generator=gen)
         elif self._array is not None:
             arr = self._array
+            # per-MVM draws continue the array's stream, seeded when it was programmed
+            gen = arr.mvm_generator if x.device.type == "cpu" else gen
             y = analog_mvm(x2, [w.to(x.device, x.dtype) for w in arr.w_tiles], self.cfg,
                            self.alpha, arr.out_scale.to(x.device, x.dtype), generator=gen,
                            asymmetry=arr.asymmetry, zeta=arr.zeta)

@@ -268,7 +268,7 @@ def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
                 loss = loss_fn(out, y)
             loss.backward()
             aopt.step()
-            total += float(loss) * len(y)
+            total += loss.item() * len(y)
             n += len(y)
             bar.set_postfix(loss=total / max(n, 1), noise=aopt.current_noise_scale)
         aopt.epoch_end()

@@ -1,0 +1,313 @@
+"""The torch adapter: conversion, ideal equivalence, HWA noise and gradients, programming,
+state_dict, determinism, evaluation over time and DDP."""
+from __future__ import annotations
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import stats
+from torch import nn
+
+from aimc_device import crossbar, pcm
+from aimc_device import nn as anl
+
+DEV = pcm.PCMModel.preset("rasch2023")
+STD = crossbar.CrossbarConfig()
+# Small tiles so that modest layers span several of them.
+IDEAL = crossbar.CrossbarConfig.ideal(max_rows=16)
+
+
+def _close(a, b, tol=1e-5):
+    torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------ ideal == floating point
+@pytest.mark.parametrize("layer,shape", [
+    (nn.Linear(40, 7), (5, 40)),
+    (nn.Linear(40, 7, bias=False), (3, 2, 40)),
+    (nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=1), (2, 3, 9, 9)),
+    (nn.Conv2d(4, 6, (3, 2), padding=(1, 0), dilation=(2, 1)), (2, 4, 8, 7)),
+    (nn.Conv1d(6, 4, 5, padding=2, stride=2), (3, 6, 17)),
+])
+def test_ideal_layers_match_fp(layer, shape):
+    torch.manual_seed(0)
+    x = torch.randn(*shape)
+    a = anl.convert(nn.Sequential(layer), IDEAL).eval()
+    assert a[0].tile.n_tiles > 1
+    with torch.no_grad():
+        _close(a(x), layer(x))
+
+
+@pytest.mark.parametrize("kw", [dict(num_layers=2, batch_first=True),
+                                dict(num_layers=1, bidirectional=True)])
+def test_ideal_lstm_matches_fp(kw):
+    torch.manual_seed(1)
+    lstm = nn.LSTM(6, 12, **kw)
+    x = torch.randn(3, 5, 6)
+    a = anl.convert(lstm, IDEAL).eval()
+    with torch.no_grad():
+        out_a, (h_a, c_a) = a(x)
+        out, (h, c) = lstm(x)
+    _close(out_a, out)
+    _close(h_a, h)
+    _close(c_a, c)
+
+
+def test_ideal_transformer_encoder_matches_fp():
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 6, 16)
+    mask = torch.zeros(3, 6, dtype=torch.bool)
+    mask[0, 4:] = True
+    a = anl.convert(enc, IDEAL).eval()
+    assert isinstance(a.layers[0].self_attn, anl.AnalogMultiheadAttention)
+    with torch.no_grad():
+        _close(a(x), enc(x))
+        _close(a(x, src_key_padding_mask=mask), enc(x, src_key_padding_mask=mask))
+
+
+def test_ideal_mha_with_weights_and_cross_attention():
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(12, 3).eval()
+    q, k = torch.randn(4, 2, 12), torch.randn(6, 2, 12)
+    a = anl.convert(mha, IDEAL).eval()
+    with torch.no_grad():
+        out_a, w_a = a(q, k, k)
+        out, w = mha(q, k, k)
+    _close(out_a, out)
+    _close(w_a, w)
+
+
+class Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.body = nn.Sequential(nn.Sequential(nn.ReLU(), nn.Flatten()), nn.Linear(64, 16))
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.body(self.stem(x))))
+
+
+def test_convert_keeps_digital_layers_and_custom_modules():
+    m = Custom()
+    a = anl.convert(m, STD, DEV, digital=("stem", "fc"))
+    assert type(a.stem) is nn.Conv2d and type(a.fc) is nn.Linear
+    assert isinstance(a.body[1], anl.AnalogLinear)
+    assert type(m.body[1]) is nn.Linear  # the original is untouched
+    with pytest.raises(KeyError, match="nope"):
+        anl.convert(m, STD, DEV, digital=("nope",))
+
+
+# --------------------------------------------------------------------- HWA training forward
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(20, 32), nn.ReLU(), nn.Linear(32, 4))
+
+
+def test_gradients_reach_weights_ranges_and_scales():
+    a = anl.convert(_mlp(), STD, DEV).train()
+    x = torch.randn(8, 20)
+    a(x).pow(2).sum().backward()
+    for tile in anl.analog_tiles(a):
+        for p in (tile.weight, tile.alpha, tile.gamma, tile.kappa):
+            assert p.grad is not None and torch.isfinite(p.grad).all()
+            assert p.grad.abs().sum() > 0
+
+
+def test_training_noise_new_each_batch_and_matches_device_model():
+    a = anl.convert(nn.Linear(64, 64), crossbar.CrossbarConfig.ideal(), DEV, rng=0)
+    tile = a.tile
+    w1, w2 = tile._noisy_weight().detach(), tile._noisy_weight().detach()
+    assert not torch.equal(w1, w2)
+    # the perturbation has the statistics of programming noise + 20 s of 1/f noise (Eqs. 7-11)
+    g = tile.weight.detach().abs().double() * DEV.g_max
+    sig = np.sqrt(pcm.programming_noise_std(g.numpy(), DEV) ** 2
+                  + pcm.read_noise_std(g.numpy(), 20.0, DEV) ** 2) / DEV.g_max
+    z = ((w1 - tile.weight.detach()).double().numpy() / sig).ravel()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    anl.set_noise_scale(a, 0.0)
+    assert torch.equal(tile._noisy_weight().detach(), tile.weight.detach())
+
+
+def test_eval_noise_fixed_after_programming():
+    cfg = STD.replace(out_noise=0.0, w_noise=0.0)
+    a = anl.convert(_mlp(), cfg, DEV)
+    anl.program(a, rng=0)
+    anl.drift(a, 3600.0, rng=1)
+    a.eval()
+    x = torch.randn(16, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), a(x), rtol=0, atol=0)
+        y_prog = a(x)
+    with torch.no_grad():
+        y_clean = anl.forget_programming(copy.deepcopy(a))(x)
+    assert not torch.allclose(y_prog, y_clean)
+
+
+def test_same_seed_same_result_and_state_dict_round_trip(tmp_path):
+    def run(seed):
+        a = anl.convert(_mlp(), STD, DEV, rng=seed)
+        anl.program(a, rng=seed)
+        anl.drift(a, 86400.0, rng=seed + 1)
+        return a.eval()
+
+    x = torch.randn(10, 20)
+    a, b = run(5), run(5)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x), rtol=0, atol=0)
+    c = run(6)
+    with torch.no_grad():
+        assert not torch.allclose(run(5)(x), c(x))
+    path = tmp_path / "analog.pt"
+    torch.save(a.state_dict(), path)
+    fresh = anl.convert(_mlp(), STD, DEV, rng=99).eval()
+    fresh.load_state_dict(torch.load(path))
+    assert all(t.is_programmed for t in anl.analog_tiles(fresh))
+    a2 = run(5)
+    with torch.no_grad():  # same programmed state, same per-MVM stream position
+        torch.testing.assert_close(fresh(x), a2(x), rtol=0, atol=0)
+    # and a reload into a programmed model that was never drifted replaces its state
+    anl.drift(fresh, 3.15e7, rng=0)
+    with torch.no_grad():
+        assert not torch.allclose(fresh(x), run(5)(x))
+
+
+def test_program_requires_device_model():
+    a = anl.convert(_mlp(), STD, device=None)
+    with pytest.raises(ValueError, match="device model"):
+        anl.program(a, rng=0)
+
+
+# ------------------------------------------------------------------- HWA helpers
+def test_analog_optimizer_clips_ramps_and_decays():
+    a = anl.convert(_mlp(), STD, DEV)
+    hwa = anl.HWAConfig(noise_scale=2.0, ramp_epochs=1.0, alpha_decay=0.01)
+    opt = anl.AnalogOptimizer(torch.optim.SGD(a.parameters(), lr=10.0), a, hwa,
+                              steps_per_epoch=4)
+    tiles = anl.analog_tiles(a)
+    assert tiles[0].noise_scale == 0.0
+    alpha0 = tiles[0].alpha.item()
+    x, y = torch.randn(8, 20), torch.randint(0, 4, (8,))
+    for step in range(1, 6):
+        opt.zero_grad()
+        F.cross_entropy(a(x), y).backward()
+        opt.step()
+        assert tiles[0].noise_scale == pytest.approx(2.0 * min(1.0, step / 4))
+        assert tiles[0].weight.abs().max() <= 1.0
+    assert tiles[0].alpha.item() < alpha0 * 1.5  # moved by gradient but decayed each step
+
+
+def test_init_input_ranges_mean_absmax_capped():
+    a = anl.convert(nn.Sequential(nn.Linear(4, 3)), STD, DEV)
+    batches = [torch.tensor([[1.0, -3.0, 0.0, 0.0]]), torch.tensor([[0.5, 5.0, 0.0, 0.0]])]
+    anl.init_input_ranges(a, batches, cap=10.0)
+    assert a[0].tile.alpha.item() == pytest.approx(4.0)
+    anl.init_input_ranges(a, [b * 10 for b in batches], cap=10.0)
+    assert a[0].tile.alpha.item() == pytest.approx(10.0)
+
+
+def test_distillation_loss_weights():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.randint(0, 5, (4,))
+    only_task = anl.distillation_loss(s, t, y, weight=0.0)
+    torch.testing.assert_close(only_task, F.cross_entropy(s, y))
+    assert anl.distillation_loss(t, t, y, weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# --------------------------------------------------------------------- evaluation over time
+def test_evaluate_over_time_dataset():
+    torch.manual_seed(0)
+    x = torch.randn(64, 20)
+    model = _mlp()
+    y = model(x).argmax(1).detach()
+    a = anl.convert(model, STD, DEV)
+    data = [(x, y)]
+    ds = anl.evaluate_over_time(a, data, times=(1.0, 3.15e7), repeats=3, rng=0, fp_error=0.0,
+                                chance_error=0.75, progress=False)
+    assert ds["error"].dims == ("repeat", "time") and ds.sizes == {"repeat": 3, "time": 2}
+    assert ds["time"].attrs["units"] == "s"
+    assert np.all(ds["error"].values >= 0) and np.all(ds["error"].values <= 1)
+    np.testing.assert_allclose(ds["normalized_accuracy"], 1 - ds["error_mean"] / 0.75)
+    ds2 = anl.evaluate_over_time(a, data, times=(1.0, 3.15e7), repeats=3, rng=0, progress=False)
+    np.testing.assert_array_equal(ds["error"].values, ds2["error"].values)
+    assert not any(t.is_programmed for t in anl.analog_tiles(a))
+
+
+# ----------------------------------------------------------------------------- devices, DDP
+def test_to_dtype_and_no_grad():
+    a = anl.convert(_mlp(), STD, DEV).double().eval()
+    with torch.no_grad():
+        y = a(torch.randn(3, 20, dtype=torch.float64))
+    assert y.dtype == torch.float64 and not y.requires_grad
+
+
+def _ddp_worker(rank, world, port, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = anl.convert(_mlp(0), STD, DEV, rng=0)
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        opt = anl.AnalogOptimizer(torch.optim.SGD(ddp.parameters(), lr=0.1), model,
+                                  steps_per_epoch=2)
+        g = torch.Generator().manual_seed(rank)
+        for _ in range(2):
+            x, y = torch.randn(8, 20, generator=g), torch.randint(0, 4, (8,), generator=g)
+            opt.zero_grad()
+            F.cross_entropy(ddp(x), y).backward()
+            opt.step()
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_data_parallel_two_processes(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    s0, s1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    for k in s0:  # gradients were averaged: both replicas hold the same parameters
+        torch.testing.assert_close(s0[k], s1[k], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(s0["0.tile.weight"], anl.convert(_mlp(0), STD, DEV)[0].tile.weight)
+
+
+# ------------------------------------------------------------ HWA beats direct mapping
+@pytest.mark.slow
+def test_hwa_training_beats_direct_mapping():
+    """A few hundred HWA steps make the quick CNN more accurate after programming.
+
+    Measured (seeds below, 5 repeats, 2 threads): FP 2.4 %; at 1 h direct mapping 3.6 +- 0.2 %,
+    HWA 2.3 +- 0.2 %. The assertion asks for half of that margin.
+    """
+    from aimc_device.workloads import get_workload
+
+    wl = get_workload("cnn", quick=True)
+    fp_model = wl.train_fp(wl.build_model(seed=0), seed=0, progress=False)
+    train, _ = wl.loaders(seed=0)
+
+    def metric(model, _data):
+        return wl.evaluate(model)
+
+    direct = anl.convert(fp_model, STD, DEV, rng=0)
+    anl.init_input_ranges(direct, [b for _, b in zip(range(10), train)])
+    hwa = anl.convert(fp_model, STD, DEV, rng=0)
+    anl.train_hwa(hwa, train, epochs=2, lr=0.01, progress=False,
+                  hwa=anl.HWAConfig(ramp_epochs=0.5))
+    kw = dict(times=(3600.0,), repeats=5, rng=1, progress=False)
+    err_direct = anl.evaluate_over_time(direct, None, metric, **kw)["error_mean"].item()
+    err_hwa = anl.evaluate_over_time(hwa, None, metric, **kw)["error_mean"].item()
+    assert err_hwa < err_direct - 0.006, (err_direct, err_hwa)
