@@ -118,6 +118,61 @@ def test_streaming_matches_in_memory(tmp_path):
     assert rep.provenance["source_file"] == str(tmp_path / "c.h5")
 
 
+def _numpy_reference_sums(ds):
+    """Plain numpy restatement of the kernels' per-level sums (see aimc_device.fit._kernels)."""
+    g = ds["g"].values.astype(np.float64)
+    r = g.shape[2]
+    m, s2 = g.mean(axis=2), g.var(axis=2, ddof=1)
+    L = np.log((ds["time"].values + ds.attrs["t0"]) / ds.attrs["t0"])
+    w = (L - L.mean()) / np.sum((L - L.mean()) ** 2)
+    v = 1.0 / L.size - L.mean() * w
+    rel = s2 / (r * m * m)
+    y = np.log(m) + 0.5 * rel
+    nu = -(y @ w)
+    gp = np.exp(y @ v - 0.5 * (rel @ (v * v)))
+    levels, inv = np.unique(ds["g_target"].values, return_inverse=True)
+    k = levels.size
+    sums = {"sum_nu": nu, "sum_nu2": nu * nu, "sum_var_nu": rel @ (w * w), "sum_gp": gp,
+            "sum_gp2": gp * gp, "sum_gp2_var": gp * gp * (rel @ (v * v))}
+    out = {key: np.bincount(inv, weights=val, minlength=k) for key, val in sums.items()}
+    out["n"] = np.bincount(inv, minlength=k).astype(float)
+    out["rn_s2"] = np.stack([np.bincount(inv, weights=s2[:, j], minlength=k)
+                             for j in range(L.size)], axis=1)
+    out["rn_g2"] = np.stack([np.bincount(inv, weights=(m * m - s2 / r)[:, j], minlength=k)
+                             for j in range(L.size)], axis=1)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_matches_numpy_reference(dtype):
+    ds = _campaign(levels=5, devices=300, rng=4, dtype=dtype)
+    st = fit.campaign_statistics(ds, chunk_devices=256)
+    ref = _numpy_reference_sums(ds)
+    for key, val in ref.items():
+        # float32 log in the kernel: agreement to ~1e-6 relative on the means
+        np.testing.assert_allclose(getattr(st, key), val, rtol=2e-5, atol=1e-30, err_msg=key)
+    # and the spread of nu, the statistic most sensitive to rounding
+    sd = lambda s: np.sqrt(s["sum_nu2"] / s["n"] - (s["sum_nu"] / s["n"]) ** 2)  # noqa: E731
+    np.testing.assert_allclose(sd({k: getattr(st, k) for k in ("sum_nu", "sum_nu2", "n")}),
+                               sd(ref), rtol=1e-4)
+
+
+def test_same_result_on_any_thread_count():
+    import numba
+
+    ds = _campaign(levels=5, devices=2000, rng=12)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = fit.campaign_statistics(ds)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        two = fit.campaign_statistics(ds)
+    finally:
+        numba.set_num_threads(before)
+    for key in ("sum_nu", "sum_nu2", "sum_gp2", "rn_s2", "rn_g2"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(two, key))
+
+
 def test_one_level_only():
     with pytest.raises(FitError, match="usable target level"):
         fit.fit_pcm(_campaign(levels=np.array([0.5]), devices=50))
@@ -133,6 +188,19 @@ def test_all_zero_conductance():
     ds = ds.assign(g=ds["g"] * 0)
     with pytest.raises(FitError, match="all-zero conductance"):
         fit.fit_pcm(ds)
+
+
+def test_bad_value_found_while_streaming(tmp_path):
+    ds = _campaign(levels=4, devices=100)
+    io.write_measurements(ds, tmp_path / "c.h5")
+    import h5py
+
+    with h5py.File(tmp_path / "c.h5", "r+") as f:
+        f["g"][333, 2, 1] = np.nan
+    lazy = io.read_measurements(tmp_path / "c.h5", check_values=False, chunk_devices=128)
+    with pytest.raises(io.MeasurementFormatError, match=r"c\.h5: g: NaN or inf at index "
+                                                        r"\(333, 2, 1\)"):
+        fit.fit_pcm(lazy)
 
 
 def test_fit_errors_are_value_errors():

@@ -17,14 +17,17 @@ Only sums are kept (a few arrays of length levels x times), so memory does not g
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
 
-from ..io import iter_device_chunks
-from ..io.measurements import CONDUCTANCE_UNITS, TIME_UNITS, _check_dataset, _root_quantity
+from ..io import iter_device_arrays
+from ..io.measurements import (CONDUCTANCE_UNITS, TIME_UNITS, _check_conductance, _check_dataset,
+                               _root_quantity)
 from ..pcm import PCMModel
+from ._kernels import BLOCK, N_LEVEL_SUMS, accumulate_kernel, moments_kernel
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS"]
 
@@ -104,42 +107,46 @@ def _drift_weights(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, v
 
 
-def _accumulate(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v) -> None:
-    k, r = st.x.size, st.repeats
-    m = g.mean(axis=2, dtype=np.float64)                      # (n, T) repeat mean [S]
-    s2 = g.var(axis=2, ddof=1, dtype=np.float64)              # (n, T) repeat variance [S^2]
-    st.n_total += np.bincount(level, minlength=k)
-    ok = np.all(m > 0, axis=1)
-    if not ok.all():
-        m, s2, level = m[ok], s2[ok], level[ok]
-    if level.size == 0:
-        return
-    rel = s2 / (r * m * m)                                   # Var(ln m_k), delta method
-    y = np.log(m) + 0.5 * rel                                 # bias-corrected ln of the mean
-    slope, icpt = y @ w, y @ v
-    var_slope, var_icpt = rel @ (w * w), rel @ (v * v)
-    nu = -slope
-    gp = np.exp(icpt - 0.5 * var_icpt)                        # g_P at t = 0 [S]
-    bc = lambda a: np.bincount(level, weights=a, minlength=k)  # noqa: E731
-    st.n += np.bincount(level, minlength=k)
-    st.sum_nu += bc(nu)
-    st.sum_nu2 += bc(nu * nu)
-    st.sum_var_nu += bc(var_slope)
-    st.sum_gp += bc(gp)
-    st.sum_gp2 += bc(gp * gp)
-    st.sum_gp2_var += bc(gp * gp * var_icpt)
-    if st.reference == "target":
-        grp, xref = level, st.x[level]
-    else:
-        xref = gp / st.g_max
-        grp = np.clip(np.searchsorted(PROGRAMMED_BINS, xref) - 1, 0, PROGRAMMED_BINS.size - 2)
-    n_g = st.rn_n.size
-    st.rn_n += np.bincount(grp, minlength=n_g)
-    st.rn_x += np.bincount(grp, weights=xref, minlength=n_g)
-    g2 = m * m - s2 / r                                       # unbiased g_D^2 [S^2]
-    for kt in range(st.time.size):
-        st.rn_s2[:, kt] += np.bincount(grp, weights=s2[:, kt], minlength=n_g)
-        st.rn_g2[:, kt] += np.bincount(grp, weights=g2[:, kt], minlength=n_g)
+def _accumulate(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v, offset: int) -> None:
+    """Add one device chunk's sums to ``st`` (fused Numba pass, see ``_kernels``)."""
+    g = np.ascontiguousarray(g)
+    if g.dtype not in (np.float32, np.float64):
+        g = g.astype(np.float64)
+    n_blocks = -(-g.shape[0] // BLOCK)
+    k, n_g = st.x.size, st.rn_n.size
+    out_level = np.zeros((n_blocks, k, N_LEVEL_SUMS))
+    out_rn = np.zeros((n_blocks, n_g, 2 + 2 * st.time.size))
+    m = np.empty(g.shape[:2])
+    s2 = np.empty(g.shape[:2])
+    if moments_kernel(g, m, s2):
+        _check_conductance(st.source, "g", g, offset=offset)  # names the culprit and raises
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lnx = np.log((m * (1.0 / st.g_max)).astype(np.float32))  # SIMD float32 log
+    accumulate_kernel(m, s2, lnx, st.repeats, np.ascontiguousarray(level, dtype=np.int64), w, v,
+                      st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level, out_rn)
+    lv = out_level.sum(axis=0)
+    rn = out_rn.sum(axis=0)
+    st.n_total += lv[:, 0]
+    st.n += lv[:, 1]
+    st.sum_nu += lv[:, 2]
+    st.sum_nu2 += lv[:, 3]
+    st.sum_var_nu += lv[:, 4]
+    st.sum_gp += lv[:, 5]
+    st.sum_gp2 += lv[:, 6]
+    st.sum_gp2_var += lv[:, 7]
+    st.rn_n += rn[:, 0]
+    st.rn_x += rn[:, 1] if st.reference != "target" else rn[:, 0] * st.x[:n_g]
+    t_n = st.time.size
+    st.rn_s2 += rn[:, 2:2 + t_n]
+    st.rn_g2 += rn[:, 2 + t_n:]
+
+
+def _levels(g_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct target levels (sorted) and each device's level index, in O(N) (hashing)."""
+    import pandas as pd
+
+    codes, uniq = pd.factorize(g_target, sort=True)
+    return np.asarray(uniq, dtype=np.float64), codes.astype(np.int64, copy=False)
 
 
 def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
@@ -155,7 +162,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         Supplies the conventions (``read_noise_reference``) and ``t_read`` [s] when the campaign
         has none. Default ``PCMModel()`` (the rasch2023 statistics, conventions "t"/"target").
     chunk_devices : int, optional
-        Devices per chunk; default the dask chunking of ``g`` (about 32 MiB).
+        Devices per chunk; default the dask chunking of ``g`` (about 16 MiB).
     progress : bool
         Show a tqdm progress bar over chunks (when stderr is a terminal).
 
@@ -184,12 +191,13 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     if time.size < 2:
         raise FitError(f"{where}: time: only {time.size} read time; the drift fit needs at least "
                        "two (better five or more, spread over decades)")
-    g_target = np.asarray(ds["g_target"].values, dtype=np.float64)
-    levels, inverse = np.unique(g_target, return_inverse=True)
+    g_target = np.asarray(ds["g_target"].values)
+    levels, inverse = _levels(g_target)
     st = CampaignStats(x=levels / g_max, g_max=g_max, t0=t0, t_read=t_read, time=time,
                        repeats=repeats, reference=prior.read_noise_reference, source=where)
     w, v = _drift_weights(st.drift_log_time)
-    chunks = iter_device_chunks(ds, chunk_devices)
+    chunks = iter_device_arrays(ds, chunk_devices, check=False,  # the kernel checks
+                                reuse_buffers=True)
     if progress:
         from tqdm.auto import tqdm
 
@@ -197,12 +205,15 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         n_chunks = (len(data.chunks[0]) if hasattr(data, "chunks") and chunk_devices is None
                     else None)
         chunks = tqdm(chunks, total=n_chunks, desc="fitting", unit="chunk", disable=None)
-    start = 0
-    for part in chunks:
-        g = part["g"].values
-        stop = start + g.shape[0]
-        _accumulate(st, inverse[start:stop], g, w, v)
-        start = stop
+    # Read the next chunk in a thread while the (GIL-free) kernels work on this one; two
+    # alternating read buffers suffice for one chunk of look-ahead.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        it = iter(chunks)
+        ahead = pool.submit(next, it, None)
+        while (part := ahead.result()) is not None:
+            ahead = pool.submit(next, it, None)
+            start, stop, g = part
+            _accumulate(st, inverse[start:stop], g, w, v, start)
     if st.n.sum() == 0:
         raise FitError(f"{where}: g: every device reads 0 S at some time (all-zero "
                        "conductance); nothing to fit — check the units and the measurement")

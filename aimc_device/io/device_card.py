@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import os
-import tempfile
 
 import h5py
 import numpy as np
 
 from ..pcm import PCMModel
+from ._atomic import atomic_output
 from ._errors import DeviceCardError
 from .measurements import _clean_attr, _open, file_sha256
 
@@ -63,34 +63,22 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
         prov["source_sha256"] = file_sha256(src)
     prov.setdefault("package_version", _package_version())
     prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    path = os.path.abspath(os.fspath(path))
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema"] = CARD_SCHEMA
-            f.attrs["schema_version"] = CARD_SCHEMA_VERSION
-            for name in _STRING_FIELDS:
-                f.attrs[name] = str(getattr(model, name))
-            grp = f.create_group("model")
-            for name, unit in PCMModel.UNITS.items():
-                d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
-                                                             dtype=np.float64))
-                d.attrs["units"] = unit
-            pg = f.create_group("provenance")
-            for key, value in prov.items():
-                if isinstance(value, (str, int, float, bool, np.generic)):
-                    pg.attrs[key] = value
-                else:
-                    pg.attrs[key] = str(value)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["schema"] = CARD_SCHEMA
+        f.attrs["schema_version"] = CARD_SCHEMA_VERSION
+        for name in _STRING_FIELDS:
+            f.attrs[name] = str(getattr(model, name))
+        grp = f.create_group("model")
+        for name, unit in PCMModel.UNITS.items():
+            d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
+                                                         dtype=np.float64))
+            d.attrs["units"] = unit
+        pg = f.create_group("provenance")
+        for key, value in prov.items():
+            if isinstance(value, (str, int, float, bool, np.generic)):
+                pg.attrs[key] = value
+            else:
+                pg.attrs[key] = str(value)
     return prov
 
 

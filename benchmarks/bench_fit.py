@@ -1,0 +1,147 @@
+"""Fit throughput against a raw h5py read of the same file, and a streaming fit's peak memory.
+
+Usage::
+
+    python benchmarks/bench_fit.py                      # 1 GB throughput file, 3 GB streaming file
+    python benchmarks/bench_fit.py --throughput-gb 0.5 --stream-gb 0   # skip the big file
+
+1. Throughput: a campaign file of ``--throughput-gb`` is read raw with h5py (the same device
+   chunks, into memory, nothing computed) and fitted with ``fit.fit_pcm(io.read_measurements())``;
+   best of ``--repeat`` runs each, alternating, both from the page cache. Prints both rates [GB/s]
+   and fit / raw (target >= 0.5).
+2. Streaming: a ``--stream-gb`` campaign file is generated block by block (flat memory) in a
+   temporary folder (deleted afterwards); fits of a small and of the big file run each in a fresh
+   process that reports its peak RSS (resource.getrusage); flat memory means the two are close.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+
+from aimc_device import fit, io, pcm
+
+TIMES = (1.0, 10.0, 100.0, 1000.0, 10000.0, 86400.0)
+REPEATS = 8
+LEVELS = 20
+BLOCK_DEVICES = 20 * 10_000  # devices simulated per block while writing a big file
+
+
+def make_file(path: str, gbytes: float, seed: int = 0) -> int:
+    """Write a campaign of about ``gbytes`` GB of ``g`` block by block; returns devices."""
+    model = pcm.PCMModel.preset("rasch2023")
+    per_device = len(TIMES) * REPEATS * 4
+    n = max(LEVELS * 10, int(gbytes * 1e9 // per_device) // LEVELS * LEVELS)
+    hchunk = io.default_chunk_devices(len(TIMES), REPEATS, 4, 2**20)
+    with h5py.File(path, "w") as f:
+        f.attrs.update(schema=io.SCHEMA, schema_version=io.SCHEMA_VERSION, g_max=model.g_max,
+                       g_max_units="S", t0=model.t0, t0_units="s", t_read=model.t_read,
+                       t_read_units="s", source="benchmarks/bench_fit.py")
+        gt = f.create_dataset("g_target", shape=(n,), dtype=np.float32)
+        gt.attrs["units"] = "S"
+        f["time"] = np.asarray(TIMES)
+        f["time"].attrs["units"] = "s"
+        g = f.create_dataset("g", shape=(n, len(TIMES), REPEATS), dtype=np.float32,
+                             chunks=(hchunk, len(TIMES), REPEATS))
+        g.attrs["units"] = "S"
+        for b, start in enumerate(range(0, n, BLOCK_DEVICES)):
+            m = min(BLOCK_DEVICES, n - start) // LEVELS
+            ds = pcm.simulate_campaign(model, LEVELS, m, times=TIMES, repeats=REPEATS,
+                                       rng=[seed, b])
+            stop = start + ds.sizes["device"]
+            gt[start:stop] = ds["g_target"].values
+            g[start:stop] = ds["g"].values
+    return n
+
+
+def raw_read(path: str) -> float:
+    """Seconds to read all of /g with h5py in the fit's device chunks (nothing computed)."""
+    t = time.perf_counter()
+    with h5py.File(path, "r") as f:
+        d = f["g"]
+        c = io.default_chunk_devices(d.shape[1], d.shape[2], d.dtype.itemsize)
+        c = max(d.chunks[0], c // d.chunks[0] * d.chunks[0])
+        buf = np.empty((c,) + d.shape[1:], d.dtype)
+        for start in range(0, d.shape[0], c):
+            stop = min(d.shape[0], start + c)
+            d.read_direct(buf, np.s_[start:stop], np.s_[0:stop - start])
+    return time.perf_counter() - t
+
+
+def fit_file(path: str) -> float:
+    t = time.perf_counter()
+    fit.fit_pcm(io.read_measurements(path, check_values=False))
+    return time.perf_counter() - t
+
+
+def peak_rss_of_fit(path: str) -> dict:
+    """Fit ``path`` in a fresh process; its wall time [s] and peak RSS [MB]."""
+    out = subprocess.run([sys.executable, __file__, "--_fit-only", path], check=True,
+                         capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--throughput-gb", type=float, default=1.0, help="size of g [GB] for part 1")
+    ap.add_argument("--stream-gb", type=float, default=3.0,
+                    help="size of g [GB] for part 2; 0 skips it")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="folder for the temporary files")
+    ap.add_argument("--_fit-only", dest="fit_only", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.fit_only:
+        wall = fit_file(args.fit_only)
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB -> MB (Linux)
+        print(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
+        return
+    tmp = tempfile.mkdtemp(prefix="aimc-bench-fit-", dir=args.dir)
+    try:
+        path = os.path.join(tmp, "throughput.h5")
+        n = make_file(path, args.throughput_gb)
+        nbytes = n * len(TIMES) * REPEATS * 4
+        fit_file(path)  # compile, warm the page cache
+        raw_read(path)
+        raw, fitted = [], []
+        for _ in range(args.repeat):
+            raw.append(raw_read(path))
+            fitted.append(fit_file(path))
+        r_raw, r_fit = nbytes / min(raw) / 1e9, nbytes / min(fitted) / 1e9
+        print(f"throughput: {n} devices, g = {nbytes / 1e9:.2f} GB (float32, T={len(TIMES)}, "
+              f"R={REPEATS})")
+        print(f"  raw h5py read   {r_raw:6.2f} GB/s  ({min(raw):.3f} s)")
+        print(f"  fit_pcm         {r_fit:6.2f} GB/s  ({min(fitted):.3f} s)")
+        print(f"  ratio fit / raw {r_fit / r_raw:6.2f}   (target >= 0.50)")
+        os.unlink(path)
+        if args.stream_gb > 0:
+            small = os.path.join(tmp, "small.h5")
+            make_file(small, 0.05)
+            big = os.path.join(tmp, "big.h5")
+            t = time.perf_counter()
+            n_big = make_file(big, args.stream_gb, seed=1)
+            gen = time.perf_counter() - t
+            size_small = os.path.getsize(small) / 1e9
+            size_big = os.path.getsize(big) / 1e9
+            a, b = peak_rss_of_fit(small), peak_rss_of_fit(big)
+            print(f"streaming: generated {n_big} devices, {size_big:.2f} GB in {gen:.0f} s")
+            print(f"  fit of {size_small:.2f} GB file: peak RSS {a['peak_rss_mb']:7.0f} MB "
+                  f"({a['wall_s']:.1f} s)")
+            print(f"  fit of {size_big:.2f} GB file: peak RSS {b['peak_rss_mb']:7.0f} MB "
+                  f"({b['wall_s']:.1f} s, {size_big / b['wall_s']:.2f} GB/s)")
+            print(f"  peak RSS ratio big / small {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} "
+                  f"for a file {size_big / size_small:.0f}x larger")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
