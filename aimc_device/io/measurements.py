@@ -76,6 +76,13 @@ def _clean_attr(value):
     return value
 
 
+def _to_si(value, factor: float):
+    """value * factor, computed as a division for sub-units (25 uS -> exactly 2.5e-05 S)."""
+    if factor == 1.0:
+        return value
+    return value / round(1.0 / factor) if factor < 1.0 else value * factor
+
+
 def _unit_factor(path, field: str, units, table: dict) -> float:
     u = _attr_str(units)
     if u is None:
@@ -148,7 +155,7 @@ def _root_quantity(path, attrs, name: str, table: dict, required: bool) -> float
     if not np.isfinite(value) or value <= 0:
         raise MeasurementFormatError(path, f"attrs['{name}']", f"{value!r} is not a positive "
                                      "finite number", "store a positive value")
-    return value * factor
+    return float(_to_si(value, factor))
 
 
 #: dask array name -> the _H5Slice behind it, for the direct (dask-free) streaming path.
@@ -172,7 +179,7 @@ class _H5Slice:
                 self.path, self.name, f"cannot read the data ({exc})",
                 "the file is truncated or damaged; copy or export it again") from None
         if self.factor != 1.0:
-            out = (out * self.factor).astype(self.dtype, copy=False)
+            out = _to_si(out, self.factor).astype(self.dtype, copy=False)
         return out
 
     def iter_into(self, chunk_devices: int, n_buffers: int = 2):
@@ -188,7 +195,7 @@ class _H5Slice:
                     buf = bufs[j % n_buffers][:stop - start]
                     d.read_direct(buf, np.s_[start:stop], np.s_[0:stop - start])
                     if self.factor != 1.0:
-                        buf *= self.factor
+                        buf[...] = _to_si(buf, self.factor)
                     yield start, stop, buf
         except OSError as exc:
             raise MeasurementFormatError(
@@ -282,8 +289,8 @@ def read_measurements(path, chunk_devices: int | None = None,
         fg = _unit_factor(path, "/g", f["g"].attrs.get("units"), CONDUCTANCE_UNITS)
         ft = _unit_factor(path, "/time", f["time"].attrs.get("units"), TIME_UNITS)
         try:
-            g_target = f["g_target"][()] * fg_t
-            time = f["time"][()].astype(np.float64) * ft
+            g_target = _to_si(f["g_target"][()], fg_t)
+            time = _to_si(f["time"][()].astype(np.float64), ft)
         except OSError as exc:
             raise MeasurementFormatError(path, "/g_target", f"cannot read the data ({exc})",
                                          "the file is truncated or damaged") from None
