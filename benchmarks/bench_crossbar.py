@@ -70,10 +70,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--inner", type=int, default=20)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and Numba threads (default: as configured)")
     args = p.parse_args(argv)
+    if args.threads:
+        import numba
+
+        torch.set_num_threads(args.threads)
+        numba.set_num_threads(args.threads)
     res = run(args.repeats, args.inner)
     t_lin = res.pop("linear")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    import numba
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} torch / "
+          f"{numba.get_num_threads()} Numba threads; "
           f"F.linear 512x512, batch 256: {t_lin * 1e3:.3f} ms")
     print(f"{'case':18s} {'time [ms]':>10s} {'ratio':>7s} {'target':>7s}")
     ok = True

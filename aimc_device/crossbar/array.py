@@ -45,11 +45,18 @@ def _to_tensor(a, name: str, dtype=None, device=None) -> torch.Tensor:
 _REF_SEED = 20230823  # fixed seed of the drift-compensation inputs (any fixed value)
 
 
+_REF_CACHE: dict = {}
+
+
 def _reference_inputs(n: int, n_rows: int, dtype, device) -> torch.Tensor:
-    """The fixed, known +-1 inputs of the drift-compensation readout (n, n_rows)."""
-    gen = torch.Generator().manual_seed(_REF_SEED)
-    x = torch.randint(0, 2, (n, n_rows), generator=gen).to(dtype) * 2 - 1
-    return x.to(device)
+    """The fixed, known +-1 inputs of the drift-compensation readout (n, n_rows), cached."""
+    key = (n, n_rows, dtype, str(device))
+    x = _REF_CACHE.get(key)
+    if x is None:
+        gen = torch.Generator().manual_seed(_REF_SEED)
+        x = torch.randint(0, 2, (n, n_rows), generator=gen).to(dtype) * 2 - 1
+        x = _REF_CACHE[key] = x.to(device)
+    return x
 
 
 class AnalogArray:

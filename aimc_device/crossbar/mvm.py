@@ -40,19 +40,32 @@ __all__ = ["analog_mvm"]
 _F = torch.nn.functional.linear
 
 
-def _abs_cached(w: torch.Tensor) -> torch.Tensor:
-    """|W~|, cached on the tensor object and invalidated by any in-place change of it."""
+_WEIGHT_FORMS = {
+    "abs": lambda w: w.abs(),
+    "bf16": lambda w: w.to(torch.bfloat16),
+    "abs_bf16": lambda w: w.abs().to(torch.bfloat16),
+}
+
+
+def _weight_form(w: torch.Tensor, kind: str) -> torch.Tensor:
+    """|W~| or a bfloat16 copy, cached on the tensor and invalidated by any in-place change."""
     if w.requires_grad:
-        return w.detach().abs()
-    cache = getattr(w, "_aimc_abs", None)
-    if cache is not None and cache[0] == w._version:
-        return cache[1]
-    a = w.abs()
-    try:
-        w._aimc_abs = (w._version, a)
-    except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
-        pass
-    return a
+        return _WEIGHT_FORMS[kind](w.detach())
+    cache = getattr(w, "_aimc_forms", None)
+    if cache is None or cache[0] != w._version:
+        cache = (w._version, {})
+        try:
+            w._aimc_forms = cache
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+            pass
+    form = cache[1].get(kind)
+    if form is None:
+        form = cache[1][kind] = _WEIGHT_FORMS[kind](w)
+    return form
+
+
+def _abs_cached(w: torch.Tensor) -> torch.Tensor:
+    return _weight_form(w, "abs")
 
 
 def _as_tensor(v, like: torch.Tensor, name: str) -> torch.Tensor:
@@ -199,7 +212,8 @@ def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
         a = alpha_k
         row_f = torch.ones(1, dtype=dt)
         col_f = (scale_k * alpha_k).contiguous()
-    buf = torch.empty(((2 if need_ir else 1) * b, n), dtype=dt)
+    aux16 = cfg.aux_bfloat16 and dt == torch.float32 and (need_ir or need_st)
+    buf = torch.empty(((2 if need_ir and not aux16 else 1) * b, n), dtype=dt)
     lev = buf[:b]
     if cfg.inp_bits:  # DAC (Eq. 5) in integer levels; the level size is folded into `unit`
         s_in = (2.0 ** cfg.inp_bits - 2.0) / (2.0 * cfg.inp_bound)
@@ -209,26 +223,35 @@ def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     else:
         torch.div(xk, a, out=lev)
         unit = 1.0
-    if need_ir:
+    adt = torch.bfloat16 if aux16 else dt
+    w_aux = _weight_form(w, "bf16") if aux16 else w
+    wabs = _weight_form(w, "abs_bf16" if aux16 else "abs") if (need_ir or need_st) else None
+    if need_ir and not aux16:
         torch.mul(lev, ir_drop_profile(n, dt), out=buf[b:])
-    zz = _F(buf, w)  # [W~ x~; W~ (P o x~)] in one GEMM (Eqs. 2, 15)
+        zz = _F(buf, w)  # [W~ x~; W~ (P o x~)] in one GEMM (Eqs. 2, 15)
+        w_px = zz[b:]
+    else:
+        zz = _F(lev, w)  # Eq. 2, signal (always in the working precision)
+        if need_ir:  # IR-drop shape, an auxiliary GEMM (Eq. 15)
+            w_px = _F((lev * ir_drop_profile(n, dt)).to(adt), w_aux).to(dt)
     empty = _empty(zz.numpy().dtype)
     abs_x = x2 = empty
     if need_ir or need_st:
         m = int(need_ir) + int(need_st)
-        buf2 = torch.empty((m * b, n), dtype=dt)
+        buf2 = torch.empty((m * b, n), dtype=adt)
         if need_ir:
-            torch.abs(lev, out=buf2[:b])
+            buf2[:b].copy_(lev).abs_()
         if need_st:
-            torch.mul(lev, lev, out=buf2[(m - 1) * b:])
-        ss = _F(buf2, _abs_cached(w)).numpy()  # [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+            sq = buf2[(m - 1) * b:].copy_(lev)
+            sq.mul_(sq)
+        ss = _F(buf2, wabs).to(dt).numpy()  # [|x~|; x~^2] against |W~| (Eqs. 14, 18)
         abs_x = ss[:b] if need_ir else empty
         x2 = ss[(m - 1) * b:] if need_st else empty
     zn = zz.numpy()
     s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
     levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
     key = np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
-    _K.output_stage(zn[:b], zn[b:] if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
+    _K.output_stage(zn[:b], w_px.numpy() if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
                     cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
                     row_f.numpy(), col_f.numpy(), key, bool(accumulate), out.numpy())
 
