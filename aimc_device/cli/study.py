@@ -1,0 +1,98 @@
+"""``aimc-device study``, ``aimc-device sensitivity`` and ``aimc-device demo``."""
+from __future__ import annotations
+
+import argparse
+
+
+def _common(p: argparse.ArgumentParser, out_default: str) -> None:
+    p.add_argument("--workload", choices=("cnn", "lstm", "transformer"), default="cnn")
+    p.add_argument("--device-model", metavar="MODEL.h5", default=None,
+                   help="device card (from `aimc-device fit`) or preset name; default rasch2023")
+    p.add_argument("--out", default=out_default, metavar="DIR",
+                   help=f"folder for checkpoints, results (.nc), table and plot; default "
+                        f"{out_default}")
+    p.add_argument("--quick", action="store_true", help="reduced settings (seconds)")
+    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    p.add_argument("--hwa-epochs", type=int, default=None, help="HWA fine-tuning epochs")
+    p.add_argument("--distill", action="store_true", help="distil from the FP model in HWA")
+    p.add_argument("--scheduler", default=None, metavar="ADDR",
+                   help="Dask scheduler address of an existing cluster, or 'synchronous'; "
+                        "default a local cluster of 2 worker processes")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers) -> None:
+    """Add ``study``, ``sensitivity`` and ``demo`` to the ``aimc-device`` parser."""
+    p = subparsers.add_parser(
+        "study", help="train FP, map directly and HWA-train, evaluate over time (Table 3)",
+        description="The paper's study on one workload: FP training, direct mapping and HWA "
+                    "fine-tuning, evaluation at 1 s, 1 h, 1 day, 1 year with repeats; writes "
+                    "<workload>-study.nc/.txt/.png to --out and resumes from checkpoints there.")
+    _common(p, "study-out")
+    p.add_argument("--repeats", type=int, default=25, help="evaluation repeats (default 25)")
+    p.set_defaults(func=_study)
+
+    p = subparsers.add_parser(
+        "sensitivity", help="one nonideality at a time up to eps_M = 20 %% (Fig. 4)",
+        description="Scale each nonideality alone until the MVM error reaches --max-mvm-error "
+                    "and measure the loss of A*(1 h) of the HWA-trained model.")
+    _common(p, "study-out")
+    p.add_argument("--repeats", type=int, default=10, help="repeats per setting (default 10)")
+    p.add_argument("--levels", type=int, default=5, help="MVM-error levels (default 5)")
+    p.add_argument("--max-mvm-error", type=float, default=0.20, help="top of the sweep (0.20)")
+    p.add_argument("--nonidealities", default=None,
+                   help="comma-separated subset, e.g. 'ADC,output noise'; default all")
+    p.set_defaults(func=_sensitivity)
+
+    p = subparsers.add_parser(
+        "demo", help="campaign -> fit -> device card -> study of the CNN (the main demo)",
+        description="Simulate the reference PCM campaign, fit it, save the device card and run "
+                    "the study on the CNN with it; prints the table and writes the plot.")
+    p.add_argument("--out", default="demo-out", metavar="DIR")
+    p.add_argument("--quick", action="store_true", help="small and fast (under a minute)")
+    p.add_argument("--campaign", default=None, metavar="FILE.h5",
+                   help="fit this campaign instead of simulating one")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default=None, metavar="ADDR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
+
+
+def _device(arg):
+    return arg if arg is not None else "rasch2023"
+
+
+def _study(args: argparse.Namespace) -> int:
+    from ..study import run_study
+
+    if args.repeats < 1:
+        raise ValueError("--repeats must be >= 1")
+    run_study(args.workload, device=_device(args.device_model), repeats=args.repeats,
+              out_dir=args.out, seed=args.seed, quick=args.quick, hwa_epochs=args.hwa_epochs,
+              distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress)
+    print(f"wrote {args.out}/{args.workload}-study.nc, .txt and .png")
+    return 0
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from ..study import run_sensitivity
+
+    names = ([n.strip() for n in args.nonidealities.split(",") if n.strip()]
+             if args.nonidealities else None)
+    run_sensitivity(args.workload, device=_device(args.device_model), nonidealities=names,
+                    max_mvm_error=args.max_mvm_error, n_levels=args.levels,
+                    repeats=args.repeats, out_dir=args.out, seed=args.seed, quick=args.quick,
+                    hwa_epochs=args.hwa_epochs, distill=args.distill, scheduler=args.scheduler,
+                    progress=not args.no_progress)
+    print(f"wrote {args.out}/{args.workload}-sensitivity.nc, .txt and .png")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from ..study import run_demo
+
+    run_demo(args.out, quick=args.quick, campaign=args.campaign, seed=args.seed,
+             repeats=args.repeats, scheduler=args.scheduler, progress=not args.no_progress)
+    print(f"wrote {args.out}/cnn-study.nc, .txt and .png")
+    return 0

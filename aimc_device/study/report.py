@@ -1,0 +1,227 @@
+"""Tables, plots and files of study results (no physics here, only presentation).
+
+Tables follow the shape of Table 3 of Rasch et al. (2023): test error [%] at each time after
+programming (mean +- standard error over repeats) and A* at 1 h, 1 day and 1 year.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import xarray as xr
+
+from ._checkpoint import atomic_path
+
+__all__ = ["save_dataset", "load_dataset", "write_outputs", "format_table", "plot_study",
+           "format_sensitivity_table", "plot_sensitivity"]
+
+_NAMES = {"fp": "FP", "direct": "direct mapping", "hwa": "HWA-trained"}
+
+
+def _clean_attrs(attrs: dict) -> dict:
+    out = {}
+    for k, v in attrs.items():
+        if v is None:
+            v = "none"
+        elif isinstance(v, (bool, np.bool_)):
+            v = int(v)
+        elif isinstance(v, np.generic):
+            v = v.item()
+        elif isinstance(v, str):
+            v = str(v)
+        elif isinstance(v, (dict, list, tuple)):
+            v = json.dumps(v, default=str)
+        out[k] = v
+    return out
+
+
+def save_dataset(ds: xr.Dataset, path) -> None:
+    """Write ``ds`` as NetCDF-4 through h5netcdf, atomically (temp file + rename).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    path : str or os.PathLike
+    """
+    path = os.path.abspath(os.fspath(path))
+    ds = ds.copy()
+    ds.attrs = _clean_attrs(ds.attrs)
+    for name in list(ds.variables):
+        ds[name].attrs = _clean_attrs(ds[name].attrs)
+    with atomic_path(path) as tmp:
+        ds.to_netcdf(tmp, engine="h5netcdf")
+
+
+def write_outputs(ds: xr.Dataset, stem: str, table_fn, plot_fn=None,
+                  verbose: bool = True) -> str:
+    """Save ``stem.nc``, ``stem.txt`` (the table) and, with ``plot_fn``, ``stem.png``.
+
+    Returns the table text (also printed when ``verbose``).
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    save_dataset(ds, stem + ".nc")
+    table = table_fn(ds)
+    with atomic_path(stem + ".txt") as tmp, open(tmp, "w") as fh:
+        fh.write(table + "\n")
+    if plot_fn is not None:
+        plot_fn(ds, stem + ".png")
+    if verbose:
+        print(table)
+    return table
+
+
+def load_dataset(path) -> xr.Dataset:
+    """Read a result written by :func:`save_dataset` (loaded into memory, file closed)."""
+    with xr.open_dataset(os.fspath(path), engine="h5netcdf") as ds:
+        return ds.load()
+
+
+def _pct(v) -> str:
+    return "   n/a" if not np.isfinite(v) else f"{100 * v:6.2f}"
+
+
+def format_table(ds: xr.Dataset) -> str:
+    """A text table in the shape of the paper's Table 3 for a :func:`run_study` result.
+
+    Rows: FP, direct mapping, HWA-trained. Columns: test error [%] at each time (mean +- sem
+    over repeats), then A* [%] at each time after the first.
+    """
+    times = list(ds["time_label"].values) if "time_label" in ds.coords else [
+        f"{t:g} s" for t in ds["time"].values]
+    fp, chance = float(ds["fp_error"]), float(ds["chance_error"])
+    head = (f"{ds.attrs.get('workload', '')}: test error [%] after programming "
+            f"(mean +- sem over {ds.sizes['repeat']} repeats, seed {ds.attrs.get('seed')}); "
+            f"FP {100 * fp:.2f} %, chance {100 * chance:.1f} %")
+    cols = [f"{'model':<15}"] + [f"{t:>15}" for t in times] + [f"{'A* ' + t:>9}"
+                                                              for t in times[1:]]
+    lines = [head, " ".join(cols), "-" * len(" ".join(cols))]
+    for v in ds["variant"].values:
+        m = ds["error_mean"].sel(variant=v).values
+        s = ds["error_sem"].sel(variant=v).values
+        a = ds["normalized_accuracy_mean"].sel(variant=v).values
+        cells = [f"{_NAMES.get(str(v), str(v)):<15}"]
+        for mi, si in zip(m, s):
+            cells.append(f"{_pct(mi)} +- {100 * si:5.2f}" if np.isfinite(si) and str(v) != "fp"
+                         else f"{_pct(mi):>15}")
+        cells += [f"{_pct(ai):>9}" for ai in a[1:]]
+        lines.append(" ".join(cells))
+    return "\n".join(lines)
+
+
+def plot_study(ds: xr.Dataset, path, ax=None) -> None:
+    """Plot test accuracy [%] against time after programming for each variant (PNG).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset from :func:`run_study`
+    path : str or None, where to write the figure (None with ``ax``: draw only)
+    ax : matplotlib Axes, optional
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    own = ax is None
+    if own:
+        fig, ax = plt.subplots(figsize=(5.0, 3.6), dpi=110)
+    t = ds["time"].values
+    styles = {"direct": ("tab:red", "s"), "hwa": ("tab:blue", "o")}
+    for v in ds["variant"].values:
+        if str(v) == "fp":
+            continue
+        c, mk = styles.get(str(v), (None, "^"))
+        m = 100 * (1 - ds["error_mean"].sel(variant=v).values)
+        s = 100 * ds["error_sem"].sel(variant=v).values
+        ax.errorbar(t, m, yerr=np.nan_to_num(s), color=c, marker=mk, capsize=3,
+                    label=_NAMES.get(str(v), str(v)))
+    ax.axhline(100 * (1 - float(ds["fp_error"])), color="k", ls="--", lw=1, label="FP")
+    ax.set_xscale("log")
+    ax.set_xticks(t)
+    ax.set_xticklabels(list(ds["time_label"].values) if "time_label" in ds.coords else t)
+    ax.set_xlabel("time after programming")
+    ax.set_ylabel("test accuracy [%]")
+    ax.set_title(f"{ds.attrs.get('workload', '')}: {ds.sizes['repeat']} repeats, "
+                 f"seed {ds.attrs.get('seed')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if own:
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(os.fspath(path))
+        plt.close(fig)
+
+
+def format_sensitivity_table(ds: xr.Dataset) -> str:
+    """Text table of a :func:`run_sensitivity` result.
+
+    Per nonideality: its knob at the standard value and at the highest level reached, the MVM
+    error reached, A*(t) there and its loss against the standard model, and the threshold (MVM
+    error and knob value) where A* crosses the iso-accuracy level.
+    """
+    thr = float(ds.attrs.get("iso_accuracy", 0.99))
+    a0 = float(ds["standard_normalized_accuracy"])
+    lines = [f"{ds.attrs.get('workload', '')} sensitivity (HWA-trained model, "
+             f"A* at t = {ds.attrs.get('time_label', '')}, {ds.sizes['repeat']} repeats, "
+             f"seed {ds.attrs.get('seed')}); standard: eps_M {100 * float(ds['standard_mvm_error']):.1f} %, "
+             f"A* {100 * a0:.2f} %",
+             f"{'nonideality':<18} {'knob':<24} {'standard':>9} {'at max':>9} {'eps_M max':>9} "
+             f"{'A* max':>8} {'dA*':>7} {'eps_M@A*=' + f'{100 * thr:.0f}%':>13} "
+             f"{'knob@thr':>9}",
+             ]
+    lines.append("-" * len(lines[1]))
+    for n in ds["nonideality"].values:
+        sub = ds.sel(nonideality=n)
+        eps = sub["mvm_error"].values
+        ok = np.isfinite(eps)
+        if not ok.any():
+            continue
+        k = np.flatnonzero(ok)[-1]
+        a = float(sub["normalized_accuracy_mean"].values[k])
+        lines.append(
+            f"{str(n):<18} {str(sub['knob'].values):<24} {float(sub['value'].values[0]):>9.4g} "
+            f"{float(sub['value'].values[k]):>9.4g} {100 * eps[k]:>8.1f}% {100 * a:>7.2f}% "
+            f"{100 * (a - a0):>+6.2f}% {_pct(float(sub['threshold_mvm_error'])):>12}% "
+            f"{float(sub['threshold_value']):>9.4g}")
+    return "\n".join(lines)
+
+
+def plot_sensitivity(ds: xr.Dataset, path) -> None:
+    """A* against the MVM error for each nonideality, in the manner of the paper's Fig. 4."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 3.8), dpi=110)
+    thr = float(ds.attrs.get("iso_accuracy", 0.99))
+    cmap = plt.get_cmap("tab10")
+    names, losses = [], []
+    for i, n in enumerate(ds["nonideality"].values):
+        sub = ds.sel(nonideality=n)
+        eps = sub["mvm_error"].values
+        ok = np.isfinite(eps)
+        if not ok.any():
+            continue
+        a = sub["normalized_accuracy_mean"].values
+        s = np.nan_to_num(sub["normalized_accuracy_sem"].values)
+        ax.errorbar(100 * eps[ok], 100 * a[ok], yerr=100 * s[ok], marker="o", ms=3,
+                    color=cmap(i % 10), label=str(n), capsize=2)
+        names.append(str(n))
+        losses.append(100 * (float(ds["standard_normalized_accuracy"]) - a[ok][-1]))
+    ax.axhline(100 * thr, color="k", ls="--", lw=1)
+    ax.set_xlabel("MVM error eps_M [%]")
+    ax.set_ylabel(f"A*({ds.attrs.get('time_label', '')}) [%]")
+    ax.set_title(f"{ds.attrs.get('workload', '')}: one nonideality at a time", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    order = np.argsort(losses)[::-1]
+    bx.barh([names[j] for j in order], [losses[j] for j in order], color="tab:gray")
+    bx.invert_yaxis()
+    bx.set_xlabel(f"loss of A* at eps_M = {100 * float(ds.attrs.get('max_mvm_error', 0.2)):.0f} % "
+                  "(or the highest level reached) [%]")
+    bx.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+    plt.close(fig)
