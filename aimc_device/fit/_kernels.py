@@ -1,12 +1,15 @@
 """Numba kernels of the fit's streaming pass over a device chunk.
 
-Two parallel passes around one vectorised numpy log: ``moments_kernel`` reads each device's
-reads once (repeat mean and variance per time, and a count of bad values); the caller takes
-ln(m / g_max) in float32 with numpy's SIMD log (its 1e-7 error is far below any spread fitted);
+Two passes around one vectorised numpy log: ``moments_kernel`` reads each device's reads once
+(repeat mean and variance per time, and a count of bad values); the caller takes ln(m / g_max)
+in float32 with numpy's SIMD log (its 1e-7 error is far below any spread fitted);
 ``accumulate_kernel`` fits each device's drift line and adds its results to per-level sums.
-Results do not depend on the thread count: devices are summed in fixed blocks of ``BLOCK``
-devices, and the block partials are added in order afterwards. The plain numpy reference of the
-same sums lives in tests/test_fit.py; the two are compared.
+
+The kernels are single-threaded and release the GIL: the caller runs several device chunks at
+once in threads (no barrier per parallel region, so a busy core does not stall the others), and
+adds the chunk sums in chunk order, so results do not depend on the thread count. Devices are
+summed in blocks of ``BLOCK`` to limit rounding. The plain numpy reference of the same sums lives
+in tests/test_fit.py; the two are compared.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ _MOMENTS_SIG = [nb.int64(dt[:, :, ::1], nb.float64[:, ::1], nb.float64[:, ::1])
                 for dt in (nb.float32, nb.float64)]
 
 
-@nb.njit(_MOMENTS_SIG, parallel=True, cache=True, nogil=True)
+@nb.njit(_MOMENTS_SIG, cache=True, nogil=True)
 def moments_kernel(g, m, s2):
     """Repeat mean m [S] and unbiased repeat variance s2 [S^2] of g (n, T, R) -> (n, T).
 
@@ -33,7 +36,7 @@ def moments_kernel(g, m, s2):
     n, t_n, r_n = g.shape
     n_blocks = (n + BLOCK - 1) // BLOCK
     bad_total = 0
-    for b in nb.prange(n_blocks):
+    for b in range(n_blocks):
         bad = 0
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             for k in range(t_n):
@@ -61,7 +64,7 @@ _ACC_SIG = nb.void(nb.float64[:, ::1], nb.float64[:, ::1], nb.float32[:, ::1], n
                    nb.float64[::1], nb.float64[:, :, ::1], nb.float64[:, :, ::1])
 
 
-@nb.njit(_ACC_SIG, parallel=True, cache=True, nogil=True)
+@nb.njit(_ACC_SIG, cache=True, nogil=True)
 def accumulate_kernel(m, s2, lnx, r_n, level, w, v, by_programmed, g_max, edges, out_level,
                       out_rn):
     """Fit each device's drift line and add it to per-level and per-read-noise-group sums.
@@ -79,7 +82,7 @@ def accumulate_kernel(m, s2, lnx, r_n, level, w, v, by_programmed, g_max, edges,
     n_blocks = out_level.shape[0]
     n_edges = edges.shape[0]
     log_gmax = np.log(g_max)
-    for b in nb.prange(n_blocks):
+    for b in range(n_blocks):
         for i in range(b * BLOCK, min(n, (b + 1) * BLOCK)):
             lev = level[i]
             out_level[b, lev, 0] += 1.0

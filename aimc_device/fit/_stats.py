@@ -13,17 +13,20 @@ the repeat mean m_k and the unbiased repeat variance s2_k [S^2]. Then
   convention) and time, sum s2 and the unbiased sum (m^2 - s2 / R) of g_D^2; their ratio is
   sigma_read^2 / g_D^2 = Q_s^2 ln((t_eff + T_read) / (2 T_read)) (Eq. 11).
 
-Only sums are kept (a few arrays of length levels x times), so memory does not grow with the file.
+Only sums are kept (a few arrays of length levels x times); besides them and one chunk, only
+``g_target`` (one number per device, 1/(T R) of the reads) is held in memory.
 """
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numba
 import numpy as np
 import xarray as xr
 
-from ..io import iter_device_arrays
+from ..io import default_chunk_devices, device_chunk_reader
 from ..io.measurements import (CONDUCTANCE_UNITS, TIME_UNITS, _check_conductance, _check_dataset,
                                _root_quantity)
 from ..pcm import PCMModel
@@ -107,8 +110,8 @@ def _drift_weights(L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return w, v
 
 
-def _accumulate(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v, offset: int) -> None:
-    """Add one device chunk's sums to ``st`` (fused Numba pass, see ``_kernels``)."""
+def _chunk_sums(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v, offset: int):
+    """Per-level (K, 8) and per-group (G, 2 + 2T) sums of one device chunk (kernels, GIL-free)."""
     g = np.ascontiguousarray(g)
     if g.dtype not in (np.float32, np.float64):
         g = g.astype(np.float64)
@@ -124,8 +127,10 @@ def _accumulate(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v, offse
         lnx = np.log((m * (1.0 / st.g_max)).astype(np.float32))  # SIMD float32 log
     accumulate_kernel(m, s2, lnx, st.repeats, np.ascontiguousarray(level, dtype=np.int64), w, v,
                       st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level, out_rn)
-    lv = out_level.sum(axis=0)
-    rn = out_rn.sum(axis=0)
+    return out_level.sum(axis=0), out_rn.sum(axis=0)
+
+
+def _add_sums(st: CampaignStats, lv: np.ndarray, rn: np.ndarray) -> None:
     st.n_total += lv[:, 0]
     st.n += lv[:, 1]
     st.sum_nu += lv[:, 2]
@@ -135,23 +140,22 @@ def _accumulate(st: CampaignStats, level: np.ndarray, g: np.ndarray, w, v, offse
     st.sum_gp2 += lv[:, 6]
     st.sum_gp2_var += lv[:, 7]
     st.rn_n += rn[:, 0]
-    st.rn_x += rn[:, 1] if st.reference != "target" else rn[:, 0] * st.x[:n_g]
+    st.rn_x += rn[:, 1] if st.reference != "target" else rn[:, 0] * st.x
     t_n = st.time.size
     st.rn_s2 += rn[:, 2:2 + t_n]
     st.rn_g2 += rn[:, 2 + t_n:]
 
 
-def _levels(g_target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Distinct target levels (sorted) and each device's level index, in O(N) (hashing)."""
+def _levels(g_target: np.ndarray) -> np.ndarray:
+    """Distinct target levels [S], sorted, found by hashing (O(N), no per-device index kept)."""
     import pandas as pd
 
-    codes, uniq = pd.factorize(g_target, sort=True)
-    return np.asarray(uniq, dtype=np.float64), codes.astype(np.int64, copy=False)
+    return np.sort(np.asarray(pd.unique(np.asarray(g_target).ravel()), dtype=g_target.dtype))
 
 
 def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
-                        chunk_devices: int | None = None, progress: bool = False
-                        ) -> CampaignStats:
+                        chunk_devices: int | None = None, progress: bool = False,
+                        n_workers: int | None = None) -> CampaignStats:
     """Stream a campaign once, chunk by chunk, and return its per-level sums.
 
     Parameters
@@ -165,6 +169,9 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         Devices per chunk; default the dask chunking of ``g`` (about 16 MiB).
     progress : bool
         Show a tqdm progress bar over chunks (when stderr is a terminal).
+    n_workers : int, optional
+        Chunks processed at once in threads; default Numba's thread count. The result does not
+        depend on it.
 
     Returns
     -------
@@ -192,28 +199,47 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         raise FitError(f"{where}: time: only {time.size} read time; the drift fit needs at least "
                        "two (better five or more, spread over decades)")
     g_target = np.asarray(ds["g_target"].values)
-    levels, inverse = _levels(g_target)
-    st = CampaignStats(x=levels / g_max, g_max=g_max, t0=t0, t_read=t_read, time=time,
-                       repeats=repeats, reference=prior.read_noise_reference, source=where)
+    levels = _levels(g_target)
+    st = CampaignStats(x=levels.astype(np.float64) / g_max, g_max=g_max, t0=t0, t_read=t_read,
+                       time=time, repeats=repeats, reference=prior.read_noise_reference,
+                       source=where)
     w, v = _drift_weights(st.drift_log_time)
-    chunks = iter_device_arrays(ds, chunk_devices, check=False,  # the kernel checks
-                                reuse_buffers=True)
+    n = g_target.shape[0]
+    if chunk_devices is None:
+        chunks = getattr(ds["g"].data, "chunks", None)
+        chunk_devices = (chunks[0][0] if chunks else
+                         default_chunk_devices(time.size, repeats, ds["g"].dtype.itemsize))
+    chunk_devices = max(1, int(chunk_devices))
+    read = device_chunk_reader(ds)
+    starts = range(0, n, chunk_devices)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        data = ds["g"].data
-        n_chunks = (len(data.chunks[0]) if hasattr(data, "chunks") and chunk_devices is None
-                    else None)
-        chunks = tqdm(chunks, total=n_chunks, desc="fitting", unit="chunk", disable=None)
-    # Read the next chunk in a thread while the (GIL-free) kernels work on this one; two
-    # alternating read buffers suffice for one chunk of look-ahead.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        it = iter(chunks)
-        ahead = pool.submit(next, it, None)
-        while (part := ahead.result()) is not None:
-            ahead = pool.submit(next, it, None)
-            start, stop, g = part
-            _accumulate(st, inverse[start:stop], g, w, v, start)
+        bar = tqdm(total=len(starts), desc="fitting", unit="chunk", disable=None)
+
+    def work(start: int):
+        stop = min(n, start + chunk_devices)
+        level = np.searchsorted(levels, g_target[start:stop])  # exact: the same values
+        return _chunk_sums(st, level, read(start, stop), w, v, start)
+
+    # Chunks run in threads (the kernels release the GIL); at most 2 x workers are in flight,
+    # which bounds memory, and their sums are added in chunk order (thread-count independent).
+    workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        for start in starts:
+            pending.append(pool.submit(work, start))
+            if len(pending) >= 2 * workers:
+                _add_sums(st, *pending.popleft().result())
+                if bar is not None:
+                    bar.update()
+        while pending:
+            _add_sums(st, *pending.popleft().result())
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     if st.n.sum() == 0:
         raise FitError(f"{where}: g: every device reads 0 S at some time (all-zero "
                        "conductance); nothing to fit — check the units and the measurement")

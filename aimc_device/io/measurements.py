@@ -30,6 +30,7 @@ from ._errors import MeasurementFormatError
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "CONDUCTANCE_UNITS", "TIME_UNITS",
     "read_measurements", "write_measurements", "iter_device_chunks", "iter_device_arrays",
+    "device_chunk_reader",
     "file_sha256",
     "default_chunk_devices",
 ]
@@ -182,26 +183,6 @@ class _H5Slice:
             out = _to_si(out, self.factor).astype(self.dtype, copy=False)
         return out
 
-    def iter_into(self, chunk_devices: int, n_buffers: int = 2):
-        """Yield (start, stop, array) reading device chunks into ``n_buffers`` reused buffers."""
-        n = self.shape[0]
-        bufs = [np.empty((min(chunk_devices, n),) + self.shape[1:], self.dtype)
-                for _ in range(n_buffers)]
-        try:
-            with h5py.File(self.path, "r") as f:
-                d = f[self.name]
-                for j, start in enumerate(range(0, n, chunk_devices)):
-                    stop = min(n, start + chunk_devices)
-                    buf = bufs[j % n_buffers][:stop - start]
-                    d.read_direct(buf, np.s_[start:stop], np.s_[0:stop - start])
-                    if self.factor != 1.0:
-                        buf[...] = _to_si(buf, self.factor)
-                    yield start, stop, buf
-        except OSError as exc:
-            raise MeasurementFormatError(
-                self.path, self.name, f"cannot read the data ({exc})",
-                "the file is truncated or damaged; copy or export it again") from None
-
 
 def _open(path: str) -> h5py.File:
     if not os.path.exists(path):
@@ -326,8 +307,9 @@ def read_measurements(path, chunk_devices: int | None = None,
             "g": (("device", "time", "repeat"), g,
                   {"units": "S", "long_name": "conductance read after programming"}),
         },
+        # No coordinate on ``device`` (the index is the device number): an int64 index would
+        # cost 8 bytes per device of memory that does not stream.
         coords={
-            "device": np.arange(n),
             "time": ("time", time, {"units": "s", "long_name": "time since end of programming"}),
             "repeat": np.arange(n_rep),
         },
@@ -363,24 +345,38 @@ def _check_dataset(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
     return factors, dict(ds.attrs)
 
 
-def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None, check: bool = True,
-                       reuse_buffers: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Yield ``(start, stop, g[start:stop])`` of a campaign as numpy arrays, chunk by chunk.
+def device_chunk_reader(ds: xr.Dataset):
+    """A function ``read(start, stop) -> ndarray`` giving ``g[start:stop]`` [S] of a campaign.
 
-    The fast path behind the fits: a Dataset straight from :func:`read_measurements` is read with
-    h5py directly (no dask scheduling per chunk); anything else goes through ``ds["g"]``.
+    For a Dataset straight from :func:`read_measurements` it reads the file with h5py directly
+    (no dask scheduling per chunk; safe to call from several threads); otherwise it slices
+    ``ds["g"]`` (computing a dask array chunk). Values are not checked.
+    """
+    data = ds["g"].data
+    src = _LAZY_SOURCES.get(getattr(data, "name", None))
+    if src is not None and src.shape == tuple(data.shape):
+        return lambda start, stop: src[start:stop]
+
+    def read(start: int, stop: int) -> np.ndarray:
+        g = data[start:stop]
+        if hasattr(g, "compute"):
+            g = g.compute(scheduler="sync")
+        return np.asarray(g)
+    return read
+
+
+def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None,
+                       check: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Yield ``(start, stop, g[start:stop])`` of a campaign as numpy arrays, chunk by chunk.
 
     Parameters
     ----------
     ds : xarray.Dataset
-        A campaign, lazy or in memory.
+        A campaign, lazy or in memory (see :func:`device_chunk_reader`).
     chunk_devices : int, optional
         Devices per chunk; default the dask chunking of ``g``, or about 16 MiB of ``g``.
     check : bool
         Check each chunk for NaN, inf and negative values.
-    reuse_buffers : bool
-        Read into two alternating buffers (no allocation per chunk): an array then stays valid
-        only until the second next chunk is requested.
 
     Yields
     ------
@@ -388,25 +384,16 @@ def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None, check: 
     """
     where = ds.attrs.get("source_file", "<Dataset>")
     n = ds.sizes["device"]
-    data = ds["g"].data
-    chunks = getattr(data, "chunks", None)
     if chunk_devices is None:
+        chunks = getattr(ds["g"].data, "chunks", None)
         chunk_devices = (chunks[0][0] if chunks else
                          default_chunk_devices(ds.sizes["time"], ds.sizes["repeat"],
                                                ds["g"].dtype.itemsize))
     chunk_devices = max(1, int(chunk_devices))
-    src = _LAZY_SOURCES.get(getattr(data, "name", None))
-    if reuse_buffers and src is not None and src.shape == tuple(data.shape):
-        parts = src.iter_into(chunk_devices)
-    else:
-        def parts():
-            for start in range(0, n, chunk_devices):
-                g = data[start:start + chunk_devices]
-                if hasattr(g, "compute"):
-                    g = g.compute(scheduler="sync")
-                yield start, min(n, start + chunk_devices), np.asarray(g)
-        parts = parts()
-    for start, stop, g in parts:
+    read = device_chunk_reader(ds)
+    for start in range(0, n, chunk_devices):
+        stop = min(n, start + chunk_devices)
+        g = read(start, stop)
         if check:
             _check_conductance(where, "g", g, offset=start)
         yield start, stop, g
