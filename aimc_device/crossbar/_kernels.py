@@ -87,11 +87,17 @@ def _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, 
     on2 = out_noise * out_noise
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
-    noisy = on2 > 0.0 or has_st
-    half_nc = (nc + 1) // 2
     rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]
-    r = np.uint64(0)
-    for i in range(nc):
+    noise = np.zeros(nc)
+    if on2 > 0.0 or has_st:  # standard normals first: one hash, two variates (i, i + 1)
+        half_nc = (nc + 1) // 2
+        for h in range(half_nc):
+            r = _hash(key, _FAST + np.uint64(b * half_nc + h))
+            i = 2 * h
+            noise[i] = _half_normal(key, r & _MASK32, np.uint64(b * nc + i))
+            if i + 1 < nc:
+                noise[i + 1] = _half_normal(key, r >> _S32, np.uint64(b * nc + i + 1))
+    for i in range(nc):  # then one branch-free (vectorisable) pass
         v = z[b, i] * unit  # Eq. 2, signal
         if has_ir:
             a = abs_x[b, i] * iru  # Eq. 18
@@ -99,18 +105,9 @@ def _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, 
         var = on2
         if has_st:
             var += wn2 * x2[b, i]  # Eq. 14
-        if noisy and i % 2 == 0:  # one hash, two variates: columns i and i + 1
-            r = _hash(key, _FAST + np.uint64(b * half_nc + i // 2))
-        if var > 0.0:
-            h = r & _MASK32 if i % 2 == 0 else r >> _S32
-            v += math.sqrt(var) * _half_normal(key, h, np.uint64(b * nc + i))
+        v += math.sqrt(var) * noise[i]
         if s_out > 0.0:
-            q = np.rint(v * s_out)  # Eq. 5, ADC
-            if q > levels:
-                q = levels
-            elif q < -levels:
-                q = -levels
-            v = q / s_out
+            v = min(max(np.rint(v * s_out), -levels), levels) / s_out  # Eq. 5, ADC
         r_out = v * rf * col_f[i]  # Eq. 1
         if accumulate:
             out[b, i] += r_out

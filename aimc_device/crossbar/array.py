@@ -127,7 +127,9 @@ class AnalogArray:
 
     def _set_weights(self, w: torch.Tensor) -> None:
         self._w = w
-        self.w_tiles = [w[:, sl] for sl in self.slices]
+        # contiguous per tile (one view when there is one tile), so that GEMMs need no copy
+        self.w_tiles = [w if len(self.slices) == 1 else w[:, sl].contiguous()
+                        for sl in self.slices]
 
     @property
     def input_range(self) -> torch.Tensor:
