@@ -98,6 +98,7 @@ def _campaign(args: argparse.Namespace) -> int:
 def _fit(args: argparse.Namespace) -> int:
     from ..fit import fit_pcm
     from ..io import read_measurements, save_device_model
+    from ..io._atomic import atomic_output
 
     _check_output(args.output)
     if args.plot:
@@ -110,9 +111,13 @@ def _fit(args: argparse.Namespace) -> int:
     prov["source_file"] = os.path.abspath(args.campaign)
     prov["command"] = f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} " \
                       f"--prior {args.prior}"
-    written = save_device_model(model, args.output, provenance=prov)
     if fig is not None:
-        fig.savefig(args.plot, dpi=120)
+        # Both files or neither: the plot is renamed into place only once the card is written.
+        with atomic_output(args.plot) as tmp_plot:
+            fig.savefig(tmp_plot, format=os.path.splitext(args.plot)[1][1:] or "png", dpi=120)
+            written = save_device_model(model, args.output, provenance=prov)
+    else:
+        written = save_device_model(model, args.output, provenance=prov)
     if not args.quiet:
         print(report.summary())
         print(f"wrote {args.output} (campaign sha256 {written['source_sha256'][:16]}...)")
