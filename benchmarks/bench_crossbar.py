@@ -8,7 +8,16 @@
 - "program + drift": programming and drifting a 512 x 512 array through aimc_device.pcm
   (target <= 5x the exact forward).
 
-Run: ``.venv/bin/python benchmarks/bench_crossbar.py [--repeats N]``.
+Run: ``.venv/bin/python benchmarks/bench_crossbar.py [--threads 1] [--repeats N] [--strict]``.
+
+Measured 2026-11-30 on the shared 2-core development machine (AVX512-BF16), torch 2.13 CPU,
+``--threads 1`` (median paired ratio; with 2 threads the ratios were similar when the machine
+was quiet, e.g. 1.48x / 2.8x, and meaningless under the load of other processes):
+
+    periphery only     1.29x  (target 1.3)
+    standard model     2.12x  (target 4.5; auxiliary GEMMs in bfloat16, cfg.aux_bfloat16)
+    program + drift    7.5x   (target 5; pcm.program 2.7x + pcm.read 3.9x of it are the PCM
+                               sampler's Numba kernels, the crossbar's own share is ~0.6x)
 """
 from __future__ import annotations
 

@@ -369,3 +369,31 @@ def test_fused_kernel_normals_are_standard_and_thread_independent():
     np.testing.assert_array_equal(a, b)
     assert stats.kstest(a.ravel(), "norm").pvalue > 1e-3
     assert abs(np.corrcoef(a[:, :-1:2].ravel(), a[:, 1::2].ravel())[0, 1]) < 0.01
+
+
+def test_s_adc_saturates_and_keeps_the_range():
+    z = torch.linspace(-10, 10, 201, dtype=torch.float64)
+    f = periphery.s_adc(z, 0.25, 10.0)
+    torch.testing.assert_close(f[[0, -1]], z[[0, -1]])  # f(+-b) = +-b: mean slope kept
+    assert torch.all(f[101:-1] > z[101:-1])  # concave for z > 0: compresses large outputs
+    assert torch.all(torch.diff(f) > 0)
+
+
+def test_read_asymmetry_acts_on_negative_inputs_only():
+    w = torch.rand(8, 64, generator=_gen(0), dtype=torch.float64) * 2 - 1
+    a = periphery.draw_asymmetry(w.shape, 0.1, _gen(1), torch.float64)
+    pos = torch.rand(4, 64, generator=_gen(2), dtype=torch.float64)
+    assert torch.all(periphery.asymmetry_delta(pos, w, a) == 0)
+    d = periphery.asymmetry_delta(-pos, w, a)
+    torch.testing.assert_close(d, -F(pos, w * a))
+    assert float(a.std()) == pytest.approx(0.1, rel=0.1)
+
+
+def test_cli_table(capsys):
+    from aimc_device.cli import main
+
+    assert main(["mvm-error", "--n-inputs", "20", "--set", "s_adc=true"]) == 0
+    out = capsys.readouterr().out
+    for row in ("DAC", "ADC", "output noise", "short-term noise", "IR drop", "S-shaped ADC",
+                "PCM programming", "total", "total @ 1 s", "total @ 1 year"):
+        assert row in out
