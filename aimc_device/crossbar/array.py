@@ -83,6 +83,7 @@ class AnalogArray:
     alpha : torch.Tensor (n_tiles,), input range per tile
     comp : torch.Tensor (n_tiles, out), drift-compensation factors (1 until :meth:`drift`)
     t : float or None, time since programming of the current weights [s]
+    mvm_generator : torch.Generator, the per-MVM stream (seeded by :meth:`program`)
 
     References
     ----------
@@ -275,6 +276,11 @@ class AnalogArray:
     @property
     def mvm_generator(self) -> torch.Generator:
         """The stream of per-MVM draws (short-term, output noise), seeded by :meth:`program`."""
+        return self._gen
+
+    @property
+    def mvm_generator(self) -> torch.Generator:
+        """The torch.Generator of the per-MVM draws, seeded by :meth:`program`."""
         return self._gen
 
     @property
