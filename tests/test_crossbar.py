@@ -397,3 +397,17 @@ def test_cli_table(capsys):
     for row in ("DAC", "ADC", "output noise", "short-term noise", "IR drop", "S-shaped ADC",
                 "PCM programming", "total", "total @ 1 s", "total @ 1 year"):
         assert row in out
+
+
+def test_device_faults_through_the_array():
+    from aimc_device.pcm import PCMModel
+
+    w, x = _case(out=64, inp=256, batch=32, dtype=torch.float32)
+    model = PCMModel.preset("rasch2023").replace(stuck_at_zero=0.3)
+    arr = AnalogArray(w, CrossbarConfig.ideal(), device=model).program(rng=0)
+    zero = (arr.w_tiles[0] == 0).float().mean()
+    assert 0.27 < float(zero) < 0.33
+    arr.drift(3600.0, rng=1)
+    assert 0.27 < float((arr.w_tiles[0] == 0).float().mean()) < 0.33  # stuck devices stay
+    exact = x @ w.T
+    assert float((arr.mvm(x) - exact).norm() / exact.norm()) > 0.3

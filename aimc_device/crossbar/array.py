@@ -256,9 +256,14 @@ class AnalogArray:
         restored even though small conductances drift faster than large ones.
         """
         s = []
+        # bfloat16 GEMM (float32 accumulation) under cfg.aux_bfloat16: +-1 inputs are exact,
+        # the rounding of weights and outputs is unbiased and averages out over the sum.
+        low = self.cfg.aux_bfloat16 and self._w.dtype == torch.float32
         for w in self.w_tiles:
-            x_ref = _reference_inputs(self.cfg.drift_comp_inputs, w.shape[1], w.dtype, w.device)
-            s.append(torch.nn.functional.linear(x_ref, w).abs().sum(dim=0))
+            dt = torch.bfloat16 if low else w.dtype
+            x_ref = _reference_inputs(self.cfg.drift_comp_inputs, w.shape[1], dt, w.device)
+            y = torch.nn.functional.linear(x_ref, w.to(dt)).to(w.dtype)
+            s.append(y.abs().sum(dim=0))
         s = torch.stack(s)  # (n_tiles, out)
         if self.cfg.drift_compensation == "column":
             return s
