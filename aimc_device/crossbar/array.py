@@ -284,11 +284,6 @@ class AnalogArray:
         return self._gen
 
     @property
-    def mvm_generator(self) -> torch.Generator:
-        """The torch.Generator of the per-MVM draws, seeded by :meth:`program`."""
-        return self._gen
-
-    @property
     def out_scale(self) -> torch.Tensor:
         """Digital factor per tile and column, gamma x drift compensation (n_tiles, out)."""
         return self.gamma * self.comp
