@@ -15,6 +15,9 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
     p.add_argument("--hwa-epochs", type=int, default=None, help="HWA fine-tuning epochs")
     p.add_argument("--distill", action="store_true", help="distil from the FP model in HWA")
+    p.add_argument("--all-analog", action="store_true",
+                   help="put every layer on analog tiles (default: the workload's first and last "
+                        "layers stay digital)")
     p.add_argument("--scheduler", default=None, metavar="ADDR",
                    help="Dask scheduler address of an existing cluster, or 'synchronous'; "
                         "default a local cluster of 2 worker processes")
@@ -70,7 +73,8 @@ def _study(args: argparse.Namespace) -> int:
         raise ValueError("--repeats must be >= 1")
     run_study(args.workload, device=_device(args.device_model), repeats=args.repeats,
               out_dir=args.out, seed=args.seed, quick=args.quick, hwa_epochs=args.hwa_epochs,
-              distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress)
+              distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress,
+              digital_layers=() if args.all_analog else None)
     print(f"wrote {args.out}/{args.workload}-study.nc, .txt and .png")
     return 0
 
@@ -84,7 +88,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
                     max_mvm_error=args.max_mvm_error, n_levels=args.levels,
                     repeats=args.repeats, out_dir=args.out, seed=args.seed, quick=args.quick,
                     hwa_epochs=args.hwa_epochs, distill=args.distill, scheduler=args.scheduler,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress,
+                    digital_layers=() if args.all_analog else None)
     print(f"wrote {args.out}/{args.workload}-sensitivity.nc, .txt and .png")
     return 0
 

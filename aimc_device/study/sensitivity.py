@@ -294,6 +294,11 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
         f = (a_mean[i, j] - iso_accuracy) / (a_mean[i, j] - a_mean[i, k])
         thr_eps[i] = eps[i, j] + f * (eps[i, k] - eps[i, j])
         thr_val[i] = value[i, j] + f * (value[i, k] - value[i, j])
+    loss = np.full(len(names), np.nan)
+    for i in range(len(names)):  # A* lost at eps_M = max_mvm_error, interpolated in eps_M
+        ok = np.isfinite(eps[i])
+        if ok.any() and eps[i][ok].max() >= max_mvm_error - 1e-3:
+            loss[i] = a0 - np.interp(max_mvm_error, eps[i][ok], a_mean[i][ok])
     label = TIME_LABELS.get(float(t), f"{t:g} s")
     dims = ("nonideality", "level")
     ds = xr.Dataset(
@@ -305,6 +310,9 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
          "normalized_accuracy_mean": (dims, a_mean),
          "normalized_accuracy_sem": (dims, a_sem),
          "delta_normalized_accuracy": (dims, a_mean - a0),
+         "loss_at_max_mvm_error": (("nonideality",), loss, {
+             "long_name": "A* of the standard model minus A* at eps_M = max_mvm_error "
+                          "(linear in eps_M between levels; NaN: not reached)"}),
          "threshold_mvm_error": (("nonideality",), thr_eps),
          "threshold_value": (("nonideality",), thr_val),
          "standard_mvm_error": ((), eps0), "standard_normalized_accuracy": ((), a0),

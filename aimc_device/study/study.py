@@ -220,8 +220,8 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
                    hwa_epochs: int | None = None, hwa_lr: float = 0.01,
                    hwa: ann.HWAConfig | None = None, distill: bool = False,
                    calibration_batches: int = 10, workload_kwargs: dict | None = None,
-                   progress: bool = True, on_epoch_end: Callable | None = None
-                   ) -> PreparedModels:
+                   progress: bool = True, on_epoch_end: Callable | None = None,
+                   digital_layers=None) -> PreparedModels:
     """Train (or load) the FP model, map it directly, fine-tune it HWA; no evaluation.
 
     Parameters are those of :func:`run_study`; the checkpoints live in ``out_dir/checkpoints``
@@ -241,7 +241,7 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
     hwa = hwa or ann.HWAConfig()
     if hwa_epochs is None:
         hwa_epochs = 2 if wl.quick else HWA_EPOCHS.get(wl.name, 5)
-    digital = tuple(wl.digital_layers)
+    digital = tuple(wl.digital_layers if digital_layers is None else digital_layers)
     fp_settings = {"workload": wl_name, "workload_kwargs": wl_kwargs, "seed": int(seed),
                    "epochs": wl.epochs, "package_version": __version__}
     hwa_settings = {**fp_settings, "cfg": cfg.to_dict(), "device": dev.to_dict(),
@@ -282,7 +282,7 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
               quick: bool = False, hwa_epochs: int | None = None, hwa_lr: float = 0.01,
               hwa: ann.HWAConfig | None = None, distill: bool = False,
               calibration_batches: int = 10, workload_kwargs: dict | None = None,
-              scheduler=None, progress: bool = True, on_epoch_end: Callable | None = None,
+              digital_layers=None, scheduler=None, progress: bool = True, on_epoch_end: Callable | None = None,
               plot: bool = True, verbose: bool = True) -> xr.Dataset:
     """Run the paper's study on one workload and return (and save) the results.
 
@@ -319,6 +319,9 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Training batches used to calibrate the input ranges (both variants).
     workload_kwargs : dict, optional
         Overrides of the workload's fields (``epochs``, sizes, ...).
+    digital_layers : sequence of str, optional
+        Layers kept in floating point; default the workload's ``digital_layers`` (usually the
+        first and the last); ``()`` puts every layer on analog tiles.
     scheduler : None, str or distributed.Client
         Where the evaluation tasks run: None, a LocalCluster of 2 processes; "synchronous"
         (tests); an address "tcp://host:8786" of an existing Dask cluster; or a Client.
@@ -350,7 +353,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     if not times or any(not math.isfinite(t) or t < 0 for t in times):
         raise ValueError("times: give one or more finite, non-negative times [s]")
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs, hwa_lr, hwa,
-                          distill, calibration_batches, workload_kwargs, progress, on_epoch_end)
+                          distill, calibration_batches, workload_kwargs, progress, on_epoch_end,
+                          digital_layers)
     t0 = time.perf_counter()
     specs = [prep.specs["direct"], prep.specs["hwa"]]
     calls = [(vi, (int(seed), vi + 1, r), times) for vi in range(2) for r in range(repeats)]
