@@ -72,6 +72,8 @@ class AnalogArray:
         do not drift (only the periphery is non-ideal).
     bias : ndarray or torch.Tensor (out,) or None, digital bias beta (unit of the output)
     input_range : float or sequence (n_tiles,), alpha per tile (unit of the input)
+    tile_sizes : list of int, optional; inputs per tile (default: near-equal parts of at most
+        cfg.max_rows; a convolution passes whole channel groups)
 
     Attributes
     ----------
@@ -91,7 +93,7 @@ class AnalogArray:
     """
 
     def __init__(self, weights, cfg: CrossbarConfig | None = None, device="rasch2023",
-                 bias=None, input_range=1.0):
+                 bias=None, input_range=1.0, tile_sizes=None):
         self.cfg = CrossbarConfig() if cfg is None else cfg
         if not isinstance(self.cfg, CrossbarConfig):
             raise TypeError(f"cfg: expected a CrossbarConfig, got {type(self.cfg).__name__}")
@@ -102,7 +104,14 @@ class AnalogArray:
                              f"{tuple(W.shape)}")
         self.weights = W
         self.shape = tuple(W.shape)
-        self.tile_sizes = split_sizes(W.shape[1], self.cfg.max_rows)
+        if tile_sizes is None:
+            self.tile_sizes = split_sizes(W.shape[1], self.cfg.max_rows)
+        else:
+            self.tile_sizes = [int(n) for n in tile_sizes]
+            if sum(self.tile_sizes) != W.shape[1] or min(self.tile_sizes) < 1 \
+                    or max(self.tile_sizes) > self.cfg.max_rows:
+                raise ValueError(f"tile_sizes = {self.tile_sizes}: must add up to the "
+                                 f"{W.shape[1]} inputs, each in [1, max_rows={self.cfg.max_rows}]")
         self.slices = tile_slices(self.tile_sizes)
         w_tiles, self.gamma = map_weights(W, self.tile_sizes)  # MODEL.md sec. 1
         self.w_target = torch.cat(w_tiles, dim=1)

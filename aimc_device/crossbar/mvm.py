@@ -26,6 +26,7 @@ import torch
 
 from . import _kernels as _K
 from .config import CrossbarConfig
+from .mapping import split_sizes
 from .periphery import (
     asymmetry_delta,
     ir_drop_delta,
@@ -35,13 +36,14 @@ from .periphery import (
     short_term_noise_std,
 )
 
-__all__ = ["analog_mvm"]
+__all__ = ["analog_mvm", "analog_conv", "conv_channel_split"]
 
 _F = torch.nn.functional.linear
 
 
 _WEIGHT_FORMS = {
     "abs": lambda w: w.abs(),
+    "px": lambda w: w * ir_drop_profile(w.shape[1], w.dtype, w.device),
     "bf16": lambda w: w.to(torch.bfloat16),
     "abs_bf16": lambda w: w.abs().to(torch.bfloat16),
 }
@@ -174,6 +176,85 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
     return out[0] if squeeze else out
 
 
+def conv_channel_split(in_channels: int, kernel_numel: int, max_rows: int) -> list[int]:
+    """Channels per tile of a convolution: near-equal groups, each with at most ``max_rows`` rows.
+
+    A tile holds whole input channels (``channels x kernel_numel`` rows), so that every tile is
+    itself a convolution (see :func:`analog_conv`).
+    """
+    per_tile = max_rows // kernel_numel
+    if per_tile < 1:
+        raise ValueError(f"kernel of {kernel_numel} elements does not fit {max_rows} tile rows; "
+                         "raise CrossbarConfig.max_rows or keep the layer digital")
+    return split_sizes(in_channels, per_tile)
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
+         3: torch.nn.functional.conv3d}
+
+
+def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
+                channel_sizes, kernel_size, stride=1, padding=0, dilation=1, generator=None,
+                zeta=None) -> torch.Tensor:
+    """Analog convolution: the analog MVM of every image patch, computed as convolutions.
+
+    Mathematically the same as :func:`analog_mvm` on the unfolded patches (im2col) with tiles
+    of whole input channels, but each term of Eqs. 2, 14-18 (signal, |W~| against |x~| and
+    x~^2, (W~ o P) against x~) is one convolution, so that no patch matrix is built and the
+    backward pass of hardware-aware training is that of a convolution.
+
+    Parameters
+    ----------
+    x : torch.Tensor (batch, C, *spatial), real inputs (unit of the layer's input)
+    w_tiles : list of torch.Tensor (out, c_k * prod(kernel_size)), normalised weights per tile
+    cfg : CrossbarConfig (noise_management "none", bound_management "none")
+    alpha : torch.Tensor (n_tiles,), input range per tile
+    out_scale : torch.Tensor (n_tiles, out), digital factor per tile and column
+    channel_sizes : list of int, input channels per tile (:func:`conv_channel_split`)
+    kernel_size, stride, padding, dilation : tuples (one entry per spatial dimension)
+    generator : torch.Generator or None, per-MVM draws
+    zeta : S-shaped ADC gains, as in :func:`analog_mvm`
+
+    Returns
+    -------
+    torch.Tensor (batch, out, *spatial_out)
+    """
+    if cfg.noise_management != "none" or cfg.bound_management != "none":
+        raise ValueError("analog_conv: noise and bound management act per input vector; use "
+                         "analog_mvm on unfolded patches for them")
+    dims = x.dim() - 2
+    conv = _CONV[dims]
+    w0 = w_tiles[0]
+    n_out = w0.shape[0]
+    if x.dtype != w0.dtype:
+        x = x.to(w0.dtype)
+    alpha = _as_tensor(alpha, w0, "alpha").reshape(-1)
+    out_scale = _as_tensor(out_scale, w0, "out_scale")
+    if sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
+        raise ValueError(f"x: {x.shape[1]} channels; the tiles hold {list(channel_sizes)}")
+    grad = torch.is_grad_enabled() and (
+        x.requires_grad or alpha.requires_grad or out_scale.requires_grad
+        or any(w.requires_grad for w in w_tiles))
+    spatial = [(size + 2 * p - d * (k - 1) - 1) // s_ + 1 for size, k, s_, p, d in
+               zip(x.shape[2:], kernel_size, stride, padding, dilation)]
+    out = None
+    c0 = 0
+    for k, (w, ck) in enumerate(zip(w_tiles, channel_sizes)):
+        xk = x[:, c0:c0 + ck]
+        c0 += ck
+        shape = (n_out, ck, *kernel_size)
+
+        def prod(inp, wt, shape=shape):
+            y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
+            return y.movedim(1, -1).reshape(-1, n_out)
+
+        zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
+        z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
+        yk = quantize(z, cfg.out_bits, cfg.out_bound) * (alpha[k] * out_scale[k])  # Eq. 1
+        out = yk if out is None else (out + yk if grad else out.add_(yk))
+    return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
+
+
 def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad):
     """One tile: alpha * out_scale * Q_out(analog(Q_in(x / alpha))) (Eq. 1)."""
     if cfg.noise_management == "abs_max":
@@ -272,33 +353,45 @@ def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)
 
 
-def _analog(xs, w, cfg, gen, asym, zeta, grad):
-    """Pre-ADC analog value of one tile for inputs xs = x / alpha (Eq. 2 with Eqs. 14-19)."""
+def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
+    """Pre-ADC analog value of one tile for inputs xs = x / alpha (Eq. 2 with Eqs. 14-19).
+
+    ``prod(inputs, weights)`` is the tile's product in the caller's layout, returning
+    (rows, out): ``F.linear`` for a matrix of input vectors, a convolution for images (see
+    :func:`analog_conv`); every term below is one such product.
+    """
     xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
-    b, n = xt.shape
+    n = w.shape[1]
     need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
     need_st = cfg.w_noise > 0
     xd = xt.detach() if grad else xt
-    if need_ir:  # one GEMM: [x~; x~ o P] against W~ (Eqs. 2, 15)
+    if need_ir and prod is _F and not grad:  # one GEMM: [x~; x~ o P] against W~ (Eqs. 2, 15)
+        b = xt.shape[0]
         p = ir_drop_profile(n, xt.dtype, xt.device)
         zz = _F(torch.cat([xt, xd * p]), w)
-        z, w_px = zz[:b], zz[b:].detach()
+        z, w_px = zz[:b], zz[b:]
     else:
-        z = _F(xt, w)  # Eq. 2, signal
+        z = prod(xt, w)  # Eq. 2, signal
+        if need_ir:  # IR-drop shape (W~ o P) x~, no gradient (Eq. 15)
+            with torch.no_grad():
+                w_px = prod(xd, _weight_form(w, "px"))
     with torch.no_grad():
         extra = None
         if need_ir or need_st:
             wabs = _abs_cached(w)
-            if need_ir and need_st:  # one GEMM: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
-                s = _F(torch.cat([xd.abs(), xd * xd]), wabs)
-                abs_x, x2 = s[:b], s[b:]
+            if need_ir and need_st:  # one product: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+                s = prod(torch.cat([xd.abs(), xd * xd]), wabs)
+                abs_x, x2 = s.chunk(2)
             elif need_ir:
-                abs_x, x2 = _F(xd.abs(), wabs), None
+                abs_x, x2 = prod(xd.abs(), wabs), None
             else:
-                abs_x, x2 = None, _F(xd * xd, wabs)
+                abs_x, x2 = None, prod(xd * xd, wabs)
             if need_ir:
                 extra = ir_drop_delta(abs_x, w_px, n, cfg.ir_drop, cfg.ir_drop_g)  # Eq. 15
         if asym is not None:
+            if prod is not _F:
+                raise ValueError("asymmetry: read-polarity asymmetry needs the matrix layout; "
+                                 "use analog_mvm on unfolded inputs")
             d = asymmetry_delta(xd, w.detach(), asym)
             extra = d if extra is None else extra.add_(d)
         if cfg.s_adc:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..crossbar import CrossbarConfig
+from ..crossbar.mvm import analog_conv, conv_channel_split
 from ..pcm import PCMModel
 from .tile import AnalogTile
 
@@ -86,10 +87,15 @@ class _AnalogConvNd(AnalogLayer):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride = conv.kernel_size, conv.stride
         self.padding, self.dilation = conv.padding, conv.dilation
-        fan_in = conv.in_channels * math.prod(conv.kernel_size)
-        self.tile = AnalogTile(fan_in, conv.out_channels, cfg, device, rng=rng)
+        k_numel = math.prod(conv.kernel_size)
+        fan_in = conv.in_channels * k_numel
+        # Tiles hold whole input channels, so each tile is itself a convolution (analog_conv).
+        self.channel_sizes = conv_channel_split(conv.in_channels, k_numel, cfg.max_rows)
+        self.tile = AnalogTile(fan_in, conv.out_channels, cfg, device, rng=rng,
+                               tile_sizes=[c * k_numel for c in self.channel_sizes])
         self.tile.set_weight(conv.weight.detach().reshape(conv.out_channels, fan_in))
         self.bias = _bias_param(conv.bias)
+        self._conv_training = cfg.noise_management == "none" and cfg.bound_management == "none"
 
     @classmethod
     def from_digital(cls, module, cfg, device=None, rng=None):
@@ -99,6 +105,17 @@ class _AnalogConvNd(AnalogLayer):
         unbatched = x.dim() == self._dims + 1
         if unbatched:
             x = x.unsqueeze(0)
+        tile = self.tile
+        if tile.training and self._conv_training:
+            # Hardware-aware training: every term as a convolution (no patch matrix to fold back).
+            w_tiles, scale = tile.training_tiles()
+            y = analog_conv(x, w_tiles, tile.cfg, tile.alpha, scale,
+                            channel_sizes=self.channel_sizes, kernel_size=self.kernel_size,
+                            stride=self.stride, padding=self.padding, dilation=self.dilation,
+                            generator=tile._generator(x.device))
+            if self.bias is not None:
+                y = y + self.bias.view(1, -1, *([1] * self._dims))
+            return y.squeeze(0) if unbatched else y
         if self._dims == 1:  # treat (B, C, L) as (B, C, 1, L)
             x4 = x.unsqueeze(2)
             ks, st, pd, dl = ((1, self.kernel_size[0]), (1, self.stride[0]),

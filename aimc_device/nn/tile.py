@@ -46,6 +46,8 @@ class AnalogTile(nn.Module):
         Floating-point weights (out, in) in the layer's units; mapped column-wise per tile.
     rng : numpy.random.SeedSequence, int or None
         Seeds the tile's own generators (weight noise and per-MVM noise).
+    tile_sizes : list of int, optional
+        Inputs per crossbar tile; default near-equal parts of at most ``cfg.max_rows``.
 
     Attributes
     ----------
@@ -60,12 +62,13 @@ class AnalogTile(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, cfg: CrossbarConfig,
                  device: PCMModel | None = None, weight: torch.Tensor | None = None,
-                 rng=None):
+                 rng=None, tile_sizes=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.cfg = cfg
         self.device_model = device
-        self.tile_sizes = list(split_sizes(self.in_features, cfg.max_rows))
+        self.tile_sizes = list(split_sizes(self.in_features, cfg.max_rows)
+                               if tile_sizes is None else tile_sizes)
         n_tiles = len(self.tile_sizes)
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
         self.gamma = nn.Parameter(torch.ones(n_tiles, self.out_features))
@@ -152,6 +155,11 @@ class AnalogTile(nn.Module):
         return w + (noisy.to(w.device, w.dtype) / g_max - w.detach())
 
     # ------------------------------------------------------------------------- forward
+    def training_tiles(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Weights per tile with fresh device noise, and the digital scale (training forward)."""
+        return (list(torch.split(self._noisy_weight(), self.tile_sizes, dim=1)),
+                self._digital_scale())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = analog MVM of x (..., in) -> (..., out), without bias."""
         if x.shape[-1] != self.in_features:
@@ -208,7 +216,8 @@ class AnalogTile(nn.Module):
         return self._array is not None
 
     def _new_array(self) -> AnalogArray:
-        arr = AnalogArray(self.effective_weight().cpu(), self.cfg, device=self.device_model)
+        arr = AnalogArray(self.effective_weight().cpu(), self.cfg, device=self.device_model,
+                          tile_sizes=self.tile_sizes)
         arr.input_range = self.alpha.detach().cpu()
         return arr
 
