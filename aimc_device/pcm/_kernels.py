@@ -164,6 +164,15 @@ def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, s
         nu[i] = mu + sd * normal(key, ui, np.uint64(STREAM_DRIFT))
 
 
+@nb.njit("float64(float64, float64, float64, float64)", cache=True, inline="always")
+def _read_noise_q(x, q_coeff, q_exp, q_max):
+    """Q_s(x) = min(coeff x^exponent, max) (Eq. 10), in float32 arithmetic: it scales a noise
+    amplitude, where 1e-7 relative error is irrelevant, and float32 log/exp cost half of
+    float64 pow."""
+    lx = math.log(np.float32(max(x, 1e-12)))
+    return min(np.float64(q_coeff * math.exp(np.float32(q_exp) * lx)), q_max)
+
+
 _READ_SIG = [
     "void({t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, float64, float64, "
     "uint64, {t}[::1])".format(t=t)
@@ -182,8 +191,7 @@ def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp
     n = g_prog.shape[0]
     for i in prange(n):
         gd = np.float64(g_prog[i]) * math.exp(-np.float64(nu[i]) * log_drift)  # Eq. 8
-        x = max(abs(np.float64(g_ref[i])) / g_max, 1e-12)
-        q = min(q_coeff * x**q_exp, q_max)  # Eq. 10
+        q = _read_noise_q(abs(np.float64(g_ref[i])) / g_max, q_coeff, q_exp, q_max)  # Eq. 10
         sig = abs(gd) * q * time_factor  # Eq. 11
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
@@ -209,7 +217,7 @@ def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_fact
         a = abs(g)
         x = a / g_max
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
-        q = min(q_coeff * max(x, 1e-12)**q_exp, q_max)  # Eq. 10
+        q = _read_noise_q(x, q_coeff, q_exp, q_max)  # Eq. 10
         sig_r = a * q * time_factor  # Eq. 11 at g_D = g (no drift)
         ui = np.uint64(i)
         noise = sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM)) + sig_r * normal(
