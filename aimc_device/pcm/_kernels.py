@@ -85,7 +85,7 @@ def _uniform(key, ctr):
     return float(_hash(key, ctr) >> _S11) * _INV53
 
 
-@nb.njit("float64(uint64, uint64, uint64)", cache=True)
+@nb.njit("float64(uint64, uint64, uint64)", cache=True, inline="always")
 def normal(key, index, stream):
     """Standard normal variate for (key, element index, stream): ziggurat of [1]."""
     base = (index * _STREAMS + stream) * _DRAWS
