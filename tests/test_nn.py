@@ -317,20 +317,32 @@ def test_hwa_training_beats_direct_mapping():
     (nn.Conv2d(6, 5, 3, stride=2, padding=1), (2, 6, 9, 9)),
     (nn.Conv1d(7, 4, 5, padding=2, dilation=2), (3, 7, 20)),
 ])
-def test_conv_training_path_equals_unfolded_mvm(conv, shape):
-    # Training runs every term as a convolution (crossbar.analog_conv); evaluation unfolds the
-    # patches into analog_mvm. With the noise off both must give the same numbers, IR drop,
-    # DAC and ADC included, over several channel-group tiles.
+def test_conv_path_equals_unfolded_mvm(conv, shape):
+    # Analog convolutions run every term as a convolution (crossbar.analog_conv). With the noise
+    # off they must give the numbers of analog_mvm on the unfolded patches (im2col), IR drop,
+    # DAC and ADC included, over several channel-group tiles, in training and evaluation.
     cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=32, aux_bfloat16=False)
     torch.manual_seed(4)
     a = anl.convert(nn.Sequential(conv), cfg, device=None).double()
-    assert a[0].tile.n_tiles > 1
+    layer, tile = a[0], a[0].tile
+    assert tile.n_tiles > 1
     x = torch.randn(*shape, dtype=torch.float64)
+    x4 = x if x.dim() == 4 else x.unsqueeze(2)
+    ks = conv.kernel_size if x.dim() == 4 else (1, *conv.kernel_size)
+    pd = conv.padding if x.dim() == 4 else (0, *conv.padding)
+    dl = conv.dilation if x.dim() == 4 else (1, *conv.dilation)
+    st = conv.stride if x.dim() == 4 else (1, *conv.stride)
+    cols = F.unfold(x4, ks, dilation=dl, padding=pd, stride=st)  # (B, C*k, L)
+    rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    with torch.no_grad():
+        ref = crossbar.analog_mvm(rows, list(torch.split(tile.weight, tile.tile_sizes, 1)), cfg,
+                                  tile.alpha, tile._digital_scale(), fused=False)
+    ref = ref.reshape(x.shape[0], -1, conv.out_channels).transpose(1, 2) + layer.bias[:, None]
     a.train()
     y_train = a(x)
     y_train.sum().backward()
+    torch.testing.assert_close(y_train.detach().reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)
+    assert tile.weight.grad.abs().sum() > 0
     a.eval()
     with torch.no_grad():
-        y_eval = a(x)
-    torch.testing.assert_close(y_train.detach(), y_eval, rtol=1e-9, atol=1e-9)
-    assert a[0].tile.weight.grad.abs().sum() > 0
+        torch.testing.assert_close(a(x).reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)

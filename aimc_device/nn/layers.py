@@ -95,7 +95,8 @@ class _AnalogConvNd(AnalogLayer):
                                tile_sizes=[c * k_numel for c in self.channel_sizes])
         self.tile.set_weight(conv.weight.detach().reshape(conv.out_channels, fan_in))
         self.bias = _bias_param(conv.bias)
-        self._conv_training = cfg.noise_management == "none" and cfg.bound_management == "none"
+        # analog_conv serves every mode but per-vector noise/bound management and read asymmetry
+        self._conv_path = cfg.noise_management == "none" and cfg.bound_management == "none"
 
     @classmethod
     def from_digital(cls, module, cfg, device=None, rng=None):
@@ -106,13 +107,13 @@ class _AnalogConvNd(AnalogLayer):
         if unbatched:
             x = x.unsqueeze(0)
         tile = self.tile
-        if tile.training and self._conv_training:
-            # Hardware-aware training: every term as a convolution (no patch matrix to fold back).
-            w_tiles, scale = tile.training_tiles()
-            y = analog_conv(x, w_tiles, tile.cfg, tile.alpha, scale,
+        ops = tile.operands(x.device, x.dtype) if self._conv_path else None
+        if ops is not None and ops["asymmetry"] is None:
+            # Every term as a convolution: no patch matrix, and the backward of a convolution.
+            y = analog_conv(x, ops["w_tiles"], tile.cfg, ops["alpha"], ops["out_scale"],
                             channel_sizes=self.channel_sizes, kernel_size=self.kernel_size,
                             stride=self.stride, padding=self.padding, dilation=self.dilation,
-                            generator=tile._generator(x.device))
+                            generator=ops["generator"], zeta=ops["zeta"])
             if self.bias is not None:
                 y = y + self.bias.view(1, -1, *([1] * self._dims))
             return y.squeeze(0) if unbatched else y

@@ -155,10 +155,30 @@ class AnalogTile(nn.Module):
         return w + (noisy.to(w.device, w.dtype) / g_max - w.detach())
 
     # ------------------------------------------------------------------------- forward
-    def training_tiles(self) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Weights per tile with fresh device noise, and the digital scale (training forward)."""
-        return (list(torch.split(self._noisy_weight(), self.tile_sizes, dim=1)),
-                self._digital_scale())
+    def operands(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """What the crossbar's MVM needs for the current mode (see the module docstring).
+
+        Returns a dict with ``w_tiles`` (list of (out, in_k) normalised weights), ``out_scale``
+        ((n_tiles, out) digital factor), ``alpha``, ``generator`` (per-MVM draws),
+        ``asymmetry`` and ``zeta`` (programmed read asymmetry and S-ADC gains, or None).
+        """
+        ops = dict(alpha=self.alpha, generator=self._generator(device), asymmetry=None,
+                   zeta=None)
+        if self.training:
+            w = self._noisy_weight()
+        elif self._array is not None:
+            arr = self._array
+            ops.update(w_tiles=[t.to(device, dtype) for t in arr.w_tiles],
+                       out_scale=arr.out_scale.to(device, dtype), asymmetry=arr.asymmetry,
+                       zeta=arr.zeta)
+            if device.type == "cpu":  # continue the array's stream, seeded at programming
+                ops["generator"] = arr.mvm_generator
+            return ops
+        else:
+            w = self.weight
+        ops.update(w_tiles=list(torch.split(w, self.tile_sizes, dim=1)),
+                   out_scale=self._digital_scale())
+        return ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = analog MVM of x (..., in) -> (..., out), without bias."""
@@ -166,23 +186,9 @@ class AnalogTile(nn.Module):
             raise ValueError(f"input: last dimension must be in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
-        gen = self._generator(x.device)
-        if self.training:
-            w_tiles = torch.split(self._noisy_weight(), self.tile_sizes, dim=1)
-            y = analog_mvm(x2, w_tiles, self.cfg, self.alpha, self._digital_scale(),
-                           generator=gen)
-        elif self._array is not None:
-            arr = self._array
-            # per-MVM draws continue the array's stream, seeded when it was programmed
-            gen = arr.mvm_generator if x.device.type == "cpu" else gen
-            y = analog_mvm(x2, [w.to(x.device, x.dtype) for w in arr.w_tiles], self.cfg,
-                           self.alpha, arr.out_scale.to(x.device, x.dtype), generator=gen,
-                           asymmetry=arr.asymmetry, zeta=arr.zeta)
-        else:
-            w_tiles = torch.split(self.weight, self.tile_sizes, dim=1)
-            y = analog_mvm(x2, w_tiles, self.cfg, self.alpha, self._digital_scale(),
-                           generator=gen)
+        ops = self.operands(x.device, x.dtype)
+        y = analog_mvm(x.reshape(-1, self.in_features), ops.pop("w_tiles"), self.cfg,
+                       ops.pop("alpha"), ops.pop("out_scale"), **ops)
         return y.reshape(*lead, self.out_features)
 
     # --------------------------------------------------------------- programming and drift
