@@ -290,8 +290,9 @@ def test_distributed_data_parallel_two_processes(tmp_path):
 def test_hwa_training_beats_direct_mapping():
     """A few hundred HWA steps make the quick CNN more accurate after programming.
 
-    Measured (seeds below, 5 repeats, 2 threads): FP 2.4 %; at 1 h direct mapping 3.6 +- 0.2 %,
-    HWA 2.3 +- 0.2 %. The assertion asks for half of that margin.
+    Measured (seeds below, 5 repeats, 2 threads): FP 2.4 %; at 1 h direct mapping 3.4 +- 0.2 %,
+    HWA 2.4 +- 0.2 %. The assertion asks for about half of that margin, and that direct mapping
+    itself works (a broken mapping would make HWA win trivially).
     """
     from aimc_device.workloads import get_workload
 
@@ -310,7 +311,8 @@ def test_hwa_training_beats_direct_mapping():
     kw = dict(times=(3600.0,), repeats=5, rng=1, progress=False)
     err_direct = anl.evaluate_over_time(direct, None, metric, **kw)["error_mean"].item()
     err_hwa = anl.evaluate_over_time(hwa, None, metric, **kw)["error_mean"].item()
-    assert err_hwa < err_direct - 0.006, (err_direct, err_hwa)
+    assert err_direct < 0.06, err_direct
+    assert err_hwa < err_direct - 0.005, (err_direct, err_hwa)
 
 
 @pytest.mark.parametrize("conv,shape", [
@@ -346,3 +348,15 @@ def test_conv_path_equals_unfolded_mvm(conv, shape):
     a.eval()
     with torch.no_grad():
         torch.testing.assert_close(a(x).reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)
+
+
+def test_init_input_ranges_reaches_convolution_tiles():
+    # A convolution's tiles see channel groups of its input image: alpha per group.
+    conv = nn.Conv2d(4, 3, 3, padding=1)
+    a = anl.convert(nn.Sequential(conv), STD.replace(max_rows=18), DEV)
+    assert a[0].channel_sizes == [2, 2]
+    x = torch.zeros(2, 4, 5, 5)
+    x[:, :2] = 0.5
+    x[0, 3, 1, 1] = -7.0
+    anl.init_input_ranges(a, [x])
+    torch.testing.assert_close(a[0].tile.alpha.detach(), torch.tensor([0.5, 7.0]))

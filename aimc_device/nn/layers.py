@@ -102,6 +102,13 @@ class _AnalogConvNd(AnalogLayer):
     def from_digital(cls, module, cfg, device=None, rng=None):
         return cls(module, cfg, device, rng).to(module.weight.device, module.weight.dtype)
 
+    def input_absmax(self, x: torch.Tensor) -> torch.Tensor:
+        """abs-max of the inputs each tile sees, (n_tiles,): the max over its channel group."""
+        if x.dim() == self._dims + 1:
+            x = x.unsqueeze(0)
+        return torch.stack([p.abs().amax() for p in torch.split(x.detach(),
+                                                                 self.channel_sizes, dim=1)])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         unbatched = x.dim() == self._dims + 1
         if unbatched:

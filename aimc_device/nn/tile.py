@@ -155,6 +155,11 @@ class AnalogTile(nn.Module):
         return w + (noisy.to(w.device, w.dtype) / g_max - w.detach())
 
     # ------------------------------------------------------------------------- forward
+    def input_absmax(self, x: torch.Tensor) -> torch.Tensor:
+        """abs-max of the inputs (..., in) each tile sees, (n_tiles,)."""
+        rows = x.detach().reshape(-1, self.in_features)
+        return torch.stack([p.abs().amax() for p in torch.split(rows, self.tile_sizes, dim=1)])
+
     def operands(self, device: torch.device, dtype: torch.dtype) -> dict:
         """What the crossbar's MVM needs for the current mode (see the module docstring).
 

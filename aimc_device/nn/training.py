@@ -174,14 +174,23 @@ def init_input_ranges(model: nn.Module, batches, cap: float = 10.0,
     sums: dict[AnalogTile, torch.Tensor] = {}
     counts: dict[AnalogTile, int] = {}
 
-    def hook(tile: AnalogTile, args):
-        x = args[0].detach().reshape(-1, tile.in_features)
-        parts = torch.split(x, tile.tile_sizes, dim=1)
-        m = torch.stack([p.abs().amax() for p in parts]).cpu()
-        sums[tile] = sums.get(tile, 0) + m
-        counts[tile] = counts.get(tile, 0) + 1
+    # Observe the inputs where the tile's input vectors are formed: at the tile itself, or at a
+    # convolution, whose tiles see the channel groups of its input image.
+    observers = {}
+    for m in model.modules():
+        if isinstance(m, AnalogTile) and m not in observers:
+            observers[m] = m
+        elif hasattr(m, "input_absmax") and hasattr(m, "channel_sizes"):
+            observers[m.tile] = m
 
-    handles = [t.register_forward_pre_hook(hook) for t in tiles]
+    def make_hook(tile: AnalogTile):
+        def hook(module, args):
+            m = module.input_absmax(args[0]).cpu()
+            sums[tile] = sums.get(tile, 0) + m
+            counts[tile] = counts.get(tile, 0) + 1
+        return hook
+
+    handles = [obs.register_forward_pre_hook(make_hook(t)) for t, obs in observers.items()]
     was_training = model.training
     model.eval()
     saved = [t._array for t in tiles]
