@@ -360,3 +360,19 @@ def test_init_input_ranges_reaches_convolution_tiles():
     x[0, 3, 1, 1] = -7.0
     anl.init_input_ranges(a, [x])
     torch.testing.assert_close(a[0].tile.alpha.detach(), torch.tensor([0.5, 7.0]))
+
+
+def test_programmed_asymmetry_and_s_adc_survive_state_dict():
+    cfg = STD.replace(asymmetry=0.05, s_adc=True)
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 4 * 4, 4))
+    a = anl.convert(m, cfg, DEV, rng=0)
+    anl.program(a, rng=0)
+    anl.drift(a, 3600.0, rng=1)
+    a.eval()
+    x = torch.randn(5, 2, 6, 6)
+    b = anl.convert(m, cfg, DEV, rng=7).eval()
+    b.load_state_dict(a.state_dict())
+    assert b[0].tile._array.asymmetry is not None and b[2].tile._array.zeta is not None
+    with torch.no_grad():
+        torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)

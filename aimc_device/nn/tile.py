@@ -173,9 +173,11 @@ class AnalogTile(nn.Module):
             w = self._noisy_weight()
         elif self._array is not None:
             arr = self._array
-            ops.update(w_tiles=[t.to(device, dtype) for t in arr.w_tiles],
-                       out_scale=arr.out_scale.to(device, dtype), asymmetry=arr.asymmetry,
-                       zeta=arr.zeta)
+            def moved(ts):
+                return None if ts is None else [t.to(device, dtype) for t in ts]
+
+            ops.update(w_tiles=moved(arr.w_tiles), out_scale=arr.out_scale.to(device, dtype),
+                       asymmetry=moved(arr.asymmetry), zeta=moved(arr.zeta))
             if device.type == "cpu":  # continue the array's stream, seeded at programming
                 ops["generator"] = arr.mvm_generator
             return ops
