@@ -6,9 +6,10 @@ does not change what they return.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Sequence
 
-__all__ = ["compute", "scheduler_label"]
+__all__ = ["compute", "session", "scheduler_label"]
 
 
 def scheduler_label(scheduler) -> str:
@@ -32,8 +33,10 @@ def _client(scheduler, n_workers: int = 2):
     if scheduler is None or scheduler == "local":
         from distributed import LocalCluster
 
+        # silence_logs: the workers' heartbeat complaints while the cluster shuts down
         with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as client:
+                          dashboard_address=None, silence_logs=logging.CRITICAL) as cluster, \
+                Client(cluster) as client:
             yield client, client
         return
     if isinstance(scheduler, Client):
@@ -45,6 +48,16 @@ def _client(scheduler, n_workers: int = 2):
         return
     raise TypeError(f"scheduler: give None (a local cluster), 'synchronous', an address such as "
                     f"'tcp://host:8786' or a distributed.Client; got {type(scheduler).__name__}")
+
+
+@contextlib.contextmanager
+def session(scheduler):
+    """Hold one scheduler (a LocalCluster for None) for several :func:`compute` calls.
+
+    Yields the value to pass as ``scheduler`` to :func:`compute`.
+    """
+    with _client(scheduler) as (sched, client):
+        yield sched if client is None else client
 
 
 def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool = False,

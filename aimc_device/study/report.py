@@ -14,7 +14,7 @@ import xarray as xr
 from ._checkpoint import atomic_path
 
 __all__ = ["save_dataset", "load_dataset", "write_outputs", "format_table", "plot_study",
-           "format_sensitivity_table", "plot_sensitivity"]
+           "plot_studies", "format_sensitivity_table", "plot_sensitivity"]
 
 _NAMES = {"fp": "FP", "direct": "direct mapping", "hwa": "HWA-trained"}
 
@@ -223,6 +223,11 @@ def plot_sensitivity(ds: xr.Dataset, path) -> None:
             names.append(str(n))
             losses.append(100 * float(sub["loss_at_max_mvm_error"]))
     ax.axhline(100 * thr, color="k", ls="--", lw=1)
+    eps0 = 100 * float(ds["standard_mvm_error"])
+    ax.set_xlim(eps0 - 0.5, top + 0.8)  # levels beyond the sweep's top are in the table
+    inside = ds["normalized_accuracy_mean"].where(ds["mvm_error"] <= top / 100 + 1e-3)
+    lo = float(inside.min()) if np.isfinite(float(inside.min())) else thr
+    ax.set_ylim(100 * min(lo, thr) - 1.0, 100 * max(1.0, float(inside.max())) + 0.5)
     ax.set_xlabel("MVM error eps_M [%]")
     ax.set_ylabel(f"A*({ds.attrs.get('time_label', '')}) [%]")
     ax.set_title(f"{ds.attrs.get('workload', '')}: one nonideality at a time", fontsize=9)
@@ -233,6 +238,29 @@ def plot_sensitivity(ds: xr.Dataset, path) -> None:
     bx.invert_yaxis()
     bx.set_xlabel(f"loss of A* at eps_M = {top:.0f} % [%]")
     bx.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(os.fspath(path))
+    plt.close(fig)
+
+
+def plot_studies(datasets, path) -> None:
+    """Side-by-side accuracy-vs-time panels for several :func:`run_study` results (PNG).
+
+    Parameters
+    ----------
+    datasets : sequence of xarray.Dataset
+    path : str or os.PathLike
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    datasets = list(datasets)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(4.2 * len(datasets), 3.4), dpi=100,
+                             squeeze=False)
+    for ds, ax in zip(datasets, axes[0]):
+        plot_study(ds, None, ax=ax)
     fig.tight_layout()
     fig.savefig(os.fspath(path))
     plt.close(fig)

@@ -241,6 +241,20 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     targets = list(np.linspace(eps0, max_mvm_error, n_levels)[1:])
     level_calls = [(0, n, cfg.to_dict(), dev.to_dict(), targets, t, test_shape, n_inputs, seed)
                    for n in names]
+    with _dask.session(scheduler) as sched:
+        ds = _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, sched,
+                    progress, iso_accuracy, max_mvm_error, t0)
+    ds.attrs.update(test_shape=list(test_shape), n_inputs=n_inputs,
+                    scheduler=_dask.scheduler_label(scheduler))
+    write_outputs(ds, os.path.join(os.fspath(out_dir), f"{prep.workload.name}-sensitivity"),
+                  format_sensitivity_table, plot_sensitivity if plot else None, verbose)
+    return ds
+
+
+def _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, scheduler,
+           progress, iso_accuracy, max_mvm_error, t0) -> xr.Dataset:
+    """Root finding and evaluation of the sensitivity grid on one scheduler."""
+    cfg, dev, spec = prep.cfg, prep.device, prep.specs["hwa"]
     levels = _dask.compute(_levels_task, [None], level_calls, scheduler=scheduler,
                            progress=progress, desc="root finding")
     t_roots = time.perf_counter() - t0
@@ -323,7 +337,6 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                "workload": prep.workload.name, "seed": int(seed), "repeats": int(repeats),
                "time": float(t), "time_label": label, "iso_accuracy": float(iso_accuracy),
                "max_mvm_error": float(max_mvm_error), "n_levels": int(n_levels),
-               "test_shape": list(test_shape), "n_inputs": n_inputs,
                "seed_scheme": "MVM-error test case and device draws from seed (common random "
                               "numbers); evaluation task (nonideality i, level k, repeat r) from "
                               "SeedSequence([seed, 100 + i, k, r]), standard model [seed, 99, 0, r]",
@@ -333,8 +346,6 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                "device_provenance": json.dumps(prep.device_provenance, default=str),
                "timings": json.dumps({**prep.timings, "root_finding_s": t_roots,
                                       "evaluation_s": t_eval}),
-               "scheduler": _dask.scheduler_label(scheduler), "package_version": __version__,
+               "package_version": __version__,
                "references": "M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Fig. 4"})
-    write_outputs(ds, os.path.join(os.fspath(out_dir), f"{prep.workload.name}-sensitivity"),
-                  format_sensitivity_table, plot_sensitivity if plot else None, verbose)
     return ds
