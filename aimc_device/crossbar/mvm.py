@@ -117,10 +117,11 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
     zeta : torch.Tensor (out,) or list of them, or None
         S-shaped ADC saturation per column (Eq. 19); None: ``cfg.mu_zeta`` for every column.
     fused : bool or None
-        Use the fused Numba output stage (CPU, no gradient, no S-shaped ADC, no asymmetry, no
-        bound management). None: whenever it applies. False: the torch path, which is the
-        reference the tests compare against. The two draw different (equally distributed)
-        noise from the same generator.
+        Use the fused Numba output stage (CPU, no S-shaped ADC, no asymmetry, no bound
+        management; with a gradient also no noise management, the backward being the
+        straight-through one of the quantiser). None: whenever it applies. False: the torch
+        path, which is the reference the tests compare against. The two draw different
+        (equally distributed) noise from the same generator.
 
     Returns
     -------
@@ -171,7 +172,8 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
         start += n
         asym = asymmetry[k] if asymmetry is not None else None
         zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
-        yk = _tile(xk, w, cfg, alpha[k], out_scale[k], generator, asym, zk, grad)
+        yk = _tile(xk, w, cfg, alpha[k], out_scale[k], generator, asym, zk, grad,
+                   fused is not False)
         out = yk if out is None else (out + yk if grad else out.add_(yk))
     return out[0] if squeeze else out
 
@@ -228,6 +230,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     n_out = w0.shape[0]
     if x.dtype != w0.dtype:
         x = x.to(w0.dtype)
+    if dims == 2:  # channels-last: each product's (rows, out) layout is then a free view
+        x = x.contiguous(memory_format=torch.channels_last)
     alpha = _as_tensor(alpha, w0, "alpha").reshape(-1)
     out_scale = _as_tensor(out_scale, w0, "out_scale")
     if sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
@@ -248,14 +252,17 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
             return y.movedim(1, -1).reshape(-1, n_out)
 
-        zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
-        z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
-        yk = quantize(z, cfg.out_bits, cfg.out_bound) * (alpha[k] * out_scale[k])  # Eq. 1
+        if _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
+            yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod)
+        else:
+            zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
+            z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
+            yk = quantize(z, cfg.out_bits, cfg.out_bound) * (alpha[k] * out_scale[k])  # Eq. 1
         out = yk if out is None else (out + yk if grad else out.add_(yk))
     return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
 
 
-def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad):
+def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad, fuse=True):
     """One tile: alpha * out_scale * Q_out(analog(Q_in(x / alpha))) (Eq. 1)."""
     if cfg.noise_management == "abs_max":
         a = xk.detach().abs().amax(dim=1, keepdim=True)
@@ -264,6 +271,8 @@ def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad):
         a = alpha_k
     if cfg.bound_management == "iterative" and cfg.out_bits:
         return _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad)
+    if fuse and grad and cfg.noise_management == "none" and _fusable_grad(xk, cfg, asym):
+        return _fused_tile(xk / a, w, cfg, a * scale_k, gen)  # training forward, fused
     z = _analog(xk / a, w, cfg, gen, asym, zeta, grad)
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)  # Eq. 1, ADC of Eq. 5
 
@@ -353,6 +362,93 @@ def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)
 
 
+def _aux_terms(xd, w, cfg, prod, w_px=None):
+    """The no-gradient products of one tile (Eqs. 14, 15, 18): (W~ o P) x~, |W~| |x~|, |W~| x~^2.
+
+    Returns (w_px, abs_x, x2), each (rows, out) or None when its nonideality is off.
+    """
+    need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
+    need_st = cfg.w_noise > 0
+    with torch.no_grad():
+        if need_ir and w_px is None:  # IR-drop shape (W~ o P) x~ (Eq. 15)
+            w_px = prod(xd, _weight_form(w, "px"))
+        abs_x = x2 = None
+        if need_ir or need_st:
+            wabs = _abs_cached(w)
+            if need_ir and need_st:  # one product: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+                s = prod(torch.cat([xd.abs(), xd * xd]), wabs)
+                abs_x, x2 = s.chunk(2)
+            elif need_ir:
+                abs_x = prod(xd.abs(), wabs)
+            else:
+                x2 = prod(xd * xd, wabs)
+    return (w_px if need_ir else None), abs_x, x2
+
+
+def _fusable_grad(z: torch.Tensor, cfg: CrossbarConfig, asym) -> bool:
+    """Whether the training forward can take the fused Numba output stage."""
+    return (z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+            and not cfg.s_adc and asym is None)
+
+
+class _FusedStageSTE(torch.autograd.Function):
+    """factor * Q_out(z + dy_IR + noise) in one Numba pass (Eqs. 1, 2, 5, 14-16), with the
+    straight-through backward of :func:`periphery.quantize`: identity inside the ADC bound, 0
+    outside; the noise and IR-drop terms carry no gradient (MODEL.md sec. 8).
+
+    ``z`` (rows, out) has the gradient; ``factor`` is the digital scale, (out,) or scalar. The
+    kernel adds the analog terms; the ADC is applied to its result, so that the mask is that of
+    the pre-ADC value.
+    """
+
+    @staticmethod
+    def forward(ctx, z, factor, aux, cfg, n_rows, key):
+        zd = z.detach().contiguous()
+        w_px, abs_x, x2 = aux
+        empty = _empty(zd.numpy().dtype)
+
+        def arr(t):
+            return empty if t is None else t.to(zd.dtype).contiguous().numpy()
+
+        v = torch.empty_like(zd)  # pre-ADC values: signal + IR drop + noise (Eqs. 2, 14-16)
+        one = np.ones(1, dtype=v.numpy().dtype)
+        _K.output_stage(zd.numpy(), arr(w_px), arr(abs_x), arr(x2), w_px is not None,
+                        x2 is not None, 1.0, cfg.out_noise, cfg.w_noise,
+                        cfg.ir_drop * cfg.ir_drop_g * n_rows, 0.0, 0.0, one,
+                        np.ones(zd.shape[1], dtype=one.dtype), key, False, v.numpy())
+        mask = None
+        if cfg.out_bits:  # the STE mask of periphery.quantize, then the ADC (Eq. 5)
+            mask = v.abs() <= cfg.out_bound
+            v = quantize(v, cfg.out_bits, cfg.out_bound)
+        ctx.save_for_backward(v, factor, mask)
+        return v * factor
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, factor, mask = ctx.saved_tensors
+        grad_z = grad * factor
+        if mask is not None:
+            grad_z = grad_z * mask
+        grad_f = None
+        if ctx.needs_input_grad[1]:
+            grad_f = (grad * q).sum(dim=0)
+            if factor.dim() == 0:
+                grad_f = grad_f.sum()
+        return grad_z, grad_f, None, None, None, None
+
+
+def _stage_key(gen) -> np.uint64:
+    return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+
+
+def _fused_tile(xs, w, cfg, factor, gen, prod=_F):
+    """factor * Q_out(analog(Q_in(xs))) with the fused output stage; differentiable (STE)."""
+    xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
+    z = prod(xt, w)  # Eq. 2, signal (the only term with a gradient)
+    aux = _aux_terms(xt.detach(), w, cfg, prod)
+    return _FusedStageSTE.apply(z, factor, aux, cfg, w.shape[1], _stage_key(gen))
+
+
 def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
     """Pre-ADC analog value of one tile for inputs xs = x / alpha (Eq. 2 with Eqs. 14-19).
 
@@ -365,6 +461,7 @@ def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
     need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
     need_st = cfg.w_noise > 0
     xd = xt.detach() if grad else xt
+    w_px = None
     if need_ir and prod is _F and not grad:  # one GEMM: [x~; x~ o P] against W~ (Eqs. 2, 15)
         b = xt.shape[0]
         p = ir_drop_profile(n, xt.dtype, xt.device)
@@ -372,22 +469,11 @@ def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
         z, w_px = zz[:b], zz[b:]
     else:
         z = prod(xt, w)  # Eq. 2, signal
-        if need_ir:  # IR-drop shape (W~ o P) x~, no gradient (Eq. 15)
-            with torch.no_grad():
-                w_px = prod(xd, _weight_form(w, "px"))
+    w_px, abs_x, x2 = _aux_terms(xd, w, cfg, prod, w_px)
     with torch.no_grad():
         extra = None
-        if need_ir or need_st:
-            wabs = _abs_cached(w)
-            if need_ir and need_st:  # one product: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
-                s = prod(torch.cat([xd.abs(), xd * xd]), wabs)
-                abs_x, x2 = s.chunk(2)
-            elif need_ir:
-                abs_x, x2 = prod(xd.abs(), wabs), None
-            else:
-                abs_x, x2 = None, prod(xd * xd, wabs)
-            if need_ir:
-                extra = ir_drop_delta(abs_x, w_px, n, cfg.ir_drop, cfg.ir_drop_g)  # Eq. 15
+        if need_ir:
+            extra = ir_drop_delta(abs_x, w_px, n, cfg.ir_drop, cfg.ir_drop_g)  # Eq. 15
         if asym is not None:
             if prod is not _F:
                 raise ValueError("asymmetry: read-polarity asymmetry needs the matrix layout; "
