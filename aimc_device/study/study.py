@@ -121,6 +121,7 @@ def _reseed_tiles(model, seed: int, epoch: int) -> None:
         # AnalogTile keeps a numpy generator (weight noise) and a torch one (per-MVM noise).
         tile._np_rng = np.random.default_rng(ss)
         tile._torch_gen.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
+        tile._cuda_gens = {}  # GPU generators are derived from _np_rng on first use
 
 
 def _calibration_batches(wl: Workload, seed: int, n: int) -> list:
