@@ -15,6 +15,7 @@ from .convert import (
     drift,
     forget_programming,
     program,
+    reseed,
     set_noise_scale,
 )
 from .evaluation import PAPER_TIMES, classification_error, evaluate_over_time, normalized_accuracy
@@ -27,12 +28,19 @@ from .layers import (
     AnalogMultiheadAttention,
 )
 from .tile import AnalogTile
-from .training import AnalogOptimizer, HWAConfig, distillation_loss, init_input_ranges, train_hwa
+from .training import (
+    AnalogOptimizer,
+    HWAConfig,
+    distillation_loss,
+    hwa_loss,
+    init_input_ranges,
+    train_hwa,
+)
 
 __all__ = [
     "convert", "program", "drift", "forget_programming", "analog_tiles", "analog_layers",
-    "set_noise_scale", "AnalogTile", "AnalogLayer", "AnalogLinear", "AnalogConv1d",
+    "set_noise_scale", "reseed", "AnalogTile", "AnalogLayer", "AnalogLinear", "AnalogConv1d",
     "AnalogConv2d", "AnalogLSTM", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
-    "init_input_ranges", "distillation_loss", "train_hwa", "evaluate_over_time",
+    "init_input_ranges", "distillation_loss", "hwa_loss", "train_hwa", "evaluate_over_time",
     "classification_error", "normalized_accuracy", "PAPER_TIMES", "perturb_tensor",
 ]

@@ -26,7 +26,7 @@ from .layers import (
 from .tile import AnalogTile
 
 __all__ = ["convert", "program", "drift", "forget_programming", "analog_tiles",
-           "analog_layers", "set_noise_scale"]
+           "analog_layers", "set_noise_scale", "reseed"]
 
 # Order matters: MultiheadAttention holds a Linear (out_proj) that it converts itself.
 _CONVERSIONS: list[tuple[type, type]] = [
@@ -158,6 +158,25 @@ def forget_programming(model: nn.Module) -> nn.Module:
     """Drop the programmed state of every analog layer."""
     for tile in analog_tiles(model):
         tile.forget_programming()
+    return model
+
+
+def reseed(model: nn.Module, seed, key=()) -> nn.Module:
+    """Restart every analog tile's noise streams: tile i from SeedSequence([*seed, i, *key]).
+
+    With it, the noise of a training epoch can be made a function of (seed, epoch) alone, so
+    that a run resumed from a checkpoint draws exactly what an uninterrupted one draws.
+
+    Parameters
+    ----------
+    model : nn.Module
+    seed : int or sequence of int
+    key : sequence of int, appended after the tile index (e.g. a stream number)
+    """
+    base = [int(s) for s in np.atleast_1d(seed)]
+    extra = [int(k) for k in np.atleast_1d(key)] if np.size(key) else []
+    for i, tile in enumerate(analog_tiles(model)):
+        tile.reseed(np.random.SeedSequence([*base, i, *extra]))
     return model
 
 

@@ -91,6 +91,15 @@ class AnalogTile(nn.Module):
         else:
             nn.init.uniform_(self.weight, -1.0, 1.0)
 
+    def reseed(self, seed_sequence: np.random.SeedSequence) -> None:
+        """Restart the tile's own streams (training weight noise, per-MVM noise).
+
+        The programmed array keeps its own stream (seeded by :meth:`program`).
+        """
+        self._np_rng = np.random.default_rng(seed_sequence)
+        self._torch_gen.manual_seed(int(seed_sequence.generate_state(1, dtype=np.uint64)[0] >> 1))
+        self._cuda_gens = {}  # derived from _np_rng on first use
+
     # ---------------------------------------------------------------------------- weights
     @property
     def n_tiles(self) -> int:

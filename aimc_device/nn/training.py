@@ -28,7 +28,7 @@ from .convert import analog_tiles, set_noise_scale
 from .tile import AnalogTile
 
 __all__ = ["HWAConfig", "AnalogOptimizer", "init_input_ranges", "distillation_loss",
-           "train_hwa"]
+           "hwa_loss", "train_hwa"]
 
 
 @dataclass(frozen=True)
@@ -223,6 +223,18 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     return weight * kl + (1.0 - weight) * task_loss(student_logits, targets)
 
 
+def hwa_loss(outputs: torch.Tensor, x, targets: torch.Tensor, loss_fn: Callable = F.cross_entropy,
+             teacher: nn.Module | None = None, hwa: HWAConfig | None = None) -> torch.Tensor:
+    """The loss of one HWA batch: the task loss, or distillation from ``teacher`` (MODEL.md 8)."""
+    if teacher is None:
+        return loss_fn(outputs, targets)
+    hwa = hwa or HWAConfig()
+    with torch.no_grad():
+        t_out = teacher(x)
+    return distillation_loss(outputs, t_out, targets, loss_fn, hwa.distill_temperature,
+                             hwa.distill_weight)
+
+
 def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
               optimizer: torch.optim.Optimizer | None = None,
               loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
@@ -267,14 +279,7 @@ def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
                    leave=False)
         for x, y in bar:
             aopt.zero_grad()
-            out = model(x)
-            if teacher is not None:
-                with torch.no_grad():
-                    t_out = teacher(x)
-                loss = distillation_loss(out, t_out, y, loss_fn, hwa.distill_temperature,
-                                         hwa.distill_weight)
-            else:
-                loss = loss_fn(out, y)
+            loss = hwa_loss(model(x), x, y, loss_fn, teacher, hwa)
             loss.backward()
             aopt.step()
             total += loss.item() * len(y)

@@ -116,12 +116,7 @@ def _reseed_tiles(model, seed: int, epoch: int) -> None:
     This makes the noise of an HWA epoch a function of (seed, epoch) alone, so a run resumed
     from a checkpoint draws exactly what an uninterrupted one draws.
     """
-    for i, tile in enumerate(ann.analog_tiles(model)):
-        ss = np.random.SeedSequence([int(seed), int(epoch), i, _S_HWA_TILES])
-        # AnalogTile keeps a numpy generator (weight noise) and a torch one (per-MVM noise).
-        tile._np_rng = np.random.default_rng(ss)
-        tile._torch_gen.manual_seed(int(ss.generate_state(1, dtype=np.uint64)[0] >> 1))
-        tile._cuda_gens = {}  # GPU generators are derived from _np_rng on first use
+    ann.reseed(model, [int(seed), int(epoch)], key=[_S_HWA_TILES])
 
 
 def _calibration_batches(wl: Workload, seed: int, n: int) -> list:
@@ -189,14 +184,7 @@ def _train_hwa(wl: Workload, analog, teacher, hwa: ann.HWAConfig, epochs: int, l
         with scoped_seed(epoch_seed(seed, epoch, _S_HWA_TORCH)):
             for x, y in loader:
                 aopt.zero_grad()
-                out = analog(x)
-                if teacher is not None:
-                    with torch.no_grad():
-                        t_out = teacher(x)
-                    loss = ann.distillation_loss(out, t_out, y, wl.task_loss,
-                                                 hwa.distill_temperature, hwa.distill_weight)
-                else:
-                    loss = wl.task_loss(out, y)
+                loss = ann.hwa_loss(analog(x), x, y, wl.task_loss, teacher, hwa)
                 loss.backward()
                 aopt.step()
                 sched.step()
