@@ -43,7 +43,7 @@ def best_of(fn, repeats):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", type=float, nargs="+", default=[1e6, 1e7])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
     print(f"torch threads: {torch.get_num_threads()}")
     print(f"{'devices':>10} {'numba [ms]':>11} {'numpy [ms]':>11} {'torch [ms]':>11} "

@@ -136,15 +136,18 @@ def standard_normal_fill(dummy, out_scale, key, out):  # pragma: no cover - exer
         out[i] = s * normal(key, np.uint64(i), np.uint64(STREAM_READ))
 
 
+# The kernels compute in the precision of the arrays: every scalar parameter comes in that
+# dtype, so float32 devices take float32 logs and exponentials (twice as fast) and float64
+# devices keep float64 throughout. ``floor`` is the smallest relative conductance put into a log.
 _PROGRAM_SIG = [
-    "void({t}[::1], float64, float64, float64, float64, float64, float64, float64, float64, "
-    "float64, float64, float64, float64, uint64, {t}[::1], {t}[::1])".format(t=t)
+    "void({t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
+    "{t}[::1], {t}[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
 
 
 @nb.njit(_PROGRAM_SIG, cache=True, parallel=True, fastmath=False)
-def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, key,
+def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, floor, key,
                    g_prog, nu):
     """Programming (Eq. 7, clipped at 0) and drift-exponent draw (Eq. 9), fused.
 
@@ -152,37 +155,28 @@ def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, s
     """
     n = g_target.shape[0]
     for i in prange(n):
-        g = abs(np.float64(g_target[i]))
+        g = abs(g_target[i])
         x = g / g_max
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
         ui = np.uint64(i)
         gp = g + sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM))
         g_prog[i] = max(gp, 0.0)
-        lnx = math.log(max(x, 1e-12))
+        lnx = math.log(max(x, floor))
         mu = min(max(ma * lnx + mb, mlo), mhi)  # Eq. 9
         sd = min(max(sa * lnx + sb, slo), shi)
         nu[i] = mu + sd * normal(key, ui, np.uint64(STREAM_DRIFT))
 
 
-@nb.njit("float64(float64, float64, float64, float64)", cache=True, inline="always")
-def _read_noise_q(x, q_coeff, q_exp, q_max):
-    """Q_s(x) = min(coeff x^exponent, max) (Eq. 10), in float32 arithmetic: it scales a noise
-    amplitude, where 1e-7 relative error is irrelevant, and float32 log/exp cost half of
-    float64 pow."""
-    lx = math.log(np.float32(max(x, 1e-12)))
-    return min(np.float64(q_coeff * math.exp(np.float32(q_exp) * lx)), q_max)
-
-
 _READ_SIG = [
-    "void({t}[::1], {t}[::1], {t}[::1], float64, float64, float64, float64, float64, float64, "
-    "uint64, {t}[::1])".format(t=t)
+    "void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
+    "{t}[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
 
 
 @nb.njit(_READ_SIG, cache=True, parallel=True, fastmath=False)
-def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp, q_max, key,
-                out):
+def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp, q_max, floor,
+                key, out):
     """Drift (Eq. 8) and 1/f read noise (Eqs. 10-12), fused; result clipped at 0 (Eq. 12).
 
     g_ref [S] sets Q_s; g_prog [S]; nu dimensionless; log_drift = ln((t + t0)/t0);
@@ -190,22 +184,23 @@ def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp
     """
     n = g_prog.shape[0]
     for i in prange(n):
-        gd = np.float64(g_prog[i]) * math.exp(-np.float64(nu[i]) * log_drift)  # Eq. 8
-        q = _read_noise_q(abs(np.float64(g_ref[i])) / g_max, q_coeff, q_exp, q_max)  # Eq. 10
+        gd = g_prog[i] * math.exp(-nu[i] * log_drift)  # Eq. 8
+        x = max(abs(g_ref[i]) / g_max, floor)
+        q = min(q_coeff * math.exp(q_exp * math.log(x)), q_max)  # Eq. 10
         sig = abs(gd) * q * time_factor  # Eq. 11
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
 
 _PERTURB_SIG = [
-    "void({t}[::1], float64, float64, float64, float64, float64, float64, float64, float64, "
-    "float64, uint64, {t}[::1])".format(t=t)
+    "void({t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
+    "{t}[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
 
 
 @nb.njit(_PERTURB_SIG, cache=True, parallel=True, fastmath=False)
-def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_factor, scale, key,
-                   out):
+def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_factor, scale, floor,
+                   key, out):
     """Programming noise plus 1/f read noise without drift, scaled: the HWA training noise.
 
     out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|) time_factor xi_2) [S]; the sign of g is
@@ -213,11 +208,11 @@ def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_fact
     """
     n = g_target.shape[0]
     for i in prange(n):
-        g = np.float64(g_target[i])
+        g = g_target[i]
         a = abs(g)
         x = a / g_max
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
-        q = _read_noise_q(x, q_coeff, q_exp, q_max)  # Eq. 10
+        q = min(q_coeff * math.exp(q_exp * math.log(max(x, floor))), q_max)  # Eq. 10
         sig_r = a * q * time_factor  # Eq. 11 at g_D = g (no drift)
         ui = np.uint64(i)
         noise = sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM)) + sig_r * normal(

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._random import derive_key
 from . import _kernels as K
-from .formulas import read_noise_time_factor
+from .formulas import X_FLOOR, read_noise_time_factor
 from .params import PCMModel
 
 __all__ = ["ProgrammedState", "program", "read", "perturb", "check_conductance"]
@@ -100,8 +100,8 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
     c0, c1, c2 = model.prog_coeffs
     (ma, mb), (mlo, mhi) = model.drift_mean_coeffs, model.drift_mean_bounds
     (sa, sb), (slo, shi) = model.drift_std_coeffs, model.drift_std_bounds
-    K.program_kernel(flat, model.g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, key,
-                     g_prog, nu)
+    K.program_kernel(flat, model.g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi,
+                     X_FLOOR, key, g_prog, nu)
     stuck = None
     if model.has_faults:
         fgen = np.random.default_rng([int(key), 0xFA17])  # faults: their own stream of the key
@@ -150,7 +150,7 @@ def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndar
     out = np.empty_like(g_prog)
     K.read_kernel(g_ref, g_prog, nu, float(np.log((t + model.t0) / model.t0)),
                   read_noise_time_factor(t, model), model.g_max, model.read_noise_coeff,
-                  model.read_noise_exponent, model.read_noise_max, key, out)
+                  model.read_noise_exponent, model.read_noise_max, X_FLOOR, key, out)
     if state.stuck is not None:
         s = state.stuck.reshape(-1)
         out[s] = g_prog[s]
@@ -182,5 +182,5 @@ def perturb(g, model: PCMModel, t: float = 20.0, scale: float = 1.0, rng=None) -
     c0, c1, c2 = model.prog_coeffs
     K.perturb_kernel(flat, model.g_max, c0, c1, c2, model.read_noise_coeff,
                      model.read_noise_exponent, model.read_noise_max,
-                     read_noise_time_factor(t, model), float(scale), key, out)
+                     read_noise_time_factor(t, model), float(scale), X_FLOOR, key, out)
     return out.reshape(arr.shape)

@@ -25,10 +25,10 @@ __all__ = [
     "read_noise_std",
 ]
 
-# Smallest relative conductance used inside a logarithm or a negative power; below it the clip
-# bounds of the formulas are reached anyway (ln x -> -inf gives the upper clip of mu_nu, sigma_nu;
-# x^-0.65 -> inf gives the cap of Q_s).
-_X_FLOOR = 1e-12
+#: Smallest relative conductance put into a logarithm or a negative power, dimensionless; below
+#: it the clip bounds of the formulas are reached anyway (ln x -> -inf gives the upper clip of
+#: mu_nu and sigma_nu; x^-0.65 -> inf gives the cap of Q_s). Representable in float32.
+X_FLOOR = 1e-12
 
 
 def _xp(a):
@@ -59,7 +59,7 @@ def relative_conductance(g, model: PCMModel):
     """
     g = _as_array(g)
     xp = _xp(g)
-    return xp.clip(xp.abs(g) / model.g_max, _X_FLOOR, None)
+    return xp.clip(xp.abs(g) / model.g_max, X_FLOOR, None)
 
 
 def programming_noise_std(g_target, model: PCMModel):
@@ -138,7 +138,7 @@ def read_noise_q(x_ref, model: PCMModel):
     """
     x_ref = _as_array(x_ref)
     xp = _xp(x_ref)
-    x = xp.clip(xp.abs(x_ref), _X_FLOOR, None)
+    x = xp.clip(xp.abs(x_ref), X_FLOOR, None)
     return xp.clip(model.read_noise_coeff * x**model.read_noise_exponent, None,
                    model.read_noise_max)  # Eq. 10
 
