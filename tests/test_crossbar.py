@@ -345,6 +345,30 @@ def test_mvm_error_of_the_standard_model():
     assert 0.09 < total < 0.13 and total < year < 0.25
 
 
+def test_paper_mvm_error_with_aihwkit_conventions():
+    # MODEL.md 7 quotes about 15 % for the standard model without drift. The faithful model of
+    # MODEL.md (column scales, read noise from t = 0) gives about 11 %; the paper's figure is met
+    # with the conventions of its public implementation: devices read right after programming
+    # carry t0 = 20 s of 1/f noise with Q_s from g_P, and one weight scale per tile.
+    cfg = CrossbarConfig(columnwise_scaling=False)
+    eps = mvm_error(cfg, device="rasch2023-aihwkit", t=0.0, n_inputs=200)
+    assert 0.135 < eps < 0.155
+    faithful = mvm_error(CrossbarConfig(), device="rasch2023", t=None, n_inputs=200)
+    assert faithful < eps - 0.02
+
+
+def test_tile_wise_scaling_shares_one_gamma_per_tile():
+    w = torch.randn(6, 10, dtype=torch.float64)
+    tiles, gamma = map_weights(w, [4, 6], columnwise=False)
+    assert torch.all(gamma[0] == w[:, :4].abs().max()) and torch.all(gamma[1] == w[:, 4:].abs().max())
+    torch.testing.assert_close(torch.cat([t * g[:, None] for t, g in zip(tiles, gamma)], 1), w)
+    assert max(t.abs().max() for t in tiles) == 1.0
+    arr = AnalogArray(w.numpy(), CrossbarConfig.ideal(columnwise_scaling=False, max_rows=6),
+                      device=None)
+    x = np.random.default_rng(0).normal(size=(3, 10))
+    np.testing.assert_allclose(arr.mvm(x), x @ w.numpy().T, rtol=1e-9, atol=1e-9)
+
+
 def test_cli_mvm_error(capsys):
     from aimc_device.cli import main
 

@@ -12,11 +12,12 @@ import json
 
 
 def _parse_value(text: str):
-    """A --set value: JSON (numbers, true/false, null), else the plain string."""
+    """A --set value: JSON (numbers, true/false, null), Python's True/False/None, else the
+    plain string."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
-        return {"none": None, "None": None}.get(text, text)
+        return {"none": None, "None": None, "True": True, "False": False}.get(text, text)
 
 
 def _config(settings):

@@ -113,7 +113,8 @@ class AnalogArray:
                 raise ValueError(f"tile_sizes = {self.tile_sizes}: must add up to the "
                                  f"{W.shape[1]} inputs, each in [1, max_rows={self.cfg.max_rows}]")
         self.slices = tile_slices(self.tile_sizes)
-        w_tiles, self.gamma = map_weights(W, self.tile_sizes)  # MODEL.md sec. 1
+        w_tiles, self.gamma = map_weights(W, self.tile_sizes,
+                                          self.cfg.columnwise_scaling)  # MODEL.md sec. 1
         self.w_target = torch.cat(w_tiles, dim=1)
         self._g_target, self._sign = conductance_targets(self.w_target, self.cfg.g_max)
         self.bias = None if bias is None else _to_tensor(bias, "bias", W.dtype, W.device)

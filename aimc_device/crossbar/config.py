@@ -101,6 +101,11 @@ class CrossbarConfig:
         Read-polarity asymmetry sigma_a, dimensionless: during the negative-input read phase a
         weight reads as w~ (1 + a), a ~ Normal(0, sigma_a) drawn once at programming
         (MODEL.md sec. 4, faults). 0 in [1].
+    columnwise_scaling : bool
+        True: one scale per column of each tile, gamma_i = max_j |w_ij| (MODEL.md sec. 1, [1]).
+        False: one scale per tile, its largest |w| (what IBM aihwkit calls
+        ``weight_scaling_columnwise=False``): small columns then use a smaller part of the
+        conductance range and see more relative device noise.
     """
 
     max_rows: int = 512
@@ -124,6 +129,7 @@ class CrossbarConfig:
     bound_management: str = "none"
     bound_management_iters: int = 3
     asymmetry: float = 0.0
+    columnwise_scaling: bool = True
 
     #: Unit of each numeric field ("1": dimensionless or normalised units).
     UNITS: ClassVar[dict[str, str]] = {
@@ -203,7 +209,7 @@ class CrossbarConfig:
             v = getattr(self, name)
             if v < 0 or math.isinf(v):
                 raise bad(name, "must be finite and >= 0")
-        for name in ("s_adc", "aux_bfloat16"):
+        for name in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         if self.drift_compensation not in DRIFT_COMPENSATION_CHOICES:
@@ -293,7 +299,7 @@ class CrossbarConfig:
             if v == "none" and k in ("inp_bits", "out_bits", "drift_compensation"):
                 v = None
             d[k] = v
-        for k in ("s_adc", "aux_bfloat16"):
+        for k in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
             if k in d:
                 d[k] = bool(d[k])
         return cls(**d)

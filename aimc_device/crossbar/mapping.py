@@ -38,16 +38,19 @@ def tile_slices(tile_sizes) -> list[slice]:
     return out
 
 
-def map_weights(W: torch.Tensor, tile_sizes) -> tuple[list[torch.Tensor], torch.Tensor]:
+def map_weights(W: torch.Tensor, tile_sizes,
+                columnwise: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Column-wise mapping of a weight matrix onto tiles (MODEL.md sec. 1).
 
     For tile k with inputs J_k: gamma_ki = max_{j in J_k} |w_ij|, w~_ij = w_ij / gamma_ki, so
-    w~ lies in [-1, 1]. A column of zeros gets gamma = 0 and w~ = 0.
+    w~ lies in [-1, 1]. A column of zeros gets gamma = 0 and w~ = 0. With ``columnwise=False``
+    every column of tile k shares gamma_k = max_{i, j in J_k} |w_ij|.
 
     Parameters
     ----------
     W : torch.Tensor, weights (out, in), any unit
     tile_sizes : sequence of int, inputs per tile, summing to ``in``
+    columnwise : bool, one scale per column (True) or per tile (False)
 
     Returns
     -------
@@ -64,6 +67,8 @@ def map_weights(W: torch.Tensor, tile_sizes) -> tuple[list[torch.Tensor], torch.
     for sl in tile_slices(sizes):
         block = W[:, sl]
         gamma = block.abs().amax(dim=1)  # gamma_i = max_j |w_ij|
+        if not columnwise:
+            gamma = gamma.amax().expand_as(gamma).clone()  # one scale for the tile
         safe = torch.where(gamma > 0, gamma, torch.ones_like(gamma))
         w_tiles.append(block / safe[:, None])
         gammas.append(gamma)

@@ -116,7 +116,7 @@ class AnalogTile(nn.Module):
         if weight.shape != (self.out_features, self.in_features):
             raise ValueError(f"weight: expected shape {(self.out_features, self.in_features)}, "
                              f"got {tuple(weight.shape)}")
-        w_tiles, gamma = map_weights(weight, self.tile_sizes)
+        w_tiles, gamma = map_weights(weight, self.tile_sizes, self.cfg.columnwise_scaling)
         self.weight.copy_(torch.cat(list(w_tiles), dim=1))
         self.gamma.copy_(gamma)
         self.kappa.fill_(self._kappa0)
@@ -136,10 +136,13 @@ class AnalogTile(nn.Module):
 
     @torch.no_grad()
     def remap(self) -> None:
-        """Column-wise remapping: rescale w~ so each column of each tile spans [-1, 1]."""
+        """Remapping: rescale w~ so each column of each tile spans [-1, 1] (with
+        ``cfg.columnwise_scaling`` False, so that each tile does)."""
         parts = torch.split(self.weight, self.tile_sizes, dim=1)
         for k, p in enumerate(parts):
             m = p.abs().amax(dim=1).clamp_min(torch.finfo(p.dtype).tiny)
+            if not self.cfg.columnwise_scaling:
+                m = m.amax().expand_as(m)
             p.div_(m.unsqueeze(1))
             self.gamma[k].mul_(m)
 
