@@ -287,3 +287,22 @@ def test_perturb_tensor_cpu_no_copy_and_dtype():
     out = perturb_tensor(g, MODEL, rng=0)
     assert out.dtype == torch.float32 and out.shape == g.shape
     torch.testing.assert_close(out, perturb_tensor(g, MODEL, rng=0))
+
+
+def test_paired_variates_of_programming_are_normal_and_independent():
+    # Programming draws its two variates (programming error, drift exponent) from the two
+    # 32-bit halves of one hash (a 23-bit-mantissa ziggurat): check both, their tails and
+    # their independence on 400k devices.
+    m = MODEL.replace(drift_std_bounds=(0.01, 0.01), drift_mean_bounds=(0.05, 0.05))
+    n = 400_000
+    g = np.full(n, 0.5 * G_MAX)
+    s = pcm.program(g, m, rng=2024)
+    z1 = (s.g_prog - g) / ref_sigma_p(g)
+    z2 = (s.nu - 0.05) / 0.01
+    r = 3.6541528853610088
+    expect = 2 * stats.norm.sf(r)
+    for z in (z1, z2):
+        assert stats.kstest(z, "norm").pvalue > 1e-3
+        assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+        assert abs(np.mean(np.abs(z) > r) - expect) < 5 * np.sqrt(expect / n)
+    assert abs(np.corrcoef(z1, z2)[0, 1]) < 5 / np.sqrt(n)

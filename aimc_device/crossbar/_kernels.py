@@ -20,83 +20,47 @@ import numpy as np
 from numba import prange
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
-from ..pcm._kernels import _FI, _KI, _WI, _ZIG_R, _hash, _uniform, normal
+from ..pcm._kernels import FAST as _FAST
+from ..pcm._kernels import _hash, half_normal
 
 #: Stream number of the per-MVM draws (the PCM sampler uses streams 0-2 of 4).
 STREAM_MVM = np.uint64(3)
 
-_MASK8 = np.uint64(0xFF)
-_MASK52 = np.uint64(0x000FFFFFFFFFFFFF)
-_S8, _S9 = np.uint64(8), np.uint64(9)
-# Counter spaces, disjoint from each other and from the device sampler's (index*4+stream)*64+j:
-_FAST = np.uint64(1) << np.uint64(63)  # first attempt of element i: _FAST + i
-_RETRY = _FAST + (np.uint64(1) << np.uint64(62))  # its wedge / tail draws: _RETRY + 64 i + k
-_SIX = np.uint64(6)
-
-
-# 23-bit-mantissa versions of the ziggurat tables: one 64-bit hash gives two variates.
-_KI23 = (_KI >> np.uint64(29)).astype(np.uint64)
-_WI23 = _WI * float(2 ** 29)
-_M23 = np.uint64(0x7FFFFF)
 _S32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
-
-
-@nb.njit("float64(uint64, uint64, intp, float64, boolean)", cache=True)
-def _finish(key, ctr, idx, x, neg):  # pragma: no cover - via tests
-    """Complete a ziggurat attempt outside the rectangle: wedge or tail test of [1], else an
-    independent full retry. ``ctr`` is the element's counter; its draws use counters of its own."""
-    base = _RETRY + (ctr << _SIX)
-    if idx == 0:  # tail beyond R
-        for j in range(31):
-            xx = -math.log1p(-_uniform(key, base + np.uint64(2 * j + 1))) / _ZIG_R
-            yy = -math.log1p(-_uniform(key, base + np.uint64(2 * j + 2)))
-            if yy + yy > xx * xx:
-                return -(_ZIG_R + xx) if neg else _ZIG_R + xx
-    elif (_FI[idx - 1] - _FI[idx]) * _uniform(key, base) + _FI[idx] < math.exp(-0.5 * x * x):
-        return -x if neg else x  # wedge
-    return normal(key, ctr, STREAM_MVM)  # rejected: an independent full retry (own counters)
-
-
-@nb.njit("float64(uint64, uint64, uint64)", cache=True, inline="always")
-def _half_normal(key, half, ctr):  # pragma: no cover - via tests
-    """N(0, 1) from 32 random bits (8 layer, 1 sign, 23 mantissa) for element counter ctr."""
-    idx = np.intp(half & _MASK8)
-    rabs = (half >> _S9) & _M23
-    x = float(np.int64(rabs)) * _WI23[idx]
-    neg = ((half >> _S8) & np.uint64(1)) == np.uint64(1)
-    if rabs < _KI23[idx]:
-        return -x if neg else x
-    return _finish(key, ctr, idx, x, neg)
 
 
 _ROW_SIG = [
     "void(intp, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, float64, "
     "float64, float64, float64, float64, float64, {t}[::1], {t}[::1], uint64, boolean, "
-    "{t}[:, ::1])".format(t=t)
+    "{t}[:, ::1], float64[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
-_SIG = [sig.replace("void(intp, ", "void(") for sig in _ROW_SIG]
+_SIG = [sig.replace("void(intp, ", "void(").replace(", float64[::1])", ")") for sig in _ROW_SIG]
+#: Rows per work item of the parallel kernel (one scratch buffer each).
+_ROWS_PER_ITEM = 8
 
 
 @nb.njit(_ROW_SIG, cache=True, fastmath=True, inline="always")
 def _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-               levels, row_f, col_f, key, accumulate, out):  # pragma: no cover - via tests
-    """Row b of :func:`output_stage`."""
+               levels, row_f, col_f, key, accumulate, out, noise):  # pragma: no cover - via tests
+    """Row b of :func:`output_stage`; ``noise`` is a scratch buffer of the row's length."""
     nc = z.shape[1]
     on2 = out_noise * out_noise
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
     rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]
-    noise = np.zeros(nc)
-    if on2 > 0.0 or has_st:  # standard normals first: one hash, two variates (i, i + 1)
+    if not (on2 > 0.0 or has_st):
+        noise[:] = 0.0
+    else:  # standard normals first: one hash, two variates (i, i + 1)
         half_nc = (nc + 1) // 2
         for h in range(half_nc):
             r = _hash(key, _FAST + np.uint64(b * half_nc + h))
             i = 2 * h
-            noise[i] = _half_normal(key, r & _MASK32, np.uint64(b * nc + i))
+            noise[i] = half_normal(key, r & _MASK32, np.uint64(b * nc + i), STREAM_MVM)
             if i + 1 < nc:
-                noise[i + 1] = _half_normal(key, r >> _S32, np.uint64(b * nc + i + 1))
+                noise[i + 1] = half_normal(key, r >> _S32, np.uint64(b * nc + i + 1),
+                                           STREAM_MVM)
     for i in range(nc):  # then one branch-free (vectorisable) pass
         v = z[b, i] * unit  # Eq. 2, signal
         if has_ir:
@@ -129,9 +93,12 @@ def output_stage_parallel(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
     The draws depend on (key, row, column) only: same key, same numbers on any thread count.
     """
-    for b in prange(z.shape[0]):
-        _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-                   levels, row_f, col_f, key, accumulate, out)
+    n_rows = z.shape[0]
+    for item in prange((n_rows + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM):
+        noise = np.empty(z.shape[1])
+        for b in range(item * _ROWS_PER_ITEM, min(n_rows, (item + 1) * _ROWS_PER_ITEM)):
+            _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k,
+                       s_out, levels, row_f, col_f, key, accumulate, out, noise)
 
 
 @nb.njit(_SIG, cache=True)
@@ -139,9 +106,10 @@ def output_stage_serial(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_n
                         s_out, levels, row_f, col_f, key, accumulate,
                         out):  # pragma: no cover - via tests
     """:func:`output_stage_parallel` on one thread (small batches: no thread start-up)."""
+    noise = np.empty(z.shape[1])
     for b in range(z.shape[0]):
         _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-                   levels, row_f, col_f, key, accumulate, out)
+                   levels, row_f, col_f, key, accumulate, out, noise)
 
 
 #: Outputs per call above which the parallel kernel is used.

@@ -118,6 +118,57 @@ def normal(key, index, stream):
     return x  # unreachable in practice (probability < 1e-60)
 
 
+# --- Two variates per hash: 32 random bits each (8 layer, 1 sign, 23 mantissa bits). ---------
+# Used where 2^-23 resolution of the underlying uniform is ample (noise amplitudes).
+_KI23 = (_KI >> np.uint64(29)).astype(np.uint64)
+_WI23 = _WI * float(2 ** 29)
+_M23 = np.uint64(0x7FFFFF)
+_S9 = np.uint64(9)
+_S32 = np.uint64(32)
+_MASK32 = np.uint64(0xFFFFFFFF)
+_SIX = np.uint64(6)
+# Counter spaces, disjoint from each other and from normal()'s (index * 4 + stream) * 64 + j:
+FAST = np.uint64(1) << np.uint64(63)  # the one hash of element i: FAST + i
+_RETRY = FAST + (np.uint64(1) << np.uint64(62))  # wedge / tail draws of variate c: _RETRY + 64 c
+
+
+@nb.njit("float64(uint64, uint64, intp, float64, boolean, uint64)", cache=True)
+def _finish(key, ctr, idx, x, neg, stream):  # pragma: no cover - via tests
+    """Complete a 32-bit ziggurat attempt outside the rectangle: the wedge or tail test of [1],
+    else an independent full retry with :func:`normal`. ``ctr`` numbers the variate."""
+    base = _RETRY + (ctr << _SIX)
+    if idx == 0:  # tail beyond R
+        for j in range(31):
+            xx = -math.log1p(-_uniform(key, base + np.uint64(2 * j + 1))) / _ZIG_R
+            yy = -math.log1p(-_uniform(key, base + np.uint64(2 * j + 2)))
+            if yy + yy > xx * xx:
+                return -(_ZIG_R + xx) if neg else _ZIG_R + xx
+    elif (_FI[idx - 1] - _FI[idx]) * _uniform(key, base) + _FI[idx] < math.exp(-0.5 * x * x):
+        return -x if neg else x  # wedge
+    return normal(key, ctr, stream)  # rejected: an independent full retry (own counters)
+
+
+@nb.njit("float64(uint64, uint64, uint64, uint64)", cache=True, inline="always")
+def half_normal(key, half, ctr, stream):  # pragma: no cover - via tests
+    """N(0, 1) from the 32 random bits ``half`` (8 layer, 1 sign, 23 mantissa) of variate ctr."""
+    idx = np.intp(half & _MASK8)
+    rabs = (half >> _S9) & _M23
+    x = float(np.int64(rabs)) * _WI23[idx]
+    neg = ((half >> _S8) & np.uint64(1)) == np.uint64(1)
+    if rabs < _KI23[idx]:
+        return -x if neg else x
+    return _finish(key, ctr, idx, x, neg, stream)
+
+
+@nb.njit("UniTuple(float64, 2)(uint64, uint64, uint64)", cache=True, inline="always")
+def normal_pair(key, index, stream):  # pragma: no cover - via tests
+    """Two independent N(0, 1) variates for element ``index`` from one 64-bit hash."""
+    r = _hash(key, FAST + index)
+    c = index << _S1
+    return (half_normal(key, r & _MASK32, c, stream),
+            half_normal(key, r >> _S32, c + _ONE, stream))
+
+
 @nb.njit(
     [
         "void(float32[::1], float64[::1], uint64, float64[::1])",
@@ -158,13 +209,12 @@ def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, s
         g = abs(g_target[i])
         x = g / g_max
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
-        ui = np.uint64(i)
-        gp = g + sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM))
-        g_prog[i] = max(gp, 0.0)
+        z_prog, z_drift = normal_pair(key, np.uint64(i), np.uint64(STREAM_PROGRAM))
+        g_prog[i] = max(g + sig_p * z_prog, 0.0)
         lnx = math.log(max(x, floor))
         mu = min(max(ma * lnx + mb, mlo), mhi)  # Eq. 9
         sd = min(max(sa * lnx + sb, slo), shi)
-        nu[i] = mu + sd * normal(key, ui, np.uint64(STREAM_DRIFT))
+        nu[i] = mu + sd * z_drift
 
 
 _READ_SIG = [
@@ -214,7 +264,5 @@ def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_fact
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
         q = min(q_coeff * math.exp(q_exp * math.log(max(x, floor))), q_max)  # Eq. 10
         sig_r = a * q * time_factor  # Eq. 11 at g_D = g (no drift)
-        ui = np.uint64(i)
-        noise = sig_p * normal(key, ui, np.uint64(STREAM_PROGRAM)) + sig_r * normal(
-            key, ui, np.uint64(STREAM_READ))
-        out[i] = g + scale * noise
+        z_prog, z_read = normal_pair(key, np.uint64(i), np.uint64(STREAM_PROGRAM))
+        out[i] = g + scale * (sig_p * z_prog + sig_r * z_read)
