@@ -306,3 +306,17 @@ def test_paired_variates_of_programming_are_normal_and_independent():
         assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.var() - 1) < 5 * np.sqrt(2 / n)
         assert abs(np.mean(np.abs(z) > r) - expect) < 5 * np.sqrt(expect / n)
     assert abs(np.corrcoef(z1, z2)[0, 1]) < 5 / np.sqrt(n)
+
+
+def test_read_with_other_read_noise_parameters_recomputes_q():
+    # Q_s is computed once at programming; a read with a model of other read-noise parameters
+    # must use that model's Q_s (here twice the coefficient: twice the noise).
+    n = 50_000
+    g = np.full(n, 0.3 * G_MAX)
+    s = pcm.program(g, MODEL, rng=5)
+    other = MODEL.replace(read_noise_coeff=2 * MODEL.read_noise_coeff)
+    g_d = s.g_prog * ((3620.0 / 20.0) ** (-s.nu))
+    z = (pcm.read(s, 3600.0, other, rng=6) - g_d) / ref_read_std(g_d, g, 3600.0)
+    assert np.std(z) == pytest.approx(2.0, rel=0.02)
+    z = (pcm.read(s, 3600.0, MODEL, rng=6) - g_d) / ref_read_std(g_d, g, 3600.0)
+    assert np.std(z) == pytest.approx(1.0, rel=0.02)

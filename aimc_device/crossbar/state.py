@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..pcm import ProgrammedState
+from ..pcm.devices import read_noise_key
 from .array import AnalogArray
 
 __all__ = ["export_state", "import_state"]
@@ -32,6 +33,8 @@ def export_state(array: AnalogArray) -> dict[str, torch.Tensor]:
         out["nu"] = torch.from_numpy(st.nu.copy())
         if st.stuck is not None:
             out["stuck"] = torch.from_numpy(st.stuck.copy())
+        if st.q_read is not None:
+            out["q_read"] = torch.from_numpy(st.q_read.copy())
     elif isinstance(st, tuple):
         out["g_prog"], out["nu"] = (t.detach().clone() for t in st)
     if array.asymmetry is not None:
@@ -57,10 +60,13 @@ def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogAr
     gen.set_state(state["mvm_rng"].cpu())
     array._gen = gen
     if "g_prog" in state and w.device.type == "cpu":
+        q_read = state["q_read"].numpy().copy() if "q_read" in state else None
         array._state = ProgrammedState(
             g_target=array._g_target.numpy().copy(),
             g_prog=state["g_prog"].numpy().copy(), nu=state["nu"].numpy().copy(),
-            stuck=state["stuck"].numpy().copy() if "stuck" in state else None)
+            stuck=state["stuck"].numpy().copy() if "stuck" in state else None,
+            q_read=q_read,
+            q_model=read_noise_key(array.device_model) if q_read is not None else None)
     elif "g_prog" in state:
         array._state = (state["g_prog"].to(w.device), state["nu"].to(w.device))
     else:

@@ -191,18 +191,19 @@ def standard_normal_fill(dummy, out_scale, key, out):  # pragma: no cover - exer
 # dtype, so float32 devices take float32 logs and exponentials (twice as fast) and float64
 # devices keep float64 throughout. ``floor`` is the smallest relative conductance put into a log.
 _PROGRAM_SIG = [
-    "void({t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
-    "{t}[::1], {t}[::1])".format(t=t)
+    "void({t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, "
+    "boolean, {t}, uint64, {t}[::1], {t}[::1], {t}[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
 
 
 @nb.njit(_PROGRAM_SIG, cache=True, parallel=True, fastmath=False)
-def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, floor, key,
-                   g_prog, nu):
-    """Programming (Eq. 7, clipped at 0) and drift-exponent draw (Eq. 9), fused.
+def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi, q_coeff,
+                   q_exp, q_max, q_from_programmed, floor, key, g_prog, nu, q):
+    """Programming (Eq. 7, clipped at 0), drift-exponent draw (Eq. 9) and the device's
+    read-noise amplitude Q_s (Eq. 10, of the target or of g_P), fused.
 
-    g_target, g_prog [S]; nu dimensionless; the other scalars as in PCMModel.
+    g_target, g_prog [S]; nu, q dimensionless; the other scalars as in PCMModel.
     """
     n = g_target.shape[0]
     for i in prange(n):
@@ -210,34 +211,34 @@ def program_kernel(g_target, g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, s
         x = g / g_max
         sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
         z_prog, z_drift = normal_pair(key, np.uint64(i), np.uint64(STREAM_PROGRAM))
-        g_prog[i] = max(g + sig_p * z_prog, 0.0)
+        gp = max(g + sig_p * z_prog, 0.0)
+        g_prog[i] = gp
         lnx = math.log(max(x, floor))
         mu = min(max(ma * lnx + mb, mlo), mhi)  # Eq. 9
         sd = min(max(sa * lnx + sb, slo), shi)
         nu[i] = mu + sd * z_drift
+        if q_from_programmed:
+            lnx = math.log(max(g_prog[i] / g_max, floor))
+        q[i] = min(q_coeff * math.exp(q_exp * lnx), q_max)  # Eq. 10
 
 
 _READ_SIG = [
-    "void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
-    "{t}[::1])".format(t=t)
+    "void({t}[::1], {t}[::1], {t}[::1], {t}, {t}, uint64, {t}[::1])".format(t=t)
     for t in ("float32", "float64")
 ]
 
 
 @nb.njit(_READ_SIG, cache=True, parallel=True, fastmath=False)
-def read_kernel(g_ref, g_prog, nu, log_drift, time_factor, g_max, q_coeff, q_exp, q_max, floor,
-                key, out):
-    """Drift (Eq. 8) and 1/f read noise (Eqs. 10-12), fused; result clipped at 0 (Eq. 12).
+def read_kernel(g_prog, nu, q, log_drift, time_factor, key, out):
+    """Drift (Eq. 8) and 1/f read noise (Eqs. 11-12), fused; result clipped at 0 (Eq. 12).
 
-    g_ref [S] sets Q_s; g_prog [S]; nu dimensionless; log_drift = ln((t + t0)/t0);
+    g_prog [S]; nu, q (= Q_s, Eq. 10) dimensionless; log_drift = ln((t + t0)/t0);
     time_factor = sqrt(ln((t_eff + T_read)/(2 T_read))); out [S].
     """
     n = g_prog.shape[0]
     for i in prange(n):
         gd = g_prog[i] * math.exp(-nu[i] * log_drift)  # Eq. 8
-        x = max(abs(g_ref[i]) / g_max, floor)
-        q = min(q_coeff * math.exp(q_exp * math.log(x)), q_max)  # Eq. 10
-        sig = abs(gd) * q * time_factor  # Eq. 11
+        sig = abs(gd) * q[i] * time_factor  # Eq. 11
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
 

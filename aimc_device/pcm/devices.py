@@ -16,7 +16,7 @@ import numpy as np
 
 from .._random import derive_key
 from . import _kernels as K
-from .formulas import X_FLOOR, read_noise_time_factor
+from .formulas import X_FLOOR, read_noise_q, read_noise_time_factor
 from .params import PCMModel
 
 __all__ = ["ProgrammedState", "program", "read", "perturb", "check_conductance"]
@@ -57,16 +57,28 @@ class ProgrammedState:
     g_prog : ndarray, programmed conductance right after programming, g_P [S] (Eq. 7, >= 0)
     nu : ndarray, drift exponent per device, dimensionless (Eq. 9)
     stuck : ndarray of bool or None, devices stuck at their programmed value (faults)
+    q_read : ndarray or None, the device's relative read-noise amplitude Q_s (Eq. 10),
+        dimensionless, computed at programming for the model ``q_model`` names; :func:`read`
+        uses it when it reads with a model of the same read-noise parameters, else recomputes
+    q_model : tuple or None, (g_max, coefficient, exponent, cap, reference) behind ``q_read``
     """
 
     g_target: np.ndarray
     g_prog: np.ndarray
     nu: np.ndarray
     stuck: np.ndarray | None = None
+    q_read: np.ndarray | None = None
+    q_model: tuple | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         return self.g_target.shape
+
+
+def read_noise_key(model: PCMModel) -> tuple:
+    """The parameters of a model that the read-noise amplitude Q_s depends on."""
+    return (model.g_max, model.read_noise_coeff, model.read_noise_exponent,
+            model.read_noise_max, model.read_noise_reference)
 
 
 def _flat(a: np.ndarray, dtype) -> np.ndarray:
@@ -97,11 +109,13 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
     flat = _flat(g, dtype)
     g_prog = np.empty_like(flat)
     nu = np.empty_like(flat)
+    q = np.empty_like(flat)
     c0, c1, c2 = model.prog_coeffs
     (ma, mb), (mlo, mhi) = model.drift_mean_coeffs, model.drift_mean_bounds
     (sa, sb), (slo, shi) = model.drift_std_coeffs, model.drift_std_bounds
     K.program_kernel(flat, model.g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi,
-                     X_FLOOR, key, g_prog, nu)
+                     model.read_noise_coeff, model.read_noise_exponent, model.read_noise_max,
+                     model.read_noise_reference == "programmed", X_FLOOR, key, g_prog, nu, q)
     stuck = None
     if model.has_faults:
         fgen = np.random.default_rng([int(key), 0xFA17])  # faults: their own stream of the key
@@ -117,7 +131,8 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
         nu[stuck_flat] = 0.0
         stuck = stuck_flat.reshape(shape)
     return ProgrammedState(g_target=np.array(g, copy=True),
-                           g_prog=g_prog.reshape(shape), nu=nu.reshape(shape), stuck=stuck)
+                           g_prog=g_prog.reshape(shape), nu=nu.reshape(shape), stuck=stuck,
+                           q_read=q.reshape(shape), q_model=read_noise_key(model))
 
 
 def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndarray:
@@ -145,12 +160,14 @@ def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndar
     dtype = state.g_prog.dtype
     g_prog = _flat(state.g_prog, dtype)
     nu = _flat(state.nu, dtype)
-    g_ref = _flat(state.g_target if model.read_noise_reference == "target" else state.g_prog,
-                  dtype)
+    if state.q_read is not None and state.q_model == read_noise_key(model):
+        q = _flat(state.q_read, dtype)
+    else:  # programmed with other read-noise parameters (or restored without Q_s)
+        g_ref = state.g_target if model.read_noise_reference == "target" else state.g_prog
+        q = _flat(read_noise_q(np.asarray(g_ref, dtype=np.float64) / model.g_max, model), dtype)
     out = np.empty_like(g_prog)
-    K.read_kernel(g_ref, g_prog, nu, float(np.log((t + model.t0) / model.t0)),
-                  read_noise_time_factor(t, model), model.g_max, model.read_noise_coeff,
-                  model.read_noise_exponent, model.read_noise_max, X_FLOOR, key, out)
+    K.read_kernel(g_prog, nu, q, float(np.log((t + model.t0) / model.t0)),
+                  read_noise_time_factor(t, model), key, out)
     if state.stuck is not None:
         s = state.stuck.reshape(-1)
         out[s] = g_prog[s]
