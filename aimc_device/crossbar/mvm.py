@@ -287,6 +287,9 @@ def _empty(dtype):
     return e
 
 
+_ONES = {torch.float32: np.ones(1, dtype=np.float32), torch.float64: np.ones(1)}
+
+
 def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     """One tile on CPU without gradient: stacked GEMMs and the fused Numba output stage."""
     b, n = xk.shape
@@ -299,9 +302,9 @@ def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
         row_f = a.reshape(-1).contiguous()
         col_f = scale_k.contiguous()
     else:
-        a = alpha_k
-        row_f = torch.ones(1, dtype=dt)
-        col_f = (scale_k * alpha_k).contiguous()
+        a = float(alpha_k)  # a scalar: no tensor arithmetic on the way
+        row_f = _ONES[dt]
+        col_f = (scale_k * a).contiguous()
     aux16 = cfg.aux_bfloat16 and dt == torch.float32 and (need_ir or need_st)
     buf = torch.empty(((2 if need_ir and not aux16 else 1) * b, n), dtype=dt)
     lev = buf[:b]
@@ -343,7 +346,8 @@ def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     key = np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
     _K.output_stage(zn[:b], w_px.numpy() if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
                     cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
-                    row_f.numpy(), col_f.numpy(), key, bool(accumulate), out.numpy())
+                    row_f if isinstance(row_f, np.ndarray) else row_f.numpy(), col_f.numpy(), key,
+                    bool(accumulate), out.numpy())
 
 
 def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
