@@ -26,7 +26,7 @@ import numba
 import numpy as np
 import xarray as xr
 
-from ..io import default_chunk_devices, device_chunk_reader
+from ..io import campaign_chunk_devices, device_chunk_reader
 from ..io.measurements import (CONDUCTANCE_UNITS, TIME_UNITS, _check_conductance, _check_dataset,
                                _root_quantity)
 from ..pcm import PCMModel
@@ -205,11 +205,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
                        source=where)
     w, v = _drift_weights(st.drift_log_time)
     n = g_target.shape[0]
-    if chunk_devices is None:
-        chunks = getattr(ds["g"].data, "chunks", None)
-        chunk_devices = (chunks[0][0] if chunks else
-                         default_chunk_devices(time.size, repeats, ds["g"].dtype.itemsize))
-    chunk_devices = max(1, int(chunk_devices))
+    chunk_devices = campaign_chunk_devices(ds, chunk_devices)
     read = device_chunk_reader(ds)
     starts = range(0, n, chunk_devices)
     bar = None

@@ -365,6 +365,17 @@ def device_chunk_reader(ds: xr.Dataset):
     return read
 
 
+def campaign_chunk_devices(ds: xr.Dataset, chunk_devices: int | None = None) -> int:
+    """Devices per streamed chunk: ``chunk_devices`` if given, else the dask chunking of ``g``,
+    else about 16 MiB of ``g``."""
+    if chunk_devices is None:
+        chunks = getattr(ds["g"].data, "chunks", None)
+        chunk_devices = (chunks[0][0] if chunks else
+                         default_chunk_devices(ds.sizes["time"], ds.sizes["repeat"],
+                                               ds["g"].dtype.itemsize))
+    return max(1, int(chunk_devices))
+
+
 def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None,
                        check: bool = True) -> Iterator[tuple[int, int, np.ndarray]]:
     """Yield ``(start, stop, g[start:stop])`` of a campaign as numpy arrays, chunk by chunk.
@@ -384,12 +395,7 @@ def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None,
     """
     where = ds.attrs.get("source_file", "<Dataset>")
     n = ds.sizes["device"]
-    if chunk_devices is None:
-        chunks = getattr(ds["g"].data, "chunks", None)
-        chunk_devices = (chunks[0][0] if chunks else
-                         default_chunk_devices(ds.sizes["time"], ds.sizes["repeat"],
-                                               ds["g"].dtype.itemsize))
-    chunk_devices = max(1, int(chunk_devices))
+    chunk_devices = campaign_chunk_devices(ds, chunk_devices)
     read = device_chunk_reader(ds)
     for start in range(0, n, chunk_devices):
         stop = min(n, start + chunk_devices)
