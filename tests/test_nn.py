@@ -3,7 +3,6 @@ state_dict, determinism, evaluation over time and DDP."""
 from __future__ import annotations
 
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -248,11 +247,12 @@ def test_to_dtype_and_no_grad():
     assert y.dtype == torch.float64 and not y.requires_grad
 
 
-def _ddp_worker(rank, world, port, out):
+def _ddp_worker(rank, world, out):
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file store: no TCP port to race for
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank,
+                            world_size=world)
     try:
         model = anl.convert(_mlp(0), STD, DEV, rng=0)
         ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -266,20 +266,16 @@ def _ddp_worker(rank, world, port, out):
             opt.step()
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
                    f"{out}/rank{rank}.pt")
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.slow
 def test_distributed_data_parallel_two_processes(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     s0, s1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     for k in s0:  # gradients were averaged: both replicas hold the same parameters
         torch.testing.assert_close(s0[k], s1[k], rtol=1e-6, atol=1e-7)
