@@ -360,7 +360,8 @@ def test_paper_mvm_error_with_aihwkit_conventions():
 def test_tile_wise_scaling_shares_one_gamma_per_tile():
     w = torch.randn(6, 10, dtype=torch.float64)
     tiles, gamma = map_weights(w, [4, 6], columnwise=False)
-    assert torch.all(gamma[0] == w[:, :4].abs().max()) and torch.all(gamma[1] == w[:, 4:].abs().max())
+    assert torch.all(gamma[0] == w[:, :4].abs().max())
+    assert torch.all(gamma[1] == w[:, 4:].abs().max())
     torch.testing.assert_close(torch.cat([t * g[:, None] for t, g in zip(tiles, gamma)], 1), w)
     assert max(t.abs().max() for t in tiles) == 1.0
     arr = AnalogArray(w.numpy(), CrossbarConfig.ideal(columnwise_scaling=False, max_rows=6),

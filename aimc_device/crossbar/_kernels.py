@@ -23,7 +23,7 @@ from numba import prange
 from ..pcm._kernels import FAST as _FAST
 from ..pcm._kernels import _hash, half_normal
 
-#: Stream number of the per-MVM draws (the PCM sampler uses streams 0-2 of 4).
+#: Stream number of the per-MVM draws (the PCM sampler uses streams 0 and 2 of 4).
 STREAM_MVM = np.uint64(3)
 
 _S32 = np.uint64(32)

@@ -17,26 +17,30 @@ __all__ = ["export_state", "import_state"]
 
 
 def export_state(array: AnalogArray) -> dict[str, torch.Tensor]:
-    """The programmed state of ``array`` as tensors (empty dict before programming)."""
+    """The programmed state of ``array`` as tensors (empty dict before programming).
+
+    The tensors share memory with the array (no copies: a drift re-exports cheaply). That is
+    safe because the array never changes them in place, it replaces them.
+    """
     if array._s_ref is None:
         return {}
     out = {
-        "w": array._w.detach().clone(),
-        "comp": array.comp.detach().clone(),
-        "s_ref": array._s_ref.detach().clone(),
+        "w": array._w.detach(),
+        "comp": array.comp.detach(),
+        "s_ref": array._s_ref.detach(),
         "t": torch.tensor(float(array.t)),
         "mvm_rng": array._gen.get_state(),
     }
     st = array._state
     if isinstance(st, ProgrammedState):
-        out["g_prog"] = torch.from_numpy(st.g_prog.copy())
-        out["nu"] = torch.from_numpy(st.nu.copy())
+        out["g_prog"] = torch.from_numpy(st.g_prog)
+        out["nu"] = torch.from_numpy(st.nu)
         if st.stuck is not None:
-            out["stuck"] = torch.from_numpy(st.stuck.copy())
+            out["stuck"] = torch.from_numpy(st.stuck)
         if st.q_read is not None:
-            out["q_read"] = torch.from_numpy(st.q_read.copy())
+            out["q_read"] = torch.from_numpy(st.q_read)
     elif isinstance(st, tuple):
-        out["g_prog"], out["nu"] = (t.detach().clone() for t in st)
+        out["g_prog"], out["nu"] = (t.detach() for t in st)
     if array.asymmetry is not None:
         out["asymmetry"] = torch.cat(array.asymmetry, dim=1)
     if array.zeta is not None:

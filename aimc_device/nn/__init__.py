@@ -18,7 +18,13 @@ from .convert import (
     reseed,
     set_noise_scale,
 )
-from .evaluation import PAPER_TIMES, classification_error, evaluate_over_time, normalized_accuracy
+from .evaluation import (
+    PAPER_TIMES,
+    classification_error,
+    evaluate_over_time,
+    normalized_accuracy,
+    standard_error,
+)
 from .layers import (
     AnalogConv1d,
     AnalogConv2d,
@@ -42,5 +48,6 @@ __all__ = [
     "set_noise_scale", "reseed", "AnalogTile", "AnalogLayer", "AnalogLinear", "AnalogConv1d",
     "AnalogConv2d", "AnalogLSTM", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
     "init_input_ranges", "distillation_loss", "hwa_loss", "train_hwa", "evaluate_over_time",
-    "classification_error", "normalized_accuracy", "PAPER_TIMES", "perturb_tensor",
+    "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
+    "perturb_tensor",
 ]

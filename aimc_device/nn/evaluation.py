@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .._random import as_generator
 from .convert import analog_tiles, drift, forget_programming, program
 
-__all__ = ["PAPER_TIMES", "classification_error", "normalized_accuracy", "evaluate_over_time"]
+__all__ = ["PAPER_TIMES", "classification_error", "normalized_accuracy", "standard_error",
+           "evaluate_over_time"]
 
 #: 1 s, 1 h, 1 day and 1 year after programming [s] (Rasch et al. 2023, Table 3).
 PAPER_TIMES = (1.0, 3600.0, 86400.0, 31536000.0)
@@ -36,6 +37,15 @@ def classification_error(model: nn.Module, data) -> float:
     if total == 0:
         raise ValueError("classification_error: the data yielded no samples")
     return wrong / total
+
+
+def standard_error(values, axis: int = -1):
+    """Standard error of the mean over ``axis`` (NaN with fewer than two values)."""
+    v = np.asarray(values, dtype=float)
+    n = v.shape[axis]
+    if n < 2:
+        return np.full(np.delete(v.shape, axis % v.ndim), np.nan)
+    return v.std(axis=axis, ddof=1) / np.sqrt(n)
 
 
 def normalized_accuracy(error, fp_error: float, chance_error: float):
@@ -96,8 +106,7 @@ def evaluate_over_time(model: nn.Module, data, metric: Callable = classification
         bar.close()
         forget_programming(model)
         model.train(was_training)
-    sem = values.std(axis=0, ddof=1) / np.sqrt(repeats) if repeats > 1 else np.full(times.size,
-                                                                                    np.nan)
+    sem = standard_error(values, axis=0)
     tile = tiles[0]
     ds = xr.Dataset(
         {name: (("repeat", "time"), values),

@@ -66,8 +66,9 @@ _DRAWS = np.uint64(64)  # counters reserved per (element, stream): ample for zig
 _STREAMS = np.uint64(4)
 _INV53 = 1.0 / float(2**53)
 
-#: Stream numbers: each kind of draw has its own counters.
-STREAM_PROGRAM, STREAM_DRIFT, STREAM_READ = 0, 1, 2
+#: Stream numbers: each kind of draw has its own counters (programming draws its pair of
+#: variates, programming error and drift exponent, from stream 0).
+STREAM_PROGRAM, STREAM_READ = 0, 2
 
 
 @nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
@@ -169,22 +170,11 @@ def normal_pair(key, index, stream):  # pragma: no cover - via tests
             half_normal(key, r >> _S32, c + _ONE, stream))
 
 
-@nb.njit(
-    [
-        "void(float32[::1], float64[::1], uint64, float64[::1])",
-        "void(float64[::1], float64[::1], uint64, float64[::1])",
-    ],
-    cache=True,
-    parallel=True,
-)
-def standard_normal_fill(dummy, out_scale, key, out):  # pragma: no cover - exercised via tests
-    """Fill ``out`` with N(0, 1) * out_scale (broadcast scalar if len 1); used by the tests."""
-    n = out.shape[0]
-    s0 = out_scale[0]
-    scalar = out_scale.shape[0] == 1
-    for i in prange(n):
-        s = s0 if scalar else out_scale[i]
-        out[i] = s * normal(key, np.uint64(i), np.uint64(STREAM_READ))
+@nb.njit("void(uint64, float64[::1])", cache=True, parallel=True)
+def fill_standard_normal(key, out):  # pragma: no cover - exercised via tests
+    """Fill ``out`` with N(0, 1) variates of :func:`normal` (the tests check the sampler)."""
+    for i in prange(out.shape[0]):
+        out[i] = normal(key, np.uint64(i), np.uint64(STREAM_READ))
 
 
 # The kernels compute in the precision of the arrays: every scalar parameter comes in that

@@ -34,7 +34,8 @@ def check_conductance(g, name: str = "g_target", model: PCMModel | None = None,
     arr = np.asarray(g)
     if arr.dtype not in (np.float32, np.float64):
         if not np.issubdtype(arr.dtype, np.number):
-            raise TypeError(f"{name}: expected a numeric array of conductances [S], got {arr.dtype}")
+            raise TypeError(f"{name}: expected a numeric array of conductances [S], "
+                            f"got {arr.dtype}")
         arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name}: contains NaN or inf; conductances must be finite [S]")

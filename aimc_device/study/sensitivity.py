@@ -290,8 +290,7 @@ def _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, 
     fp, chance = prep.fp_error, prep.chance_error
     a = ann.normalized_accuracy(err, fp, chance)
     a_mean = a.mean(axis=-1)
-    a_sem = a.std(axis=-1, ddof=1) / np.sqrt(repeats) if repeats > 1 else np.full_like(
-        a_mean, np.nan)
+    a_sem = ann.standard_error(a)
     a0 = float(a_mean[0, 0])
     thr_eps = np.full(len(names), np.nan)
     thr_val = np.full(len(names), np.nan)

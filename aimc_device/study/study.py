@@ -262,10 +262,6 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
                           cfg, hwa_settings, timings)
 
 
-def _normalized(err, fp, chance):
-    return ann.normalized_accuracy(err, fp, chance)
-
-
 def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig | None = None,
               repeats: int = 25, times=ann.PAPER_TIMES, out_dir="study-out", seed: int = 0,
               quick: bool = False, hwa_epochs: int | None = None, hwa_lr: float = 0.01,
@@ -362,9 +358,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
 
 def _to_dataset(err, times, prep: PreparedModels, repeats, seed, scheduler) -> xr.Dataset:
     fp, chance = prep.fp_error, prep.chance_error
-    a = _normalized(err, fp, chance)
-    sem = (lambda v: v.std(axis=-1, ddof=1) / np.sqrt(v.shape[-1])) if repeats > 1 else (
-        lambda v: np.full(v.shape[:-1], np.nan))
+    a = ann.normalized_accuracy(err, fp, chance)
+    sem = ann.standard_error
     labels = [TIME_LABELS.get(t, f"{t:g} s") for t in times]
     dims = ("variant", "time", "repeat")
     ds = xr.Dataset(
