@@ -197,3 +197,42 @@ def test_bad_value_found_while_streaming(tmp_path):
 
 def test_fit_errors_are_value_errors():
     assert issubclass(FitError, ValueError)
+
+
+@pytest.mark.parametrize("repeats", [2, 3, 8])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_moments_kernel_matches_numpy(repeats, dtype):
+    from aimc_device.fit._kernels import moments_kernel
+
+    rng = np.random.default_rng(repeats)
+    g = (rng.uniform(1e-6, 25e-6, (500, 4, 1)) *
+         (1 + 0.01 * rng.standard_normal((500, 4, repeats)))).astype(dtype)
+    g[0, 0, :] = 3e-6  # no spread
+    m, s2, rel, x = (np.empty(2000, np.float32) for _ in range(4))
+    assert moments_kernel(repeats)(g.reshape(-1), np.float32(1 / 25e-6), m, s2, rel, x) == 0
+    g64 = g.astype(np.float64).reshape(-1, repeats)
+    m_ref, s2_ref = g64.mean(axis=1), g64.var(axis=1, ddof=1)
+    np.testing.assert_allclose(m, m_ref, rtol=3e-7)
+    np.testing.assert_allclose(s2, s2_ref, rtol=2e-4 if dtype == np.float32 else 1e-6,
+                               atol=1e-6 * s2_ref.max())
+    assert s2[0] == 0.0
+    np.testing.assert_allclose(rel, s2_ref / (repeats * m_ref**2), rtol=3e-4, atol=1e-12)
+    np.testing.assert_allclose(x, m_ref / 25e-6, rtol=3e-7)
+    for bad in (np.nan, np.inf, -1e-9):
+        h = g.copy()
+        h[7, 2, repeats - 1] = bad
+        assert moments_kernel(repeats)(h.reshape(-1), np.float32(1 / 25e-6), m, s2, rel, x) == 1
+
+
+def test_distinct_values_in_any_order():
+    from aimc_device.fit._kernels import distinct_values
+
+    rng = np.random.default_rng(0)
+    levels = rng.uniform(0, 1, 70)
+    for a in (np.repeat(levels, 30), rng.choice(levels, 5000)):
+        a = a.copy()
+        a[::97] = np.nan
+        for dt in (np.float32, np.float64):
+            b = a.astype(dt)
+            np.testing.assert_array_equal(distinct_values(b), np.unique(b[~np.isnan(b)]))
+    assert distinct_values(np.empty(0)).size == 0

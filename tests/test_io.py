@@ -218,3 +218,45 @@ def test_device_card_missing_field(tmp_path):
 def test_campaign_file_is_not_a_device_card(good_file):
     with pytest.raises(io.DeviceCardError, match="not a device card"):
         io.load_device_model(good_file)
+
+
+@pytest.mark.parametrize("layout", [
+    {"chunks": (37, 3, 3)},                    # raw chunks: read with os.preadv
+    {"chunks": None},                          # contiguous: one preadv
+    {"chunks": (37, 3, 3), "compression": "gzip"},  # filtered: through HDF5
+    {"chunks": (37, 1, 3)},                    # chunks split a device: through HDF5
+])
+def test_chunk_reader_reads_every_layout_exactly(tmp_path, campaign, layout):
+    path = tmp_path / "c.h5"
+    io.write_measurements(campaign, path)
+    g = campaign["g"].values
+    with h5py.File(path, "r+") as f:
+        del f["g"]
+        d = f.create_dataset("g", data=g, **layout)
+        d.attrs["units"] = "S"
+    ds = io.read_measurements(path)
+    read = io.device_chunk_reader(ds)
+    out = np.full((100,) + g.shape[1:], -1.0, g.dtype)
+    for start, stop in ((0, 80), (30, 110), (111, 200), (199, 200)):  # unaligned, across chunks
+        got = read(start, stop, out)
+        np.testing.assert_array_equal(got, g[start:stop])
+        assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(read(5, 17), g[5:17])  # no buffer: a fresh array
+
+
+def test_chunk_reader_reports_a_truncated_file(tmp_path, campaign):
+    path = tmp_path / "c.h5"
+    io.write_measurements(campaign, path)
+    g = campaign["g"].values
+    with h5py.File(path, "r+") as f:
+        del f["g"]
+        d = f.create_dataset("g", data=g, chunks=(50, 3, 3))
+        d.attrs["units"] = "S"
+        end = max(s.byte_offset + s.size for s in
+                  (d.id.get_chunk_info(i) for i in range(d.id.get_num_chunks())))
+    ds = io.read_measurements(path, check_values=False)
+    with open(path, "r+b") as f:
+        f.truncate(end - 100)
+    read = io.device_chunk_reader(ds)
+    with pytest.raises(MeasurementFormatError, match=r"c\.h5: g: .*end early.*truncated"):
+        read(0, 200, np.empty_like(g))

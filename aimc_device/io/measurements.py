@@ -163,13 +163,43 @@ def _root_quantity(path, attrs, name: str, table: dict, required: bool) -> float
 _LAZY_SOURCES: dict = {}
 
 
-class _H5Slice:
-    """A lazily read HDF5 dataset: opens the file for each slice (safe for dask threads)."""
+def _raw_layout(dset: h5py.Dataset):
+    """Where the rows of an unfiltered dataset lie in its file: ``(rows per block, byte offsets
+    of the blocks)``, or None when the data must go through HDF5 (filters, compression,
+    non-native byte order, chunks that split a row, unallocated storage)."""
+    dcpl = dset.id.get_create_plist()
+    if dcpl.get_nfilters() or not dset.dtype.isnative or dset.shape[0] == 0:
+        return None
+    if dcpl.get_layout() == h5py.h5d.CONTIGUOUS:
+        offset = dset.id.get_offset()
+        return None if offset is None else (dset.shape[0], np.array([offset], np.int64))
+    if dcpl.get_layout() != h5py.h5d.CHUNKED or tuple(dset.chunks[1:]) != dset.shape[1:] or \
+            not hasattr(dset.id, "chunk_iter"):
+        return None
+    rows = dset.chunks[0]
+    offsets = np.full(-(-dset.shape[0] // rows), -1, np.int64)
 
-    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0):
+    def visit(info):
+        if info.filter_mask == 0:
+            offsets[info.chunk_offset[0] // rows] = info.byte_offset
+
+    dset.id.chunk_iter(visit)
+    return None if (offsets < 0).any() else (rows, offsets)
+
+
+class _H5Slice:
+    """A lazily read HDF5 dataset: opens the file for each slice (safe for dask threads).
+
+    ``read_into`` reads rows straight from the file with ``os.preadv`` when the data are stored
+    raw (no filters, native byte order, whole rows per chunk): the GIL is released during the
+    read, so several threads read and compute at once, and nothing is copied twice.
+    """
+
+    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0, layout=None):
         self.path, self.name = path, name
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
         self.factor = factor
+        self.layout = layout
 
     def __getitem__(self, key):
         try:
@@ -182,6 +212,42 @@ class _H5Slice:
         if self.factor != 1.0:
             out = _to_si(out, self.factor).astype(self.dtype, copy=False)
         return out
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
+        """Rows ``start:stop`` [SI] into the first rows of ``out`` (reused memory, no copy)."""
+        view = out[:stop - start]
+        if self.factor != 1.0:
+            view[...] = self[start:stop]
+            return view
+        if self.layout is None:
+            try:
+                with h5py.File(self.path, "r") as f:
+                    f[self.name].read_direct(view, np.s_[start:stop])
+            except OSError as exc:
+                raise MeasurementFormatError(
+                    self.path, self.name, f"cannot read the data ({exc})",
+                    "the file is truncated or damaged; copy or export it again") from None
+            return view
+        rows, offsets = self.layout
+        row_bytes = view.itemsize * int(np.prod(self.shape[1:]))
+        dest = memoryview(view.reshape(-1)).cast("B")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            row = start
+            while row < stop:
+                block, first = divmod(row, rows)
+                end = min(stop, (block + 1) * rows)
+                want = (end - row) * row_bytes
+                a = (row - start) * row_bytes
+                got = os.preadv(fd, [dest[a:a + want]], int(offsets[block]) + first * row_bytes)
+                if got != want:
+                    raise MeasurementFormatError(
+                        self.path, self.name, f"rows {row}:{end} end early ({got} of {want} "
+                        "bytes)", "the file is truncated; copy or export it again")
+                row = end
+        finally:
+            os.close(fd)
+        return view
 
 
 def _open(path: str) -> h5py.File:
@@ -276,6 +342,7 @@ def read_measurements(path, chunk_devices: int | None = None,
             raise MeasurementFormatError(path, "/g_target", f"cannot read the data ({exc})",
                                          "the file is truncated or damaged") from None
         gdtype, hchunks = f["g"].dtype, f["g"].chunks
+        layout = _raw_layout(f["g"])
     _check_conductance(path, "/g_target", g_target)
     _check_time(path, "/time", time)
     n_rep = gshape[2]
@@ -284,7 +351,7 @@ def read_measurements(path, chunk_devices: int | None = None,
         if hchunks:  # align with the file's own chunks
             chunk_devices = max(hchunks[0], (chunk_devices // hchunks[0]) * hchunks[0])
     chunk_devices = int(min(max(1, chunk_devices), n))
-    src = _H5Slice(path, "g", gshape, gdtype, fg)
+    src = _H5Slice(path, "g", gshape, gdtype, fg, layout)
     mtime = os.stat(path).st_mtime_ns
     name = f"aimc-g-{hashlib.sha1(f'{path}{mtime}{chunk_devices}'.encode()).hexdigest()}"
     g = da.from_array(src, chunks=(chunk_devices, t_n, n_rep), lock=False, asarray=True,
@@ -346,18 +413,25 @@ def _check_dataset(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
 
 
 def device_chunk_reader(ds: xr.Dataset):
-    """A function ``read(start, stop) -> ndarray`` giving ``g[start:stop]`` [S] of a campaign.
+    """A function ``read(start, stop, out=None) -> ndarray`` giving ``g[start:stop]`` [S].
 
     For a Dataset straight from :func:`read_measurements` it reads the file with h5py directly
-    (no dask scheduling per chunk; safe to call from several threads); otherwise it slices
-    ``ds["g"]`` (computing a dask array chunk). Values are not checked.
+    (no dask scheduling per chunk; safe to call from several threads), into ``out`` when given
+    (an array of shape (>= stop - start, T, R) and the dtype of ``ds["g"]``, reused from chunk to
+    chunk: no fresh memory per chunk); otherwise it slices ``ds["g"]`` (computing a dask array
+    chunk). The result may be a view of ``out``. Values are not checked.
     """
     data = ds["g"].data
     src = _LAZY_SOURCES.get(getattr(data, "name", None))
     if src is not None and src.shape == tuple(data.shape):
-        return lambda start, stop: src[start:stop]
+        def read_file(start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+            if out is None or out.dtype != src.dtype or out.shape[1:] != src.shape[1:] or \
+                    not out.flags.c_contiguous or out.shape[0] < stop - start:
+                return src[start:stop]
+            return src.read_into(start, stop, out)
+        return read_file
 
-    def read(start: int, stop: int) -> np.ndarray:
+    def read(start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         g = data[start:stop]
         if hasattr(g, "compute"):
             g = g.compute(scheduler="sync")
