@@ -392,6 +392,7 @@ def test_fused_kernel_normals_are_standard_and_thread_independent():
     K.output_stage_parallel(z, *args, a)
     K.output_stage_serial(z, *args, b)
     np.testing.assert_array_equal(a, b)
+    assert np.isfinite(a).all()  # every variate outside its rectangle was completed
     assert stats.kstest(a.ravel(), "norm").pvalue > 1e-3
     assert abs(np.corrcoef(a[:, :-1:2].ravel(), a[:, 1::2].ravel())[0, 1]) < 0.01
 
@@ -436,3 +437,21 @@ def test_device_faults_through_the_array():
     assert 0.27 < float((arr.w_tiles[0] == 0).float().mean()) < 0.33  # stuck devices stay
     exact = x @ w.T
     assert float((arr.mvm(x) - exact).norm() / exact.norm()) > 0.3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dac_kernel_matches_torch_quantizer(dtype):
+    from aimc_device.crossbar import _kernels as K
+
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-3, 3, (300, 700)).astype(dtype)
+    x[4, 250] = np.nan
+    x[5, 300] = 0.5 / 127 * 1.7  # a tie after scaling: rounds half to even like torch
+    for start, n, row_inv in ((200, 300, np.array([1 / 1.7], dtype)),
+                              (0, 700, (1 / rng.uniform(0.5, 3, 300)).astype(dtype))):
+        lev = np.empty((300, n), dtype)
+        for kernel in (K.dac_levels_serial, K.dac_levels_parallel):
+            kernel(x, start, row_inv, 127.0, 127.0, lev)
+            ref = torch.from_numpy(x[:, start:start + n] * (dtype(127.0) * row_inv[:, None]))
+            ref = ref.round().clamp(-127, 127).numpy()
+            np.testing.assert_array_equal(lev, ref)

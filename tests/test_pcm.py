@@ -320,3 +320,17 @@ def test_read_with_other_read_noise_parameters_recomputes_q():
     assert np.std(z) == pytest.approx(2.0, rel=0.02)
     z = (pcm.read(s, 3600.0, MODEL, rng=6) - g_d) / ref_read_std(g_d, g, 3600.0)
     assert np.std(z) == pytest.approx(1.0, rel=0.02)
+
+
+def test_rectangle_step_is_half_normal_or_nan():
+    """The SIMD rectangle step gives half_normal's variate (float32) or NaN where half_normal
+    goes on to its wedge and tail tests."""
+    halves = np.random.default_rng(2).integers(0, 2**32, 200_000, dtype=np.uint64)
+    rect = np.array([K.half_normal_rect(h) for h in halves[:20_000]])
+    full = np.array([K.half_normal(np.uint64(9), h, np.uint64(i), np.uint64(3))
+                     for i, h in enumerate(halves[:20_000])])
+    inside = ((halves[:20_000] >> np.uint64(9)) & np.uint64(0x7FFFFF)) < \
+        K._KI23[(halves[:20_000] & np.uint64(0xFF)).astype(np.intp)]
+    np.testing.assert_array_equal(np.isnan(rect), ~inside)
+    np.testing.assert_allclose(rect[inside], full[inside], rtol=2e-7)
+    assert 0.005 < (~inside).mean() < 0.03  # the 256-layer ziggurat's share outside

@@ -157,12 +157,11 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
                          "and bound_management='none'")
     if can_fuse and fused is not False:
         out = torch.empty((x.shape[0], w0.shape[0]), dtype=x.dtype)
+        x = x.detach().contiguous()
         start = 0
         for k, w in enumerate(w_tiles):
-            n = w.shape[1]
-            _tile_fused(x[:, start:start + n], w, cfg, alpha[k], out_scale[k], generator, out,
-                        k > 0)
-            start += n
+            _tile_fused(x, start, w, cfg, alpha[k], out_scale[k], generator, out, k > 0)
+            start += w.shape[1]
         return out[0] if squeeze else out
     out = None
     start = 0
@@ -287,34 +286,35 @@ def _empty(dtype):
     return e
 
 
-_ONES = {torch.float32: np.ones(1, dtype=np.float32), torch.float64: np.ones(1)}
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
-def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
-    """One tile on CPU without gradient: stacked GEMMs and the fused Numba output stage."""
-    b, n = xk.shape
-    dt = xk.dtype
+def _tile_fused(x, start, w, cfg, alpha_k, scale_k, gen, out, accumulate):
+    """One tile, columns ``start:`` of x (C order), on CPU without gradient: stacked GEMMs and
+    the fused Numba stages (DAC, then the output stage)."""
+    b, n = x.shape[0], w.shape[1]
+    dt = x.dtype
     need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
     need_st = cfg.w_noise > 0
+    xk = x[:, start:start + n]
     if cfg.noise_management == "abs_max":
-        a = xk.abs().amax(dim=1, keepdim=True)
-        a = torch.where(a > 0, a, torch.ones_like(a))  # (batch, 1)
-        row_f = a.reshape(-1).contiguous()
-        col_f = scale_k.contiguous()
+        a = xk.abs().amax(dim=1)
+        a = torch.where(a > 0, a, torch.ones_like(a))  # (batch,)
+        row_f = a.numpy()
     else:
         a = float(alpha_k)  # a scalar: no tensor arithmetic on the way
-        row_f = _ONES[dt]
-        col_f = (scale_k * a).contiguous()
+        row_f = np.array((a,), dtype=_NP_DTYPE[dt])
+    col_f = scale_k.detach().contiguous().numpy()
     aux16 = cfg.aux_bfloat16 and dt == torch.float32 and (need_ir or need_st)
     buf = torch.empty(((2 if need_ir and not aux16 else 1) * b, n), dtype=dt)
     lev = buf[:b]
     if cfg.inp_bits:  # DAC (Eq. 5) in integer levels; the level size is folded into `unit`
         s_in = (2.0 ** cfg.inp_bits - 2.0) / (2.0 * cfg.inp_bound)
-        torch.mul(xk, s_in / a, out=lev)
-        lev.round_().clamp_(-(2.0 ** (cfg.inp_bits - 1) - 1.0), 2.0 ** (cfg.inp_bits - 1) - 1.0)
+        _K.dac_levels(x.numpy(), start, 1.0 / row_f, s_in, 2.0 ** (cfg.inp_bits - 1) - 1.0,
+                      lev.numpy())
         unit = 1.0 / s_in
     else:
-        torch.div(xk, a, out=lev)
+        torch.div(xk, torch.from_numpy(row_f)[:, None] if row_f.size > 1 else a, out=lev)
         unit = 1.0
     adt = torch.bfloat16 if aux16 else dt
     w_aux = _weight_form(w, "bf16") if aux16 else w
@@ -346,8 +346,7 @@ def _tile_fused(xk, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     key = np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
     _K.output_stage(zn[:b], w_px.numpy() if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
                     cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
-                    row_f if isinstance(row_f, np.ndarray) else row_f.numpy(), col_f.numpy(), key,
-                    bool(accumulate), out.numpy())
+                    row_f, col_f, key, bool(accumulate), out.numpy())
 
 
 def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
