@@ -389,8 +389,8 @@ def test_fused_kernel_normals_are_standard_and_thread_independent():
     args = (e, e, e, False, False, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, np.ones(1), np.ones(501),
             np.uint64(11), False)
     a, b = np.empty_like(z), np.empty_like(z)
-    K.output_stage_parallel(z, *args, a)
-    K.output_stage_serial(z, *args, b)
+    K.output_stage(z, *args, a, parallel=True)
+    K.output_stage(z, *args, b, parallel=False)
     np.testing.assert_array_equal(a, b)
     assert np.isfinite(a).all()  # every variate outside its rectangle was completed
     assert stats.kstest(a.ravel(), "norm").pvalue > 1e-3

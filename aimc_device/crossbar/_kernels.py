@@ -30,104 +30,133 @@ _S32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 
-_ROW_SIG = [
-    "void(intp, {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], {t}[:, ::1], boolean, boolean, float64, "
-    "float64, float64, float64, float64, float64, {t}[::1], {t}[::1], uint64, boolean, "
-    "{t}[:, ::1], float32[::1])".format(t=t)
-    for t in ("float32", "float64")
-]
-_SIG = [sig.replace("void(intp, ", "void(").replace(", float32[::1])", ")") for sig in _ROW_SIG]
-#: Rows per work item of the parallel kernel (one scratch buffer each).
-_ROWS_PER_ITEM = 8
-
-
+#: Outputs per work item (rounded to whole rows, an even number of them): one scratch buffer
+#: each, long enough for SIMD loops even when rows are short (a 16-channel convolution).
+_ITEM_SIZE = 1024
 #: Fast-math without "nnan"/"ninf": the NaN that marks a variate to finish must survive.
 _STAGE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+#: Outputs per call above which the parallel kernel is used.
+PARALLEL_MIN_SIZE = 1 << 15
+#: The ``mask`` argument meaning "no mask".
+NO_MASK = np.zeros((0, 0), dtype=np.bool_)
+_AT0 = np.zeros(6, dtype=np.intp)
 
 
-@nb.njit(_ROW_SIG, cache=True, fastmath=_STAGE_FASTMATH, inline="always")
-def _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-               levels, row_f, col_f, key, accumulate, out, noise):  # pragma: no cover - via tests
-    """Row b of :func:`output_stage`; ``noise`` is a float32 scratch buffer of the row's
-    length + 1."""
+@nb.njit("intp(intp)", cache=True)
+def _rows_per_item(nc):  # pragma: no cover - via tests
+    return max(2, (_ITEM_SIZE // max(nc, 1)) // 2 * 2)
+
+
+# Switched-off elements come as None: Numba compiles one version per set of present arguments,
+# with the dead branches removed, so that every loop is branch-free and vectorises (a run-time
+# switch per element cost 15-40 %). Cached on disk like any signature.
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
+                 row_f, col_f, key, out, mask, mask_bound, noise, noisy,
+                 accumulate):  # pragma: no cover - via tests
+    """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
+    (b1 - b0) * cols + 1 elements; b0 * cols is even."""
     nc = z.shape[1]
     on2 = out_noise * out_noise
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
-    rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]
-    if not (on2 > 0.0 or has_st):
-        noise[:] = 0.0
-    else:  # standard normals first: one hash, two variates (i, i + 1) ...
-        half_nc = (nc + 1) // 2
-        base = _FAST + np.uint64(b * half_nc)
-        for h in range(half_nc):  # ... the rectangle step, vectorised (noise has 2 half_nc)
+    m = (b1 - b0) * nc
+    e0 = b0 * nc
+    if noisy:  # standard normals, element e = row * cols + col: one hash ...
+        base = _FAST + np.uint64(e0 // 2)
+        for h in range((m + 1) // 2):  # ... two variates (2h, 2h + 1), rectangle step, SIMD
             r = _hash(key, base + np.uint64(h))
             noise[2 * h] = half_normal_rect(r & _MASK32)
             noise[2 * h + 1] = half_normal_rect(r >> _S32)
-        for i in range(nc):  # ... then the ~1 % outside their rectangle, one by one
-            if noise[i] != noise[i]:
-                r = _hash(key, base + np.uint64(i // 2))
-                half = r >> _S32 if i % 2 else r & _MASK32
-                noise[i] = half_normal(key, half, np.uint64(b * nc + i), STREAM_MVM)
-    for i in range(nc):  # then one branch-free (vectorisable) pass
-        v = z[b, i] * unit  # Eq. 2, signal
-        if has_ir:
-            a = abs_x[b, i] * iru  # Eq. 18
-            v -= a * (0.5 + a * (-0.2 + 0.05 * a)) * (w_px[b, i] * unit)  # Eqs. 15-16
-        var = on2
-        if has_st:
-            var += wn2 * x2[b, i]  # Eq. 14
-        v += math.sqrt(var) * noise[i]
-        if s_out > 0.0:
-            v = min(max(np.rint(v * s_out), -levels), levels) / s_out  # Eq. 5, ADC
-        r_out = v * rf * col_f[i]  # Eq. 1
-        if accumulate:
-            out[b, i] += r_out
-        else:
-            out[b, i] = r_out
+        for j in range(m):  # ... then the ~1.5 % outside their rectangle, one by one
+            if noise[j] != noise[j]:
+                r = _hash(key, base + np.uint64(j // 2))
+                half = r >> _S32 if j % 2 else r & _MASK32
+                noise[j] = half_normal(key, half, np.uint64(e0 + j), STREAM_MVM)
+    else:
+        noise[:m] = 0.0
+    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = at[0], at[1], at[2], at[3], at[4], at[5]
+    for b in range(b0, b1):  # then two branch-free (vectorised) passes per row, each over few
+        rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]  # arrays (few alias checks)
+        v = noise[(b - b0) * nc:(b - b0 + 1) * nc]
+        for i in range(nc):  # pre-ADC value, in place of the noise
+            var = on2
+            if x2 is not None:
+                var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
+            vi = z[b, i] * unit + math.sqrt(var) * v[i]  # Eq. 2, signal and noise
+            if w_px is not None:
+                a = abs_x[b + r_abs, c_abs + i] * iru  # Eq. 18
+                vi -= a * (0.5 + a * (-0.2 + 0.05 * a)) * (
+                    w_px[b + r_ir, c_ir + i] * unit)  # Eqs. 15-16
+            v[i] = vi
+        for i in range(nc):
+            vi = v[i]
+            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
+                mask[b, i] = abs(vi) <= mask_bound
+            if s_out is not None:
+                vi = min(max(np.rint(vi * s_out), -levels), levels) / s_out  # Eq. 5, ADC
+            r_out = vi * rf * col_f[i]  # Eq. 1
+            if accumulate:
+                out[b, i] += r_out
+            else:
+                out[b, i] = r_out
 
 
-@nb.njit(_SIG, cache=True, parallel=True, fastmath=_STAGE_FASTMATH)
-def output_stage_parallel(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k,
-                          s_out, levels, row_f, col_f, key, accumulate,
-                          out):  # pragma: no cover - via tests
-    """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi), rows in
-    parallel.
+@nb.njit(cache=True, parallel=True)
+def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
+                          row_f, col_f, key, out, mask, mask_bound, noisy,
+                          accumulate):  # pragma: no cover - via tests
+    """:func:`output_stage`, blocks of rows in parallel."""
+    n_rows, nc = z.shape
+    rows = _rows_per_item(nc)
+    for item in prange((n_rows + rows - 1) // rows):
+        noise = np.empty(rows * nc + 1, dtype=z.dtype)
+        _stage_block(item * rows, min(n_rows, (item + 1) * rows), z, w_px, abs_x, x2, at, unit,
+                     out_noise, w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask,
+                     mask_bound, noise, noisy, accumulate)
 
-    z, w_px, abs_x, x2 : (batch, cols) GEMM results W~ lev, W~ (P o lev), |W~| |lev|,
-        |W~| lev^2 in input-level units (x~ = u lev); unused ones may be (0, 0)
+
+@nb.njit(cache=True)
+def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
+                        row_f, col_f, key, out, mask, mask_bound, noisy,
+                        accumulate):  # pragma: no cover - via tests
+    """:func:`output_stage` on one thread (small calls: no thread start-up)."""
+    n_rows, nc = z.shape
+    rows = _rows_per_item(nc)
+    noise = np.empty(rows * nc + 1, dtype=z.dtype)
+    for b0 in range(0, n_rows, rows):
+        _stage_block(b0, min(n_rows, b0 + rows), z, w_px, abs_x, x2, at, unit, out_noise,
+                     w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
+                     noise, noisy, accumulate)
+
+
+def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
+                 levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
+                 at=_AT0, parallel=None):
+    """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
+    14-16), in one pass over blocks of rows (in parallel for large calls).
+
+    z : (batch, cols) W~ lev, C order, in input-level units (x~ = u lev)
+    w_px, abs_x, x2 : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 as blocks:
+        term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
+        signal in one GEMM, or column blocks of one grouped convolution); used only when
+        has_ir (w_px, abs_x) and has_st (x2)
     unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
+    mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's
+        straight-through mask), or NO_MASK
+    parallel : None (by size), True or False (the same numbers either way)
     The draws depend on (key, row, column) only: same key, same numbers on any thread count.
     """
-    n_rows = z.shape[0]
-    for item in prange((n_rows + _ROWS_PER_ITEM - 1) // _ROWS_PER_ITEM):
-        noise = np.empty(z.shape[1] + 1, dtype=np.float32)
-        for b in range(item * _ROWS_PER_ITEM, min(n_rows, (item + 1) * _ROWS_PER_ITEM)):
-            _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k,
-                       s_out, levels, row_f, col_f, key, accumulate, out, noise)
-
-
-@nb.njit(_SIG, cache=True, fastmath=_STAGE_FASTMATH)
-def output_stage_serial(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k,
-                        s_out, levels, row_f, col_f, key, accumulate,
-                        out):  # pragma: no cover - via tests
-    """:func:`output_stage_parallel` on one thread (small batches: no thread start-up)."""
-    noise = np.empty(z.shape[1] + 1, dtype=np.float32)
-    for b in range(z.shape[0]):
-        _stage_row(b, z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-                   levels, row_f, col_f, key, accumulate, out, noise)
-
-
-#: Outputs per call above which the parallel kernel is used.
-PARALLEL_MIN_SIZE = 1 << 15
-
-
-def output_stage(z, *args):
-    """Dispatch to the serial or the parallel kernel by size (same numbers from both)."""
-    kernel = output_stage_parallel if z.size >= PARALLEL_MIN_SIZE else output_stage_serial
-    kernel(z, *args)
+    if parallel is None:
+        parallel = z.size >= PARALLEL_MIN_SIZE
+    kernel = output_stage_parallel if parallel else output_stage_serial
+    kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
+           float(unit), float(out_noise), float(w_noise), float(ir_k),
+           float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key, out,
+           mask if mask.shape[0] > 0 else None, float(mask_bound),
+           bool(out_noise > 0.0 or has_st), bool(accumulate))
 
 
 _DAC_SIG = ["void({t}[:, ::1], intp, {t}[::1], float64, float64, {t}[:, ::1])".format(t=t)

@@ -231,6 +231,9 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
         x = x.to(w0.dtype)
     if dims == 2:  # channels-last: each product's (rows, out) layout is then a free view
         x = x.contiguous(memory_format=torch.channels_last)
+        if x.shape[1] == 1:  # one channel: mark it channels-last (else oneDNN takes NCHW, 10x
+            n_, _, h_, w_ = x.shape  # slower, and the output needs a copy)
+            x = x.as_strided(x.shape, (h_ * w_, 1, w_, 1))
     alpha = _as_tensor(alpha, w0, "alpha").reshape(-1)
     out_scale = _as_tensor(out_scale, w0, "out_scale")
     if sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
@@ -251,8 +254,20 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
             return y.movedim(1, -1).reshape(-1, n_out)
 
+        def grouped(inputs, weights, shape=shape):
+            """Several products in one grouped convolution, as column blocks of its output."""
+            g = len(inputs)
+            inp = torch.cat(inputs, 1)
+            if dims == 2:  # channels-last again (a 1-channel cat loses it: 10x slower)
+                inp = inp.contiguous(memory_format=torch.channels_last)
+            y = conv(inp, torch.cat([wt.reshape(shape) for wt in weights]), None, stride,
+                     padding, dilation, g)
+            y = y.movedim(1, -1).reshape(-1, g * n_out)
+            return [y[:, j * n_out:(j + 1) * n_out] for j in range(g)]
+
         if _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
-            yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod)
+            yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod,
+                             grouped)
         else:
             zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
             z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
@@ -365,17 +380,36 @@ def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)
 
 
-def _aux_terms(xd, w, cfg, prod, w_px=None):
+def _aux_terms(xd, w, cfg, prod, w_px=None, grouped=None):
     """The no-gradient products of one tile (Eqs. 14, 15, 18): (W~ o P) x~, |W~| |x~|, |W~| x~^2.
+
+    ``grouped(inputs, weights)``, when given (convolutions), computes several products in one
+    grouped call and returns them as column blocks of one array (views, not copies).
 
     Returns (w_px, abs_x, x2), each (rows, out) or None when its nonideality is off.
     """
     need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
     need_st = cfg.w_noise > 0
+    abs_x = x2 = None
     with torch.no_grad():
+        if grouped is not None and (need_ir or need_st):
+            inputs, weights = [], []
+            if need_ir:
+                inputs.append(xd)
+                weights.append(_weight_form(w, "px"))
+            if need_ir:
+                inputs.append(xd.abs())
+                weights.append(_abs_cached(w))
+            if need_st:
+                inputs.append(xd * xd)
+                weights.append(_abs_cached(w))
+            blocks = list(grouped(inputs, weights))
+            w_px = blocks.pop(0) if need_ir else None
+            abs_x = blocks.pop(0) if need_ir else None
+            x2 = blocks.pop(0) if need_st else None
+            return w_px, abs_x, x2
         if need_ir and w_px is None:  # IR-drop shape (W~ o P) x~ (Eq. 15)
             w_px = prod(xd, _weight_form(w, "px"))
-        abs_x = x2 = None
         if need_ir or need_st:
             wabs = _abs_cached(w)
             if need_ir and need_st:  # one product: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
@@ -394,6 +428,30 @@ def _fusable_grad(z: torch.Tensor, cfg: CrossbarConfig, asym) -> bool:
             and not cfg.s_adc and asym is None)
 
 
+def _aux_blocks(aux, dtype):
+    """The auxiliary products as C-ordered numpy arrays and the kernel's block offsets ``at``.
+
+    Column blocks of one C-ordered array (a grouped convolution) are passed as that array with
+    column offsets, without copies; anything else as C-ordered arrays of its own.
+    """
+    ts = [None if t is None else t.to(dtype) for t in aux]
+    live = [t for t in ts if t is not None]
+    empty = _empty(_NP_DTYPE[dtype])
+    at = np.zeros(6, dtype=np.intp)
+    if live and all(t.dim() == 2 and t.stride(1) == 1 for t in live) and len(
+            {(t.untyped_storage().data_ptr(), t.stride(0), t.shape[0]) for t in live}) == 1:
+        first = min(t.storage_offset() for t in live)
+        width = live[0].stride(0)
+        base = live[0].as_strided((live[0].shape[0], width), (width, 1), first)
+        if all(t.storage_offset() - first + t.shape[1] <= width for t in live):
+            for k, t in enumerate(ts):
+                if t is not None:
+                    at[2 * k + 1] = t.storage_offset() - first
+            arr = base.numpy()
+            return [empty if t is None else arr for t in ts], at
+    return [empty if t is None else t.contiguous().numpy() for t in ts], at
+
+
 class _FusedStageSTE(torch.autograd.Function):
     """factor * Q_out(z + dy_IR + noise) in one Numba pass (Eqs. 1, 2, 5, 14-16), with the
     straight-through backward of :func:`periphery.quantize`: identity inside the ADC bound, 0
@@ -407,31 +465,27 @@ class _FusedStageSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, factor, aux, cfg, n_rows, key):
         zd = z.detach().contiguous()
-        w_px, abs_x, x2 = aux
-        empty = _empty(zd.numpy().dtype)
-
-        def arr(t):
-            return empty if t is None else t.to(zd.dtype).contiguous().numpy()
-
-        v = torch.empty_like(zd)  # pre-ADC values: signal + IR drop + noise (Eqs. 2, 14-16)
-        one = np.ones(1, dtype=v.numpy().dtype)
-        _K.output_stage(zd.numpy(), arr(w_px), arr(abs_x), arr(x2), w_px is not None,
-                        x2 is not None, 1.0, cfg.out_noise, cfg.w_noise,
-                        cfg.ir_drop * cfg.ir_drop_g * n_rows, 0.0, 0.0, one,
-                        np.ones(zd.shape[1], dtype=one.dtype), key, False, v.numpy())
-        mask = None
-        if cfg.out_bits:  # the STE mask of periphery.quantize, then the ADC (Eq. 5)
-            mask = v.abs() <= cfg.out_bound
-            v = quantize(v, cfg.out_bits, cfg.out_bound)
-        ctx.save_for_backward(v, factor, mask)
-        return v * factor
+        (w_px, abs_x, x2), at = _aux_blocks(aux, zd.dtype)
+        q = torch.empty_like(zd)  # Q_out(signal + IR drop + noise) (Eqs. 2, 5, 14-16)
+        mask = torch.empty(zd.shape, dtype=torch.bool) if cfg.out_bits else None
+        one = np.ones(1, dtype=q.numpy().dtype)
+        s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
+        levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
+        _K.output_stage(zd.numpy(), w_px, abs_x, x2, aux[0] is not None,
+                        aux[2] is not None, 1.0, cfg.out_noise, cfg.w_noise,
+                        cfg.ir_drop * cfg.ir_drop_g * n_rows, s_out, levels, one,
+                        np.ones(zd.shape[1], dtype=one.dtype), key, False, q.numpy(),
+                        mask=_K.NO_MASK if mask is None else mask.numpy(),
+                        mask_bound=cfg.out_bound, at=at)  # mask: periphery.quantize's STE
+        ctx.save_for_backward(q, factor, mask)
+        return q * factor
 
     @staticmethod
     def backward(ctx, grad):
         q, factor, mask = ctx.saved_tensors
         grad_z = grad * factor
         if mask is not None:
-            grad_z = grad_z * mask
+            grad_z.mul_(mask)
         grad_f = None
         if ctx.needs_input_grad[1]:
             grad_f = (grad * q).sum(dim=0)
@@ -444,11 +498,11 @@ def _stage_key(gen) -> np.uint64:
     return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
 
 
-def _fused_tile(xs, w, cfg, factor, gen, prod=_F):
+def _fused_tile(xs, w, cfg, factor, gen, prod=_F, grouped=None):
     """factor * Q_out(analog(Q_in(xs))) with the fused output stage; differentiable (STE)."""
     xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
     z = prod(xt, w)  # Eq. 2, signal (the only term with a gradient)
-    aux = _aux_terms(xt.detach(), w, cfg, prod)
+    aux = _aux_terms(xt.detach(), w, cfg, prod, grouped=grouped)
     return _FusedStageSTE.apply(z, factor, aux, cfg, w.shape[1], _stage_key(gen))
 
 
