@@ -37,13 +37,16 @@ def check_conductance(g, name: str = "g_target", model: PCMModel | None = None,
             raise TypeError(f"{name}: expected a numeric array of conductances [S], "
                             f"got {arr.dtype}")
         arr = arr.astype(np.float64)
-    if not np.all(np.isfinite(arr)):
+    if arr.size == 0:
+        return arr
+    lo, hi = arr.min(), arr.max()  # two SIMD passes; NaN propagates into both
+    if not (np.isfinite(lo) and np.isfinite(hi)):
         raise ValueError(f"{name}: contains NaN or inf; conductances must be finite [S]")
-    if not signed and np.any(arr < 0):
-        raise ValueError(f"{name}: negative conductance {arr.min():.3g} S; conductances are >= 0 "
+    if not signed and lo < 0:
+        raise ValueError(f"{name}: negative conductance {lo:.3g} S; conductances are >= 0 "
                          "(use the sign of the weight for the differential pair)")
-    if model is not None and np.any(np.abs(arr) > 10 * model.g_max):
-        raise ValueError(f"{name}: values up to {np.abs(arr).max():.3g} S exceed 10 x g_max = "
+    if model is not None and max(-lo, hi) > 10 * model.g_max:
+        raise ValueError(f"{name}: values up to {max(-lo, hi):.3g} S exceed 10 x g_max = "
                          f"{10 * model.g_max:.3g} S; pass conductances in siemens, not uS")
     return arr
 
