@@ -10,14 +10,12 @@
 
 Run: ``.venv/bin/python benchmarks/bench_crossbar.py [--threads 1] [--repeats N] [--strict]``.
 
-Measured 2026-11-30 on the shared 2-core development machine (AVX512-BF16), torch 2.13 CPU,
-``--threads 1`` (median paired ratio; with 2 threads the ratios were similar when the machine
-was quiet, e.g. 1.48x / 2.8x, and meaningless under the load of other processes):
+Measured 2026-11-30 (session 3) on the shared 2-core development machine (AVX-512), torch
+2.13 CPU, 2 torch / 2 Numba threads (median paired ratio over three runs):
 
-    periphery only     1.29x  (target 1.3)
-    standard model     2.12x  (target 4.5; auxiliary GEMMs in bfloat16, cfg.aux_bfloat16)
-    program + drift    7.5x   (target 5; pcm.program 2.7x + pcm.read 3.9x of it are the PCM
-                               sampler's Numba kernels, the crossbar's own share is ~0.6x)
+    periphery only     1.26x-1.28x  (target 1.3)
+    standard model     2.35x-2.6x   (target 4.5; auxiliary GEMMs in bfloat16, cfg.aux_bfloat16)
+    program + drift    4.4x-4.8x    (target 5; the PCM sampler's Numba kernels are 2.2 ms of it)
 """
 from __future__ import annotations
 
