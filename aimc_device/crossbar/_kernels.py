@@ -195,3 +195,33 @@ def dac_levels(x, *args):
     out = args[-1]
     kernel = dac_levels_parallel if out.size >= PARALLEL_MIN_SIZE else dac_levels_serial
     kernel(x, *args)
+
+
+#: Rows per partial sum of the stage's backward (fixed: the same sums on any thread count).
+_BWD_ROWS = 256
+
+
+@nb.njit(cache=True, parallel=True)
+def stage_backward(grad, q, mask, factor, grad_z, partial):  # pragma: no cover - via tests
+    """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
+
+    grad, q : (rows, cols) upstream gradient and the stage's quantised output (before the
+    digital factor); mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or
+    (1,) digital factor. Writes grad_z = grad * factor * mask and, per block of ``_BWD_ROWS``
+    rows, partial[block] = sum over its rows of grad * q (float64; the caller adds the blocks in
+    order).
+    """
+    n_rows, nc = grad.shape
+    one = factor.shape[0] == 1
+    for blk in prange(partial.shape[0]):
+        acc = partial[blk]
+        acc[:] = 0.0
+        for b in range(blk * _BWD_ROWS, min(n_rows, (blk + 1) * _BWD_ROWS)):
+            for i in range(nc):
+                g = grad[b, i]
+                f = factor[0] if one else factor[i]
+                v = g * f
+                if mask is not None:
+                    v = v if mask[b, i] else 0.0 * v
+                grad_z[b, i] = v
+                acc[i] += g * q[b, i]

@@ -194,6 +194,21 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
          3: torch.nn.functional.conv3d}
 
 
+class _ChannelsLast(torch.autograd.Function):
+    """x in channels-last memory order; the gradient goes back in x's own order (a network of
+    NCHW layers otherwise gets channels-last gradients, and its pooling and activation backward
+    passes convert them, several times slower)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.nchw = x.is_contiguous()
+        return x.contiguous(memory_format=torch.channels_last)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous() if ctx.nchw else grad
+
+
 def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
                 channel_sizes, kernel_size, stride=1, padding=0, dilation=1, generator=None,
                 zeta=None) -> torch.Tensor:
@@ -230,7 +245,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     if x.dtype != w0.dtype:
         x = x.to(w0.dtype)
     if dims == 2:  # channels-last: each product's (rows, out) layout is then a free view
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = _ChannelsLast.apply(x) if x.requires_grad else x.contiguous(
+            memory_format=torch.channels_last)
         if x.shape[1] == 1:  # one channel: mark it channels-last (else oneDNN takes NCHW, 10x
             n_, _, h_, w_ = x.shape  # slower, and the output needs a copy)
             x = x.as_strided(x.shape, (h_ * w_, 1, w_, 1))
@@ -483,12 +499,16 @@ class _FusedStageSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, factor, mask = ctx.saved_tensors
-        grad_z = grad * factor
-        if mask is not None:
-            grad_z.mul_(mask)
+        grad = grad.contiguous()
+        grad_z = torch.empty_like(grad)
+        n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
+        partial = np.empty((n_blocks, grad.shape[1]))
+        f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
+        _K.stage_backward(grad.numpy(), q.numpy(), None if mask is None else mask.numpy(),
+                          f.numpy(), grad_z.numpy(), partial)
         grad_f = None
         if ctx.needs_input_grad[1]:
-            grad_f = (grad * q).sum(dim=0)
+            grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
             if factor.dim() == 0:
                 grad_f = grad_f.sum()
         return grad_z, grad_f, None, None, None, None
