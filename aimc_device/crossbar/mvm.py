@@ -194,6 +194,17 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
          3: torch.nn.functional.conv3d}
 
 
+def _one_channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous one-channel image batch marked channels-last (a stride-only view): oneDNN
+    otherwise takes the NCHW path, 5-10x slower forward and backward, and the output needs a
+    copy. Elementwise ops on such a tensor may return NCHW strides again, so each product
+    applies it to its own input."""
+    if x.dim() != 4 or x.shape[1] != 1 or not x.is_contiguous():
+        return x
+    _, _, h, w = x.shape
+    return x.as_strided(x.shape, (h * w, 1, w, 1))
+
+
 class _ChannelsLast(torch.autograd.Function):
     """x in channels-last memory order; the gradient goes back in x's own order (a network of
     NCHW layers otherwise gets channels-last gradients, and its pooling and activation backward
@@ -247,9 +258,7 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     if dims == 2:  # channels-last: each product's (rows, out) layout is then a free view
         x = _ChannelsLast.apply(x) if x.requires_grad else x.contiguous(
             memory_format=torch.channels_last)
-        if x.shape[1] == 1:  # one channel: mark it channels-last (else oneDNN takes NCHW, 10x
-            n_, _, h_, w_ = x.shape  # slower, and the output needs a copy)
-            x = x.as_strided(x.shape, (h_ * w_, 1, w_, 1))
+        x = _one_channel_last(x)
     alpha = _as_tensor(alpha, w0, "alpha").reshape(-1)
     out_scale = _as_tensor(out_scale, w0, "out_scale")
     if sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
@@ -267,6 +276,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
         shape = (n_out, ck, *kernel_size)
 
         def prod(inp, wt, shape=shape):
+            if dims == 2:
+                inp = _one_channel_last(inp)
             y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
             return y.movedim(1, -1).reshape(-1, n_out)
 
