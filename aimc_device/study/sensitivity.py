@@ -234,7 +234,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     n_inputs = int(n_inputs) if n_inputs is not None else (200 if quick else 1000)
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs,
                           progress=progress, **study_kwargs)
-    cfg, dev, spec = prep.cfg, prep.device, prep.specs["hwa"]
+    cfg, dev = prep.cfg, prep.device
     t0 = time.perf_counter()
     w, x = test_case(seed, n_inputs, test_shape)
     eps0 = mvm_error(cfg, device=dev, t=t, weights=w, inputs=x, rng=seed)
@@ -254,7 +254,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
 def _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, scheduler,
            progress, iso_accuracy, max_mvm_error, t0) -> xr.Dataset:
     """Root finding and evaluation of the sensitivity grid on one scheduler."""
-    cfg, dev, spec = prep.cfg, prep.device, prep.specs["hwa"]
+    cfg, dev = prep.cfg, prep.device
     levels = _dask.compute(_levels_task, [None], level_calls, scheduler=scheduler,
                            progress=progress, desc="root finding")
     t_roots = time.perf_counter() - t0
