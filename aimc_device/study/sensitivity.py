@@ -254,7 +254,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
 def _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, scheduler,
            progress, iso_accuracy, max_mvm_error, t0) -> xr.Dataset:
     """Root finding and evaluation of the sensitivity grid on one scheduler."""
-    cfg, dev = prep.cfg, prep.device
+    cfg, dev, spec = prep.cfg, prep.device, prep.specs["hwa"]
     levels = _dask.compute(_levels_task, [None], level_calls, scheduler=scheduler,
                            progress=progress, desc="root finding")
     t_roots = time.perf_counter() - t0
