@@ -65,6 +65,11 @@ class ProgrammedState:
         dimensionless, computed at programming for the model ``q_model`` names; :func:`read`
         uses it when it reads with a model of the same read-noise parameters, else recomputes
     q_model : tuple or None, (g_max, coefficient, exponent, cap, reference) behind ``q_read``
+
+    :func:`program` allocates g_target (a copy), g_prog, nu and q_read as rows of one block: one
+    allocation instead of four, which the allocator reuses from one programming to the next
+    (fresh multi-MB arrays cost more in first-touch page faults than the sampling itself). The
+    block lives as long as any of them does.
     """
 
     g_target: np.ndarray
@@ -111,9 +116,10 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
     shape, dtype = g.shape, g.dtype
     key = derive_key(rng)
     flat = _flat(g, dtype)
-    g_prog = np.empty_like(flat)
-    nu = np.empty_like(flat)
-    q = np.empty_like(flat)
+    # One block for the state's four arrays (fewer, larger first-touch faults).
+    block = np.empty((4, flat.size), dtype=flat.dtype)
+    g_copy, g_prog, nu, q = block
+    np.copyto(g_copy, flat)
     c0, c1, c2 = model.prog_coeffs
     (ma, mb), (mlo, mhi) = model.drift_mean_coeffs, model.drift_mean_bounds
     (sa, sb), (slo, shi) = model.drift_std_coeffs, model.drift_std_bounds
@@ -134,7 +140,7 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
         stuck_flat = at0 | atmax | atrand
         nu[stuck_flat] = 0.0
         stuck = stuck_flat.reshape(shape)
-    return ProgrammedState(g_target=np.array(g, copy=True),
+    return ProgrammedState(g_target=g_copy.reshape(shape),
                            g_prog=g_prog.reshape(shape), nu=nu.reshape(shape), stuck=stuck,
                            q_read=q.reshape(shape), q_model=read_noise_key(model))
 
