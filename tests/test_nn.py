@@ -376,10 +376,11 @@ def test_programmed_asymmetry_and_s_adc_survive_state_dict():
         torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
 
 
-def test_fused_training_stage_matches_torch_path():
+@pytest.mark.parametrize("out_bits", [8, 10, None])  # int8 ADC levels kept, or values
+def test_fused_training_stage_matches_torch_path(out_bits):
     # The CPU training forward fuses the output stage (Numba) with a straight-through backward;
     # with the noise off it must give the torch path's values and gradients.
-    cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=24, out_bound=6.0)
+    cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=24, out_bound=6.0, out_bits=out_bits)
     torch.manual_seed(3)
     w_tiles = [(torch.rand(6, n, dtype=torch.float64) * 1.5 - 0.3).requires_grad_()
                for n in (24, 16)]

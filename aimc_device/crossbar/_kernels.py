@@ -52,7 +52,7 @@ def _rows_per_item(nc):  # pragma: no cover - via tests
 # switch per element cost 15-40 %). Cached on disk like any signature.
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
 def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                 row_f, col_f, key, out, mask, mask_bound, noise, noisy,
+                 row_f, col_f, key, out, mask, mask_bound, level_out, noise, noisy,
                  accumulate):  # pragma: no cover - via tests
     """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
     (b1 - b0) * cols + 1 elements; b0 * cols is even."""
@@ -94,7 +94,10 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
             if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
                 mask[b, i] = abs(vi) <= mask_bound
             if s_out is not None:
-                vi = min(max(np.rint(vi * s_out), -levels), levels) / s_out  # Eq. 5, ADC
+                lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
+                if level_out is not None:
+                    level_out[b, i] = np.int8(lev)
+                vi = lev / s_out
             r_out = vi * rf * col_f[i]  # Eq. 1
             if accumulate:
                 out[b, i] += r_out
@@ -104,7 +107,7 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
 
 @nb.njit(cache=True, parallel=True)
 def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                          row_f, col_f, key, out, mask, mask_bound, noisy,
+                          row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                           accumulate):  # pragma: no cover - via tests
     """:func:`output_stage`, blocks of rows in parallel."""
     n_rows, nc = z.shape
@@ -113,12 +116,12 @@ def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k
         noise = np.empty(rows * nc + 1, dtype=z.dtype)
         _stage_block(item * rows, min(n_rows, (item + 1) * rows), z, w_px, abs_x, x2, at, unit,
                      out_noise, w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask,
-                     mask_bound, noise, noisy, accumulate)
+                     mask_bound, level_out, noise, noisy, accumulate)
 
 
 @nb.njit(cache=True)
 def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                        row_f, col_f, key, out, mask, mask_bound, noisy,
+                        row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                         accumulate):  # pragma: no cover - via tests
     """:func:`output_stage` on one thread (small calls: no thread start-up)."""
     n_rows, nc = z.shape
@@ -127,12 +130,12 @@ def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, 
     for b0 in range(0, n_rows, rows):
         _stage_block(b0, min(n_rows, b0 + rows), z, w_px, abs_x, x2, at, unit, out_noise,
                      w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
-                     noise, noisy, accumulate)
+                     level_out, noise, noisy, accumulate)
 
 
 def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                  levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
-                 at=_AT0, parallel=None):
+                 at=_AT0, parallel=None, level_out=None):
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
@@ -146,6 +149,8 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
     mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's
         straight-through mask), or NO_MASK
+    level_out : (batch, cols) int8 or None, filled with the ADC level of each output (needs
+        the ADC and at most 8 bits), which training keeps for its backward pass
     parallel : None (by size), True or False (the same numbers either way)
     The draws depend on (key, row, column) only: same key, same numbers on any thread count.
     """
@@ -156,7 +161,7 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
            float(unit), float(out_noise), float(w_noise), float(ir_k),
            float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key, out,
            mask if mask.shape[0] > 0 else None, float(mask_bound),
-           bool(out_noise > 0.0 or has_st), bool(accumulate))
+           level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
 
 
 _DAC_SIG = ["void({t}[:, ::1], intp, {t}[::1], float64, float64, {t}[:, ::1])".format(t=t)
@@ -202,11 +207,12 @@ _BWD_ROWS = 256
 
 
 @nb.njit(cache=True, parallel=True)
-def stage_backward(grad, q, mask, factor, grad_z, partial):  # pragma: no cover - via tests
+def stage_backward(grad, q, q_scale, mask, factor, grad_z,
+                   partial):  # pragma: no cover - via tests
     """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
 
-    grad, q : (rows, cols) upstream gradient and the stage's quantised output (before the
-    digital factor); mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or
+    grad, q : (rows, cols) upstream gradient and the stage's quantised output before the
+    digital factor, as values (q_scale 1) or as int8 ADC levels (q_scale the level size); mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or
     (1,) digital factor. Writes grad_z = grad * factor * mask and, per block of ``_BWD_ROWS``
     rows, partial[block] = sum over its rows of grad * q (float64; the caller adds the blocks in
     order).
@@ -224,4 +230,4 @@ def stage_backward(grad, q, mask, factor, grad_z, partial):  # pragma: no cover 
                 if mask is not None:
                     v = v if mask[b, i] else 0.0 * v
                 grad_z[b, i] = v
-                acc[i] += g * q[b, i]
+                acc[i] += g * (q[b, i] * q_scale)

@@ -531,19 +531,30 @@ class _FusedStageSTE(torch.autograd.Function):
     def forward(ctx, z, factor, aux, cfg, n_rows, key):
         zd = z.detach().contiguous()
         (w_px, abs_x, x2), at = _aux_blocks(aux, zd.dtype)
-        q = torch.empty_like(zd)  # Q_out(signal + IR drop + noise) (Eqs. 2, 5, 14-16)
+        dt = _NP_DTYPE[zd.dtype]
+        f = factor.detach().reshape(-1).to(zd.dtype).contiguous().numpy()
         mask = torch.empty(zd.shape, dtype=torch.bool) if cfg.out_bits else None
-        one = np.ones(1, dtype=q.numpy().dtype)
         s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
         levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
-        _K.output_stage(zd.numpy(), w_px, abs_x, x2, aux[0] is not None,
-                        aux[2] is not None, 1.0, cfg.out_noise, cfg.w_noise,
-                        cfg.ir_drop * cfg.ir_drop_g * n_rows, s_out, levels, one,
-                        np.ones(zd.shape[1], dtype=one.dtype), key, False, q.numpy(),
+        # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
+        # (a quarter of the memory, and the factor applied in the same pass), else as values.
+        int_levels = bool(cfg.out_bits) and cfg.out_bits <= 8
+        out = torch.empty_like(zd)
+        if int_levels:
+            q = torch.empty(zd.shape, dtype=torch.int8)
+            row_f, col_f = (f, np.ones(zd.shape[1], dt)) if f.size == 1 else (np.ones(1, dt), f)
+        else:
+            q = out
+            row_f, col_f = np.ones(1, dt), np.ones(zd.shape[1], dt)
+        _K.output_stage(zd.numpy(), w_px, abs_x, x2, aux[0] is not None, aux[2] is not None,
+                        1.0, cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n_rows,
+                        s_out, levels, row_f, col_f, key, False, out.numpy(),
                         mask=_K.NO_MASK if mask is None else mask.numpy(),
-                        mask_bound=cfg.out_bound, at=at)  # mask: periphery.quantize's STE
+                        mask_bound=cfg.out_bound, at=at,  # mask: periphery.quantize's STE
+                        level_out=q.numpy() if int_levels else None)
+        ctx.q_scale = 1.0 / s_out if int_levels else 1.0
         ctx.save_for_backward(q, factor, mask)
-        return q * factor
+        return out if int_levels else out * factor
 
     @staticmethod
     def backward(ctx, grad):
@@ -553,8 +564,9 @@ class _FusedStageSTE(torch.autograd.Function):
         n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
         partial = np.empty((n_blocks, grad.shape[1]))
         f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
-        _K.stage_backward(grad.numpy(), q.numpy(), None if mask is None else mask.numpy(),
-                          f.numpy(), grad_z.numpy(), partial)
+        _K.stage_backward(grad.numpy(), q.numpy(), ctx.q_scale,
+                          None if mask is None else mask.numpy(), f.numpy(), grad_z.numpy(),
+                          partial)
         grad_f = None
         if ctx.needs_input_grad[1]:
             grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
