@@ -212,8 +212,9 @@ def stage_backward(grad, q, q_scale, mask, factor, grad_z,
     """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
 
     grad, q : (rows, cols) upstream gradient and the stage's quantised output before the
-    digital factor, as values (q_scale 1) or as int8 ADC levels (q_scale the level size); mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or
-    (1,) digital factor. Writes grad_z = grad * factor * mask and, per block of ``_BWD_ROWS``
+    digital factor, as values (q_scale 1) or as int8 ADC levels (q_scale the level size);
+    mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or (1,) digital
+    factor. Writes grad_z = grad * factor * mask and, per block of ``_BWD_ROWS``
     rows, partial[block] = sum over its rows of grad * q (float64; the caller adds the blocks in
     order).
     """

@@ -34,6 +34,7 @@ from .periphery import (
     ir_drop_delta,
     ir_drop_profile,
     quantize,
+    quantizer_levels,
     s_adc,
     short_term_noise_std,
 )
@@ -199,7 +200,7 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
 _SCRATCH = threading.local()
 
 
-def _conv2d_scratch(inp, weight, stride, padding, dilation, groups):
+def _conv2d_scratch(inp, weight, stride, padding, dilation, groups, spatial):
     """conv2d into a reused per-thread channels-last buffer, for products that are used once
     within the call and dropped (the auxiliary terms of the output stage).
 
@@ -209,11 +210,10 @@ def _conv2d_scratch(inp, weight, stride, padding, dilation, groups):
     is cheap against its output (one or two channels per group: HWA step of the small CNN 3.33x
     against 3.60x the FP step, median of three paired runs); with 16 channels per group the
     copy inside ``convolution.out`` costs more than it saves (2.60x against 2.53x).
+    ``spatial`` is the output's (height, width).
     """
-    n, _, h, w = inp.shape
-    kh, kw = weight.shape[2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    n = inp.shape[0]
+    oh, ow = spatial  # output size, as analog_conv computes it
     key = (n, weight.shape[0], oh, ow, inp.dtype)
     bufs = getattr(_SCRATCH, "bufs", None)
     if bufs is None:
@@ -324,7 +324,7 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             wts = torch.cat([wt.reshape(shape) for wt in weights])
             if dims == 2 and inp.device.type == "cpu" and inp.dtype in _NP_DTYPE and \
                     inp.shape[1] <= 2 * g:  # few channels per group: output-bound (see below)
-                y = _conv2d_scratch(inp, wts, stride, padding, dilation, g)
+                y = _conv2d_scratch(inp, wts, stride, padding, dilation, g, spatial)
             else:
                 y = conv(inp, wts, None, stride, padding, dilation, g)
             y = y.movedim(1, -1).reshape(-1, g * n_out)
@@ -389,9 +389,8 @@ def _tile_fused(x, start, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     buf = torch.empty(((2 if need_ir and not aux16 else 1) * b, n), dtype=dt)
     lev = buf[:b]
     if cfg.inp_bits:  # DAC (Eq. 5) in integer levels; the level size is folded into `unit`
-        s_in = (2.0 ** cfg.inp_bits - 2.0) / (2.0 * cfg.inp_bound)
-        _K.dac_levels(x.numpy(), start, 1.0 / row_f, s_in, 2.0 ** (cfg.inp_bits - 1) - 1.0,
-                      lev.numpy())
+        s_in, in_levels = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
+        _K.dac_levels(x.numpy(), start, 1.0 / row_f, s_in, in_levels, lev.numpy())
         unit = 1.0 / s_in
     else:
         torch.div(xk, torch.from_numpy(row_f)[:, None] if row_f.size > 1 else a, out=lev)
@@ -421,9 +420,8 @@ def _tile_fused(x, start, w, cfg, alpha_k, scale_k, gen, out, accumulate):
         abs_x = ss[:b] if need_ir else empty
         x2 = ss[(m - 1) * b:] if need_st else empty
     zn = zz.numpy()
-    s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
-    levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
-    key = np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+    s_out, levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
+    key = _stage_key(gen)
     _K.output_stage(zn[:b], w_px.numpy() if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
                     cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
                     row_f, col_f, key, bool(accumulate), out.numpy())
@@ -459,12 +457,9 @@ def _aux_terms(xd, w, cfg, prod, w_px=None, grouped=None):
     with torch.no_grad():
         if grouped is not None and (need_ir or need_st):
             inputs, weights = [], []
-            if need_ir:
-                inputs.append(xd)
-                weights.append(_weight_form(w, "px"))
-            if need_ir:
-                inputs.append(xd.abs())
-                weights.append(_abs_cached(w))
+            if need_ir:  # (W~ o P) x~ and |W~| |x~| (Eqs. 15, 18)
+                inputs += [xd, xd.abs()]
+                weights += [_weight_form(w, "px"), _abs_cached(w)]
             if need_st:
                 inputs.append(xd * xd)
                 weights.append(_abs_cached(w))
@@ -534,8 +529,7 @@ class _FusedStageSTE(torch.autograd.Function):
         dt = _NP_DTYPE[zd.dtype]
         f = factor.detach().reshape(-1).to(zd.dtype).contiguous().numpy()
         mask = torch.empty(zd.shape, dtype=torch.bool) if cfg.out_bits else None
-        s_out = (2.0 ** cfg.out_bits - 2.0) / (2.0 * cfg.out_bound) if cfg.out_bits else 0.0
-        levels = 2.0 ** (cfg.out_bits - 1) - 1.0 if cfg.out_bits else 0.0
+        s_out, levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
         # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
         # (a quarter of the memory, and the factor applied in the same pass), else as values.
         int_levels = bool(cfg.out_bits) and cfg.out_bits <= 8

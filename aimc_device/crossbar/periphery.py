@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "quantize", "quantizer_step", "output_noise", "short_term_noise_std", "short_term_noise",
+    "quantize", "quantizer_step", "quantizer_levels", "output_noise", "short_term_noise_std", "short_term_noise",
     "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta", "s_adc",
     "draw_asymmetry", "asymmetry_delta",
 ]
@@ -23,6 +23,15 @@ __all__ = [
 def quantizer_step(bits: int, bound: float) -> float:
     """Width of one level of the quantiser (Eq. 5): 2 b / (2^q - 2), in the units of ``bound``."""
     return 2.0 * bound / (2.0 ** bits - 2.0)
+
+
+def quantizer_levels(bits: int | None, bound: float) -> tuple[float, float]:
+    """(scale, levels) of the quantiser (Eq. 5): levels per unit of ``bound``'s unit,
+    (2^q - 2) / (2 b), and the largest level index 2^(q-1) - 1 (= b * scale; 2^q - 1 levels in
+    all). (0.0, 0.0) for no quantiser (``bits`` None or 0)."""
+    if not bits:
+        return 0.0, 0.0
+    return (2.0 ** bits - 2.0) / (2.0 * bound), 2.0 ** (bits - 1) - 1.0
 
 
 class _QuantizeSTE(torch.autograd.Function):
@@ -58,8 +67,7 @@ def quantize(z: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:
     """
     if not bits:
         return z
-    scale = (2.0 ** bits - 2.0) / (2.0 * bound)  # Eq. 5
-    levels = 2.0 ** (bits - 1) - 1.0  # = b * scale: 2^q - 1 levels in all
+    scale, levels = quantizer_levels(bits, bound)  # Eq. 5
     if torch.is_grad_enabled() and z.requires_grad:
         return _QuantizeSTE.apply(z, scale, levels, bound)
     return torch.round(z * scale).clamp_(-levels, levels).div_(scale)

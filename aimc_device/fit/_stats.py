@@ -124,16 +124,17 @@ class _Workspace:
         self.k = k
         self.g = np.empty((k, t_n, r_n), dtype)
         self.m, self.s2, self.rel, self.y = (np.empty((k, t_n), np.float32) for _ in range(4))
-        self.line, self.var = np.empty(2 * k, np.float32), np.empty(2 * k, np.float32)
+        self.line = np.empty(2 * k, np.float32)
         self.lin4 = np.empty(4 * k, np.float32)
         self.gp = np.empty(k)
 
 
 def _chunk_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
-                wv: np.ndarray, offset: int, ws: _Workspace | None = None):
+                w4: np.ndarray, offset: int, ws: _Workspace | None = None):
     """Per-level (K, 8) and per-group (G, 2 + 2T) sums of one device chunk.
 
-    ``wv`` (2, T) holds the OLS weights of the slope and the intercept (float32). Every step is
+    ``w4`` (4, T) float32 holds the OLS weights w, v of the slope and the intercept and their
+    squares. Every step is
     a GIL-free kernel or a vectorised numpy call into the reused buffers of ``ws``.
     """
     g = np.ascontiguousarray(g)
@@ -143,8 +144,9 @@ def _chunk_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: 
     if ws is None or ws.k < n:
         ws = _Workspace(n, *g.shape[1:], g.dtype)
     m, s2, rel, y, gp = ws.m[:n], ws.s2[:n], ws.rel[:n], ws.y[:n], ws.gp[:n]
-    line, var = ws.line[:2 * n].reshape(2, n), ws.var[:2 * n].reshape(2, n)
+    line = ws.line[:2 * n].reshape(2, n)
     lin4 = ws.lin4[:4 * n].reshape(4, n)
+    var = lin4[2:]  # read-noise variances of slope and intercept
     flat = (a.reshape(-1) for a in (g, m, s2, rel, y))
     if moments_kernel(st.repeats)(next(flat), np.float32(1.0 / st.g_max), *flat):
         _check_conductance(st.source, "g", g, offset=offset)  # names the culprit and raises
@@ -153,10 +155,9 @@ def _chunk_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: 
         # bias-corrected log of the repeat mean: slope and intercept (ln(g_P / g_max) at t = 0)
         # = (w, v) . y, their read-noise variances (w^2, v^2) . Var(ln m).
         np.log(y, out=y)
-        np.matmul(wv, y.T, out=line)
-        np.matmul(np.concatenate([wv, wv * wv]), rel.T, out=lin4)
+        np.matmul(w4[:2], y.T, out=line)
+        np.matmul(w4, rel.T, out=lin4)
         line += np.float32(0.5) * lin4[:2]
-        var[...] = lin4[2:]
         # g_P at t = 0, bias-corrected; NaN, 0 or inf mark a device with a zero mean read
         np.exp(line[1] - np.float32(0.5) * var[1], out=gp)
         gp *= st.g_max
@@ -236,7 +237,8 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     st = CampaignStats(x=levels.astype(np.float64) / g_max, g_max=g_max, t0=t0, t_read=t_read,
                        time=time, repeats=repeats, reference=prior.read_noise_reference,
                        source=where)
-    wv = np.asarray(_drift_weights(st.drift_log_time), dtype=np.float32)
+    wv = np.asarray(_drift_weights(st.drift_log_time))
+    w4 = np.concatenate([wv, wv * wv]).astype(np.float32)
     n = g_target.shape[0]
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(time.size, repeats, ds["g"].dtype.itemsize,
@@ -258,7 +260,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         if not hasattr(local, "ws"):
             local.ws = _Workspace(min(n, chunk_devices), *shape, ds["g"].dtype)
         g = read(start, stop, local.ws.g)
-        return _chunk_sums(st, g_target[start:stop], levels, g, wv, start, local.ws)
+        return _chunk_sums(st, g_target[start:stop], levels, g, w4, start, local.ws)
 
     # Chunks run in threads (the kernels release the GIL); at most 2 x workers are in flight,
     # which bounds memory, and their sums are added in chunk order (thread-count independent).

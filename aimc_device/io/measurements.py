@@ -201,14 +201,16 @@ class _H5Slice:
         self.factor = factor
         self.layout = layout
 
+    def _unreadable(self, exc: OSError) -> MeasurementFormatError:
+        return MeasurementFormatError(self.path, self.name, f"cannot read the data ({exc})",
+                                      "the file is truncated or damaged; copy or export it again")
+
     def __getitem__(self, key):
         try:
             with h5py.File(self.path, "r") as f:
                 out = f[self.name][key]
         except OSError as exc:
-            raise MeasurementFormatError(
-                self.path, self.name, f"cannot read the data ({exc})",
-                "the file is truncated or damaged; copy or export it again") from None
+            raise self._unreadable(exc) from None
         if self.factor != 1.0:
             out = _to_si(out, self.factor).astype(self.dtype, copy=False)
         return out
@@ -224,9 +226,7 @@ class _H5Slice:
                 with h5py.File(self.path, "r") as f:
                     f[self.name].read_direct(view, np.s_[start:stop])
             except OSError as exc:
-                raise MeasurementFormatError(
-                    self.path, self.name, f"cannot read the data ({exc})",
-                    "the file is truncated or damaged; copy or export it again") from None
+                raise self._unreadable(exc) from None
             return view
         rows, offsets = self.layout
         row_bytes = view.itemsize * int(np.prod(self.shape[1:]))
