@@ -400,3 +400,42 @@ def test_fused_training_stage_matches_torch_path(out_bits):
     assert 0 < (z0.abs() > cfg.out_bound).float().mean() < 0.9
     for g_fused, g_torch in zip(*grads):
         torch.testing.assert_close(g_fused, g_torch, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("make_conv,shape", [
+    (lambda: nn.Conv2d(1, 6, 3, padding=1), (3, 1, 11, 9)),  # even columns: noise by column
+    (lambda: nn.Conv2d(2, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2)),
+     (2, 2, 9, 8)),
+    (lambda: nn.Conv1d(3, 4, 5, padding=2, stride=2), (3, 3, 23)),
+])
+@pytest.mark.parametrize("out_bits", [8, None])  # the ADC (int8 levels), or none (exact values)
+def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, monkeypatch):
+    # Tiles of few rows run the whole convolution tile in one Numba pass (crossbar._kernels.
+    # conv_stage: patches from the image, products, output stage). With every nonideality on,
+    # it must give the numbers of the products computed as convolutions and fed to the output
+    # stage: the same draws (same key, same element index), values and gradients.
+    from aimc_device.crossbar import _kernels
+    cfg = STD.replace(aux_bfloat16=False, out_bound=3.0, out_bits=out_bits)
+    torch.manual_seed(5)
+    conv = make_conv()
+    a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).double().train()
+    tile = a[0].tile
+    assert tile.in_features <= _kernels.CONV_STAGE_MAX_ROWS
+    x = (torch.randn(*shape, dtype=torch.float64) * 2).requires_grad_()
+    leaves = [x, tile.weight, tile.alpha, tile.gamma, tile.kappa]
+    outs, grads = [], []
+    for max_rows in (_kernels.CONV_STAGE_MAX_ROWS, 0):
+        monkeypatch.setattr(_kernels, "CONV_STAGE_MAX_ROWS", max_rows)
+        tile.reseed(np.random.SeedSequence(9))
+        y = a(x)
+        outs.append(y.detach())
+        grads.append(torch.autograd.grad((y * torch.randn_like(y, generator=torch.Generator()
+                                                                .manual_seed(1))).sum(), leaves))
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # some outputs beyond the ADC bound: the mask matters
+        z = F.conv1d if x.dim() == 3 else F.conv2d
+        z = z(x / tile.alpha, tile.weight.reshape(conv.weight.shape), None, conv.stride,
+              conv.padding, conv.dilation)
+    assert 0.02 < (z.abs() > cfg.out_bound).float().mean() < 0.8
+    for g_direct, g_conv in zip(*grads):
+        torch.testing.assert_close(g_direct, g_conv, rtol=1e-10, atol=1e-10)

@@ -47,6 +47,52 @@ def _rows_per_item(nc):  # pragma: no cover - via tests
     return max(2, (_ITEM_SIZE // max(nc, 1)) // 2 * 2)
 
 
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _normals(key, e0, m, noise):  # pragma: no cover - via tests
+    """noise[:m] = the standard normals of elements e0 .. e0 + m - 1 (e0 even): one hash per
+    pair (2h, 2h + 1) and its ziggurat rectangle step as a SIMD loop, then the ~1.5 % outside
+    their rectangle one by one."""
+    base = _FAST + np.uint64(e0 // 2)
+    for h in range((m + 1) // 2):
+        r = _hash(key, base + np.uint64(h))
+        noise[2 * h] = half_normal_rect(r & _MASK32)
+        noise[2 * h + 1] = half_normal_rect(r >> _S32)
+    for j in range(m):
+        if noise[j] != noise[j]:
+            r = _hash(key, base + np.uint64(j // 2))
+            half = r >> _S32 if j % 2 else r & _MASK32
+            noise[j] = half_normal(key, half, np.uint64(e0 + j), STREAM_MVM)
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _ir_drop(abs_x, w_px, iru, unit):  # pragma: no cover - via tests
+    """IR-drop deviation of one output (Eqs. 15-16, 18): a = |W~||x~| g_ir n / n_rows scaled by
+    ``iru``, dy = a (0.5 - 0.2 a + 0.05 a^2) (W~ o P) x~; subtracted from the output."""
+    a = abs_x * iru
+    return a * (0.5 + a * (-0.2 + 0.05 * a)) * (w_px * unit)
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _adc_row(b, v, s_out, levels, rf, col_f, out, mask, mask_bound, level_out,
+             accumulate):  # pragma: no cover - via tests
+    """Output row b from its pre-ADC values v (cols,): the straight-through mask, the ADC
+    (Eq. 5, its int8 level when asked) and the digital factors (Eq. 1), written or added."""
+    for i in range(v.shape[0]):
+        vi = v[i]
+        if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
+            mask[b, i] = abs(vi) <= mask_bound
+        if s_out is not None:
+            lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
+            if level_out is not None:
+                level_out[b, i] = np.int8(lev)
+            vi = lev / s_out
+        r_out = vi * rf * col_f[i]  # Eq. 1
+        if accumulate:
+            out[b, i] += r_out
+        else:
+            out[b, i] = r_out
+
+
 # Switched-off elements come as None: Numba compiles one version per set of present arguments,
 # with the dead branches removed, so that every loop is branch-free and vectorises (a run-time
 # switch per element cost 15-40 %). Cached on disk like any signature.
@@ -61,18 +107,8 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
     m = (b1 - b0) * nc
-    e0 = b0 * nc
-    if noisy:  # standard normals, element e = row * cols + col: one hash ...
-        base = _FAST + np.uint64(e0 // 2)
-        for h in range((m + 1) // 2):  # ... two variates (2h, 2h + 1), rectangle step, SIMD
-            r = _hash(key, base + np.uint64(h))
-            noise[2 * h] = half_normal_rect(r & _MASK32)
-            noise[2 * h + 1] = half_normal_rect(r >> _S32)
-        for j in range(m):  # ... then the ~1.5 % outside their rectangle, one by one
-            if noise[j] != noise[j]:
-                r = _hash(key, base + np.uint64(j // 2))
-                half = r >> _S32 if j % 2 else r & _MASK32
-                noise[j] = half_normal(key, half, np.uint64(e0 + j), STREAM_MVM)
+    if noisy:  # standard normals, element e = row * cols + col
+        _normals(key, b0 * nc, m, noise)
     else:
         noise[:m] = 0.0
     r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = at[0], at[1], at[2], at[3], at[4], at[5]
@@ -85,24 +121,9 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
                 var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
             vi = z[b, i] * unit + math.sqrt(var) * v[i]  # Eq. 2, signal and noise
             if w_px is not None:
-                a = abs_x[b + r_abs, c_abs + i] * iru  # Eq. 18
-                vi -= a * (0.5 + a * (-0.2 + 0.05 * a)) * (
-                    w_px[b + r_ir, c_ir + i] * unit)  # Eqs. 15-16
+                vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit)
             v[i] = vi
-        for i in range(nc):
-            vi = v[i]
-            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-                mask[b, i] = abs(vi) <= mask_bound
-            if s_out is not None:
-                lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
-                if level_out is not None:
-                    level_out[b, i] = np.int8(lev)
-                vi = lev / s_out
-            r_out = vi * rf * col_f[i]  # Eq. 1
-            if accumulate:
-                out[b, i] += r_out
-            else:
-                out[b, i] = r_out
+        _adc_row(b, v, s_out, levels, rf, col_f, out, mask, mask_bound, level_out, accumulate)
 
 
 @nb.njit(cache=True, parallel=True)
@@ -162,6 +183,204 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
            float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key, out,
            mask if mask.shape[0] > 0 else None, float(mask_bound),
            level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
+    """pt[j, p] = input j of the patch of output pixel r0 + p (zero in the padding).
+
+    Output pixel r is (b, oh, ow) in C order; the patch's inputs come in the order of the tile's
+    rows (channel, kernel row, kernel column). Runs of pixels along one output row are copied
+    tap by tap (a strided copy that vectorises)."""
+    _, h_in, w_in, n_ch = x.shape
+    kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n = (geom[0], geom[1], geom[2], geom[3], geom[4],
+                                                  geom[5], geom[6], geom[7], geom[8], geom[9])
+    zero = x.dtype.type(0.0)
+    r = r0
+    while r < r1:
+        ow0 = r % ow_n
+        t = r // ow_n
+        oh = t % oh_n
+        b = t // oh_n
+        run = min(r1 - r, ow_n - ow0)
+        p0 = r - r0
+        j = 0
+        for c in range(n_ch):
+            for ki in range(kh):
+                ih = oh * sh - ph + ki * dh
+                row_in = 0 <= ih < h_in
+                for kj in range(kw):
+                    iw0 = ow0 * sw - pw + kj * dw
+                    for q in range(run):
+                        iw = iw0 + q * sw
+                        pt[j, p0 + q] = x[b, ih, iw, c] if row_in and 0 <= iw < w_in else zero
+                    j += 1
+        r += run
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, s_out,
+                levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy, pt, pa,
+                prod, noise):  # pragma: no cover - via tests
+    """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt, pa (rows, P) patches, prod
+    (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even."""
+    n_rows, nc = w.shape[1], w.shape[0]
+    npx = r1 - r0
+    zero = x.dtype.type(0.0)
+    _gather_patches(r0, r1, x, geom, pt)
+    if wabs is not None:  # |x~| for Eq. 18, or x~^2 for Eq. 14 (abs first when both)
+        for j in range(n_rows):
+            for p in range(npx):
+                v = pt[j, p]
+                pa[j, p] = abs(v) if wpx is not None else v * v
+    # The products, pixels along the vector: prod[k, i, p] for k = W~ x~, (W~ o P) x~,
+    # |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14); four streams per loop at most.
+    for i in range(nc):
+        for k in range(4):
+            for p in range(npx):
+                prod[k, i, p] = zero
+        for j in range(n_rows):
+            w0 = w[i, j]
+            for p in range(npx):
+                prod[0, i, p] += w0 * pt[j, p]
+            if wpx is not None:
+                w1, w2 = wpx[i, j], wabs[i, j]
+                for p in range(npx):
+                    prod[1, i, p] += w1 * pt[j, p]
+                    prod[2, i, p] += w2 * pa[j, p]
+            if wsq is not None:
+                w3 = wsq[i, j]
+                if wpx is not None:
+                    for p in range(npx):
+                        v = pt[j, p]
+                        prod[3, i, p] += w3 * (v * v)
+                else:
+                    for p in range(npx):
+                        prod[3, i, p] += w3 * pa[j, p]
+    if noisy:
+        _normals_by_column(key, r0, npx, nc, noise)
+    else:
+        noise[:, :npx] = 0.0
+    on2 = out_noise * out_noise
+    wn2 = w_noise * w_noise * unit * unit
+    iru = unit * ir_k
+    e0 = r0 * nc
+    out_f = out.reshape(-1)
+    mask_f = _flat(mask)
+    level_f = _flat(level_out)
+    rf = row_f[0]
+    for i in range(nc):  # column by column, pixels along the vector; outputs in pixel order
+        cf = rf * col_f[i]
+        for p in range(npx):
+            var = on2
+            if wsq is not None:
+                var += wn2 * prod[3, i, p]  # Eq. 14
+            vi = prod[0, i, p] * unit + math.sqrt(var) * noise[i, p]  # Eq. 2
+            if wpx is not None:
+                vi -= _ir_drop(prod[2, i, p], prod[1, i, p], iru, unit)  # Eqs. 15-16
+            e = e0 + p * nc + i
+            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
+                mask_f[e] = abs(vi) <= mask_bound
+            if s_out is not None:
+                lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
+                if level_out is not None:
+                    level_f[e] = np.int8(lev)
+                vi = lev / s_out
+            out_f[e] = vi * cf  # Eq. 1
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
+    """noise[i, p] = the standard normal of element (r0 + p) * nc + i, the same numbers as
+    :func:`_normals` (r0 * nc even), laid out column by column."""
+    e0 = r0 * nc
+    if nc % 2 == 0:  # the pair (2h, 2h + 1) is columns (i, i + 1) of one pixel
+        half_nc = nc // 2
+        base = _FAST + np.uint64(e0 // 2)
+        for i2 in range(half_nc):
+            lo = noise[2 * i2]
+            hi = noise[2 * i2 + 1]
+            for p in range(npx):
+                r = _hash(key, base + np.uint64(p * half_nc + i2))
+                lo[p] = half_normal_rect(r & _MASK32)
+                hi[p] = half_normal_rect(r >> _S32)
+        for i in range(nc):
+            for p in range(npx):
+                if noise[i, p] != noise[i, p]:
+                    e = p * nc + i
+                    r = _hash(key, base + np.uint64(e // 2))
+                    half = r >> _S32 if e % 2 else r & _MASK32
+                    noise[i, p] = half_normal(key, half, np.uint64(e0 + e), STREAM_MVM)
+    else:  # pairs straddle pixels: draw in element order, then lay out
+        flat = np.empty(npx * nc + 1, dtype=noise.dtype)
+        _normals(key, e0, npx * nc, flat)
+        for p in range(npx):
+            for i in range(nc):
+                noise[i, p] = flat[p * nc + i]
+
+
+@nb.njit(cache=True)
+def _flat(a):  # pragma: no cover - via tests
+    """A C-ordered array as 1-d (None stays None)."""
+    if a is None:
+        return None
+    return a.reshape(-1)
+
+
+#: Output elements per work item of :func:`conv_stage` (whole pixels, an even number).
+_CONV_ITEM_SIZE = 4096
+
+
+@nb.njit(cache=True, parallel=True)
+def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, s_out,
+                        levels, row_f, col_f, key, out, mask, mask_bound, level_out,
+                        noisy):  # pragma: no cover - via tests
+    """:func:`conv_stage`, blocks of output pixels in parallel."""
+    n_px, nc = out.shape
+    n_rows = w.shape[1]
+    per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
+    for item in prange((n_px + per - 1) // per):
+        r0 = item * per
+        pt = np.empty((n_rows, per), dtype=x.dtype)
+        pa = np.empty((n_rows, per), dtype=x.dtype)
+        prod = np.empty((4, nc, per), dtype=out.dtype)
+        noise = np.empty((nc, per), dtype=out.dtype)
+        _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
+                    w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
+                    level_out, noisy, pt, pa, prod, noise)
+
+
+#: Most tile rows for which :func:`conv_stage` computes a convolution's products itself: below
+#: it the convolution is bound by its outputs (each is a few multiply-adds), and writing the four
+#: products to memory and reading them back costs more than computing them in place.
+CONV_STAGE_MAX_ROWS = 32
+
+
+def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
+               levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None):
+    """The whole forward of a convolution tile with few rows, one pass per block of output
+    pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
+    |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
+
+    x : (batch, height, width, channels) C order, normalised inputs x~ (units of ``unit``)
+    geom : intp (10,), kernel height and width, strides, paddings, dilations, output height and
+        width
+    w, wpx, wabs : (cols, rows) C order, W~, W~ o P and |W~| (rows in the order channel, kernel
+        row, kernel column); wpx used only when has_ir, wabs when has_ir or has_st
+    out : (batch * out_h * out_w, cols), the output pixels in C order, channels last
+    row_f : (1,), one factor for all pixels (no per-vector input range on this path)
+    The other arguments are those of :func:`output_stage`, and so are the draws (element index
+    pixel * cols + col): the same key gives the numbers of the output stage applied to the
+    products computed as convolutions.
+    """
+    if row_f.shape[0] != 1:
+        raise ValueError("conv_stage: row_f must hold one factor (no per-vector scales here)")
+    conv_stage_parallel(x, geom, w, wpx if has_ir else None,
+                        wabs if (has_ir or has_st) else None, wabs if has_st else None,
+                        float(unit), float(out_noise), float(w_noise), float(ir_k),
+                        float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key,
+                        out, mask if mask.shape[0] > 0 else None, float(mask_bound),
+                        level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
 
 
 _DAC_SIG = ["void({t}[:, ::1], intp, {t}[::1], float64, float64, {t}[:, ::1])".format(t=t)

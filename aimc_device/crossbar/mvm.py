@@ -330,7 +330,13 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             y = y.movedim(1, -1).reshape(-1, g * n_out)
             return [y[:, j * n_out:(j + 1) * n_out] for j in range(g)]
 
-        if _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
+        if _fusable_grad(xk, cfg, None) and dims <= 2 and w.shape[1] <= _K.CONV_STAGE_MAX_ROWS:
+            # few rows: the products from the image, inside the output stage (one pass)
+            xt = quantize(xk / alpha[k], cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
+            geometry = (kernel_size, stride, padding, dilation, spatial)
+            yk = _ConvStageSTE.apply(xt, w, alpha[k] * out_scale[k], cfg, geometry,
+                                     _stage_key(generator))
+        elif _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
             yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod,
                              grouped)
         else:
@@ -512,6 +518,59 @@ def _aux_blocks(aux, dtype):
     return [empty if t is None else t.contiguous().numpy() for t in ts], at
 
 
+class _StageBuffers:
+    """Outputs of a training output stage of shape (rows, cols): the result, the ADC levels or
+    values its backward needs, the straight-through mask, and the digital factors as the kernel
+    takes them (``row_f``, ``col_f``)."""
+
+    def __init__(self, shape, dtype, factor, cfg):
+        dt = _NP_DTYPE[dtype]
+        f = factor.detach().reshape(-1).to(dtype).contiguous().numpy()
+        self.mask = torch.empty(shape, dtype=torch.bool) if cfg.out_bits else None
+        self.s_out, self.levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
+        # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
+        # (a quarter of the memory, and the factor applied in the same pass), else as values.
+        self.int_levels = bool(cfg.out_bits) and cfg.out_bits <= 8
+        self.out = torch.empty(shape, dtype=dtype)
+        if self.int_levels:
+            self.q = torch.empty(shape, dtype=torch.int8)
+            self.row_f, self.col_f = (f, np.ones(shape[1], dt)) if f.size == 1 else (
+                np.ones(1, dt), f)
+        else:
+            self.q = self.out
+            self.row_f, self.col_f = np.ones(1, dt), np.ones(shape[1], dt)
+
+    def kernel_args(self):
+        """Keyword arguments of the stage kernels: mask (the STE of periphery.quantize) and
+        the int8 levels."""
+        return dict(mask=_K.NO_MASK if self.mask is None else self.mask.numpy(),
+                    level_out=self.q.numpy() if self.int_levels else None)
+
+    def finish(self, ctx, factor, *saved):
+        """Save what the backward needs; the result with the digital factor applied."""
+        ctx.q_scale = 1.0 / self.s_out if self.int_levels else 1.0
+        ctx.save_for_backward(self.q, factor, self.mask, *saved)
+        return self.out if self.int_levels else self.out * factor
+
+
+def _stage_grads(ctx, grad, q, factor, mask, need_f):
+    """Backward of a training output stage (straight-through ADC): the gradients of its
+    pre-ADC signal (rows, cols) and of the digital factor (None when not needed)."""
+    grad = grad.contiguous()
+    grad_z = torch.empty_like(grad)
+    n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
+    partial = np.empty((n_blocks, grad.shape[1]))
+    f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
+    _K.stage_backward(grad.numpy(), q.numpy(), ctx.q_scale,
+                      None if mask is None else mask.numpy(), f.numpy(), grad_z.numpy(), partial)
+    grad_f = None
+    if need_f:
+        grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
+        if factor.dim() == 0:
+            grad_f = grad_f.sum()
+    return grad_z, grad_f
+
+
 class _FusedStageSTE(torch.autograd.Function):
     """factor * Q_out(z + dy_IR + noise) in one Numba pass (Eqs. 1, 2, 5, 14-16), with the
     straight-through backward of :func:`periphery.quantize`: identity inside the ADC bound, 0
@@ -526,47 +585,74 @@ class _FusedStageSTE(torch.autograd.Function):
     def forward(ctx, z, factor, aux, cfg, n_rows, key):
         zd = z.detach().contiguous()
         (w_px, abs_x, x2), at = _aux_blocks(aux, zd.dtype)
-        dt = _NP_DTYPE[zd.dtype]
-        f = factor.detach().reshape(-1).to(zd.dtype).contiguous().numpy()
-        mask = torch.empty(zd.shape, dtype=torch.bool) if cfg.out_bits else None
-        s_out, levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
-        # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
-        # (a quarter of the memory, and the factor applied in the same pass), else as values.
-        int_levels = bool(cfg.out_bits) and cfg.out_bits <= 8
-        out = torch.empty_like(zd)
-        if int_levels:
-            q = torch.empty(zd.shape, dtype=torch.int8)
-            row_f, col_f = (f, np.ones(zd.shape[1], dt)) if f.size == 1 else (np.ones(1, dt), f)
-        else:
-            q = out
-            row_f, col_f = np.ones(1, dt), np.ones(zd.shape[1], dt)
+        st = _StageBuffers(zd.shape, zd.dtype, factor, cfg)
         _K.output_stage(zd.numpy(), w_px, abs_x, x2, aux[0] is not None, aux[2] is not None,
                         1.0, cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n_rows,
-                        s_out, levels, row_f, col_f, key, False, out.numpy(),
-                        mask=_K.NO_MASK if mask is None else mask.numpy(),
-                        mask_bound=cfg.out_bound, at=at,  # mask: periphery.quantize's STE
-                        level_out=q.numpy() if int_levels else None)
-        ctx.q_scale = 1.0 / s_out if int_levels else 1.0
-        ctx.save_for_backward(q, factor, mask)
-        return out if int_levels else out * factor
+                        st.s_out, st.levels, st.row_f, st.col_f, key, False, st.out.numpy(),
+                        mask_bound=cfg.out_bound, at=at, **st.kernel_args())
+        return st.finish(ctx, factor)
 
     @staticmethod
     def backward(ctx, grad):
         q, factor, mask = ctx.saved_tensors
-        grad = grad.contiguous()
-        grad_z = torch.empty_like(grad)
-        n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
-        partial = np.empty((n_blocks, grad.shape[1]))
-        f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
-        _K.stage_backward(grad.numpy(), q.numpy(), ctx.q_scale,
-                          None if mask is None else mask.numpy(), f.numpy(), grad_z.numpy(),
-                          partial)
-        grad_f = None
-        if ctx.needs_input_grad[1]:
-            grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
-            if factor.dim() == 0:
-                grad_f = grad_f.sum()
+        grad_z, grad_f = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[1])
         return grad_z, grad_f, None, None, None, None
+
+
+class _ConvStageSTE(torch.autograd.Function):
+    """A whole convolution tile with few rows in one Numba pass (:func:`_K.conv_stage`):
+    factor * Q_out(W~ * x~ + dy_IR + noise) with every product computed from the image in
+    place. Gradients as in :class:`_FusedStageSTE`, then those of the convolution W~ * x~ to
+    ``xt`` (the DAC output) and ``w``.
+
+    ``xt`` is (batch, C, H, W) (or (batch, C, L)); ``w`` (out, C * kernel elements); returns
+    the output pixels as rows (batch * out_h * out_w, out), channels last.
+    """
+
+    @staticmethod
+    def forward(ctx, xt, w, factor, cfg, conv, key):
+        kernel_size, stride, padding, dilation, spatial = conv
+        if xt.dim() == 3:  # 1-d: a 2-d convolution of height 1
+            xt4, conv4 = xt.detach().unsqueeze(2), (
+                (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
+        else:
+            xt4, conv4 = xt.detach(), conv
+        ks, st_, pd, dl, sp = conv4
+        x_np = xt4.permute(0, 2, 3, 1).contiguous().numpy()  # (batch, H, W, C)
+        geom = np.array([*ks, *st_, *pd, *dl, *sp], dtype=np.intp)
+        wd = w.detach().contiguous()
+        need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
+        need_st = cfg.w_noise > 0
+        empty = _empty(_NP_DTYPE[wd.dtype])
+        wpx = _weight_form(wd, "px").numpy() if need_ir else empty
+        wabs = _abs_cached(wd).numpy() if need_ir or need_st else empty
+        n_out = wd.shape[0]
+        rows = xt.shape[0] * int(np.prod(sp))
+        stb = _StageBuffers((rows, n_out), wd.dtype, factor, cfg)
+        _K.conv_stage(x_np, geom, wd.numpy(), wpx, wabs, need_ir, need_st, 1.0, cfg.out_noise,
+                      cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * wd.shape[1], stb.s_out,
+                      stb.levels, stb.row_f, stb.col_f, key, stb.out.numpy(),
+                      mask_bound=cfg.out_bound, **stb.kernel_args())
+        ctx.conv = conv
+        return stb.finish(ctx, factor, xt, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, factor, mask, xt, w = ctx.saved_tensors
+        grad_z, grad_f = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[2])
+        kernel_size, stride, padding, dilation, spatial = ctx.conv
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_w = None
+        if need_x or need_w:
+            n_out = w.shape[0]
+            # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
+            g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
+            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, _one_channel_last(xt), w.reshape(n_out, xt.shape[1], *kernel_size), None, list(stride),
+                list(padding), list(dilation), False, [0] * len(stride), 1,
+                [need_x, need_w, False])
+            grad_w = None if grad_w is None else grad_w.reshape(w.shape)
+        return grad_x, grad_w, grad_f, None, None, None
 
 
 def _stage_key(gen) -> np.uint64:
