@@ -409,11 +409,13 @@ def test_fused_training_stage_matches_torch_path(out_bits):
     (lambda: nn.Conv1d(3, 4, 5, padding=2, stride=2), (3, 3, 23)),
 ])
 @pytest.mark.parametrize("out_bits", [8, None])  # the ADC (int8 levels), or none (exact values)
-def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, monkeypatch):
+@pytest.mark.parametrize("relu", [False, True])  # inputs >= 0: |x~| = x~ shares a convolution
+def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu, monkeypatch):
     # Tiles of few rows run the whole convolution tile in one Numba pass (crossbar._kernels.
     # conv_stage: patches from the image, products, output stage). With every nonideality on,
-    # it must give the numbers of the products computed as convolutions and fed to the output
-    # stage: the same draws (same key, same element index), values and gradients.
+    # it must give the numbers of the products computed as oneDNN convolutions and read in
+    # place by the output stage (the path of larger tiles): the same draws (same key, same
+    # element index), values and gradients.
     from aimc_device.crossbar import _kernels
     cfg = STD.replace(aux_bfloat16=False, out_bound=3.0, out_bits=out_bits)
     torch.manual_seed(5)
@@ -421,7 +423,8 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, monk
     a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).double().train()
     tile = a[0].tile
     assert tile.in_features <= _kernels.CONV_STAGE_MAX_ROWS
-    x = (torch.randn(*shape, dtype=torch.float64) * 2).requires_grad_()
+    x = torch.randn(*shape, dtype=torch.float64) * 2
+    x = (x.abs() if relu else x).requires_grad_()
     leaves = [x, tile.weight, tile.alpha, tile.gamma, tile.kappa]
     outs, grads = [], []
     for max_rows in (_kernels.CONV_STAGE_MAX_ROWS, 0):

@@ -39,7 +39,7 @@ _STAGE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_SIZE = 1 << 15
 #: The ``mask`` argument meaning "no mask".
 NO_MASK = np.zeros((0, 0), dtype=np.bool_)
-_AT0 = np.zeros(6, dtype=np.intp)
+_AT0 = np.zeros(8, dtype=np.intp)
 
 
 @nb.njit("intp(intp)", cache=True)
@@ -102,7 +102,7 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
                  accumulate):  # pragma: no cover - via tests
     """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
     (b1 - b0) * cols + 1 elements; b0 * cols is even."""
-    nc = z.shape[1]
+    nc = out.shape[1]
     on2 = out_noise * out_noise
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
@@ -111,7 +111,8 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
         _normals(key, b0 * nc, m, noise)
     else:
         noise[:m] = 0.0
-    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = at[0], at[1], at[2], at[3], at[4], at[5]
+    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq, r_z, c_z = at[0], at[1], at[2], at[3], at[4], at[5], \
+        at[6], at[7]
     for b in range(b0, b1):  # then two branch-free (vectorised) passes per row, each over few
         rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]  # arrays (few alias checks)
         v = noise[(b - b0) * nc:(b - b0 + 1) * nc]
@@ -119,7 +120,7 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
             var = on2
             if x2 is not None:
                 var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
-            vi = z[b, i] * unit + math.sqrt(var) * v[i]  # Eq. 2, signal and noise
+            vi = z[b + r_z, c_z + i] * unit + math.sqrt(var) * v[i]  # Eq. 2, signal and noise
             if w_px is not None:
                 vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit)
             v[i] = vi
@@ -131,7 +132,7 @@ def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k
                           row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                           accumulate):  # pragma: no cover - via tests
     """:func:`output_stage`, blocks of rows in parallel."""
-    n_rows, nc = z.shape
+    n_rows, nc = out.shape
     rows = _rows_per_item(nc)
     for item in prange((n_rows + rows - 1) // rows):
         noise = np.empty(rows * nc + 1, dtype=z.dtype)
@@ -145,7 +146,7 @@ def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, 
                         row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                         accumulate):  # pragma: no cover - via tests
     """:func:`output_stage` on one thread (small calls: no thread start-up)."""
-    n_rows, nc = z.shape
+    n_rows, nc = out.shape
     rows = _rows_per_item(nc)
     noise = np.empty(rows * nc + 1, dtype=z.dtype)
     for b0 in range(0, n_rows, rows):
@@ -160,11 +161,11 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
-    z : (batch, cols) W~ lev, C order, in input-level units (x~ = u lev)
-    w_px, abs_x, x2 : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 as blocks:
-        term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
-        signal in one GEMM, or column blocks of one grouped convolution); used only when
-        has_ir (w_px, abs_x) and has_st (x2)
+    w_px, abs_x, x2, z : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 and the
+        signal W~ lev (input-level units, x~ = u lev) as blocks: term[b, i] = array[b + at[2k],
+        at[2k + 1] + i] for k = 0, 1, 2, 3 (rows stacked under the signal in one GEMM, or
+        column blocks of one convolution's output); w_px and abs_x used only when has_ir, x2
+        when has_st
     unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
@@ -176,7 +177,7 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     The draws depend on (key, row, column) only: same key, same numbers on any thread count.
     """
     if parallel is None:
-        parallel = z.size >= PARALLEL_MIN_SIZE
+        parallel = out.size >= PARALLEL_MIN_SIZE
     kernel = output_stage_parallel if parallel else output_stage_serial
     kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
            float(unit), float(out_noise), float(w_noise), float(ir_k),

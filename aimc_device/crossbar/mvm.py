@@ -21,8 +21,6 @@ References
 """
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
@@ -197,37 +195,6 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d,
          3: torch.nn.functional.conv3d}
 
 
-_SCRATCH = threading.local()
-
-
-def _conv2d_scratch(inp, weight, stride, padding, dilation, groups, spatial):
-    """conv2d into a reused per-thread channels-last buffer, for products that are used once
-    within the call and dropped (the auxiliary terms of the output stage).
-
-    The buffer is allocated by numpy, which asks for transparent huge pages on large arrays:
-    on the development VM the stage kernel reads it about twice as fast as a fresh torch
-    output (fewer TLB misses), and nothing is page-faulted per call. Used where the convolution
-    is cheap against its output (one or two channels per group: HWA step of the small CNN 3.33x
-    against 3.60x the FP step, median of three paired runs); with 16 channels per group the
-    copy inside ``convolution.out`` costs more than it saves (2.60x against 2.53x).
-    ``spatial`` is the output's (height, width).
-    """
-    n = inp.shape[0]
-    oh, ow = spatial  # output size, as analog_conv computes it
-    key = (n, weight.shape[0], oh, ow, inp.dtype)
-    bufs = getattr(_SCRATCH, "bufs", None)
-    if bufs is None:
-        bufs = _SCRATCH.bufs = {}
-    out = bufs.get(key)
-    if out is None:
-        if len(bufs) >= 8:  # a few layer shapes per network; forget the rest
-            bufs.clear()
-        arr = np.empty((n, oh, ow, weight.shape[0]), dtype=_NP_DTYPE[inp.dtype])
-        out = bufs[key] = torch.from_numpy(arr).permute(0, 3, 1, 2)  # NCHW view, channels-last
-    return torch.ops.aten.convolution.out(inp, weight, None, list(stride), list(padding),
-                                          list(dilation), False, [0, 0], groups, out=out)
-
-
 def _one_channel_last(x: torch.Tensor) -> torch.Tensor:
     """A contiguous one-channel image batch marked channels-last (a stride-only view): oneDNN
     otherwise takes the NCHW path, 5-10x slower forward and backward, and the output needs a
@@ -315,30 +282,13 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
             return y.movedim(1, -1).reshape(-1, n_out)
 
-        def grouped(inputs, weights, shape=shape):
-            """Several products in one grouped convolution, as column blocks of its output."""
-            g = len(inputs)
-            inp = torch.cat(inputs, 1)
-            if dims == 2:  # channels-last again (a 1-channel cat loses it: 10x slower)
-                inp = inp.contiguous(memory_format=torch.channels_last)
-            wts = torch.cat([wt.reshape(shape) for wt in weights])
-            if dims == 2 and inp.device.type == "cpu" and inp.dtype in _NP_DTYPE and \
-                    inp.shape[1] <= 2 * g:  # few channels per group: output-bound (see below)
-                y = _conv2d_scratch(inp, wts, stride, padding, dilation, g, spatial)
-            else:
-                y = conv(inp, wts, None, stride, padding, dilation, g)
-            y = y.movedim(1, -1).reshape(-1, g * n_out)
-            return [y[:, j * n_out:(j + 1) * n_out] for j in range(g)]
-
-        if _fusable_grad(xk, cfg, None) and dims <= 2 and w.shape[1] <= _K.CONV_STAGE_MAX_ROWS:
-            # few rows: the products from the image, inside the output stage (one pass)
+        if _fusable_grad(xk, cfg, None) and dims <= 2:  # one fused tile (Numba stage, STE)
             xt = quantize(xk / alpha[k], cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
             geometry = (kernel_size, stride, padding, dilation, spatial)
-            yk = _ConvStageSTE.apply(xt, w, alpha[k] * out_scale[k], cfg, geometry,
-                                     _stage_key(generator))
+            yk = _ConvTileSTE.apply(xt, w, alpha[k] * out_scale[k], cfg, geometry,
+                                    _stage_key(generator))
         elif _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
-            yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod,
-                             grouped)
+            yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod)
         else:
             zk = zeta[k] if isinstance(zeta, (list, tuple)) else zeta
             z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
@@ -449,11 +399,8 @@ def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
     return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)
 
 
-def _aux_terms(xd, w, cfg, prod, w_px=None, grouped=None):
+def _aux_terms(xd, w, cfg, prod, w_px=None):
     """The no-gradient products of one tile (Eqs. 14, 15, 18): (W~ o P) x~, |W~| |x~|, |W~| x~^2.
-
-    ``grouped(inputs, weights)``, when given (convolutions), computes several products in one
-    grouped call and returns them as column blocks of one array (views, not copies).
 
     Returns (w_px, abs_x, x2), each (rows, out) or None when its nonideality is off.
     """
@@ -461,19 +408,6 @@ def _aux_terms(xd, w, cfg, prod, w_px=None, grouped=None):
     need_st = cfg.w_noise > 0
     abs_x = x2 = None
     with torch.no_grad():
-        if grouped is not None and (need_ir or need_st):
-            inputs, weights = [], []
-            if need_ir:  # (W~ o P) x~ and |W~| |x~| (Eqs. 15, 18)
-                inputs += [xd, xd.abs()]
-                weights += [_weight_form(w, "px"), _abs_cached(w)]
-            if need_st:
-                inputs.append(xd * xd)
-                weights.append(_abs_cached(w))
-            blocks = list(grouped(inputs, weights))
-            w_px = blocks.pop(0) if need_ir else None
-            abs_x = blocks.pop(0) if need_ir else None
-            x2 = blocks.pop(0) if need_st else None
-            return w_px, abs_x, x2
         if need_ir and w_px is None:  # IR-drop shape (W~ o P) x~ (Eq. 15)
             w_px = prod(xd, _weight_form(w, "px"))
         if need_ir or need_st:
@@ -497,13 +431,13 @@ def _fusable_grad(z: torch.Tensor, cfg: CrossbarConfig, asym) -> bool:
 def _aux_blocks(aux, dtype):
     """The auxiliary products as C-ordered numpy arrays and the kernel's block offsets ``at``.
 
-    Column blocks of one C-ordered array (a grouped convolution) are passed as that array with
-    column offsets, without copies; anything else as C-ordered arrays of its own.
+    Column blocks of one C-ordered array are passed as that array with column offsets, without
+    copies; anything else as C-ordered arrays of its own.
     """
     ts = [None if t is None else t.to(dtype) for t in aux]
     live = [t for t in ts if t is not None]
     empty = _empty(_NP_DTYPE[dtype])
-    at = np.zeros(6, dtype=np.intp)
+    at = np.zeros(8, dtype=np.intp)
     if live and all(t.dim() == 2 and t.stride(1) == 1 for t in live) and len(
             {(t.untyped_storage().data_ptr(), t.stride(0), t.shape[0]) for t in live}) == 1:
         first = min(t.storage_offset() for t in live)
@@ -599,11 +533,63 @@ class _FusedStageSTE(torch.autograd.Function):
         return grad_z, grad_f, None, None, None, None
 
 
-class _ConvStageSTE(torch.autograd.Function):
-    """A whole convolution tile with few rows in one Numba pass (:func:`_K.conv_stage`):
-    factor * Q_out(W~ * x~ + dy_IR + noise) with every product computed from the image in
-    place. Gradients as in :class:`_FusedStageSTE`, then those of the convolution W~ * x~ to
-    ``xt`` (the DAC output) and ``w``.
+def _conv_products(x4, w, conv4, need_ir, need_st):
+    """The four products of a convolution tile (Eqs. 2, 14, 15, 18) as two convolutions, for the
+    output stage: W~ x~ (the signal), (W~ o P) x~, |W~| |x~|, |W~| x~^2.
+
+    x4 : (batch, C, H, W) channels-last inputs x~; w : (out, C * kh * kw) weights W~;
+    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial). The first convolution takes
+    x~ against [W~; W~ o P], and also |W~| when x~ >= 0 (inputs after a ReLU, where
+    |x~| = x~); the second takes |W~| against [|x~|; x~^2] stacked along the batch (no grouped
+    convolution: oneDNN's grouped kernels ran 3x slower in half the calls here).
+
+    Returns ((z, w_px, abs_x, x2), at): C-ordered numpy arrays (empty for a switched-off term)
+    and the output stage's block offsets (see :func:`_K.output_stage`).
+    """
+    ks, st, pd, dl, _ = conv4
+    n_out = w.shape[0]
+    shape = (n_out, x4.shape[1], *ks)
+    nonneg = need_ir and bool(x4.min() >= 0)  # then |x~| = x~: one input for three products
+    first = [w] + ([_weight_form(w, "px")] if need_ir else []) + (
+        [_abs_cached(w)] if nonneg else [])
+    w1 = first[0] if len(first) == 1 else torch.cat(first)
+
+    def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last
+        return y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
+            -1, y.shape[1]).numpy()
+
+    a1 = rows(torch.nn.functional.conv2d(x4, w1.reshape(-1, *shape[1:]), None, st, pd, dl))
+    n_rows = a1.shape[0]
+    second = ([x4.abs()] if need_ir and not nonneg else []) + ([x4 * x4] if need_st else [])
+    a2 = None
+    if second:
+        x2in = second[0] if len(second) == 1 else torch.cat(second)
+        a2 = rows(torch.nn.functional.conv2d(_one_channel_last(
+            x2in.contiguous(memory_format=torch.channels_last)),
+            _abs_cached(w).reshape(shape), None, st, pd, dl))
+    empty = _empty(a1.dtype)
+    at = np.zeros(8, dtype=np.intp)  # (row, column) of w_px, abs_x, x2, z
+    terms = [empty, empty, empty, a1]
+    if need_ir:
+        terms[0], at[1] = a1, n_out
+        if nonneg:
+            terms[1], at[3] = a1, 2 * n_out
+        else:
+            terms[1] = a2
+    if need_st:
+        terms[2], at[4] = a2, (len(second) - 1) * n_rows
+    return terms, at
+
+
+class _ConvTileSTE(torch.autograd.Function):
+    """One convolution tile on CPU, training or evaluation: factor * Q_out(W~ * x~ + dy_IR +
+    noise) (Eqs. 1, 2, 5, 14-16), with the gradients of :class:`_FusedStageSTE` (straight-through
+    ADC) and then those of the convolution W~ * x~ to ``xt`` (the DAC output) and ``w``.
+
+    The products come from the image itself inside :func:`_K.conv_stage` for tiles of few rows
+    (at most ``_K.CONV_STAGE_MAX_ROWS``: there the work scales with the outputs, and the
+    products are cheaper computed than read back from memory), else from two oneDNN
+    convolutions (:func:`_conv_products`) read in place by :func:`_K.output_stage`.
 
     ``xt`` is (batch, C, H, W) (or (batch, C, L)); ``w`` (out, C * kernel elements); returns
     the output pixels as rows (batch * out_h * out_w, out), channels last.
@@ -613,26 +599,32 @@ class _ConvStageSTE(torch.autograd.Function):
     def forward(ctx, xt, w, factor, cfg, conv, key):
         kernel_size, stride, padding, dilation, spatial = conv
         if xt.dim() == 3:  # 1-d: a 2-d convolution of height 1
-            xt4, conv4 = xt.detach().unsqueeze(2), (
+            x4, conv4 = xt.detach().unsqueeze(2), (
                 (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
         else:
-            xt4, conv4 = xt.detach(), conv
-        ks, st_, pd, dl, sp = conv4
-        x_np = xt4.permute(0, 2, 3, 1).contiguous().numpy()  # (batch, H, W, C)
-        geom = np.array([*ks, *st_, *pd, *dl, *sp], dtype=np.intp)
+            x4, conv4 = xt.detach(), conv
+        x4 = _one_channel_last(x4.contiguous(memory_format=torch.channels_last))
         wd = w.detach().contiguous()
+        n_out, n_rows = wd.shape
         need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
         need_st = cfg.w_noise > 0
-        empty = _empty(_NP_DTYPE[wd.dtype])
-        wpx = _weight_form(wd, "px").numpy() if need_ir else empty
-        wabs = _abs_cached(wd).numpy() if need_ir or need_st else empty
-        n_out = wd.shape[0]
-        rows = xt.shape[0] * int(np.prod(sp))
-        stb = _StageBuffers((rows, n_out), wd.dtype, factor, cfg)
-        _K.conv_stage(x_np, geom, wd.numpy(), wpx, wabs, need_ir, need_st, 1.0, cfg.out_noise,
-                      cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * wd.shape[1], stb.s_out,
-                      stb.levels, stb.row_f, stb.col_f, key, stb.out.numpy(),
-                      mask_bound=cfg.out_bound, **stb.kernel_args())
+        stb = _StageBuffers((x4.shape[0] * int(np.prod(conv4[4])), n_out), wd.dtype, factor, cfg)
+        ir_k = cfg.ir_drop * cfg.ir_drop_g * n_rows
+        if n_rows <= _K.CONV_STAGE_MAX_ROWS:
+            empty = _empty(_NP_DTYPE[wd.dtype])
+            geom = np.array([v for part in conv4 for v in part], dtype=np.intp)
+            _K.conv_stage(x4.permute(0, 2, 3, 1).numpy(), geom, wd.numpy(),
+                          _weight_form(wd, "px").numpy() if need_ir else empty,
+                          _abs_cached(wd).numpy() if need_ir or need_st else empty, need_ir,
+                          need_st, 1.0, cfg.out_noise, cfg.w_noise, ir_k, stb.s_out, stb.levels,
+                          stb.row_f, stb.col_f, key, stb.out.numpy(), mask_bound=cfg.out_bound,
+                          **stb.kernel_args())
+        else:
+            (w_px, abs_x, x2, z), at = _conv_products(x4, wd, conv4, need_ir, need_st)
+            _K.output_stage(z, w_px, abs_x, x2, need_ir, need_st, 1.0, cfg.out_noise,
+                            cfg.w_noise, ir_k, stb.s_out, stb.levels, stb.row_f, stb.col_f, key,
+                            False, stb.out.numpy(), mask_bound=cfg.out_bound, at=at,
+                            **stb.kernel_args())
         ctx.conv = conv
         return stb.finish(ctx, factor, xt, w)
 
@@ -648,8 +640,8 @@ class _ConvStageSTE(torch.autograd.Function):
             # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
             g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
             grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, _one_channel_last(xt), w.reshape(n_out, xt.shape[1], *kernel_size), None, list(stride),
-                list(padding), list(dilation), False, [0] * len(stride), 1,
+                g, _one_channel_last(xt), w.reshape(n_out, xt.shape[1], *kernel_size), None,
+                list(stride), list(padding), list(dilation), False, [0] * len(stride), 1,
                 [need_x, need_w, False])
             grad_w = None if grad_w is None else grad_w.reshape(w.shape)
         return grad_x, grad_w, grad_f, None, None, None
@@ -659,11 +651,11 @@ def _stage_key(gen) -> np.uint64:
     return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
 
 
-def _fused_tile(xs, w, cfg, factor, gen, prod=_F, grouped=None):
+def _fused_tile(xs, w, cfg, factor, gen, prod=_F):
     """factor * Q_out(analog(Q_in(xs))) with the fused output stage; differentiable (STE)."""
     xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
     z = prod(xt, w)  # Eq. 2, signal (the only term with a gradient)
-    aux = _aux_terms(xt.detach(), w, cfg, prod, grouped=grouped)
+    aux = _aux_terms(xt.detach(), w, cfg, prod)
     return _FusedStageSTE.apply(z, factor, aux, cfg, w.shape[1], _stage_key(gen))
 
 
