@@ -17,7 +17,10 @@ import math
 
 import numba as nb
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
+
+from .periphery import IR_DROP_POLY
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
 from ..pcm._kernels import FAST as _FAST
@@ -65,40 +68,60 @@ def _normals(key, e0, m, noise):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
-def _ir_drop(abs_x, w_px, iru, unit):  # pragma: no cover - via tests
-    """IR-drop deviation of one output (Eqs. 15-16, 18): a = |W~||x~| g_ir n / n_rows scaled by
-    ``iru``, dy = a (0.5 - 0.2 a + 0.05 a^2) (W~ o P) x~; subtracted from the output."""
+def _ir_drop(abs_x, w_px, iru, unit, poly):  # pragma: no cover - via tests
+    """IR-drop deviation of one output (Eqs. 15-16, 18): a = |W~||x~| g_ir n scaled by ``iru``,
+    dy = c(a) (W~ o P) x~ with c(a) = a (c1 + a (c2 + c3 a)), ``poly`` = (c1, c2, c3) from
+    :data:`periphery.IR_DROP_POLY`; subtracted from the output."""
     a = abs_x * iru
-    return a * (0.5 + a * (-0.2 + 0.05 * a)) * (w_px * unit)
+    return a * (poly[0] + a * (poly[1] + poly[2] * a)) * (w_px * unit)
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
-def _adc_row(b, v, s_out, levels, rf, col_f, out, mask, mask_bound, level_out,
-             accumulate):  # pragma: no cover - via tests
-    """Output row b from its pre-ADC values v (cols,): the straight-through mask, the ADC
-    (Eq. 5, its int8 level when asked) and the digital factors (Eq. 1), written or added."""
-    for i in range(v.shape[0]):
-        vi = v[i]
+def _adc_level(v, s_out, levels):  # pragma: no cover - via tests
+    """ADC level of the value v (Eq. 5): round(v s_out) clipped to [-levels, levels]."""
+    return min(max(np.rint(v * s_out), -levels), levels)
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+def _adc(e0, m, v, v0, s_out, levels, rf, cf, out, mask, mask_bound, level_out,
+         accumulate):  # pragma: no cover - via tests
+    """Elements e0 .. e0 + m - 1 of the flat outputs from their pre-ADC values v[v0:v0 + m]:
+    the straight-through mask, the ADC (Eq. 5, its int8 level when asked) and the digital factor
+    rf cf[e] (Eq. 1), written or added."""
+    for e in range(m):
+        vi = v[v0 + e]
         if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-            mask[b, i] = abs(vi) <= mask_bound
+            mask[e0 + e] = abs(vi) <= mask_bound
         if s_out is not None:
-            lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
+            lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
             if level_out is not None:
-                level_out[b, i] = np.int8(lev)
+                level_out[e0 + e] = np.int8(lev)
             vi = lev / s_out
-        r_out = vi * rf * col_f[i]  # Eq. 1
         if accumulate:
-            out[b, i] += r_out
+            out[e0 + e] += vi * rf * cf[e]  # Eq. 1
         else:
-            out[b, i] = r_out
+            out[e0 + e] = vi * rf * cf[e]
+
+
+# Helpers that map a switched-off term (None) to None at compile time: a plain `if a is None`
+# returning either would give an Optional type, checked at every access (no SIMD).
+def _flat(a):
+    """A C-ordered array as 1-d (None stays None)."""
+
+
+@overload(_flat)
+def _flat_impl(a):
+    if isinstance(a, types.NoneType):
+        return lambda a: None
+    return lambda a: a.reshape(-1)
 
 
 # Switched-off elements come as None: Numba compiles one version per set of present arguments,
 # with the dead branches removed, so that every loop is branch-free and vectorises (a run-time
 # switch per element cost 15-40 %). Cached on disk like any signature.
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
-def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                 row_f, col_f, key, out, mask, mask_bound, level_out, noise, noisy,
+def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
+                 levels, row_f, col_f, key, out, mask, mask_bound, level_out, noise, noisy,
                  accumulate):  # pragma: no cover - via tests
     """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
     (b1 - b0) * cols + 1 elements; b0 * cols is even."""
@@ -115,43 +138,56 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
         at[6], at[7]
     for b in range(b0, b1):  # then two branch-free (vectorised) passes per row, each over few
         rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]  # arrays (few alias checks)
-        v = noise[(b - b0) * nc:(b - b0 + 1) * nc]
+        o = (b - b0) * nc
         for i in range(nc):  # pre-ADC value, in place of the noise
             var = on2
             if x2 is not None:
                 var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
-            vi = z[b + r_z, c_z + i] * unit + math.sqrt(var) * v[i]  # Eq. 2, signal and noise
+            vi = z[b + r_z, c_z + i] * unit + math.sqrt(var) * noise[o + i]  # Eq. 2
             if w_px is not None:
-                vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit)
-            v[i] = vi
-        _adc_row(b, v, s_out, levels, rf, col_f, out, mask, mask_bound, level_out, accumulate)
+                vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit,
+                               poly)  # Eqs. 15-16, 18
+            noise[o + i] = vi
+        for i in range(nc):
+            vi = noise[o + i]
+            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
+                mask[b, i] = abs(vi) <= mask_bound
+            if s_out is not None:
+                lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
+                if level_out is not None:
+                    level_out[b, i] = np.int8(lev)
+                vi = lev / s_out
+            if accumulate:
+                out[b, i] += vi * rf * col_f[i]  # Eq. 1
+            else:
+                out[b, i] = vi * rf * col_f[i]
 
 
 @nb.njit(cache=True, parallel=True)
-def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                          row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
+def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
+                          levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                           accumulate):  # pragma: no cover - via tests
     """:func:`output_stage`, blocks of rows in parallel."""
     n_rows, nc = out.shape
     rows = _rows_per_item(nc)
     for item in prange((n_rows + rows - 1) // rows):
-        noise = np.empty(rows * nc + 1, dtype=z.dtype)
+        noise = np.empty(rows * nc + 1, dtype=out.dtype)
         _stage_block(item * rows, min(n_rows, (item + 1) * rows), z, w_px, abs_x, x2, at, unit,
-                     out_noise, w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask,
+                     out_noise, w_noise, ir_k, poly, s_out, levels, row_f, col_f, key, out, mask,
                      mask_bound, level_out, noise, noisy, accumulate)
 
 
 @nb.njit(cache=True)
-def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, s_out, levels,
-                        row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
+def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
+                        levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
                         accumulate):  # pragma: no cover - via tests
     """:func:`output_stage` on one thread (small calls: no thread start-up)."""
     n_rows, nc = out.shape
     rows = _rows_per_item(nc)
-    noise = np.empty(rows * nc + 1, dtype=z.dtype)
+    noise = np.empty(rows * nc + 1, dtype=out.dtype)
     for b0 in range(0, n_rows, rows):
         _stage_block(b0, min(n_rows, b0 + rows), z, w_px, abs_x, x2, at, unit, out_noise,
-                     w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
+                     w_noise, ir_k, poly, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
                      level_out, noise, noisy, accumulate)
 
 
@@ -179,11 +215,17 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     if parallel is None:
         parallel = out.size >= PARALLEL_MIN_SIZE
     kernel = output_stage_parallel if parallel else output_stage_serial
+    ft = out.dtype.type  # scalars in the arrays' precision: float32 arithmetic for float32 data
     kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
-           float(unit), float(out_noise), float(w_noise), float(ir_k),
-           float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key, out,
-           mask if mask.shape[0] > 0 else None, float(mask_bound),
+           ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
+           ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, key, out,
+           mask if mask.shape[0] > 0 else None, ft(mask_bound),
            level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
+
+
+def _poly(dtype):
+    """The IR-drop polynomial's coefficients (periphery.IR_DROP_POLY) in ``dtype``."""
+    return np.array(IR_DROP_POLY, dtype=dtype)
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
@@ -220,11 +262,12 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
-def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, s_out,
-                levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy, pt, pa,
-                prod, noise):  # pragma: no cover - via tests
+def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
+                levels, rf, cf, key, out, mask, mask_bound, level_out, noisy, pt, pa, prod,
+                noise):  # pragma: no cover - via tests
     """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt, pa (rows, P) patches, prod
-    (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even."""
+    (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even; rf the row factor and
+    cf (P * cols,) the column factor of each output of a block (in output order)."""
     n_rows, nc = w.shape[1], w.shape[0]
     npx = r1 - r0
     zero = x.dtype.type(0.0)
@@ -265,29 +308,21 @@ def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
     on2 = out_noise * out_noise
     wn2 = w_noise * w_noise * unit * unit
     iru = unit * ir_k
-    e0 = r0 * nc
-    out_f = out.reshape(-1)
-    mask_f = _flat(mask)
-    level_f = _flat(level_out)
-    rf = row_f[0]
-    for i in range(nc):  # column by column, pixels along the vector; outputs in pixel order
-        cf = rf * col_f[i]
+    for i in range(nc):  # pre-ADC values column by column, pixels along the vector
         for p in range(npx):
             var = on2
             if wsq is not None:
                 var += wn2 * prod[3, i, p]  # Eq. 14
             vi = prod[0, i, p] * unit + math.sqrt(var) * noise[i, p]  # Eq. 2
             if wpx is not None:
-                vi -= _ir_drop(prod[2, i, p], prod[1, i, p], iru, unit)  # Eqs. 15-16
-            e = e0 + p * nc + i
-            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-                mask_f[e] = abs(vi) <= mask_bound
-            if s_out is not None:
-                lev = min(max(np.rint(vi * s_out), -levels), levels)  # Eq. 5, ADC
-                if level_out is not None:
-                    level_f[e] = np.int8(lev)
-                vi = lev / s_out
-            out_f[e] = vi * cf  # Eq. 1
+                vi -= _ir_drop(prod[2, i, p], prod[1, i, p], iru, unit, poly)  # Eqs. 15-16
+            noise[i, p] = vi
+    v = prod[0].reshape(-1)  # the pre-ADC values in output order, in place of the signal
+    for p in range(npx):
+        for i in range(nc):
+            v[p * nc + i] = noise[i, p]
+    _adc(r0 * nc, npx * nc, v, 0, s_out, levels, rf, cf, out.reshape(-1), _flat(mask),
+         mask_bound, _flat(level_out), False)
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
@@ -320,26 +355,22 @@ def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
                 noise[i, p] = flat[p * nc + i]
 
 
-@nb.njit(cache=True)
-def _flat(a):  # pragma: no cover - via tests
-    """A C-ordered array as 1-d (None stays None)."""
-    if a is None:
-        return None
-    return a.reshape(-1)
-
-
 #: Output elements per work item of :func:`conv_stage` (whole pixels, an even number).
 _CONV_ITEM_SIZE = 4096
 
 
 @nb.njit(cache=True, parallel=True)
-def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, s_out,
+def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
                         levels, row_f, col_f, key, out, mask, mask_bound, level_out,
                         noisy):  # pragma: no cover - via tests
     """:func:`conv_stage`, blocks of output pixels in parallel."""
     n_px, nc = out.shape
     n_rows = w.shape[1]
     per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
+    cf = np.empty(per * nc, dtype=out.dtype)  # the column factors (Eq. 1) of a block's outputs
+    for p in range(per):
+        for i in range(nc):
+            cf[p * nc + i] = col_f[i]
     for item in prange((n_px + per - 1) // per):
         r0 = item * per
         pt = np.empty((n_rows, per), dtype=x.dtype)
@@ -347,7 +378,7 @@ def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
         prod = np.empty((4, nc, per), dtype=out.dtype)
         noise = np.empty((nc, per), dtype=out.dtype)
         _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
-                    w_noise, ir_k, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
+                    w_noise, ir_k, poly, s_out, levels, row_f[0], cf, key, out, mask, mask_bound,
                     level_out, noisy, pt, pa, prod, noise)
 
 
@@ -376,11 +407,12 @@ def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, 
     """
     if row_f.shape[0] != 1:
         raise ValueError("conv_stage: row_f must hold one factor (no per-vector scales here)")
+    ft = out.dtype.type
     conv_stage_parallel(x, geom, w, wpx if has_ir else None,
                         wabs if (has_ir or has_st) else None, wabs if has_st else None,
-                        float(unit), float(out_noise), float(w_noise), float(ir_k),
-                        float(s_out) if s_out > 0.0 else None, float(levels), row_f, col_f, key,
-                        out, mask if mask.shape[0] > 0 else None, float(mask_bound),
+                        ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
+                        ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, key,
+                        out, mask if mask.shape[0] > 0 else None, ft(mask_bound),
                         level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
 
 

@@ -132,9 +132,15 @@ def ir_drop_profile(n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
     return p
 
 
+#: Coefficients (c1, c2, c3) of the cubic IR-drop coefficient c(a) = c1 a + c2 a^2 + c3 a^3
+#: (MODEL.md sec. 6, Eq. 16 of Rasch et al., Nat. Commun. 14, 5282 (2023)).
+IR_DROP_POLY = (0.5, -0.2, 0.05)
+
+
 def ir_drop_coefficient(a: torch.Tensor) -> torch.Tensor:
     """Cubic IR-drop coefficient c(a) = 0.05 a^3 - 0.2 a^2 + 0.5 a (MODEL.md sec. 6, Eq. 16)."""
-    return a * (0.5 + a * (-0.2 + 0.05 * a))  # Eq. 16
+    c1, c2, c3 = IR_DROP_POLY
+    return a * (c1 + a * (c2 + c3 * a))  # Eq. 16
 
 
 def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, scale: float,
