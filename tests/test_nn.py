@@ -442,3 +442,33 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu
     assert 0.02 < (z.abs() > cfg.out_bound).float().mean() < 0.8
     for g_direct, g_conv in zip(*grads):
         torch.testing.assert_close(g_direct, g_conv, rtol=1e-10, atol=1e-10)
+
+
+def test_freed_heap_memory_is_kept_between_steps():
+    # Importing aimc_device.nn keeps freed heap memory (glibc): buffers freed and allocated again
+    # every training step are not faulted back in page by page (see nn/_memory.py). Five 20 MB
+    # blocks freed together exceed glibc's default trim threshold (at most 64 MB), so a process
+    # with the default policy gives them back and faults ~25000 pages to take them again.
+    import subprocess
+    import sys
+    from aimc_device.nn import _memory
+    if not _memory.APPLIED:
+        pytest.skip("not glibc: the allocator is left alone")
+    code = (f"import ctypes, resource, runpy; runpy.run_path({_memory.__file__!r})\n"
+            "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+            "libc.free.argtypes = [ctypes.c_void_p]\n"
+            "def churn():\n"
+            "    blocks = [libc.malloc(20 << 20) for _ in range(5)]\n"
+            "    for p in blocks: ctypes.memset(p, 1, 20 << 20)\n"
+            "    for p in reversed(blocks): libc.free(p)\n"
+            "churn()\n"
+            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+            "for _ in range(3): churn()\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3)\n")
+    faults = {}
+    for keep in ("1", "0"):
+        env = {**__import__("os").environ, "AIMC_DEVICE_KEEP_HEAP": keep}
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                             text=True, check=True)
+        faults[keep] = float(out.stdout.split()[-1])
+    assert faults["1"] < 100 and faults["0"] > 10000, faults

@@ -8,6 +8,7 @@ References
 .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), doi:10.1038/s41467-023-40770-4.
 """
 from ..pcm.torch_ops import perturb_tensor
+from . import _memory  # noqa: F401  (keeps freed heap memory: see its docstring)
 from .convert import (
     analog_layers,
     analog_tiles,
