@@ -24,7 +24,7 @@ from .periphery import IR_DROP_POLY
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
 from ..pcm._kernels import FAST as _FAST
-from ..pcm._kernels import _hash, half_normal, half_normal_rect
+from ..pcm._kernels import _hash, half_normal, half_normal_rect, normals_block
 
 #: Stream number of the per-MVM draws (the PCM sampler uses streams 0 and 2 of 4).
 STREAM_MVM = np.uint64(3)
@@ -50,21 +50,11 @@ def _rows_per_item(nc):  # pragma: no cover - via tests
     return max(2, (_ITEM_SIZE // max(nc, 1)) // 2 * 2)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _normals(key, e0, m, noise):  # pragma: no cover - via tests
-    """noise[:m] = the standard normals of elements e0 .. e0 + m - 1 (e0 even): one hash per
-    pair (2h, 2h + 1) and its ziggurat rectangle step as a SIMD loop, then the ~1.5 % outside
-    their rectangle one by one."""
-    base = _FAST + np.uint64(e0 // 2)
-    for h in range((m + 1) // 2):
-        r = _hash(key, base + np.uint64(h))
-        noise[2 * h] = half_normal_rect(r & _MASK32)
-        noise[2 * h + 1] = half_normal_rect(r >> _S32)
-    for j in range(m):
-        if noise[j] != noise[j]:
-            r = _hash(key, base + np.uint64(j // 2))
-            half = r >> _S32 if j % 2 else r & _MASK32
-            noise[j] = half_normal(key, half, np.uint64(e0 + j), STREAM_MVM)
+    """noise[:m] = the standard normals of elements e0 .. e0 + m - 1 (e0 even), stream
+    STREAM_MVM (:func:`aimc_device.pcm._kernels.normals_block`)."""
+    normals_block(key, e0, m, noise, STREAM_MVM)
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)

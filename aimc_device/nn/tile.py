@@ -33,6 +33,21 @@ from ..pcm.torch_ops import perturb_tensor
 __all__ = ["AnalogTile"]
 
 
+class _NoisyWeight(torch.autograd.Function):
+    """w~ plus a draw of the device model's training noise (programming noise and t seconds of
+    read noise, :func:`perturb_tensor` on w~ g_max); the gradient goes to the clean w~
+    unchanged (MODEL.md section 8: the update goes to the clean weights)."""
+
+    @staticmethod
+    def forward(ctx, w, model, t, scale, rng):
+        noisy = perturb_tensor(w.detach() * model.g_max, model, t=t, scale=scale, rng=rng)
+        return noisy.to(w.device, w.dtype).div_(model.g_max)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None, None
+
+
 class AnalogTile(nn.Module):
     """A weight matrix on analog crossbar tiles, trainable hardware-aware.
 
@@ -161,10 +176,8 @@ class AnalogTile(nn.Module):
         w = self.weight
         if self.device_model is None or self.noise_scale == 0.0:
             return w
-        g_max = self.device_model.g_max
-        noisy = perturb_tensor(w.detach() * g_max, self.device_model, t=self.training_noise_time,
-                               scale=self.noise_scale, rng=self._np_rng)
-        return w + (noisy.to(w.device, w.dtype) / g_max - w.detach())
+        return _NoisyWeight.apply(w, self.device_model, self.training_noise_time,
+                                  self.noise_scale, self._np_rng)
 
     # ------------------------------------------------------------------------- forward
     def input_absmax(self, x: torch.Tensor) -> torch.Tensor:

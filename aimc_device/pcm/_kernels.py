@@ -251,28 +251,42 @@ def read_kernel(g_prog, nu, q, log_drift, time_factor, key, out):
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
 
-_PERTURB_SIG = [
-    "void({t}[::1], {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, {t}, uint64, "
-    "{t}[::1])".format(t=t)
-    for t in ("float32", "float64")
-]
+@nb.njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
+    """out[:m] = standard normals of variates e0 .. e0 + m - 1 (e0 even): the pair (2h, 2h + 1)
+    from the two halves of the one hash FAST + h, the rectangle step of :func:`half_normal` as a
+    SIMD loop, then the ~1.5 % outside their rectangle one by one (counter = variate index,
+    ``stream`` for their retries). The same numbers as :func:`normal_pair` of element h."""
+    base = FAST + np.uint64(e0 // 2)
+    for h in range((m + 1) // 2):
+        r = _hash(key, base + np.uint64(h))
+        out[2 * h] = half_normal_rect(r & _MASK32)
+        out[2 * h + 1] = half_normal_rect(r >> _S32)
+    for j in range(m):
+        if out[j] != out[j]:
+            r = _hash(key, base + np.uint64(j // 2))
+            half = r >> _S32 if j % 2 else r & _MASK32
+            out[j] = half_normal(key, half, np.uint64(e0 + j), stream)
 
 
-@nb.njit(_PERTURB_SIG, cache=True, parallel=True, fastmath=False)
-def perturb_kernel(g_target, g_max, c0, c1, c2, q_coeff, q_exp, q_max, time_factor, scale, floor,
-                   key, out):
-    """Programming noise plus 1/f read noise without drift, scaled: the HWA training noise.
+#: Devices per work item of :func:`perturb_kernel` (an even number).
+_PERTURB_BLOCK = 4096
 
-    out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|) time_factor xi_2) [S]; the sign of g is
-    the sign of the weight (the active device of the differential pair).
+
+@nb.njit(cache=True, parallel=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+def perturb_kernel(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via tests
+    """The HWA training noise: out = g + scale sqrt(sigma_P^2 + sigma_read^2) xi [S] (the sum of
+    the two independent Gaussian errors, one variate per device: variate i of stream
+    STREAM_PROGRAM), blocks of devices in parallel.
+
+    g, sig_p, sig_r, out : (n,) C order, one dtype; scale in that dtype.
     """
-    n = g_target.shape[0]
-    for i in prange(n):
-        g = g_target[i]
-        a = abs(g)
-        x = a / g_max
-        sig_p = c0 + x * (c1 + x * c2)  # Eq. 7
-        q = min(q_coeff * math.exp(q_exp * math.log(max(x, floor))), q_max)  # Eq. 10
-        sig_r = a * q * time_factor  # Eq. 11 at g_D = g (no drift)
-        z_prog, z_read = normal_pair(key, np.uint64(i), np.uint64(STREAM_PROGRAM))
-        out[i] = g + scale * (sig_p * z_prog + sig_r * z_read)
+    n = g.shape[0]
+    for blk in prange((n + _PERTURB_BLOCK - 1) // _PERTURB_BLOCK):
+        i0 = blk * _PERTURB_BLOCK
+        m = min(n, i0 + _PERTURB_BLOCK) - i0
+        z = np.empty(_PERTURB_BLOCK, dtype=g.dtype)
+        normals_block(key, i0, m, z, np.uint64(STREAM_PROGRAM))
+        for k in range(m):
+            i = i0 + k
+            out[i] = g[i] + scale * math.sqrt(sig_p[i] * sig_p[i] + sig_r[i] * sig_r[i]) * z[k]

@@ -16,7 +16,7 @@ import numpy as np
 
 from .._random import derive_key
 from . import _kernels as K
-from .formulas import X_FLOOR, read_noise_q, read_noise_time_factor
+from .formulas import X_FLOOR, read_noise_q, read_noise_time_factor, training_noise_std
 from .params import PCMModel
 
 __all__ = ["ProgrammedState", "program", "read", "perturb", "check_conductance"]
@@ -188,7 +188,8 @@ def perturb(g, model: PCMModel, t: float = 20.0, scale: float = 1.0, rng=None) -
     """Hardware-aware training noise: programming noise plus t seconds of 1/f read noise, no drift.
 
     out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|/g_max) sqrt(ln((t + T_read)/(2 T_read)))
-    xi_2), MODEL.md section 8. ``g`` may be signed (the sign of the weight).
+    xi_2), MODEL.md section 8, drawn as one Gaussian of the summed variance. ``g`` may be signed
+    (the sign of the weight).
 
     Parameters
     ----------
@@ -203,11 +204,18 @@ def perturb(g, model: PCMModel, t: float = 20.0, scale: float = 1.0, rng=None) -
     ndarray, perturbed signed conductance [S], same shape and dtype as ``g``.
     """
     arr = check_conductance(g, "g", model, signed=True)
-    key = derive_key(rng)
     flat = _flat(arr, arr.dtype)
-    out = np.empty_like(flat)
-    c0, c1, c2 = model.prog_coeffs
-    K.perturb_kernel(flat, model.g_max, c0, c1, c2, model.read_noise_coeff,
-                     model.read_noise_exponent, model.read_noise_max,
-                     read_noise_time_factor(t, model), float(scale), X_FLOOR, key, out)
-    return out.reshape(arr.shape)
+    sig_p, sig_r = training_noise_std(flat, t, model)  # Eqs. 7, 10-11
+    return perturb_with_std(flat, sig_p, sig_r, scale, rng).reshape(arr.shape)
+
+
+def perturb_with_std(g: np.ndarray, sig_p: np.ndarray, sig_r: np.ndarray, scale: float,
+                     rng=None, out=None) -> np.ndarray:
+    """g + scale sqrt(sigma_P^2 + sigma_read^2) xi for 1-d C-ordered arrays of one dtype [S]
+    (the two independent Gaussian errors as one): the draws of :func:`perturb`, given its
+    standard deviations (:func:`training_noise_std`). The variate of device i depends on
+    (seed, i) only: the same on any thread count."""
+    out = np.empty_like(g) if out is None else out
+    K.perturb_kernel(g, sig_p.astype(g.dtype, copy=False), sig_r.astype(g.dtype, copy=False),
+                     g.dtype.type(scale), derive_key(rng), out)
+    return out

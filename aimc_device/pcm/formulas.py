@@ -23,6 +23,7 @@ __all__ = [
     "read_noise_q",
     "read_noise_time_factor",
     "read_noise_std",
+    "training_noise_std",
 ]
 
 #: Smallest relative conductance put into a logarithm or a negative power, dimensionless; below
@@ -180,3 +181,25 @@ def read_noise_std(g, t: float, model: PCMModel, g_ref=None):
     xp = _xp(g)
     x_ref = (g if g_ref is None else _as_array(g_ref)) / model.g_max
     return xp.abs(g) * read_noise_q(x_ref, model) * read_noise_time_factor(t, model)  # Eq. 11
+
+
+def training_noise_std(g, t: float, model: PCMModel):
+    """Standard deviations of the HWA training noise (MODEL.md sec. 8): the programming error
+    sigma_P(|g|) (Eq. 7) and t seconds of 1/f read noise |g| Q_s(|g| / g_max) tf(t) (Eqs. 10-11
+    at g_D = g, no drift).
+
+    Parameters
+    ----------
+    g : array (numpy or torch), signed conductance [S]
+    t : float, read-noise time [s]
+    model : PCMModel
+
+    Returns
+    -------
+    (sigma_P, sigma_read) : arrays like g [S]
+    """
+    g = _as_array(g)
+    a = _xp(g).abs(g)
+    sig_r = a * read_noise_q(a / model.g_max, model)
+    sig_r *= read_noise_time_factor(t, model)  # Eq. 11
+    return programming_noise_std(a, model), sig_r

@@ -14,13 +14,14 @@ from __future__ import annotations
 import torch
 
 from .._random import torch_generator
-from .devices import perturb
+from .devices import check_conductance, perturb_with_std
 from .formulas import (
     drift_exponent_stats,
     drift_factor,
     programming_noise_std,
     read_noise_q,
     read_noise_time_factor,
+    training_noise_std,
 )
 from .params import PCMModel
 
@@ -82,18 +83,18 @@ def perturb_torch(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: floa
     :func:`aimc_device.pcm.perturb`.
     """
     gen = torch_generator(generator, g.device)
-    a = g.abs()
-    sig_r = a * read_noise_q(a / model.g_max, model) * read_noise_time_factor(t, model)
-    noise = programming_noise_std(a, model) * _randn(g, gen) + sig_r * _randn(g, gen)
-    return g + scale * noise
+    sig_p, sig_r = training_noise_std(g, t, model)  # Eqs. 7, 10-11
+    return g + scale * torch.hypot(sig_p, sig_r) * _randn(g, gen)  # independent: one Gaussian
 
 
 def perturb_tensor(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: float = 1.0,
                    rng=None) -> torch.Tensor:
     """The sampling adapter: HWA weight noise for a tensor of signed conductances [S].
 
-    CPU tensors go through the Numba kernel on a shared-memory view (no copy of the input);
-    other devices use :func:`perturb_torch`. The result does not require grad.
+    CPU tensors: the standard deviations from :func:`formulas.training_noise_std` in torch (SIMD,
+    threaded), the variates from the counter-based Numba kernel of :func:`pcm.perturb` on
+    shared-memory views (the same numbers as :func:`pcm.perturb`); other devices use
+    :func:`perturb_torch`. The result does not require grad.
 
     Parameters
     ----------
@@ -106,7 +107,11 @@ def perturb_tensor(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: flo
     g = g.detach()
     if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) \
             and not isinstance(rng, torch.Generator):
-        out = perturb(g.contiguous().numpy(), model, t=t, scale=scale, rng=rng)
-        return torch.from_numpy(out)
+        g = g.contiguous()
+        flat = check_conductance(g.reshape(-1).numpy(), "g", model, signed=True)
+        sig_p, sig_r = training_noise_std(g, t, model)  # Eqs. 7, 10-11
+        out = perturb_with_std(flat, sig_p.reshape(-1).numpy(), sig_r.reshape(-1).numpy(),
+                               scale, rng)
+        return torch.from_numpy(out).reshape(g.shape)
     return perturb_torch(g, model, t=t, scale=scale, generator=torch_generator(rng, g.device))
 
