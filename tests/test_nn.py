@@ -377,13 +377,14 @@ def test_programmed_asymmetry_and_s_adc_survive_state_dict():
 
 
 @pytest.mark.parametrize("out_bits", [8, 10, None])  # int8 ADC levels kept, or values
-def test_fused_training_stage_matches_torch_path(out_bits):
+@pytest.mark.parametrize("sizes", [(24, 16), (20, 20)])  # equal tiles: batched in one stage
+def test_fused_training_stage_matches_torch_path(out_bits, sizes):
     # The CPU training forward fuses the output stage (Numba) with a straight-through backward;
     # with the noise off it must give the torch path's values and gradients.
     cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=24, out_bound=6.0, out_bits=out_bits)
     torch.manual_seed(3)
     w_tiles = [(torch.rand(6, n, dtype=torch.float64) * 1.5 - 0.3).requires_grad_()
-               for n in (24, 16)]
+               for n in sizes]
     x = (torch.rand(32, 40, dtype=torch.float64) * 4 - 0.5).requires_grad_()
     alpha = torch.tensor([2.0, 1.5], dtype=torch.float64, requires_grad=True)
     scale = torch.rand(2, 6, dtype=torch.float64).add_(0.5).requires_grad_()
@@ -396,7 +397,7 @@ def test_fused_training_stage_matches_torch_path(out_bits):
         grads.append(g)
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
     with torch.no_grad():  # some pre-ADC values of the first tile exceed the ADC bound
-        z0 = (x[:, :24] / alpha[0]).clamp(-1, 1) @ w_tiles[0].T
+        z0 = (x[:, :sizes[0]] / alpha[0]).clamp(-1, 1) @ w_tiles[0].T
     assert 0 < (z0.abs() > cfg.out_bound).float().mean() < 0.9
     for g_fused, g_torch in zip(*grads):
         torch.testing.assert_close(g_fused, g_torch, rtol=1e-8, atol=1e-8)
@@ -472,3 +473,30 @@ def test_freed_heap_memory_is_kept_between_steps():
                              text=True, check=True)
         faults[keep] = float(out.stdout.split()[-1])
     assert faults["1"] < 100 and faults["0"] > 10000, faults
+
+
+@pytest.mark.parametrize("sizes", [(24, 16), (20, 20)])  # tile by tile, or batched (equal)
+def test_training_short_term_noise_variance_follows_eq14(sizes):
+    # In training mode the fused stage draws short-term weight noise of variance
+    # sigma_w^2 sum_j |w_ij| x~_j^2 per tile (Eq. 14), scaled by the tile's digital factor, and
+    # the tiles add: Var(y_i) = sum_k f_ki^2 sigma_w^2 sum_j |w_kij| x~_kj^2 (no ADC, no output
+    # noise, no IR drop here). 600 draws pin the variance to ~6 %: a wrong product (|x~|, a
+    # missing tile factor) is off by far more.
+    cfg = STD.replace(out_noise=0.0, w_noise=0.05, ir_drop=0.0, out_bits=None, max_rows=24)
+    torch.manual_seed(8)
+    w_tiles = [(torch.rand(5, n, dtype=torch.float64) * 2 - 1).requires_grad_() for n in sizes]
+    x = torch.rand(3, 40, dtype=torch.float64) * 2 - 1
+    alpha = torch.tensor([1.0, 0.8], dtype=torch.float64)
+    scale = (torch.rand(2, 5, dtype=torch.float64) + 0.5).requires_grad_()
+    gen = torch.Generator().manual_seed(2)
+    ys = torch.stack([crossbar.analog_mvm(x, w_tiles, cfg, alpha, scale, generator=gen).detach()
+                      for _ in range(600)])
+    var = torch.zeros(3, 5, dtype=torch.float64)
+    start = 0
+    for k, w in enumerate(w_tiles):
+        xt = crossbar.periphery.quantize(x[:, start:start + w.shape[1]] / alpha[k], 8, 1.0)
+        start += w.shape[1]
+        f = alpha[k] * scale[k].detach()
+        var += f ** 2 * cfg.w_noise ** 2 * (xt ** 2 @ w.detach().abs().T)
+    ratio = ys.var(dim=0) / var
+    assert ratio.mean().item() == pytest.approx(1.0, abs=0.06), ratio

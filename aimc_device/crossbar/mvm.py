@@ -164,6 +164,11 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
             _tile_fused(x, start, w, cfg, alpha[k], out_scale[k], generator, out, k > 0)
             start += w.shape[1]
         return out[0] if squeeze else out
+    if grad and fused is not False and len(w_tiles) > 1 and asymmetry is None \
+            and cfg.noise_management == "none" and cfg.bound_management == "none" \
+            and _fusable_grad(x, cfg, None) and len({w.shape[1] for w in w_tiles}) == 1:
+        y = _fused_equal_tiles(x, w_tiles, cfg, alpha, out_scale, generator)
+        return y[0] if squeeze else y
     out = None
     start = 0
     for k, w in enumerate(w_tiles):
@@ -657,6 +662,37 @@ def _fused_tile(xs, w, cfg, factor, gen, prod=_F):
     z = prod(xt, w)  # Eq. 2, signal (the only term with a gradient)
     aux = _aux_terms(xt.detach(), w, cfg, prod)
     return _FusedStageSTE.apply(z, factor, aux, cfg, w.shape[1], _stage_key(gen))
+
+
+def _fused_equal_tiles(x, w_tiles, cfg, alpha, out_scale, gen):
+    """Training forward of T tiles of equal size at once (batched products, one output stage):
+    sum_k alpha_k out_scale_k Q_out(analog(Q_in(x_k / alpha_k))) (Eq. 1), the same as the tiles
+    one by one (:func:`_fused_tile`), with a few large calls in place of T sets of small ones.
+    """
+    n_t, n = len(w_tiles), w_tiles[0].shape[1]
+    b = x.shape[0]
+    xs = x.reshape(b, n_t, n) / alpha.reshape(1, n_t, 1)
+    xt = quantize(xs, cfg.inp_bits, cfg.inp_bound).transpose(0, 1)  # DAC (Eq. 5): (T, B, n)
+    w = torch.stack(w_tiles)  # (T, out, n)
+    z = torch.bmm(xt, w.transpose(1, 2))  # Eq. 2, signal (the only term with a gradient)
+    need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
+    need_st = cfg.w_noise > 0
+    w_px = abs_x = x2 = None
+    with torch.no_grad():  # the auxiliary products (Eqs. 14, 15, 18), each (T, B, out)
+        xd, wd = xt.detach(), w.detach()
+        if need_ir or need_st:
+            wabs_t = wd.abs().transpose(1, 2)
+        if need_ir:
+            w_px = torch.bmm(xd * ir_drop_profile(n, xd.dtype), wd.transpose(1, 2))
+            abs_x = torch.bmm(xd.abs(), wabs_t)
+        if need_st:
+            x2 = torch.bmm(xd * xd, wabs_t)
+    rows = n_t * b
+    aux = tuple(None if t is None else t.reshape(rows, -1) for t in (w_px, abs_x, x2))
+    one = torch.ones((), dtype=x.dtype)
+    q = _FusedStageSTE.apply(z.reshape(rows, -1), one, aux, cfg, n, _stage_key(gen))
+    factor = (alpha.reshape(n_t, 1) * out_scale).unsqueeze(1)  # (T, 1, out), Eq. 1
+    return (q.reshape(n_t, b, -1) * factor).sum(0)
 
 
 def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
