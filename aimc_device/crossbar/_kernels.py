@@ -253,44 +253,61 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
 def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
-                levels, rf, cf, key, out, mask, mask_bound, level_out, noisy, pt, pa, prod,
+                levels, rf, cf, key, out, mask, mask_bound, level_out, noisy, pt, prod,
                 noise):  # pragma: no cover - via tests
-    """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt, pa (rows, P) patches, prod
+    """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt (rows, P) patches, prod
     (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even; rf the row factor and
     cf (P * cols,) the column factor of each output of a block (in output order)."""
     n_rows, nc = w.shape[1], w.shape[0]
     npx = r1 - r0
     zero = x.dtype.type(0.0)
     _gather_patches(r0, r1, x, geom, pt)
-    if wabs is not None:  # |x~| for Eq. 18, or x~^2 for Eq. 14 (abs first when both)
-        for j in range(n_rows):
-            for p in range(npx):
-                v = pt[j, p]
-                pa[j, p] = abs(v) if wpx is not None else v * v
     # The products, pixels along the vector: prod[k, i, p] for k = W~ x~, (W~ o P) x~,
-    # |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14); four streams per loop at most.
+    # |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14), four tile rows per pass (each pass reads and
+    # writes its accumulators once for four rows), then the rows left over.
     for i in range(nc):
-        for k in range(4):
-            for p in range(npx):
-                prod[k, i, p] = zero
-        for j in range(n_rows):
-            w0 = w[i, j]
-            for p in range(npx):
-                prod[0, i, p] += w0 * pt[j, p]
-            if wpx is not None:
-                w1, w2 = wpx[i, j], wabs[i, j]
+        z, px, ab, sq = prod[0, i], prod[1, i], prod[2, i], prod[3, i]
+        z[:npx] = zero
+        if wpx is not None:
+            px[:npx] = zero
+            ab[:npx] = zero
+        if wsq is not None:
+            sq[:npx] = zero
+        j = 0
+        while j < n_rows:
+            if j + 4 <= n_rows:
+                t0, t1, t2, t3 = pt[j], pt[j + 1], pt[j + 2], pt[j + 3]
+                a0, a1, a2, a3 = w[i, j], w[i, j + 1], w[i, j + 2], w[i, j + 3]
                 for p in range(npx):
-                    prod[1, i, p] += w1 * pt[j, p]
-                    prod[2, i, p] += w2 * pa[j, p]
-            if wsq is not None:
-                w3 = wsq[i, j]
+                    z[p] += a0 * t0[p] + a1 * t1[p] + a2 * t2[p] + a3 * t3[p]
                 if wpx is not None:
+                    b0, b1, b2, b3 = wpx[i, j], wpx[i, j + 1], wpx[i, j + 2], wpx[i, j + 3]
+                    c0, c1, c2, c3 = wabs[i, j], wabs[i, j + 1], wabs[i, j + 2], wabs[i, j + 3]
                     for p in range(npx):
-                        v = pt[j, p]
-                        prod[3, i, p] += w3 * (v * v)
-                else:
+                        v0, v1, v2, v3 = t0[p], t1[p], t2[p], t3[p]
+                        px[p] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+                        ab[p] += c0 * abs(v0) + c1 * abs(v1) + c2 * abs(v2) + c3 * abs(v3)
+                if wsq is not None:
+                    c0, c1, c2, c3 = wsq[i, j], wsq[i, j + 1], wsq[i, j + 2], wsq[i, j + 3]
                     for p in range(npx):
-                        prod[3, i, p] += w3 * pa[j, p]
+                        v0, v1, v2, v3 = t0[p], t1[p], t2[p], t3[p]
+                        sq[p] += c0 * v0 * v0 + c1 * v1 * v1 + c2 * v2 * v2 + c3 * v3 * v3
+                j += 4
+            else:
+                t0 = pt[j]
+                a0 = w[i, j]
+                for p in range(npx):
+                    z[p] += a0 * t0[p]
+                if wpx is not None:
+                    b0, c0 = wpx[i, j], wabs[i, j]
+                    for p in range(npx):
+                        px[p] += b0 * t0[p]
+                        ab[p] += c0 * abs(t0[p])
+                if wsq is not None:
+                    c0 = wsq[i, j]
+                    for p in range(npx):
+                        sq[p] += c0 * t0[p] * t0[p]
+                j += 1
     if noisy:
         _normals_by_column(key, r0, npx, nc, noise)
     else:
@@ -364,12 +381,11 @@ def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
     for item in prange((n_px + per - 1) // per):
         r0 = item * per
         pt = np.empty((n_rows, per), dtype=x.dtype)
-        pa = np.empty((n_rows, per), dtype=x.dtype)
         prod = np.empty((4, nc, per), dtype=out.dtype)
         noise = np.empty((nc, per), dtype=out.dtype)
         _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
                     w_noise, ir_k, poly, s_out, levels, row_f[0], cf, key, out, mask, mask_bound,
-                    level_out, noisy, pt, pa, prod, noise)
+                    level_out, noisy, pt, prod, noise)
 
 
 #: Most tile rows for which :func:`conv_stage` computes a convolution's products itself: below
@@ -448,9 +464,8 @@ def dac_levels(x, *args):
 _BWD_ROWS = 256
 
 
-@nb.njit(cache=True, parallel=True)
-def stage_backward(grad, q, q_scale, mask, factor, grad_z,
-                   partial):  # pragma: no cover - via tests
+def _stage_backward(grad, q, q_scale, mask, factor, grad_z,
+                    partial):  # pragma: no cover - via tests
     """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
 
     grad, q : (rows, cols) upstream gradient and the stage's quantised output before the
@@ -474,3 +489,15 @@ def stage_backward(grad, q, q_scale, mask, factor, grad_z,
                     v = v if mask[b, i] else 0.0 * v
                 grad_z[b, i] = v
                 acc[i] += g * (q[b, i] * q_scale)
+
+
+_stage_backward_parallel = nb.njit(cache=True, parallel=True)(_stage_backward)
+_stage_backward_serial = nb.njit(cache=True)(_stage_backward)
+
+
+def stage_backward(grad, q, q_scale, mask, factor, grad_z, partial):
+    """:func:`_stage_backward`, in parallel for large calls (the same sums either way: the
+    blocks are fixed)."""
+    kernel = _stage_backward_parallel if grad.size >= PARALLEL_MIN_SIZE else \
+        _stage_backward_serial
+    kernel(grad, q, q_scale, mask, factor, grad_z, partial)

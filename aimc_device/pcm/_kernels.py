@@ -273,11 +273,10 @@ def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
 _PERTURB_BLOCK = 4096
 
 
-@nb.njit(cache=True, parallel=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
-def perturb_kernel(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via tests
+def _perturb(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via tests
     """The HWA training noise: out = g + scale sqrt(sigma_P^2 + sigma_read^2) xi [S] (the sum of
     the two independent Gaussian errors, one variate per device: variate i of stream
-    STREAM_PROGRAM), blocks of devices in parallel.
+    STREAM_PROGRAM), blocks of devices (in parallel in :func:`perturb_kernel`).
 
     g, sig_p, sig_r, out : (n,) C order, one dtype; scale in that dtype.
     """
@@ -290,3 +289,17 @@ def perturb_kernel(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via 
         for k in range(m):
             i = i0 + k
             out[i] = g[i] + scale * math.sqrt(sig_p[i] * sig_p[i] + sig_r[i] * sig_r[i]) * z[k]
+
+
+_PERTURB_FLAGS = {"cache": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}}
+_perturb_parallel = nb.njit(parallel=True, **_PERTURB_FLAGS)(_perturb)
+_perturb_serial = nb.njit(**_PERTURB_FLAGS)(_perturb)
+#: Devices from which :func:`perturb_kernel` runs in parallel: below, waking the thread pool
+#: costs more than the work (about 0.2 ms per call inside a training step on the dev VM).
+PERTURB_PARALLEL_MIN = 1 << 15
+
+
+def perturb_kernel(g, sig_p, sig_r, scale, key, out):
+    """:func:`_perturb`, on the thread pool for large arrays (the same numbers either way)."""
+    kernel = _perturb_parallel if g.shape[0] >= PERTURB_PARALLEL_MIN else _perturb_serial
+    kernel(g, sig_p, sig_r, scale, key, out)
