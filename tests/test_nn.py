@@ -343,6 +343,8 @@ def test_conv_path_equals_unfolded_mvm(conv, shape):
     y_train.sum().backward()
     torch.testing.assert_close(y_train.detach().reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)
     assert tile.weight.grad.abs().sum() > 0
+    # the bias (added in the output stage's pass) gets d sum(y) / d b = outputs per channel
+    torch.testing.assert_close(layer.bias.grad, torch.full_like(layer.bias, y_train[:, 0].numel()))
     a.eval()
     with torch.no_grad():
         torch.testing.assert_close(a(x).reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)
@@ -426,7 +428,7 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu
     assert tile.in_features <= _kernels.CONV_STAGE_MAX_ROWS
     x = torch.randn(*shape, dtype=torch.float64) * 2
     x = (x.abs() if relu else x).requires_grad_()
-    leaves = [x, tile.weight, tile.alpha, tile.gamma, tile.kappa]
+    leaves = [x, tile.weight, tile.alpha, tile.gamma, tile.kappa, a[0].bias]
     outs, grads = [], []
     for max_rows in (_kernels.CONV_STAGE_MAX_ROWS, 0):
         monkeypatch.setattr(_kernels, "CONV_STAGE_MAX_ROWS", max_rows)

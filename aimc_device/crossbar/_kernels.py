@@ -73,11 +73,11 @@ def _adc_level(v, s_out, levels):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
-def _adc(e0, m, v, v0, s_out, levels, rf, cf, out, mask, mask_bound, level_out,
+def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_out,
          accumulate):  # pragma: no cover - via tests
     """Elements e0 .. e0 + m - 1 of the flat outputs from their pre-ADC values v[v0:v0 + m]:
-    the straight-through mask, the ADC (Eq. 5, its int8 level when asked) and the digital factor
-    rf cf[e] (Eq. 1), written or added."""
+    the straight-through mask, the ADC (Eq. 5, its int8 level when asked), the digital factor
+    rf cf[e] (Eq. 1) and the digital term add[e] (a bias; None: none), written or added."""
     for e in range(m):
         vi = v[v0 + e]
         if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
@@ -87,16 +87,37 @@ def _adc(e0, m, v, v0, s_out, levels, rf, cf, out, mask, mask_bound, level_out,
             if level_out is not None:
                 level_out[e0 + e] = np.int8(lev)
             vi = lev / s_out
+        r_out = vi * rf * cf[e]  # Eq. 1
+        if add is not None:
+            r_out += add[e]
         if accumulate:
-            out[e0 + e] += vi * rf * cf[e]  # Eq. 1
+            out[e0 + e] += r_out
         else:
-            out[e0 + e] = vi * rf * cf[e]
+            out[e0 + e] = r_out
 
 
 # Helpers that map a switched-off term (None) to None at compile time: a plain `if a is None`
 # returning either would give an Optional type, checked at every access (no SIMD).
 def _flat(a):
     """A C-ordered array as 1-d (None stays None)."""
+
+
+def _tiled(a, n, nc):
+    """(n * nc,) with a (nc,) repeated n times (None stays None)."""
+
+
+@overload(_tiled)
+def _tiled_impl(a, n, nc):
+    if isinstance(a, types.NoneType):
+        return lambda a, n, nc: None
+
+    def impl(a, n, nc):
+        t = np.empty(n * nc, dtype=a.dtype)
+        for p in range(n):
+            for i in range(nc):
+                t[p * nc + i] = a[i]
+        return t
+    return impl
 
 
 @overload(_flat)
@@ -111,7 +132,7 @@ def _flat_impl(a):
 # switch per element cost 15-40 %). Cached on disk like any signature.
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
 def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                 levels, row_f, col_f, key, out, mask, mask_bound, level_out, noise, noisy,
+                 levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out, noise, noisy,
                  accumulate):  # pragma: no cover - via tests
     """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
     (b1 - b0) * cols + 1 elements; b0 * cols is even."""
@@ -147,29 +168,32 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
                 if level_out is not None:
                     level_out[b, i] = np.int8(lev)
                 vi = lev / s_out
+            r_out = vi * rf * col_f[i]  # Eq. 1
+            if bias is not None:
+                r_out += bias[i]
             if accumulate:
-                out[b, i] += vi * rf * col_f[i]  # Eq. 1
+                out[b, i] += r_out
             else:
-                out[b, i] = vi * rf * col_f[i]
+                out[b, i] = r_out
 
 
 @nb.njit(cache=True, parallel=True)
 def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                          levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
-                          accumulate):  # pragma: no cover - via tests
+                          levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out,
+                          noisy, accumulate):  # pragma: no cover - via tests
     """:func:`output_stage`, blocks of rows in parallel."""
     n_rows, nc = out.shape
     rows = _rows_per_item(nc)
     for item in prange((n_rows + rows - 1) // rows):
         noise = np.empty(rows * nc + 1, dtype=out.dtype)
         _stage_block(item * rows, min(n_rows, (item + 1) * rows), z, w_px, abs_x, x2, at, unit,
-                     out_noise, w_noise, ir_k, poly, s_out, levels, row_f, col_f, key, out, mask,
-                     mask_bound, level_out, noise, noisy, accumulate)
+                     out_noise, w_noise, ir_k, poly, s_out, levels, row_f, col_f, bias, key, out,
+                     mask, mask_bound, level_out, noise, noisy, accumulate)
 
 
 @nb.njit(cache=True)
 def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                        levels, row_f, col_f, key, out, mask, mask_bound, level_out, noisy,
+                        levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out, noisy,
                         accumulate):  # pragma: no cover - via tests
     """:func:`output_stage` on one thread (small calls: no thread start-up)."""
     n_rows, nc = out.shape
@@ -177,13 +201,13 @@ def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, 
     noise = np.empty(rows * nc + 1, dtype=out.dtype)
     for b0 in range(0, n_rows, rows):
         _stage_block(b0, min(n_rows, b0 + rows), z, w_px, abs_x, x2, at, unit, out_noise,
-                     w_noise, ir_k, poly, s_out, levels, row_f, col_f, key, out, mask, mask_bound,
-                     level_out, noise, noisy, accumulate)
+                     w_noise, ir_k, poly, s_out, levels, row_f, col_f, bias, key, out, mask,
+                     mask_bound, level_out, noise, noisy, accumulate)
 
 
 def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                  levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
-                 at=_AT0, parallel=None, level_out=None):
+                 at=_AT0, parallel=None, level_out=None, bias=None):
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
@@ -200,6 +224,8 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     level_out : (batch, cols) int8 or None, filled with the ADC level of each output (needs
         the ADC and at most 8 bits), which training keeps for its backward pass
     parallel : None (by size), True or False (the same numbers either way)
+    bias : (cols,) or None, a digital term added to every row after the factors (a layer's
+        bias; pass it to one call only when tiles accumulate)
     The draws depend on (key, row, column) only: same key, same numbers on any thread count.
     """
     if parallel is None:
@@ -208,7 +234,7 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     ft = out.dtype.type  # scalars in the arrays' precision: float32 arithmetic for float32 data
     kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
            ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-           ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, key, out,
+           ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key, out,
            mask if mask.shape[0] > 0 else None, ft(mask_bound),
            level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
 
@@ -253,11 +279,12 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
 def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
-                levels, rf, cf, key, out, mask, mask_bound, level_out, noisy, pt, prod,
+                levels, rf, cf, bt, key, out, mask, mask_bound, level_out, noisy, pt, prod,
                 noise):  # pragma: no cover - via tests
     """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt (rows, P) patches, prod
     (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even; rf the row factor and
-    cf (P * cols,) the column factor of each output of a block (in output order)."""
+    cf (P * cols,) the column factor of each output of a block (in output order), bt the
+    same for the bias (or None)."""
     n_rows, nc = w.shape[1], w.shape[0]
     npx = r1 - r0
     zero = x.dtype.type(0.0)
@@ -328,7 +355,7 @@ def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
     for p in range(npx):
         for i in range(nc):
             v[p * nc + i] = noise[i, p]
-    _adc(r0 * nc, npx * nc, v, 0, s_out, levels, rf, cf, out.reshape(-1), _flat(mask),
+    _adc(r0 * nc, npx * nc, v, 0, s_out, levels, rf, cf, bt, out.reshape(-1), _flat(mask),
          mask_bound, _flat(level_out), False)
 
 
@@ -368,13 +395,14 @@ _CONV_ITEM_SIZE = 4096
 
 @nb.njit(cache=True, parallel=True)
 def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
-                        levels, row_f, col_f, key, out, mask, mask_bound, level_out,
+                        levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out,
                         noisy):  # pragma: no cover - via tests
     """:func:`conv_stage`, blocks of output pixels in parallel."""
     n_px, nc = out.shape
     n_rows = w.shape[1]
     per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
     cf = np.empty(per * nc, dtype=out.dtype)  # the column factors (Eq. 1) of a block's outputs
+    bt = _tiled(bias, per, nc)  # and the bias
     for p in range(per):
         for i in range(nc):
             cf[p * nc + i] = col_f[i]
@@ -384,7 +412,8 @@ def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
         prod = np.empty((4, nc, per), dtype=out.dtype)
         noise = np.empty((nc, per), dtype=out.dtype)
         _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
-                    w_noise, ir_k, poly, s_out, levels, row_f[0], cf, key, out, mask, mask_bound,
+                    w_noise, ir_k, poly, s_out, levels, row_f[0], cf, bt, key, out, mask,
+                    mask_bound,
                     level_out, noisy, pt, prod, noise)
 
 
@@ -395,7 +424,8 @@ CONV_STAGE_MAX_ROWS = 32
 
 
 def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-               levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None):
+               levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None,
+               bias=None):
     """The whole forward of a convolution tile with few rows, one pass per block of output
     pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
     |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
@@ -407,6 +437,7 @@ def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, 
         row, kernel column); wpx used only when has_ir, wabs when has_ir or has_st
     out : (batch * out_h * out_w, cols), the output pixels in C order, channels last
     row_f : (1,), one factor for all pixels (no per-vector input range on this path)
+    bias : (cols,) or None, as in :func:`output_stage`
     The other arguments are those of :func:`output_stage`, and so are the draws (element index
     pixel * cols + col): the same key gives the numbers of the output stage applied to the
     products computed as convolutions.
@@ -417,7 +448,7 @@ def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, 
     conv_stage_parallel(x, geom, w, wpx if has_ir else None,
                         wabs if (has_ir or has_st) else None, wabs if has_st else None,
                         ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-                        ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, key,
+                        ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key,
                         out, mask if mask.shape[0] > 0 else None, ft(mask_bound),
                         level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
 
@@ -464,8 +495,8 @@ def dac_levels(x, *args):
 _BWD_ROWS = 256
 
 
-def _stage_backward(grad, q, q_scale, mask, factor, grad_z,
-                    partial):  # pragma: no cover - via tests
+def _stage_backward(grad, q, q_scale, mask, factor, grad_z, partial,
+                    partial_b):  # pragma: no cover - via tests
     """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
 
     grad, q : (rows, cols) upstream gradient and the stage's quantised output before the
@@ -473,13 +504,15 @@ def _stage_backward(grad, q, q_scale, mask, factor, grad_z,
     mask : (rows, cols) bool straight-through mask or None; factor : (cols,) or (1,) digital
     factor. Writes grad_z = grad * factor * mask and, per block of ``_BWD_ROWS``
     rows, partial[block] = sum over its rows of grad * q (float64; the caller adds the blocks in
-    order).
+    order), and partial_b[block] = the sum of grad (a bias's gradient) unless None.
     """
     n_rows, nc = grad.shape
     one = factor.shape[0] == 1
     for blk in prange(partial.shape[0]):
         acc = partial[blk]
         acc[:] = 0.0
+        if partial_b is not None:
+            partial_b[blk] = 0.0
         for b in range(blk * _BWD_ROWS, min(n_rows, (blk + 1) * _BWD_ROWS)):
             for i in range(nc):
                 g = grad[b, i]
@@ -489,15 +522,17 @@ def _stage_backward(grad, q, q_scale, mask, factor, grad_z,
                     v = v if mask[b, i] else 0.0 * v
                 grad_z[b, i] = v
                 acc[i] += g * (q[b, i] * q_scale)
+                if partial_b is not None:
+                    partial_b[blk, i] += g
 
 
 _stage_backward_parallel = nb.njit(cache=True, parallel=True)(_stage_backward)
 _stage_backward_serial = nb.njit(cache=True)(_stage_backward)
 
 
-def stage_backward(grad, q, q_scale, mask, factor, grad_z, partial):
+def stage_backward(grad, q, q_scale, mask, factor, grad_z, partial, partial_b=None):
     """:func:`_stage_backward`, in parallel for large calls (the same sums either way: the
     blocks are fixed)."""
     kernel = _stage_backward_parallel if grad.size >= PARALLEL_MIN_SIZE else \
         _stage_backward_serial
-    kernel(grad, q, q_scale, mask, factor, grad_z, partial)
+    kernel(grad, q, q_scale, mask, factor, grad_z, partial, partial_b)

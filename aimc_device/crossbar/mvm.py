@@ -228,7 +228,7 @@ class _ChannelsLast(torch.autograd.Function):
 
 def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
                 channel_sizes, kernel_size, stride=1, padding=0, dilation=1, generator=None,
-                zeta=None) -> torch.Tensor:
+                zeta=None, bias=None) -> torch.Tensor:
     """Analog convolution: the analog MVM of every image patch, computed as convolutions.
 
     Mathematically the same as :func:`analog_mvm` on the unfolded patches (im2col) with tiles
@@ -247,6 +247,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     kernel_size, stride, padding, dilation : tuples (one entry per spatial dimension)
     generator : torch.Generator or None, per-MVM draws
     zeta : S-shaped ADC gains, as in :func:`analog_mvm`
+    bias : torch.Tensor (out,) or None, the layer's digital bias (added once, in the first
+        tile's output stage where it can be)
 
     Returns
     -------
@@ -290,8 +292,10 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
         if _fusable_grad(xk, cfg, None) and dims <= 2:  # one fused tile (Numba stage, STE)
             xt = quantize(xk / alpha[k], cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
             geometry = (kernel_size, stride, padding, dilation, spatial)
-            yk = _ConvTileSTE.apply(xt, w, alpha[k] * out_scale[k], cfg, geometry,
-                                    _stage_key(generator))
+            yk = _ConvTileSTE.apply(xt, w, alpha[k] * out_scale[k], bias if k == 0 else None,
+                                    cfg, geometry, _stage_key(generator))
+            if k == 0:
+                bias = None  # added
         elif _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
             yk = _fused_tile(xk / alpha[k], w, cfg, alpha[k] * out_scale[k], generator, prod)
         else:
@@ -299,6 +303,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             z = _analog(xk / alpha[k], w, cfg, generator, None, zk, grad, prod)
             yk = quantize(z, cfg.out_bits, cfg.out_bound) * (alpha[k] * out_scale[k])  # Eq. 1
         out = yk if out is None else (out + yk if grad else out.add_(yk))
+    if bias is not None:
+        out = out + bias
     return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
 
 
@@ -462,8 +468,9 @@ class _StageBuffers:
     values its backward needs, the straight-through mask, and the digital factors as the kernel
     takes them (``row_f``, ``col_f``)."""
 
-    def __init__(self, shape, dtype, factor, cfg):
+    def __init__(self, shape, dtype, factor, cfg, bias=None):
         dt = _NP_DTYPE[dtype]
+        self.bias = bias
         f = factor.detach().reshape(-1).to(dtype).contiguous().numpy()
         self.mask = torch.empty(shape, dtype=torch.bool) if cfg.out_bits else None
         self.s_out, self.levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
@@ -480,34 +487,45 @@ class _StageBuffers:
             self.row_f, self.col_f = np.ones(1, dt), np.ones(shape[1], dt)
 
     def kernel_args(self):
-        """Keyword arguments of the stage kernels: mask (the STE of periphery.quantize) and
-        the int8 levels."""
+        """Keyword arguments of the stage kernels: mask (the STE of periphery.quantize), the
+        int8 levels and the bias (added in the kernel when it applies the factor)."""
+        bias = None
+        if self.bias is not None and self.int_levels:
+            bias = self.bias.detach().to(self.out.dtype).contiguous().numpy()
         return dict(mask=_K.NO_MASK if self.mask is None else self.mask.numpy(),
-                    level_out=self.q.numpy() if self.int_levels else None)
+                    level_out=self.q.numpy() if self.int_levels else None, bias=bias)
 
     def finish(self, ctx, factor, *saved):
         """Save what the backward needs; the result with the digital factor applied."""
         ctx.q_scale = 1.0 / self.s_out if self.int_levels else 1.0
         ctx.save_for_backward(self.q, factor, self.mask, *saved)
-        return self.out if self.int_levels else self.out * factor
+        if self.int_levels:
+            return self.out
+        y = self.out * factor
+        return y if self.bias is None else y.add_(self.bias.detach())
 
 
-def _stage_grads(ctx, grad, q, factor, mask, need_f):
+def _stage_grads(ctx, grad, q, factor, mask, need_f, need_b=False):
     """Backward of a training output stage (straight-through ADC): the gradients of its
-    pre-ADC signal (rows, cols) and of the digital factor (None when not needed)."""
+    pre-ADC signal (rows, cols), of the digital factor and of the bias (None when not
+    needed)."""
     grad = grad.contiguous()
     grad_z = torch.empty_like(grad)
     n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
     partial = np.empty((n_blocks, grad.shape[1]))
+    partial_b = np.empty((n_blocks, grad.shape[1])) if need_b else None
     f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
     _K.stage_backward(grad.numpy(), q.numpy(), ctx.q_scale,
-                      None if mask is None else mask.numpy(), f.numpy(), grad_z.numpy(), partial)
-    grad_f = None
+                      None if mask is None else mask.numpy(), f.numpy(), grad_z.numpy(), partial,
+                      partial_b)
+    grad_f = grad_b = None
     if need_f:
         grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
         if factor.dim() == 0:
             grad_f = grad_f.sum()
-    return grad_z, grad_f
+    if need_b:
+        grad_b = torch.from_numpy(partial_b.sum(axis=0)).to(grad.dtype)
+    return grad_z, grad_f, grad_b
 
 
 class _FusedStageSTE(torch.autograd.Function):
@@ -534,7 +552,7 @@ class _FusedStageSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, factor, mask = ctx.saved_tensors
-        grad_z, grad_f = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[1])
+        grad_z, grad_f, _ = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[1])
         return grad_z, grad_f, None, None, None, None
 
 
@@ -596,12 +614,13 @@ class _ConvTileSTE(torch.autograd.Function):
     products are cheaper computed than read back from memory), else from two oneDNN
     convolutions (:func:`_conv_products`) read in place by :func:`_K.output_stage`.
 
-    ``xt`` is (batch, C, H, W) (or (batch, C, L)); ``w`` (out, C * kernel elements); returns
-    the output pixels as rows (batch * out_h * out_w, out), channels last.
+    ``xt`` is (batch, C, H, W) (or (batch, C, L)); ``w`` (out, C * kernel elements); ``bias``
+    (out,) or None, added after the digital factor (in the kernel's pass with the int8 levels);
+    returns the output pixels as rows (batch * out_h * out_w, out), channels last.
     """
 
     @staticmethod
-    def forward(ctx, xt, w, factor, cfg, conv, key):
+    def forward(ctx, xt, w, factor, bias, cfg, conv, key):
         kernel_size, stride, padding, dilation, spatial = conv
         if xt.dim() == 3:  # 1-d: a 2-d convolution of height 1
             x4, conv4 = xt.detach().unsqueeze(2), (
@@ -613,7 +632,8 @@ class _ConvTileSTE(torch.autograd.Function):
         n_out, n_rows = wd.shape
         need_ir = cfg.ir_drop > 0 and cfg.ir_drop_g > 0
         need_st = cfg.w_noise > 0
-        stb = _StageBuffers((x4.shape[0] * int(np.prod(conv4[4])), n_out), wd.dtype, factor, cfg)
+        stb = _StageBuffers((x4.shape[0] * int(np.prod(conv4[4])), n_out), wd.dtype, factor, cfg,
+                            bias)
         ir_k = cfg.ir_drop * cfg.ir_drop_g * n_rows
         if n_rows <= _K.CONV_STAGE_MAX_ROWS:
             empty = _empty(_NP_DTYPE[wd.dtype])
@@ -636,7 +656,8 @@ class _ConvTileSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, factor, mask, xt, w = ctx.saved_tensors
-        grad_z, grad_f = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[2])
+        grad_z, grad_f, grad_b = _stage_grads(ctx, grad, q, factor, mask,
+                                              ctx.needs_input_grad[2], ctx.needs_input_grad[3])
         kernel_size, stride, padding, dilation, spatial = ctx.conv
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_x = grad_w = None
@@ -649,7 +670,7 @@ class _ConvTileSTE(torch.autograd.Function):
                 list(stride), list(padding), list(dilation), False, [0] * len(stride), 1,
                 [need_x, need_w, False])
             grad_w = None if grad_w is None else grad_w.reshape(w.shape)
-        return grad_x, grad_w, grad_f, None, None, None
+        return grad_x, grad_w, grad_f, grad_b, None, None, None
 
 
 def _stage_key(gen) -> np.uint64:

@@ -120,9 +120,7 @@ class _AnalogConvNd(AnalogLayer):
             y = analog_conv(x, ops["w_tiles"], tile.cfg, ops["alpha"], ops["out_scale"],
                             channel_sizes=self.channel_sizes, kernel_size=self.kernel_size,
                             stride=self.stride, padding=self.padding, dilation=self.dilation,
-                            generator=ops["generator"], zeta=ops["zeta"])
-            if self.bias is not None:
-                y = y + self.bias.view(1, -1, *([1] * self._dims))
+                            generator=ops["generator"], zeta=ops["zeta"], bias=self.bias)
             return y.squeeze(0) if unbatched else y
         if self._dims == 1:  # treat (B, C, L) as (B, C, 1, L)
             x4 = x.unsqueeze(2)
