@@ -334,3 +334,26 @@ def test_rectangle_step_is_half_normal_or_nan():
     np.testing.assert_array_equal(np.isnan(rect), ~inside)
     np.testing.assert_allclose(rect[inside], full[inside], rtol=2e-7)
     assert 0.005 < (~inside).mean() < 0.03  # the 256-layer ziggurat's share outside
+
+
+@pytest.mark.parametrize("unit", [1.0, G_MAX])  # siemens, or weights normalised to g_max
+@pytest.mark.parametrize("top,rtol", [(1.0, 2e-4), (2.0, 2e-4), (9.0, 5e-3)])
+def test_perturb_draws_the_formula_std_times_its_normals(unit, top, rtol):
+    # pcm.perturb interpolates sqrt(sigma_P^2 + sigma_read^2) (Eqs. 7, 10-11) in a table; with
+    # the kernel's own normals (seeded key, stream STREAM_PROGRAM) the output must be
+    # g + scale std(|g|) z with the std of the formulas to the documented accuracy (worst at
+    # the read-noise clip, included here), in siemens and in units of g_max.
+    from aimc_device._random import derive_key
+    from aimc_device.pcm.devices import perturb_flat
+    from aimc_device.pcm.formulas import read_noise_q, training_noise_std
+    x_clip = (MODEL.read_noise_max / MODEL.read_noise_coeff) ** (1 / MODEL.read_noise_exponent)
+    assert read_noise_q(0.99 * x_clip, MODEL) == pytest.approx(MODEL.read_noise_max)
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(-1, 1, 20_000) ** 3 * top, [0.0, 1e-9, -top],
+                        np.linspace(0.9, 1.1, 2001) * x_clip])
+    g = x * G_MAX / unit
+    out = perturb_flat(g, MODEL, t=20.0, scale=0.7, rng=5, unit=unit)
+    z = np.empty(g.size + 1)
+    K.normals_block(derive_key(5), 0, g.size, z, np.uint64(K.STREAM_PROGRAM))
+    std = np.hypot(*training_noise_std(g * unit, 20.0, MODEL)) / unit
+    np.testing.assert_allclose((out - g) / z[:g.size], 0.7 * std, rtol=rtol)

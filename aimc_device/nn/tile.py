@@ -35,13 +35,13 @@ __all__ = ["AnalogTile"]
 
 class _NoisyWeight(torch.autograd.Function):
     """w~ plus a draw of the device model's training noise (programming noise and t seconds of
-    read noise, :func:`perturb_tensor` on w~ g_max); the gradient goes to the clean w~
+    read noise, :func:`perturb_tensor` in units of g_max); the gradient goes to the clean w~
     unchanged (MODEL.md section 8: the update goes to the clean weights)."""
 
     @staticmethod
     def forward(ctx, w, model, t, scale, rng):
-        noisy = perturb_tensor(w.detach() * model.g_max, model, t=t, scale=scale, rng=rng)
-        return noisy.to(w.device, w.dtype).div_(model.g_max)
+        noisy = perturb_tensor(w.detach(), model, t=t, scale=scale, rng=rng, unit=model.g_max)
+        return noisy.to(w.device, w.dtype)
 
     @staticmethod
     def backward(ctx, grad):

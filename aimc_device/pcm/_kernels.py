@@ -273,14 +273,17 @@ def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
 _PERTURB_BLOCK = 4096
 
 
-def _perturb(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via tests
-    """The HWA training noise: out = g + scale sqrt(sigma_P^2 + sigma_read^2) xi [S] (the sum of
-    the two independent Gaussian errors, one variate per device: variate i of stream
-    STREAM_PROGRAM), blocks of devices (in parallel in :func:`perturb_kernel`).
+def _perturb(g, table, inv_h, scale, key, out):  # pragma: no cover - via tests
+    """The HWA training noise: out = g + scale std(|g|) xi, std the combined standard deviation
+    of the programming and read noise interpolated linearly in ``table`` (std at |g| = k h,
+    h = 1 / inv_h; |g| beyond the table takes its last interval's line), one variate per device
+    (variate i of stream STREAM_PROGRAM), blocks of devices (in parallel in
+    :func:`perturb_kernel`).
 
-    g, sig_p, sig_r, out : (n,) C order, one dtype; scale in that dtype.
+    g, table, out : C order, one dtype; inv_h, scale in that dtype.
     """
     n = g.shape[0]
+    last = table.shape[0] - 2
     for blk in prange((n + _PERTURB_BLOCK - 1) // _PERTURB_BLOCK):
         i0 = blk * _PERTURB_BLOCK
         m = min(n, i0 + _PERTURB_BLOCK) - i0
@@ -288,7 +291,11 @@ def _perturb(g, sig_p, sig_r, scale, key, out):  # pragma: no cover - via tests
         normals_block(key, i0, m, z, np.uint64(STREAM_PROGRAM))
         for k in range(m):
             i = i0 + k
-            out[i] = g[i] + scale * math.sqrt(sig_p[i] * sig_p[i] + sig_r[i] * sig_r[i]) * z[k]
+            a = abs(g[i]) * inv_h
+            j = min(np.intp(a), last)
+            lo = table[j]
+            std = lo + (a - j) * (table[j + 1] - lo)
+            out[i] = g[i] + scale * std * z[k]
 
 
 _PERTURB_FLAGS = {"cache": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}}
@@ -299,7 +306,7 @@ _perturb_serial = nb.njit(**_PERTURB_FLAGS)(_perturb)
 PERTURB_PARALLEL_MIN = 1 << 15
 
 
-def perturb_kernel(g, sig_p, sig_r, scale, key, out):
+def perturb_kernel(g, table, inv_h, scale, key, out):
     """:func:`_perturb`, on the thread pool for large arrays (the same numbers either way)."""
     kernel = _perturb_parallel if g.shape[0] >= PERTURB_PARALLEL_MIN else _perturb_serial
-    kernel(g, sig_p, sig_r, scale, key, out)
+    kernel(g, table, inv_h, scale, key, out)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._random import torch_generator
-from .devices import check_conductance, perturb_with_std
+from .devices import perturb_flat
 from .formulas import (
     drift_exponent_stats,
     drift_factor,
@@ -88,13 +88,12 @@ def perturb_torch(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: floa
 
 
 def perturb_tensor(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: float = 1.0,
-                   rng=None) -> torch.Tensor:
+                   rng=None, unit: float = 1.0) -> torch.Tensor:
     """The sampling adapter: HWA weight noise for a tensor of signed conductances [S].
 
-    CPU tensors: the standard deviations from :func:`formulas.training_noise_std` in torch (SIMD,
-    threaded), the variates from the counter-based Numba kernel of :func:`pcm.perturb` on
-    shared-memory views (the same numbers as :func:`pcm.perturb`); other devices use
-    :func:`perturb_torch`. The result does not require grad.
+    CPU tensors go through the counter-based Numba kernel of :func:`pcm.perturb` on a
+    shared-memory view (no copy of the input; the same numbers as :func:`pcm.perturb`); other
+    devices use :func:`perturb_torch`. The result does not require grad.
 
     Parameters
     ----------
@@ -103,15 +102,17 @@ def perturb_tensor(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: flo
     t : float, read-noise time [s]
     scale : float, noise scale, dimensionless
     rng : int, numpy.random.Generator, torch.Generator or None
+    unit : float, the unit of ``g`` and of the result [S] (``model.g_max``: normalised
+        weights w~, as the training noise of :class:`aimc_device.nn.AnalogTile` uses it)
     """
     g = g.detach()
     if g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) \
             and not isinstance(rng, torch.Generator):
         g = g.contiguous()
-        flat = check_conductance(g.reshape(-1).numpy(), "g", model, signed=True)
-        sig_p, sig_r = training_noise_std(g, t, model)  # Eqs. 7, 10-11
-        out = perturb_with_std(flat, sig_p.reshape(-1).numpy(), sig_r.reshape(-1).numpy(),
-                               scale, rng)
+        out = perturb_flat(g.reshape(-1).numpy(), model, t=t, scale=scale, rng=rng, unit=unit)
         return torch.from_numpy(out).reshape(g.shape)
+    if unit != 1.0:
+        return perturb_torch(g * unit, model, t=t, scale=scale,
+                             generator=torch_generator(rng, g.device)).div_(unit)
     return perturb_torch(g, model, t=t, scale=scale, generator=torch_generator(rng, g.device))
 
