@@ -317,7 +317,8 @@ def test_hwa_training_beats_direct_mapping():
     (nn.Conv2d(1, 4, 3, padding=1), (2, 1, 9, 9)),  # one channel: channels-last strides forced
     (nn.Conv1d(7, 4, 5, padding=2, dilation=2), (3, 7, 20)),
 ])
-def test_conv_path_equals_unfolded_mvm(conv, shape):
+@pytest.mark.parametrize("input_grad", [True, False])  # False: a first layer (alpha's DAC
+def test_conv_path_equals_unfolded_mvm(conv, shape, input_grad):  # gradient by the adjoint)
     # Analog convolutions run every term as a convolution (crossbar.analog_conv). With the noise
     # off they must give the numbers of analog_mvm on the unfolded patches (im2col), IR drop,
     # DAC and ADC included, over several channel-group tiles, in training and evaluation.
@@ -326,7 +327,7 @@ def test_conv_path_equals_unfolded_mvm(conv, shape):
     a = anl.convert(nn.Sequential(conv), cfg, device=None).double()
     layer, tile = a[0], a[0].tile
     assert tile.n_tiles > 1 or conv.in_channels == 1
-    x = torch.randn(*shape, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64) * 1.5  # some inputs beyond alpha = 1
     x4 = x if x.dim() == 4 else x.unsqueeze(2)
     ks = conv.kernel_size if x.dim() == 4 else (1, *conv.kernel_size)
     pd = conv.padding if x.dim() == 4 else (0, *conv.padding)
@@ -334,17 +335,28 @@ def test_conv_path_equals_unfolded_mvm(conv, shape):
     st = conv.stride if x.dim() == 4 else (1, *conv.stride)
     cols = F.unfold(x4, ks, dilation=dl, padding=pd, stride=st)  # (B, C*k, L)
     rows = cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    with torch.no_grad():
-        ref = crossbar.analog_mvm(rows, list(torch.split(tile.weight, tile.tile_sizes, 1)), cfg,
-                                  tile.alpha, tile._digital_scale(), fused=False)
+    leaves = [tile.weight, tile.alpha, tile.gamma, tile.kappa, layer.bias]
+    if input_grad:
+        x.requires_grad_()
+        leaves.append(x)
+    # the reference: analog_mvm's torch path on the patches, gradients through its autograd
+    ref = crossbar.analog_mvm(F.unfold(x if x.dim() == 4 else x.unsqueeze(2), ks, dilation=dl,
+                                       padding=pd, stride=st).transpose(1, 2).reshape(
+                                           rows.shape),
+                              list(torch.split(tile.weight, tile.tile_sizes, 1)), cfg,
+                              tile.alpha, tile._digital_scale(), fused=False)
     ref = ref.reshape(x.shape[0], -1, conv.out_channels).transpose(1, 2) + layer.bias[:, None]
+    up = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(6))
+    g_ref = torch.autograd.grad((ref * up).sum(), leaves)
     a.train()
     y_train = a(x)
-    y_train.sum().backward()
-    torch.testing.assert_close(y_train.detach().reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)
-    assert tile.weight.grad.abs().sum() > 0
-    # the bias (added in the output stage's pass) gets d sum(y) / d b = outputs per channel
-    torch.testing.assert_close(layer.bias.grad, torch.full_like(layer.bias, y_train[:, 0].numel()))
+    g_conv = torch.autograd.grad((y_train.reshape(ref.shape) * up).sum(), leaves)
+    torch.testing.assert_close(y_train.detach().reshape(ref.shape), ref.detach(), rtol=1e-9,
+                               atol=1e-9)
+    assert 0.1 < (x.abs() > 1.0).float().mean() < 0.7  # the DAC clips some inputs
+    for gc, gr in zip(g_conv, g_ref):  # weight, alpha (DAC and factor), gamma, kappa, bias, x
+        torch.testing.assert_close(gc, gr, rtol=1e-8, atol=1e-8)
+    ref = ref.detach()
     a.eval()
     with torch.no_grad():
         torch.testing.assert_close(a(x).reshape(ref.shape), ref, rtol=1e-9, atol=1e-9)

@@ -290,10 +290,10 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
             return y.movedim(1, -1).reshape(-1, n_out)
 
         if _fusable_grad(xk, cfg, None) and dims <= 2:  # one fused tile (Numba stage, STE)
-            xt = quantize(xk / alpha[k], cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
             geometry = (kernel_size, stride, padding, dilation, spatial)
-            yk = _ConvTileSTE.apply(xt, w, alpha[k] * out_scale[k], bias if k == 0 else None,
-                                    cfg, geometry, _stage_key(generator))
+            yk = _ConvTileSTE.apply(xk, alpha[k], w, alpha[k] * out_scale[k],
+                                    bias if k == 0 else None, cfg, geometry,
+                                    _stage_key(generator))
             if k == 0:
                 bias = None  # added
         elif _fusable_grad(xk, cfg, None):  # fused output stage, differentiable (STE)
@@ -614,14 +614,21 @@ class _ConvTileSTE(torch.autograd.Function):
     products are cheaper computed than read back from memory), else from two oneDNN
     convolutions (:func:`_conv_products`) read in place by :func:`_K.output_stage`.
 
-    ``xt`` is (batch, C, H, W) (or (batch, C, L)); ``w`` (out, C * kernel elements); ``bias``
-    (out,) or None, added after the digital factor (in the kernel's pass with the int8 levels);
-    returns the output pixels as rows (batch * out_h * out_w, out), channels last.
+    ``x`` is the tile's input (batch, C, H, W) (or (batch, C, L)) and ``alpha`` its input range:
+    the DAC x~ = Q_in(x / alpha) (Eq. 5, straight-through inside its bound) runs here, so that
+    when x needs no gradient (a network's first layer) alpha's gradient through the DAC comes
+    from one weight-gradient call instead of the input gradient. ``w`` (out, C * kernel
+    elements); ``bias`` (out,) or None, added after the digital factor (in the kernel's pass with
+    the int8 levels); returns the output pixels as rows (batch * out_h * out_w, out), channels
+    last.
     """
 
     @staticmethod
-    def forward(ctx, xt, w, factor, bias, cfg, conv, key):
+    def forward(ctx, x, alpha, w, factor, bias, cfg, conv, key):
         kernel_size, stride, padding, dilation, spatial = conv
+        with torch.no_grad():
+            xs = x.detach() / alpha.detach()
+            xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
         if xt.dim() == 3:  # 1-d: a 2-d convolution of height 1
             x4, conv4 = xt.detach().unsqueeze(2), (
                 (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
@@ -650,27 +657,47 @@ class _ConvTileSTE(torch.autograd.Function):
                             cfg.w_noise, ir_k, stb.s_out, stb.levels, stb.row_f, stb.col_f, key,
                             False, stb.out.numpy(), mask_bound=cfg.out_bound, at=at,
                             **stb.kernel_args())
-        ctx.conv = conv
-        return stb.finish(ctx, factor, xt, w)
+        ctx.conv, ctx.dac_bound = conv, (cfg.inp_bound if cfg.inp_bits else None)
+        return stb.finish(ctx, factor, xt, xs, alpha, w)
 
     @staticmethod
     def backward(ctx, grad):
-        q, factor, mask, xt, w = ctx.saved_tensors
+        q, factor, mask, xt, xs, alpha, w = ctx.saved_tensors
         grad_z, grad_f, grad_b = _stage_grads(ctx, grad, q, factor, mask,
-                                              ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+                                              ctx.needs_input_grad[3], ctx.needs_input_grad[4])
         kernel_size, stride, padding, dilation, spatial = ctx.conv
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_w = None
-        if need_x or need_w:
-            n_out = w.shape[0]
-            # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
-            g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
-            grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
-                g, _one_channel_last(xt), w.reshape(n_out, xt.shape[1], *kernel_size), None,
-                list(stride), list(padding), list(dilation), False, [0] * len(stride), 1,
-                [need_x, need_w, False])
-            grad_w = None if grad_w is None else grad_w.reshape(w.shape)
-        return grad_x, grad_w, grad_f, grad_b, None, None, None
+        need_x, need_a, need_w = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_w = None
+        if not (need_x or need_a or need_w):
+            return None, None, None, grad_f, grad_b, None, None, None
+        n_out, n_ch = w.shape[0], xt.shape[1]
+        # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
+        g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
+        # the DAC's straight-through rule (periphery.quantize): identity inside its bound
+        v = xs if ctx.dac_bound is None else xs * (xs.abs() <= ctx.dac_bound)
+        conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), 1)
+        w4 = w.reshape(n_out, n_ch, *kernel_size)
+        if need_x:  # the full input gradient: x~ = Q(x / alpha)
+            grad_xt, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, _one_channel_last(xt), w4, None, *conv_args, [True, need_w, False])
+            inside = grad_xt if ctx.dac_bound is None else grad_xt * (xs.abs() <= ctx.dac_bound)
+            grad_x = inside / alpha
+            if need_a:  # d x~ / d alpha = -(x / alpha^2) inside the bound
+                grad_a = -(grad_xt * v).sum() / alpha
+        else:
+            # Only alpha needs the DAC's gradient: sum(grad_x~ * v) = <W~, dL/dW~ with input v>
+            # (the adjoint of the convolution), one weight-gradient call on [x~, v] stacked as
+            # channels instead of the (for one channel, 7x dearer) input gradient.
+            inp = torch.cat([xt, v], 1) if need_a else xt
+            inp = inp.contiguous(memory_format=torch.channels_last) if inp.dim() == 4 else inp
+            w_in = torch.cat([w4, w4], 1) if need_a else w4
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                g, _one_channel_last(inp), w_in, None, *conv_args, [False, True, False])
+            grad_w = gw[:, :n_ch] if need_w else None
+            if need_a:
+                grad_a = -(gw[:, n_ch:] * w4).sum() / alpha
+        grad_w = None if grad_w is None or not need_w else grad_w.reshape(w.shape)
+        return grad_x, grad_a, grad_w, grad_f, grad_b, None, None, None
 
 
 def _stage_key(gen) -> np.uint64:
