@@ -514,3 +514,30 @@ def test_training_short_term_noise_variance_follows_eq14(sizes):
         var += f ** 2 * cfg.w_noise ** 2 * (xt ** 2 @ w.detach().abs().T)
     ratio = ys.var(dim=0) / var
     assert ratio.mean().item() == pytest.approx(1.0, abs=0.06), ratio
+
+
+def test_lstm_draws_its_weight_noise_once_per_call(monkeypatch):
+    # MODEL.md sec. 8: a new weight-noise draw every mini-batch. A recurrent layer calls its
+    # tile once per time step; those calls must share one draw, and the next call draws anew.
+    from aimc_device.nn import tile as tile_mod
+    torch.manual_seed(0)
+    a = anl.convert(nn.LSTM(3, 4, num_layers=2, bidirectional=True), STD, DEV, rng=0).train()
+    draws, perturb = [], tile_mod.perturb_tensor
+
+    def counting(g, *args, **kw):
+        draws.append(g.shape)
+        return perturb(g, *args, **kw)
+    monkeypatch.setattr(tile_mod, "perturb_tensor", counting)
+    x = torch.randn(6, 2, 3)  # 6 time steps
+    out1, _ = a(x)
+    assert len(draws) == 4  # 2 layers x 2 directions, not 4 x 6
+    out2, _ = a(x)
+    assert len(draws) == 8 and not torch.equal(out1, out2)
+    out1.sum().backward()  # the held draw keeps the straight-through gradient
+    assert all(t.weight.grad is not None and t.weight.grad.abs().sum() > 0
+               for t in a.analog_tiles())
+    # outside a call, each forward of a tile draws (a feed-forward layer: once per batch)
+    tile = a.cells[0]
+    tile(torch.randn(2, tile.in_features))
+    tile(torch.randn(2, tile.in_features))
+    assert len(draws) == 10

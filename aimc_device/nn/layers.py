@@ -9,6 +9,7 @@ layer onto the tiles.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -208,6 +209,21 @@ class AnalogLSTM(AnalogLayer):
             outs[s] = h
         return torch.stack(outs, dim=1), h, c
 
+    def _run_layers(self, out, h0, c0, dirs):
+        hn, cn = [], []
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                k = layer * dirs + d
+                o, h, c = self._run_direction(k, out, h0[k], c0[k], reverse=bool(d))
+                outs.append(o)
+                hn.append(h)
+                cn.append(c)
+            out = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                out = F.dropout(out, self.dropout, training=True)
+        return out, hn, cn
+
     def forward(self, x: torch.Tensor, hx=None):
         unbatched = x.dim() == 2
         if unbatched:
@@ -223,19 +239,10 @@ class AnalogLSTM(AnalogLayer):
             h0, c0 = hx
             if unbatched:
                 h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        hn, cn = [], []
-        out = x
-        for layer in range(self.num_layers):
-            outs = []
-            for d in range(dirs):
-                k = layer * dirs + d
-                o, h, c = self._run_direction(k, out, h0[k], c0[k], reverse=bool(d))
-                outs.append(o)
-                hn.append(h)
-                cn.append(c)
-            out = torch.cat(outs, dim=2) if dirs == 2 else outs[0]
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                out = F.dropout(out, self.dropout, training=True)
+        with contextlib.ExitStack() as draws:  # one weight-noise draw per call, not per step
+            for tile in self.cells:
+                draws.enter_context(tile.one_draw())
+            out, hn, cn = self._run_layers(x, h0, c0, dirs)
         hn, cn = torch.stack(hn), torch.stack(cn)
         if not self.batch_first:
             out = out.transpose(0, 1)

@@ -19,6 +19,8 @@ Three ways to run the forward pass:
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
@@ -93,6 +95,7 @@ class AnalogTile(nn.Module):
         self.alpha = nn.Parameter(torch.ones(n_tiles))
         self.noise_scale = 1.0
         self.training_noise_time = 20.0
+        self._held_draw = None  # [noisy weight or None] inside one_draw()
         # The programmed crossbar array; its state goes into buffers named prog_<key> so that
         # state_dict carries it (see _save_state / _load_from_state_dict).
         self._array: AnalogArray | None = None
@@ -172,12 +175,34 @@ class AnalogTile(nn.Module):
         return gen
 
     def _noisy_weight(self) -> torch.Tensor:
-        """w~ plus device noise (MODEL.md section 8); the noise carries no gradient."""
+        """w~ plus device noise (MODEL.md section 8); the noise carries no gradient. Inside
+        :meth:`one_draw`, the first call draws and the later ones reuse that draw."""
         w = self.weight
         if self.device_model is None or self.noise_scale == 0.0:
             return w
-        return _NoisyWeight.apply(w, self.device_model, self.training_noise_time,
-                                  self.noise_scale, self._np_rng)
+        held = self._held_draw
+        if held is not None and held[0] is not None:
+            return held[0]
+        noisy = _NoisyWeight.apply(w, self.device_model, self.training_noise_time,
+                                   self.noise_scale, self._np_rng)
+        if held is not None:
+            held[0] = noisy
+        return noisy
+
+    @contextlib.contextmanager
+    def one_draw(self):
+        """Within this context every training forward of the tile uses one draw of the weight
+        noise (MODEL.md sec. 8: one draw per mini-batch); a recurrent layer calls its tile once
+        per time step, and wraps the sequence in this."""
+        outer = self._held_draw
+        if outer is not None:  # nested: the outer context's draw
+            yield
+            return
+        self._held_draw = [None]
+        try:
+            yield
+        finally:
+            self._held_draw = None
 
     # ------------------------------------------------------------------------- forward
     def input_absmax(self, x: torch.Tensor) -> torch.Tensor:
