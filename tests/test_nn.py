@@ -541,3 +541,22 @@ def test_lstm_draws_its_weight_noise_once_per_call(monkeypatch):
     tile(torch.randn(2, tile.in_features))
     tile(torch.randn(2, tile.in_features))
     assert len(draws) == 10
+
+
+def test_conv_auxiliary_products_in_bfloat16_stay_close():
+    # CrossbarConfig.aux_bfloat16 (default): on CPU in float32 a convolution tile's auxiliary
+    # products (IR drop, short-term noise variance) run in bfloat16, the signal in float32. With
+    # the same draws the outputs must stay within a small fraction of the noise they model:
+    # the terms are a few % of the output and bfloat16 keeps them to < 0.4 %.
+    torch.manual_seed(2)
+    conv = nn.Conv2d(16, 8, 3, padding=1)  # 144 rows: products as convolutions
+    x = torch.rand(4, 16, 10, 10)  # >= 0, as after a ReLU
+    outs = {}
+    for aux16 in (True, False):
+        cfg = STD.replace(aux_bfloat16=aux16, out_bits=None, ir_drop=3.0)
+        a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).train()
+        a[0].tile.reseed(np.random.SeedSequence(4))
+        outs[aux16] = a(x).detach()
+        scale = a[0].tile._digital_scale().abs().max().item()
+    diff = (outs[True] - outs[False]).abs()
+    assert 0 < diff.max().item() < 0.01 * cfg.out_noise * scale * 10

@@ -556,47 +556,58 @@ class _FusedStageSTE(torch.autograd.Function):
         return grad_z, grad_f, None, None, None, None
 
 
-def _conv_products(x4, w, conv4, need_ir, need_st):
-    """The four products of a convolution tile (Eqs. 2, 14, 15, 18) as two convolutions, for the
+def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
+    """The four products of a convolution tile (Eqs. 2, 14, 15, 18) as convolutions, for the
     output stage: W~ x~ (the signal), (W~ o P) x~, |W~| |x~|, |W~| x~^2.
 
     x4 : (batch, C, H, W) channels-last inputs x~; w : (out, C * kh * kw) weights W~;
-    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial). The first convolution takes
-    x~ against [W~; W~ o P], and also |W~| when x~ >= 0 (inputs after a ReLU, where
-    |x~| = x~); the second takes |W~| against [|x~|; x~^2] stacked along the batch (no grouped
-    convolution: oneDNN's grouped kernels ran 3x slower in half the calls here).
+    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial). One convolution takes x~
+    against [W~; W~ o P], and also |W~| when x~ >= 0 (inputs after a ReLU, where |x~| = x~);
+    another takes |W~| against [|x~|; x~^2] stacked along the batch (no grouped convolution:
+    oneDNN's grouped kernels ran 3x slower in half the calls here). With ``aux16``
+    (``CrossbarConfig.aux_bfloat16``) the signal runs alone in the working precision and the
+    auxiliary products in bfloat16 (half the memory traffic of their outputs).
 
-    Returns ((z, w_px, abs_x, x2), at): C-ordered numpy arrays (empty for a switched-off term)
+    Returns ((w_px, abs_x, x2, z), at): C-ordered numpy arrays (empty for a switched-off term)
     and the output stage's block offsets (see :func:`_K.output_stage`).
     """
     ks, st, pd, dl, _ = conv4
     n_out = w.shape[0]
     shape = (n_out, x4.shape[1], *ks)
+    conv2d = torch.nn.functional.conv2d
     nonneg = need_ir and bool(x4.min() >= 0)  # then |x~| = x~: one input for three products
-    first = [w] + ([_weight_form(w, "px")] if need_ir else []) + (
-        [_abs_cached(w)] if nonneg else [])
-    w1 = first[0] if len(first) == 1 else torch.cat(first)
+    adt = torch.bfloat16 if aux16 else x4.dtype
 
     def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last
-        return y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(
-            -1, y.shape[1]).numpy()
+        y = y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return y.reshape(-1, y.shape[3]).to(x4.dtype).numpy()
 
-    a1 = rows(torch.nn.functional.conv2d(x4, w1.reshape(-1, *shape[1:]), None, st, pd, dl))
-    n_rows = a1.shape[0]
-    second = ([x4.abs()] if need_ir and not nonneg else []) + ([x4 * x4] if need_st else [])
+    first = ([_weight_form(w, "px")] if need_ir else []) + ([_abs_cached(w)] if nonneg else [])
+    a0 = None
+    if aux16:  # the signal alone in the working precision, the rest in bfloat16
+        a0 = rows(conv2d(x4, w.reshape(shape), None, st, pd, dl))
+    else:
+        first = [w] + first
+    a1 = None
+    if first:
+        w1 = (first[0] if len(first) == 1 else torch.cat(first)).to(adt)
+        a1 = rows(conv2d(x4.to(adt), w1.reshape(-1, *shape[1:]), None, st, pd, dl))
+    z_arr, c1 = (a0, 0) if aux16 else (a1, n_out)  # a1's first free column
+    n_rows = z_arr.shape[0]
+    xa = x4.to(adt)
+    second = ([xa.abs()] if need_ir and not nonneg else []) + ([xa * xa] if need_st else [])
     a2 = None
     if second:
         x2in = second[0] if len(second) == 1 else torch.cat(second)
-        a2 = rows(torch.nn.functional.conv2d(_one_channel_last(
-            x2in.contiguous(memory_format=torch.channels_last)),
-            _abs_cached(w).reshape(shape), None, st, pd, dl))
-    empty = _empty(a1.dtype)
+        a2 = rows(conv2d(_one_channel_last(x2in.contiguous(memory_format=torch.channels_last)),
+                         _abs_cached(w).to(adt).reshape(shape), None, st, pd, dl))
+    empty = _empty(z_arr.dtype)
     at = np.zeros(8, dtype=np.intp)  # (row, column) of w_px, abs_x, x2, z
-    terms = [empty, empty, empty, a1]
+    terms = [empty, empty, empty, z_arr]
     if need_ir:
-        terms[0], at[1] = a1, n_out
+        terms[0], at[1] = a1, c1
         if nonneg:
-            terms[1], at[3] = a1, 2 * n_out
+            terms[1], at[3] = a1, at[1] + n_out
         else:
             terms[1] = a2
     if need_st:
@@ -652,7 +663,8 @@ class _ConvTileSTE(torch.autograd.Function):
                           stb.row_f, stb.col_f, key, stb.out.numpy(), mask_bound=cfg.out_bound,
                           **stb.kernel_args())
         else:
-            (w_px, abs_x, x2, z), at = _conv_products(x4, wd, conv4, need_ir, need_st)
+            aux16 = cfg.aux_bfloat16 and wd.dtype == torch.float32 and (need_ir or need_st)
+            (w_px, abs_x, x2, z), at = _conv_products(x4, wd, conv4, need_ir, need_st, aux16)
             _K.output_stage(z, w_px, abs_x, x2, need_ir, need_st, 1.0, cfg.out_noise,
                             cfg.w_noise, ir_k, stb.s_out, stb.levels, stb.row_f, stb.col_f, key,
                             False, stb.out.numpy(), mask_bound=cfg.out_bound, at=at,
