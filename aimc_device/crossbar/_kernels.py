@@ -42,7 +42,7 @@ _STAGE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 PARALLEL_MIN_SIZE = 1 << 15
 #: The ``mask`` argument meaning "no mask".
 NO_MASK = np.zeros((0, 0), dtype=np.bool_)
-_AT0 = np.zeros(8, dtype=np.intp)
+_AT0 = np.zeros(6, dtype=np.intp)
 
 
 @nb.njit("intp(intp)", cache=True)
@@ -145,36 +145,56 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
         _normals(key, b0 * nc, m, noise)
     else:
         noise[:m] = 0.0
-    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq, r_z, c_z = at[0], at[1], at[2], at[3], at[4], at[5], \
-        at[6], at[7]
+    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = at[0], at[1], at[2], at[3], at[4], at[5]
     for b in range(b0, b1):  # then two branch-free (vectorised) passes per row, each over few
         rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]  # arrays (few alias checks)
         o = (b - b0) * nc
-        for i in range(nc):  # pre-ADC value, in place of the noise
-            var = on2
-            if x2 is not None:
-                var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
-            vi = z[b + r_z, c_z + i] * unit + math.sqrt(var) * noise[o + i]  # Eq. 2
-            if w_px is not None:
-                vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit,
-                               poly)  # Eqs. 15-16, 18
-            noise[o + i] = vi
-        for i in range(nc):
-            vi = noise[o + i]
-            if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-                mask[b, i] = abs(vi) <= mask_bound
-            if s_out is not None:
-                lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
-                if level_out is not None:
-                    level_out[b, i] = np.int8(lev)
-                vi = lev / s_out
-            r_out = vi * rf * col_f[i]  # Eq. 1
-            if bias is not None:
-                r_out += bias[i]
-            if accumulate:
-                out[b, i] += r_out
-            else:
-                out[b, i] = r_out
+        if nc >= _LONG_ROW:  # a row view: faster loops, one reference count per row
+            _stage_row(b, noise[o:o + nc], 0, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq,
+                       c_sq, unit, on2, wn2, iru, poly, s_out, levels, rf, col_f, bias, out,
+                       mask, mask_bound, level_out, accumulate)
+        else:
+            _stage_row(b, noise, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq,
+                       unit, on2, wn2, iru, poly, s_out, levels, rf, col_f, bias, out, mask,
+                       mask_bound, level_out, accumulate)
+
+
+#: Columns from which the output stage passes each row's noise as a view (see _stage_block).
+_LONG_ROW = 32
+
+
+@nb.njit(cache=True, fastmath=_STAGE_FASTMATH, inline="always")
+def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq, unit, on2, wn2,
+               iru, poly, s_out, levels, rf, col_f, bias, out, mask, mask_bound, level_out,
+               accumulate):  # pragma: no cover - via tests
+    """Output row b of :func:`output_stage` from its standard normals v[o:o + cols]: the
+    pre-ADC values in place of the normals, then mask, ADC, digital factors and bias."""
+    nc = out.shape[1]
+    for i in range(nc):  # pre-ADC value, in place of the noise
+        var = on2
+        if x2 is not None:
+            var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
+        vi = z[b, i] * unit + math.sqrt(var) * v[o + i]  # Eq. 2, signal and noise
+        if w_px is not None:
+            vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit,
+                           poly)  # Eqs. 15-16, 18
+        v[o + i] = vi
+    for i in range(nc):
+        vi = v[o + i]
+        if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
+            mask[b, i] = abs(vi) <= mask_bound
+        if s_out is not None:
+            lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
+            if level_out is not None:
+                level_out[b, i] = np.int8(lev)
+            vi = lev / s_out
+        r_out = vi * rf * col_f[i]  # Eq. 1
+        if bias is not None:
+            r_out += bias[i]
+        if accumulate:
+            out[b, i] += r_out
+        else:
+            out[b, i] = r_out
 
 
 @nb.njit(cache=True, parallel=True)
@@ -211,11 +231,11 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
-    w_px, abs_x, x2, z : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 and the
-        signal W~ lev (input-level units, x~ = u lev) as blocks: term[b, i] = array[b + at[2k],
-        at[2k + 1] + i] for k = 0, 1, 2, 3 (rows stacked under the signal in one GEMM, or
-        column blocks of one convolution's output); w_px and abs_x used only when has_ir, x2
-        when has_st
+    z : (batch, >= cols) W~ lev in its first columns, C order, input-level units (x~ = u lev)
+    w_px, abs_x, x2 : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 as blocks:
+        term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
+        signal in one GEMM, or column blocks of one convolution's output); used only when
+        has_ir (w_px, abs_x) and has_st (x2)
     unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1

@@ -448,7 +448,7 @@ def _aux_blocks(aux, dtype):
     ts = [None if t is None else t.to(dtype) for t in aux]
     live = [t for t in ts if t is not None]
     empty = _empty(_NP_DTYPE[dtype])
-    at = np.zeros(8, dtype=np.intp)
+    at = np.zeros(6, dtype=np.intp)
     if live and all(t.dim() == 2 and t.stride(1) == 1 for t in live) and len(
             {(t.untyped_storage().data_ptr(), t.stride(0), t.shape[0]) for t in live}) == 1:
         first = min(t.storage_offset() for t in live)
@@ -568,8 +568,9 @@ def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
     (``CrossbarConfig.aux_bfloat16``) the signal runs alone in the working precision and the
     auxiliary products in bfloat16 (half the memory traffic of their outputs).
 
-    Returns ((w_px, abs_x, x2, z), at): C-ordered numpy arrays (empty for a switched-off term)
-    and the output stage's block offsets (see :func:`_K.output_stage`).
+    Returns ((w_px, abs_x, x2, z), at): C-ordered numpy arrays (empty for a switched-off term;
+    z holds the signal in its first columns) and the output stage's block offsets (see
+    :func:`_K.output_stage`).
     """
     ks, st, pd, dl, _ = conv4
     n_out = w.shape[0]
@@ -602,7 +603,7 @@ def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
         a2 = rows(conv2d(_one_channel_last(x2in.contiguous(memory_format=torch.channels_last)),
                          _abs_cached(w).to(adt).reshape(shape), None, st, pd, dl))
     empty = _empty(z_arr.dtype)
-    at = np.zeros(8, dtype=np.intp)  # (row, column) of w_px, abs_x, x2, z
+    at = np.zeros(6, dtype=np.intp)  # (row, column) of w_px, abs_x, x2; z at column 0
     terms = [empty, empty, empty, z_arr]
     if need_ir:
         terms[0], at[1] = a1, c1
