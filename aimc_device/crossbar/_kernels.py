@@ -1,9 +1,12 @@
-"""Numba kernel of the crossbar's output stage: one fused, parallel pass per tile. Private.
+"""Numba kernels of the crossbar's output stage: one fused, parallel pass per tile. Private.
 
-The single definition of each periphery element is in ``periphery.py`` (torch); this kernel
-restates the output-side elements in scalar form for speed on CPU (IR drop Eqs. 15-16,
-short-term and output noise Eqs. 2 and 14, ADC Eq. 5, digital scales Eq. 1), and the tests
-compare it with the torch path. Normal variates come from the counter-based ziggurat of the PCM
+:func:`output_stage` takes a tile's products (GEMMs or convolutions); :func:`conv_stage` runs a
+convolution tile of few rows whole, forming the products from the image itself; the DAC, the
+straight-through backward and their serial/parallel dispatch follow. The single definition of
+each periphery element is in ``periphery.py`` (torch); these kernels restate the output-side
+elements in scalar form for speed on CPU (IR drop Eqs. 15-16 with the polynomial of
+``periphery.IR_DROP_POLY``, short-term and output noise Eqs. 2 and 14, ADC Eq. 5, digital
+scales Eq. 1) in the precision of the arrays, and the tests compare them with the torch path. Normal variates come from the counter-based ziggurat of the PCM
 sampler, keyed by (key, element index, stream), so the same key gives the same numbers on any
 thread count.
 
