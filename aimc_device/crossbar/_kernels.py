@@ -27,7 +27,7 @@ from .periphery import IR_DROP_POLY
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
 from ..pcm._kernels import FAST as _FAST
-from ..pcm._kernels import _hash, half_normal, half_normal_rect, normals_block
+from ..pcm._kernels import SIMD_FASTMATH, _hash, finish_variate, half_normal_rect, normals_block
 
 #: Stream number of the per-MVM draws (the PCM sampler uses streams 0 and 2 of 4).
 STREAM_MVM = np.uint64(3)
@@ -39,8 +39,7 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 #: Outputs per work item (rounded to whole rows, an even number of them): one scratch buffer
 #: each, long enough for SIMD loops even when rows are short (a 16-channel convolution).
 _ITEM_SIZE = 1024
-#: Fast-math without "nnan"/"ninf": the NaN that marks a variate to finish must survive.
-_STAGE_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+_STAGE_FASTMATH = SIMD_FASTMATH  # the NaN that marks a variate to finish survives
 #: Outputs per call above which the parallel kernel is used.
 PARALLEL_MIN_SIZE = 1 << 15
 #: The ``mask`` argument meaning "no mask".
@@ -182,6 +181,7 @@ def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq
             vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit,
                            poly)  # Eqs. 15-16, 18
         v[o + i] = vi
+    # The steps of _adc on 2-d rows: calling _adc on flat views here ran 1.4-1.6x slower.
     for i in range(nc):
         vi = v[o + i]
         if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
@@ -401,9 +401,7 @@ def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
             for p in range(npx):
                 if noise[i, p] != noise[i, p]:
                     e = p * nc + i
-                    r = _hash(key, base + np.uint64(e // 2))
-                    half = r >> _S32 if e % 2 else r & _MASK32
-                    noise[i, p] = half_normal(key, half, np.uint64(e0 + e), STREAM_MVM)
+                    noise[i, p] = finish_variate(key, base, e, e0 + e, STREAM_MVM)
     else:  # pairs straddle pixels: draw in element order, then lay out
         flat = np.empty(npx * nc + 1, dtype=noise.dtype)
         _normals(key, e0, npx * nc, flat)
@@ -424,11 +422,8 @@ def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
     n_px, nc = out.shape
     n_rows = w.shape[1]
     per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
-    cf = np.empty(per * nc, dtype=out.dtype)  # the column factors (Eq. 1) of a block's outputs
+    cf = _tiled(col_f, per, nc)  # the column factors (Eq. 1) of a block's outputs in order
     bt = _tiled(bias, per, nc)  # and the bias
-    for p in range(per):
-        for i in range(nc):
-            cf[p * nc + i] = col_f[i]
     for item in prange((n_px + per - 1) // per):
         r0 = item * per
         pt = np.empty((n_rows, per), dtype=x.dtype)
@@ -436,8 +431,7 @@ def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
         noise = np.empty((nc, per), dtype=out.dtype)
         _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
                     w_noise, ir_k, poly, s_out, levels, row_f[0], cf, bt, key, out, mask,
-                    mask_bound,
-                    level_out, noisy, pt, prod, noise)
+                    mask_bound, level_out, noisy, pt, prod, noise)
 
 
 #: Most tile rows for which :func:`conv_stage` computes a convolution's products itself: below

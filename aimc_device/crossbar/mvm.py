@@ -35,6 +35,7 @@ from .periphery import (
     quantizer_levels,
     s_adc,
     short_term_noise_std,
+    straight_through_mask,
 )
 
 __all__ = ["analog_mvm", "analog_conv", "conv_channel_split"]
@@ -584,6 +585,7 @@ def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
         return y.reshape(-1, y.shape[3]).to(x4.dtype).numpy()
 
     first = ([_weight_form(w, "px")] if need_ir else []) + ([_abs_cached(w)] if nonneg else [])
+    xa = x4.to(adt)  # the inputs of the auxiliary products
     a0 = None
     if aux16:  # the signal alone in the working precision, the rest in bfloat16
         a0 = rows(conv2d(x4, w.reshape(shape), None, st, pd, dl))
@@ -592,10 +594,9 @@ def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
     a1 = None
     if first:
         w1 = (first[0] if len(first) == 1 else torch.cat(first)).to(adt)
-        a1 = rows(conv2d(x4.to(adt), w1.reshape(-1, *shape[1:]), None, st, pd, dl))
+        a1 = rows(conv2d(xa, w1.reshape(-1, *shape[1:]), None, st, pd, dl))
     z_arr, c1 = (a0, 0) if aux16 else (a1, n_out)  # a1's first free column
     n_rows = z_arr.shape[0]
-    xa = x4.to(adt)
     second = ([xa.abs()] if need_ir and not nonneg else []) + ([xa * xa] if need_st else [])
     a2 = None
     if second:
@@ -619,7 +620,7 @@ def _conv_products(x4, w, conv4, need_ir, need_st, aux16=False):
 class _ConvTileSTE(torch.autograd.Function):
     """One convolution tile on CPU, training or evaluation: factor * Q_out(W~ * x~ + dy_IR +
     noise) (Eqs. 1, 2, 5, 14-16), with the gradients of :class:`_FusedStageSTE` (straight-through
-    ADC) and then those of the convolution W~ * x~ to ``xt`` (the DAC output) and ``w``.
+    ADC) and then those of the convolution W~ * x~ and of the DAC to ``x``, ``alpha`` and ``w``.
 
     The products come from the image itself inside :func:`_K.conv_stage` for tiles of few rows
     (at most ``_K.CONV_STAGE_MAX_ROWS``: there the work scales with the outputs, and the
@@ -687,14 +688,14 @@ class _ConvTileSTE(torch.autograd.Function):
         # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
         g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
         # the DAC's straight-through rule (periphery.quantize): identity inside its bound
-        v = xs if ctx.dac_bound is None else xs * (xs.abs() <= ctx.dac_bound)
+        inside = None if ctx.dac_bound is None else straight_through_mask(xs, ctx.dac_bound)
+        v = xs if inside is None else xs * inside
         conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), 1)
         w4 = w.reshape(n_out, n_ch, *kernel_size)
         if need_x:  # the full input gradient: x~ = Q(x / alpha)
             grad_xt, grad_w, _ = torch.ops.aten.convolution_backward(
                 g, _one_channel_last(xt), w4, None, *conv_args, [True, need_w, False])
-            inside = grad_xt if ctx.dac_bound is None else grad_xt * (xs.abs() <= ctx.dac_bound)
-            grad_x = inside / alpha
+            grad_x = (grad_xt if inside is None else grad_xt * inside) / alpha
             if need_a:  # d x~ / d alpha = -(x / alpha^2) inside the bound
                 grad_a = -(grad_xt * v).sum() / alpha
         else:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 
 __all__ = [
-    "quantize", "quantizer_step", "quantizer_levels", "output_noise", "short_term_noise_std", "short_term_noise",
+    "quantize", "quantizer_step", "quantizer_levels", "straight_through_mask", "output_noise",
+    "short_term_noise_std", "short_term_noise",
     "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta", "s_adc",
     "draw_asymmetry", "asymmetry_delta",
 ]
@@ -34,6 +35,12 @@ def quantizer_levels(bits: int | None, bound: float) -> tuple[float, float]:
     return (2.0 ** bits - 2.0) / (2.0 * bound), 2.0 ** (bits - 1) - 1.0
 
 
+def straight_through_mask(z: torch.Tensor, bound: float) -> torch.Tensor:
+    """Where the quantiser's straight-through gradient passes: |z| <= b (MODEL.md sec. 8;
+    clipped values do not move), as a bool tensor like z."""
+    return z.abs() <= bound
+
+
 class _QuantizeSTE(torch.autograd.Function):
     """Q(z) forward; straight-through backward: identity inside [-b, b], 0 outside."""
 
@@ -46,7 +53,7 @@ class _QuantizeSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (z,) = ctx.saved_tensors
-        return grad * (z.abs() <= ctx.bound).to(grad.dtype), None, None, None
+        return grad * straight_through_mask(z, ctx.bound).to(grad.dtype), None, None, None
 
 
 def quantize(z: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:

@@ -251,7 +251,21 @@ def read_kernel(g_prog, nu, q, log_drift, time_factor, key, out):
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
 
-@nb.njit(cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+#: Fast-math of the SIMD sampling loops, without "nnan"/"ninf": the NaN that marks a variate
+#: outside its ziggurat rectangle must survive until it is completed.
+SIMD_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+
+
+@nb.njit(cache=True, inline="always")
+def finish_variate(key, base, j, e, stream):  # pragma: no cover - via tests
+    """Variate j of a block whose pairs hash at base + j // 2 (the low 32 bits for even j, the
+    high for odd), completed beyond its rectangle by :func:`half_normal` as variate e."""
+    r = _hash(key, base + np.uint64(j // 2))
+    half = r >> _S32 if j % 2 else r & _MASK32
+    return half_normal(key, half, np.uint64(e), stream)
+
+
+@nb.njit(cache=True, fastmath=SIMD_FASTMATH)
 def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
     """out[:m] = standard normals of variates e0 .. e0 + m - 1 (e0 even): the pair (2h, 2h + 1)
     from the two halves of the one hash FAST + h, the rectangle step of :func:`half_normal` as a
@@ -264,9 +278,7 @@ def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
         out[2 * h + 1] = half_normal_rect(r >> _S32)
     for j in range(m):
         if out[j] != out[j]:
-            r = _hash(key, base + np.uint64(j // 2))
-            half = r >> _S32 if j % 2 else r & _MASK32
-            out[j] = half_normal(key, half, np.uint64(e0 + j), stream)
+            out[j] = finish_variate(key, base, j, e0 + j, stream)
 
 
 #: Devices per work item of :func:`perturb_kernel` (an even number).
@@ -298,7 +310,7 @@ def _perturb(g, table, inv_h, scale, key, out):  # pragma: no cover - via tests
             out[i] = g[i] + scale * std * z[k]
 
 
-_PERTURB_FLAGS = {"cache": True, "fastmath": {"nsz", "arcp", "contract", "afn", "reassoc"}}
+_PERTURB_FLAGS = {"cache": True, "fastmath": SIMD_FASTMATH}
 _perturb_parallel = nb.njit(parallel=True, **_PERTURB_FLAGS)(_perturb)
 _perturb_serial = nb.njit(**_PERTURB_FLAGS)(_perturb)
 #: Devices from which :func:`perturb_kernel` runs in parallel: below, waking the thread pool
