@@ -16,10 +16,10 @@ campaign with bakes is refused (one bake temperature does not separate E_a from 
 the time dependence).
 
 The fit: per level l and time k, the mean y_lk of ln(g / g_max) over the devices read (their
-bias-corrected repeat means) with its standard error; for a trial E_a, the mean read times of
-the level give t_eq,lk(E_a) and L_lk = ln((t_eq,lk + t0) / t0); the drift law (Eq. 8 of the
-paper, averaged over the devices of a level: E[ln g] = E[ln g_P] - E[nu] L) makes each level a
-straight line in L. The objective is chi2(E_a) = sum_lk ((y_lk - a_l + b_l L_lk) / se_lk)^2,
+bias-corrected repeat means) with its standard error, and for a trial E_a the mean L_lk over the
+same devices of L = ln((t_eq(E_a) + t0) / t0) from each device's own read times; the drift law
+(Eq. 8 of the paper, averaged over the devices of a level: E[ln g] = E[ln g_P] - E[nu] E[L])
+makes each level a straight line in L. The objective is chi2(E_a) = sum_lk ((y_lk - a_l + b_l L_lk) / se_lk)^2,
 with each level's a_l, b_l by weighted least squares (the curves of all levels collapse onto
 their lines at the right E_a); it is scanned over 0-3 eV, refined with
 ``scipy.optimize.minimize_scalar`` and then fitted with all a_l, b_l and E_a together by
@@ -37,16 +37,20 @@ References
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
 from scipy import optimize
+from scipy.interpolate import CubicSpline
 
-from ..io import MeasurementFormatError
+from ..io import (DeviceExclusion, MeasurementFormatError, device_chunk_reader,
+                  iter_device_arrays)
 from ..pcm import PCMModel
 from ..pcm import equivalent_time as _equivalent_time
-from ._stats import CampaignStats, FitError, campaign_statistics, campaign_temperatures, log_time
+from ._kernels import distinct_values
+from ._stats import FitError, campaign_temperatures, log_time
 from .report import ComponentFit
 
 __all__ = ["equivalent_time", "ActivationEnergy", "resolve_activation_energy",
@@ -166,9 +170,8 @@ def resolve_activation_energy(ds: xr.Dataset, prior: PCMModel | None = None,
         return ActivationEnergy(value, float("nan"), t_ref, f"given (activation_energy = "
                                 f"{value:g} eV), not fitted", False)
     if bakes.size >= 2:
-        st = campaign_statistics(ds, prior, chunk_devices, progress, exclude=exclude,
-                                 activation_energy=0.0, reference_temperature=t_ref)
-        return fit_activation_energy(st, temperature)
+        return fit_activation_energy(ds, t_ref, exclude=exclude, chunk_devices=chunk_devices,
+                                     progress=progress)
     attr = _campaign_attr_ea(ds, where)
     if attr is not None:
         return ActivationEnergy(attr, float("nan"), t_ref, "campaign attribute "
@@ -189,84 +192,143 @@ def resolve_activation_energy(ds: xr.Dataset, prior: PCMModel | None = None,
                    "or measure bakes at two or more temperatures")
 
 
-def fit_activation_energy(st: CampaignStats, temperature: np.ndarray) -> ActivationEnergy:
-    """Fit E_a from a campaign's per-level, per-time log means (see the module docstring).
+def _log_time_means(ds: xr.Dataset, exclusion: DeviceExclusion, temperature: np.ndarray,
+                    t_ref: float, grid: np.ndarray, chunk_devices: int | None, progress: bool):
+    """One pass: per level and time, the devices read, the sums of y = ln(m / g_max) (m the
+    mean of the reads taken, + s2 / (2 r m^2) with >= 2 of them) and of y^2, and for each E_a
+    of ``grid`` the sum of L = ln((t_eq(E_a) + t0) / t0) over the same cells."""
+    where = ds.attrs.get("source_file", "<Dataset>")
+    g_max, t0 = float(ds.attrs["g_max"]), float(ds.attrs["t0"])
+    g_target = np.asarray(ds["g_target"].values)
+    levels = distinct_values(np.ascontiguousarray(
+        g_target if g_target.dtype in (np.float32, np.float64) else g_target.astype(float)))
+    k, t_n = levels.size, ds.sizes["time"]
+    cnt, sy, syy = (np.zeros((k, t_n)) for _ in range(3))
+    sl = np.zeros((grid.size, k, t_n))
+    valid = np.asarray(ds["valid"].values) if "valid" in ds else None
+    read_t = device_chunk_reader(ds, "read_time") if "read_time" in ds else None
+    exclusion.check_indices(ds.sizes["device"], where)
+    chunks = iter_device_arrays(ds, chunk_devices, check=True)
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc="activation energy", unit="chunk", disable=None)
+    for start, stop, g in chunks:
+        keep = exclusion.codes(start, g, g_max, None if valid is None else valid[start:stop]) == 0
+        lev = np.searchsorted(levels, g_target[start:stop])
+        with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            gg = g.astype(np.float64)
+            r = np.sum(~np.isnan(gg), axis=2)
+            m = np.nanmean(gg, axis=2)
+            y = np.log(m / g_max)
+            if gg.shape[2] >= 2:
+                s2 = np.nanvar(gg, axis=2, ddof=1)
+                y = y + np.where(r >= 2, s2 / (2.0 * r * m * m), 0.0)
+        cell = keep[:, None] & np.isfinite(y)
+        t = (np.asarray(read_t(start, stop), dtype=np.float64) if read_t is not None
+             else np.broadcast_to(np.asarray(ds["time"].values, dtype=np.float64), y.shape))
+        y0 = np.where(cell, y, 0.0)
+        for j in range(t_n):
+            cnt[:, j] += np.bincount(lev, cell[:, j], minlength=k)
+            sy[:, j] += np.bincount(lev, y0[:, j], minlength=k)
+            syy[:, j] += np.bincount(lev, y0[:, j] ** 2, minlength=k)
+        for e, e_a in enumerate(grid):
+            L = np.where(cell, log_time(_equivalent_time(t, temperature, e_a, t_ref), t0), 0.0)
+            for j in range(t_n):
+                sl[e, :, j] += np.bincount(lev, L[:, j], minlength=k)
+    return levels.astype(np.float64) / g_max, cnt, sy, syy, sl
+
+
+def fit_activation_energy(ds: xr.Dataset, reference_temperature: float | None = None, *,
+                          exclude=None, chunk_devices: int | None = None,
+                          progress: bool = False) -> ActivationEnergy:
+    """Fit E_a to a campaign with bakes at two or more temperatures (see the module docstring).
 
     Parameters
     ----------
-    st : CampaignStats
-        Statistics from the general path (any provisional E_a: the log means and read times it
-        sums do not depend on it).
-    temperature : ndarray (T,), temperature of each interval [K]
+    ds : xarray.Dataset
+        A campaign with ``temperature(time)`` [K]; lazy or in memory.
+    reference_temperature : float, optional, T_ref [K]; default the campaign's
+    exclude : devices to drop (:class:`aimc_device.io.DeviceExclusion`)
+    chunk_devices : int, optional; progress : bool
 
     Returns
     -------
     ActivationEnergy with its ComponentFit ("activation_energy": the level means against the
-    fitted lines, x = L_lk at the fitted E_a).
+    fitted lines, x = the mean L at the fitted E_a).
+
+    Notes
+    -----
+    The mean of L over the devices of a level at a time depends on E_a through each device's
+    own read times; it is summed in the one pass over the data on a grid of E_a (0.05 eV steps
+    over E_A_RANGE) and interpolated between them with a cubic spline (L is smooth in E_a).
     """
-    lt = st.lt
-    cnt = lt[:, :, 0]
-    ok_level = (st.n >= MIN_CELL_DEVICES) & (st.x > 0)
-    cell = ok_level[:, None] & (cnt >= MIN_CELL_DEVICES)
+    temperature, t_ref = campaign_temperatures(ds, reference_temperature)
+    where = ds.attrs.get("source_file", "<Dataset>")
+    if temperature is None:
+        raise FitError(f"{where}: temperature: every interval is at T_ref = {t_ref:.2f} K; "
+                       "nothing determines an activation energy")
+    grid = np.linspace(E_A_RANGE[0], E_A_RANGE[1], 61)
+    x, cnt, sy, syy, sl = _log_time_means(ds, DeviceExclusion.parse(exclude), temperature, t_ref,
+                                          grid, chunk_devices, progress)
+    cell = (cnt >= MIN_CELL_DEVICES) & (x[:, None] > 0)
     use = cell.sum(axis=1) >= 3
-    if use.sum() < 1:
-        raise FitError(f"{st.source}: g: no level has {MIN_CELL_DEVICES} devices read at three "
-                       "or more times; the activation energy cannot be fitted")
-    cnt, cell = cnt[use], cell[use]
+    if not use.any():
+        raise FitError(f"{where}: g: no level has {MIN_CELL_DEVICES} devices read at three or "
+                       "more times; the activation energy cannot be fitted")
+    cnt, cell, sl = cnt[use], cell[use], sl[:, use]
     with np.errstate(divide="ignore", invalid="ignore"):
-        y = lt[use, :, 7] / cnt
-        var = (lt[use, :, 8] - cnt * y**2) / (cnt - 1)
-        se = np.sqrt(np.clip(var, 0.0, None) / cnt)
-        t_mean = np.where(cnt > 0, lt[use, :, 9] / cnt, st.time[None, :])
-    se = np.where(cell & (se > 0), se, np.inf)
-    y = np.where(cell, y, 0.0)
+        y = np.where(cell, sy[use] / cnt, 0.0)
+        var = (syy[use] - cnt * y**2) / (cnt - 1)
+        se = np.where(cell, np.sqrt(np.clip(var, 0.0, None) / cnt), np.inf)
+        mean_l = CubicSpline(grid, np.where(cell[None], sl / cnt[None], 0.0), axis=0)
+    se = np.where(se > 0, se, np.inf)
     wgt = np.where(np.isfinite(se), 1.0 / se**2, 0.0)
     k_lev = int(use.sum())
 
     def lines(e_a):
-        L = log_time(_equivalent_time(t_mean, temperature, e_a, st.reference_temperature), st.t0)
+        L = mean_l(e_a)
         sw, swx, swy = wgt.sum(1), (wgt * L).sum(1), (wgt * y).sum(1)
         swxx, swxy = (wgt * L * L).sum(1), (wgt * L * y).sum(1)
-        den = sw * swxx - swx**2
-        b = (sw * swxy - swx * swy) / den
-        a = (swy - b * swx) / sw
-        return L, a, b
+        b = (sw * swxy - swx * swy) / (sw * swxx - swx**2)
+        return L, (swy - b * swx) / sw, b
 
     def chi2(e_a):
         L, a, b = lines(e_a)
         return float(np.sum(wgt * (y - a[:, None] - b[:, None] * L) ** 2))
 
-    grid = np.linspace(*E_A_RANGE, 151)
     vals = np.array([chi2(e) for e in grid])
     j = int(np.argmin(vals))
     lo, hi = grid[max(j - 1, 0)], grid[min(j + 1, grid.size - 1)]
     e_best = float(optimize.minimize_scalar(chi2, bounds=(lo, hi), method="bounded",
-                                            options={"xatol": 1e-6}).x)
+                                            options={"xatol": 1e-7}).x)
     _, a0, b0 = lines(e_best)
     sw = np.sqrt(wgt)
 
     def resid(p):
-        a, b, e_a = p[:k_lev], p[k_lev:2 * k_lev], p[-1]
-        L = log_time(_equivalent_time(t_mean, temperature, e_a, st.reference_temperature), st.t0)
-        return (sw * (y - a[:, None] - b[:, None] * L))[cell]
+        a, b = p[:k_lev, None], p[k_lev:2 * k_lev, None]
+        return (sw * (y - a - b * mean_l(p[-1])))[cell]
 
-    res = optimize.least_squares(resid, np.concatenate([a0, b0, [e_best]]), x_scale="jac")
+    res = optimize.least_squares(resid, np.concatenate([a0, b0, [e_best]]), x_scale="jac",
+                                 bounds=([-np.inf] * (2 * k_lev) + [E_A_RANGE[0]],
+                                         [np.inf] * (2 * k_lev) + [E_A_RANGE[1]]))
     n_pts, n_par = int(cell.sum()), 2 * k_lev + 1
     chi2_red = float(np.sum(res.fun**2) / max(1, n_pts - n_par))
     cov = np.linalg.pinv(res.jac.T @ res.jac)
     e_fit = float(res.x[-1])
     se_e = float(np.sqrt(max(cov[-1, -1], 0.0)) * np.sqrt(max(1.0, chi2_red)))
-    Lf = log_time(_equivalent_time(t_mean, temperature, e_fit, st.reference_temperature), st.t0)
-    fitted = res.x[:k_lev, None] - res.x[k_lev:2 * k_lev, None] * Lf
-    temps = ", ".join(f"{v:.2f} K" for v in np.unique(np.round(temperature, 2))
-                      if abs(v - st.reference_temperature) > 0.005)
+    Lf = mean_l(e_fit)
+    fitted = res.x[:k_lev, None] + res.x[k_lev:2 * k_lev, None] * Lf
+    temps = ", ".join(f"{v:.2f} K" for v in bake_temperatures(ds, reference_temperature))
     cf = ComponentFit(
         name="activation_energy",
-        formula="mean ln(g/g_max) of level l = a_l - b_l ln((t_eq(E_a) + t0)/t0)", units="1",
-        coeff_names=("E_a", "T_ref"), coeffs=np.array([e_fit, st.reference_temperature]),
+        formula="mean ln(g/g_max) of level l = a_l + b_l ln((t_eq(E_a) + t0)/t0)", units="1",
+        coeff_names=("E_a", "T_ref"), coeffs=np.array([e_fit, t_ref]),
         stderr=np.array([se_e, np.nan]), coeff_units=("eV", "K"), x=Lf[cell], data=y[cell],
         data_se=se[cell], fitted=fitted[cell], n_devices=cnt[cell], n_params=n_par,
         notes=f"bakes at {temps}; per level a straight line in L = ln((t_eq + t0)/t0) (Eq. 8 "
-              "averaged over devices), E_a common to all levels; x is L at the fitted E_a")
-    return ActivationEnergy(e_fit, se_e, st.reference_temperature,
-                            f"fitted to bakes at {temps}", True, cf)
+              "averaged over devices), E_a common to all levels; x is the mean L at the fitted "
+              "E_a. The level means at successive times share their devices, so the standard "
+              "errors treat correlated points as independent and chi2_red is small")
+    return ActivationEnergy(e_fit, se_e, t_ref, f"fitted to bakes at {temps}", True, cf)
