@@ -52,6 +52,7 @@ Choices (documented here and in the FitReport notes):
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 
 import numpy as np
@@ -135,9 +136,14 @@ def check_plausible(st: CampaignStats, gfield: str = "g", tfield: str = "g_targe
             st.source, gfield, f"the level g_target = {x[i] * st.g_max:.6g} S has a spread "
             f"across devices below {MIN_RELATIVE_SPREAD:g} of its mean", "the reads look copied "
             "or quantised away; check the file")
-    nu_var = st.sum_nu2[use] - st.sum_nu[use] ** 2 / n
-    noise = st.rn_s2.sum() if st.has_repeats else st.rn_rss.sum()
-    if np.all(np.abs(nu_var) <= 1e-30) and not noise > 0:
+    # nu and the read-noise sums are exactly 0 for constant reads, up to float32 rounding
+    mu_nu = st.sum_nu[use] / n
+    sd_nu = np.sqrt(np.clip(st.sum_nu2[use] / n - mu_nu**2, 0.0, None))
+    if st.has_repeats:
+        noise = float(np.sum(st.rn_s2) / max(np.sum(st.rn_g2), 1e-300))
+    else:
+        noise = float(np.sum(st.rn_rss) / max(np.sum(st.rn_h1), 1.0))
+    if np.all(np.abs(mu_nu) < 1e-6) and np.all(sd_nu < 1e-6) and noise < 1e-12:
         raise MeasurementFormatError(
             st.source, gfield, "constant reads: no device's reads change with time or between "
             "reads", "check that the file holds the measured reads")
@@ -159,21 +165,44 @@ def _cov_se(jac: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ the log of a noisy read
-_Z = np.linspace(-10.0, 10.0, 4001)
-_PHI = np.exp(-0.5 * _Z**2)
+#: Relative read-noise standard deviations s of the table of log_noise_moments, dimensionless.
+_S_TABLE = np.linspace(0.0, 2.0, 801)
 
 
-def _noise_grid(s2):
-    """(1 + eps) on a grid of eps ~ Normal(0, s2) conditioned on 1 + eps > 0, and its weights."""
+def _log_read_grid(s2, n: int = 4001):
+    """Quadrature of eps ~ Normal(0, s2) conditioned on 1 + eps > 0 in u = ln(1 + eps): the grid
+    u (..., n) and its normalised trapezoid weights (..., n). In u the integrand is smooth
+    (the density carries the factor e^u) and the divergent log at 1 + eps = 0 is far out at
+    u = -40 when the truncation matters (s > 0.1), else the grid spans eps in +-10 s."""
     s = np.sqrt(np.clip(np.asarray(s2, dtype=np.float64), 0.0, None))[..., None]
-    e = 1.0 + s * _Z
-    ok = e > 0
-    w = np.where(ok, _PHI, 0.0)
-    return np.where(ok, e, 1.0), w / w.sum(axis=-1, keepdims=True)
+    s = np.maximum(s, 1e-12)
+    lo = np.where(10.0 * s < 1.0, np.log(np.clip(1.0 - 10.0 * s, 1e-300, None)), -40.0)
+    hi = np.log1p(10.0 * s)
+    u = lo + (hi - lo) * np.linspace(0.0, 1.0, n)
+    e = np.exp(u)
+    dens = np.exp(-0.5 * ((e - 1.0) / s) ** 2) * e
+    w = dens * (hi - lo) / (n - 1)
+    w[..., 0] *= 0.5
+    w[..., -1] *= 0.5
+    return u, w / w.sum(axis=-1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=1)
+def _log_noise_table():
+    """Mean and variance of ln(1 + eps) at the s of _S_TABLE."""
+    u, w = _log_read_grid(_S_TABLE**2)
+    mean = (w * u).sum(axis=-1)
+    var = np.clip((w * u * u).sum(axis=-1) - mean**2, 0.0, None)
+    mean[0] = var[0] = 0.0
+    return mean, var
 
 
 def log_noise_moments(s2):
-    """Mean and variance of u = ln(1 + eps), eps ~ Normal(0, s2) conditioned on 1 + eps > 0.
+    """Mean and variance of u = ln(1 + eps), eps ~ Normal(0, s2) conditioned on 1 + eps > 0
+    (a device with a read of 0 S is left out of the fits).
+
+    Tabulated by quadrature at s = sqrt(s2) in [0, 2] (steps of 0.0025) and interpolated
+    linearly in s2 (both moments are nearly linear in s2; s beyond 2 takes the value at 2).
 
     Parameters
     ----------
@@ -183,16 +212,15 @@ def log_noise_moments(s2):
     -------
     (mean, var) : arrays like s2, dimensionless; mean ~ -s2/2, var ~ s2 + 2.5 s2^2 for small s2
     """
-    e, w = _noise_grid(s2)
-    le = np.log(e)
-    mean = (w * le).sum(axis=-1)
-    return mean, np.clip((w * le * le).sum(axis=-1) - mean**2, 0.0, None)
+    s2 = np.clip(np.asarray(s2, dtype=np.float64), 0.0, None)
+    mean, var = _log_noise_table()
+    return np.interp(s2, _S_TABLE**2, mean), np.interp(s2, _S_TABLE**2, var)
 
 
 def _power_moment(s2, p):
     """E[(1 + eps)^p] for eps ~ Normal(0, s2) conditioned on 1 + eps > 0 (dimensionless)."""
-    e, w = _noise_grid(s2)
-    return (w * np.exp(np.asarray(p, dtype=np.float64)[..., None] * np.log(e))).sum(axis=-1)
+    u, w = _log_read_grid(s2)
+    return (w * np.exp(np.asarray(p, dtype=np.float64)[..., None] * u)).sum(axis=-1)
 
 
 def _level_read_noise(st: CampaignStats, q_model: PCMModel):
@@ -456,7 +484,7 @@ def _q2_from_residuals(st: CampaignStats, ok: np.ndarray):
         return np.sum(h1 * log_noise_moments(q2[:, None] * fbar)[1], axis=1)
 
     lo = np.zeros(rss.size)
-    hi = np.full(rss.size, 2.0 / np.max(fbar, axis=1))
+    hi = np.full(rss.size, 4.0 / np.max(fbar, axis=1))  # s = 2, the end of the table
     for _ in range(60):  # bisection, all groups at once (expected() increases with Q^2)
         mid = 0.5 * (lo + hi)
         big = expected(mid) > rss
@@ -657,9 +685,8 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     p, c = fit_read_noise(None, prior if named else None, stats=st)
     params.update(p)
     comps.update(c)
-    q_model = prior.replace(**p)
     for fn, kw in ((fit_programming_noise, {}), (fit_drift, {"clip": clip})):
-        p, c = fn(None, prior, stats=st, read_noise=None if st.has_repeats else q_model, **kw)
+        p, c = fn(None, prior if named else None, stats=st, **kw)
         params.update(p)
         comps.update(c)
     order = ("programming_noise", "drift_mean", "drift_std", "read_noise")
