@@ -45,8 +45,8 @@ from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE,
                                _check_conductance, _check_dataset, _check_read_times,
                                _root_quantity, field_name)
 from ..pcm import PCMModel, equivalent_time
-from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, distinct_values, general_kernel,
-                       moments_kernel, rn_columns, sums_kernel)
+from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel, distinct_values,
+                       general_kernel, moments_kernel, rn_columns, sums_kernel)
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS",
            "campaign_temperatures", "log_time", "read_noise_log_time"]
@@ -91,8 +91,7 @@ class CampaignStats:
         g_P^2 Var(ln g_P) (from repeats)
     lt : ndarray (K, T, N_LT_SUMS), per level and time over the used devices (general path):
         cells read, sum f2, sum w, sum w^2, sum v, sum v^2 (the least-squares weights of slope
-        and intercept), reads not taken (all kept devices), sum y, sum y^2, sum of read times
-        [s]; zero where the fast path ran
+        and intercept), reads not taken (all kept devices); zero where the fast path ran
     rn_x : ndarray (G,), sum of x_ref per read-noise group
     rn_n : ndarray (G,), devices per read-noise group
     rn_s2, rn_g2, rn_dof : ndarray (G, T), sums of repeat variances [S^2], of unbiased g_D^2
@@ -265,15 +264,30 @@ def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: n
 
 
 def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
-                  L: np.ndarray, f2: np.ndarray, t: np.ndarray, keep: np.ndarray):
-    """Per-level, per-level-and-time and per-group sums of any chunk (general_kernel)."""
-    n = g.shape[0]
+                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray):
+    """Per-level, per-level-and-time and per-group sums of any chunk (cells_kernel with repeats,
+    a numpy log, general_kernel)."""
+    n, t_n, r_n = g.shape
+    g = np.ascontiguousarray(g)
+    inv_gmax = 1.0 / st.g_max
+    none32 = np.zeros((0, 0), np.float32)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if r_n >= 2:
+            m, s2, rel = (np.empty((n, t_n), np.float32) for _ in range(3))
+            cnt = np.empty((n, t_n), np.uint8)
+            cells_kernel(g, inv_gmax, m, s2, cnt, rel)
+            y = np.log(m * np.float32(inv_gmax))
+            y += np.float32(0.5) * rel
+        else:
+            m = s2 = rel = none32
+            cnt = np.zeros((0, 0), np.uint8)
+            y = np.log(g[:, :, 0] * g.dtype.type(inv_gmax)).astype(np.float32, copy=False)
     n_blocks = -(-n // BLOCK)
-    k, t_n = st.x.size, st.time.size
+    k = st.x.size
     out_level = np.zeros((n_blocks, k, N_LEVEL_SUMS))
     out_lt = np.zeros((n_blocks, k, t_n, N_LT_SUMS))
     out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
-    general_kernel(np.ascontiguousarray(g), L, f2, t, keep,
+    general_kernel(np.ascontiguousarray(y), rel, m, s2, cnt, r_n, L, f2, keep,
                    np.ascontiguousarray(g_target, dtype=np.float64), levels, st.has_repeats,
                    st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level, out_lt,
                    out_rn)
@@ -382,7 +396,6 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     t_eq = equivalent_time(time, temperature, e_a, t_ref)
     L_shared = log_time(t_eq, t0)[None, :]
     f2_shared = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)[None, :]
-    t_shared = time[None, :].copy()
     wv = np.asarray(_drift_weights(L_shared[0]))
     w4 = np.concatenate([wv, wv * wv]).astype(np.float32)
     valid = np.asarray(ds["valid"].values) if "valid" in ds else None
@@ -426,9 +439,8 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
             L = log_time(te, t0)
             f2 = read_noise_log_time(te, t0, t_read, st.read_noise_time)
         else:
-            t, L, f2 = t_shared, L_shared, f2_shared
-        return _general_sums(st, g_target[start:stop], levels64, g, L, f2,
-                             np.ascontiguousarray(t), keep), keep, False
+            L, f2 = L_shared, f2_shared
+        return _general_sums(st, g_target[start:stop], levels64, g, L, f2, keep), keep, False
 
     def collect(result, start):
         sums, keep, was_fast = result

@@ -143,12 +143,13 @@ def _check_conductance(path, field: str, arr: np.ndarray, offset: int = 0,
     """Finite (or NaN, with ``allow_nan``: a read not taken) and >= 0; ``offset`` is the first
     device of a chunk (for the message)."""
     arr = np.asarray(arr)
-    # One cheap reduction first; locate the culprit only when something is wrong.
-    lo = arr.min(initial=0.0) if arr.size else 0.0
-    hi = arr.max(initial=0.0) if arr.size else 0.0
+    # Two cheap reductions first (fmin/fmax skip NaN); locate the culprit only when something is
+    # wrong.
+    reduce_lo, reduce_hi = (np.fmin, np.fmax) if allow_nan else (np.minimum, np.maximum)
+    lo = reduce_lo.reduce(arr, axis=None, initial=0.0) if arr.size else 0.0
+    hi = reduce_hi.reduce(arr, axis=None, initial=0.0) if arr.size else 0.0
     if not (np.isfinite(lo) and np.isfinite(hi)):
         _check_finite(path, field, arr, offset, allow_nan)
-        lo = np.fmin.reduce(arr, axis=None, initial=0.0)  # NaN ignored
     if lo < 0:
         idx = np.unravel_index(int(np.nanargmin(arr)), arr.shape)
         idx = (idx[0] + offset,) + tuple(idx[1:])
