@@ -171,7 +171,6 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, keep, by_programmed
                             mk = np.float64(m[i, k])
                             acc_rn[4 + k] += sk
                             acc_rn[4 + t_n + k] += mk * mk - sk * inv_r
-                            acc_rn[4 + 2 * t_n + k] += dof
                 else:
                     c8 += 1.0
                 i += 1
@@ -186,6 +185,8 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, keep, by_programmed
             out_level[b, lev, 8] += c8
             out_level[b, lev, 9] += c9
             if not by_programmed:
+                for k in range(t_n):  # every device of the run has R - 1 at every time
+                    acc_rn[4 + 2 * t_n + k] = acc_rn[0] * dof
                 for q in range(acc_rn.size):
                     out_rn[b, lev, q] += acc_rn[q]
                     acc_rn[q] = 0.0
