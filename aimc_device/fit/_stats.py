@@ -42,8 +42,8 @@ from threadpoolctl import threadpool_limits
 
 from ..io import DeviceExclusion, ExclusionRecord, default_chunk_devices, device_chunk_reader
 from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE, TIME_UNITS,
-                               _check_conductance, _check_dataset, _check_read_times,
-                               _root_quantity, field_name)
+                               check_conductances, check_campaign, check_read_times,
+                               root_quantity, field_name)
 from ..pcm import PCMModel, equivalent_time
 from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel, distinct_values,
                        general_kernel, moments_kernel, rn_columns, sums_kernel)
@@ -365,9 +365,9 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     prior = prior or PCMModel()
     where = ds.attrs.get("source_file", "<Dataset>")
     _check_dataset_quick(ds, where)
-    g_max = _root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
-    t0 = _root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
-    t_read = _root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False) or prior.t_read
+    g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
+    t0 = root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
+    t_read = root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False) or prior.t_read
     time = np.asarray(ds["time"].values, dtype=np.float64)
     repeats = int(ds.sizes["repeat"])
     if time.size < 2:
@@ -431,10 +431,10 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         out = _fast_sums(st, g_target[start:stop], levels, g, w4, keep, ws) if fast else None
         if out is not None:
             return out, keep, True
-        _check_conductance(where, gfield, g, offset=start, allow_nan=True)
+        check_conductances(where, gfield, g, offset=start, allow_nan=True)
         if per_device:
             t = np.asarray(read_t(start, stop, ws.t), dtype=np.float64)
-            _check_read_times(where, tfield, t, start)
+            check_read_times(where, tfield, t, start)
             te = equivalent_time(t, temperature, e_a, t_ref)
             L = log_time(te, t0)
             f2 = read_noise_log_time(te, t0, t_read, st.read_noise_time)
@@ -484,7 +484,7 @@ def _check_dataset_quick(ds: xr.Dataset, where: str) -> None:
     """Structure, units, attrs, g_target and time (g itself is checked chunk by chunk)."""
     from ..io import MeasurementFormatError
 
-    _check_dataset(ds, where)
+    check_campaign(ds, where)
     if ds["g"].attrs.get("units") != "S" or ds["g_target"].attrs.get("units") != "S" or \
             ds["time"].attrs.get("units") != "s":
         raise MeasurementFormatError(where, "units", "the fits expect SI units (S, s)",

@@ -19,8 +19,9 @@ The fit: per level l and time k, the mean y_lk of ln(g / g_max) over the devices
 bias-corrected repeat means) with its standard error, and for a trial E_a the mean L_lk over the
 same devices of L = ln((t_eq(E_a) + t0) / t0) from each device's own read times; the drift law
 (Eq. 8 of the paper, averaged over the devices of a level: E[ln g] = E[ln g_P] - E[nu] E[L])
-makes each level a straight line in L. The objective is chi2(E_a) = sum_lk ((y_lk - a_l + b_l L_lk) / se_lk)^2,
-with each level's a_l, b_l by weighted least squares (the curves of all levels collapse onto
+makes each level a straight line in L. The objective is
+chi2(E_a) = sum_lk ((y_lk - a_l - b_l L_lk) / se_lk)^2, with each level's a_l, b_l by weighted
+least squares (the curves of all levels collapse onto
 their lines at the right E_a); it is scanned over 0-3 eV, refined with
 ``scipy.optimize.minimize_scalar`` and then fitted with all a_l, b_l and E_a together by
 ``scipy.optimize.least_squares``, whose Jacobian gives the standard error of E_a (scaled by
@@ -31,9 +32,10 @@ References
 .. [1] JEDEC JEP122, "Failure Mechanisms and Models for Semiconductor Devices" (Arrhenius
    acceleration factor).
 .. [2] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, "Temperature acceleration of structural
-   relaxation in amorphous Ge2Sb2Te5", Appl. Phys. Lett. 92, 193511 (2008); D. Ielmini et al.,
-   "Reliability impact of chalcogenide-structure relaxation in phase-change memory (PCM)
-   cells - Part I: Experimental study", IEEE Trans. Electron Devices 56(5), 1070 (2009).
+   relaxation in amorphous Ge2Sb2Te5", Appl. Phys. Lett. 92(19) (2008),
+   doi:10.1063/1.2930680; D. Ielmini et al., "Reliability impact of chalcogenide-structure
+   relaxation in phase-change memory (PCM) cells - Part I: Experimental study", IEEE Trans.
+   Electron Devices 56(5), 1070-1077 (2009), doi:10.1109/TED.2009.2016397.
 """
 from __future__ import annotations
 

@@ -46,7 +46,8 @@ __all__ = [
     "file_sha256",
     "default_chunk_devices",
     "ReadCounts", "read_counts", "DeviceExclusion", "ExclusionRecord", "has_v2_features",
-    "field_name", "EXCLUSION_REASONS",
+    "field_name", "EXCLUSION_REASONS", "check_conductances", "check_read_times", "check_campaign",
+    "root_quantity",
 ]
 
 SCHEMA = "aimc-device/pcm-campaign"
@@ -138,7 +139,7 @@ def _check_finite(path, field: str, arr: np.ndarray, offset: int = 0,
             path, field, f"{what} at index {tuple(int(i) for i in idx)}", fix)
 
 
-def _check_conductance(path, field: str, arr: np.ndarray, offset: int = 0,
+def check_conductances(path, field: str, arr: np.ndarray, offset: int = 0,
                        allow_nan: bool = False) -> None:
     """Finite (or NaN, with ``allow_nan``: a read not taken) and >= 0; ``offset`` is the first
     device of a chunk (for the message)."""
@@ -159,7 +160,7 @@ def _check_conductance(path, field: str, arr: np.ndarray, offset: int = 0,
             "check the sign convention and units")
 
 
-def _check_read_times(path, field: str, t: np.ndarray, offset: int = 0) -> None:
+def check_read_times(path, field: str, t: np.ndarray, offset: int = 0) -> None:
     """Per-device read times (n, T) [s]: finite, >= 0, strictly increasing along each row."""
     _check_finite(path, field, t, offset)
     if np.any(t < 0):
@@ -196,7 +197,9 @@ def _check_dtype(path, field: str, dtype) -> None:
                                      "store it as float32 or float64")
 
 
-def _root_quantity(path, attrs, name: str, table: dict, required: bool) -> float | None:
+def root_quantity(path, attrs, name: str, table: dict, required: bool) -> float | None:
+    """Root attribute ``name`` with its ``{name}_units`` (a key of ``table``) in SI units, checked
+    positive and finite; None when absent and not ``required``."""
     if name not in attrs:
         if required:
             raise MeasurementFormatError(path, f"attrs['{name}']", "missing root attribute",
@@ -263,7 +266,7 @@ def _median_times(path, f, n: int, ft: float) -> np.ndarray:
         raise MeasurementFormatError(path, "/time", f"cannot read the data ({exc})",
                                      "the file is truncated or damaged") from None
     rows = _to_si(np.asarray(rows, dtype=np.float64), ft)
-    _check_read_times(path, "/time", rows)
+    check_read_times(path, "/time", rows)
     return np.median(rows, axis=0)
 
 
@@ -450,9 +453,9 @@ def read_measurements(path, chunk_devices: int | None = None,
             raise MeasurementFormatError(path, "attrs['schema_version']",
                                          f"version {version} is newer than this reader "
                                          f"({SCHEMA_VERSION})", "update aimc-device")
-        g_max = _root_quantity(path, attrs, "g_max", CONDUCTANCE_UNITS, True)
-        t0 = _root_quantity(path, attrs, "t0", TIME_UNITS, True)
-        t_read = _root_quantity(path, attrs, "t_read", TIME_UNITS, False)
+        g_max = root_quantity(path, attrs, "g_max", CONDUCTANCE_UNITS, True)
+        t0 = root_quantity(path, attrs, "t0", TIME_UNITS, True)
+        t_read = root_quantity(path, attrs, "t_read", TIME_UNITS, False)
         t_ref = _reference_temperature(path, attrs)
         fg_t = _unit_factor(path, "/g_target", f["g_target"].attrs.get("units"),
                             CONDUCTANCE_UNITS)
@@ -480,7 +483,7 @@ def read_measurements(path, chunk_devices: int | None = None,
         layout = _raw_layout(f["g"])
         tshape, tdtype = f["time"].shape, f["time"].dtype
         tlayout = _raw_layout(f["time"]) if per_device else None
-    _check_conductance(path, "/g_target", g_target)
+    check_conductances(path, "/g_target", g_target)
     _check_targets(path, "/g_target", g_target, g_max)
     _check_time(path, "/time", time)
     n_rep = gshape[2]
@@ -563,7 +566,7 @@ def _check_targets(path, field: str, g_target: np.ndarray, g_max: float) -> None
             "check the units of the targets and attrs['g_max'] / attrs['g_max_units']")
 
 
-def _check_dataset(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
+def check_campaign(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
     """Validate a campaign Dataset's structure; returns (unit factors, root attrs)."""
     for name, dims in (("g_target", ("device",)), ("g", ("device", "time", "repeat"))):
         if name not in ds:
@@ -603,11 +606,11 @@ def _check_dataset(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
     if "valid" in ds and ds["valid"].dtype != np.bool_:
         raise MeasurementFormatError(where, "valid", f"dtype {ds['valid'].dtype}",
                                      "a bool mask (False: drop the device)")
-    g_max = _root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
-    _root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
-    _root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False)
+    g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
+    root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
+    root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False)
     g_target = np.asarray(ds["g_target"].values)
-    _check_conductance(where, "g_target", g_target)
+    check_conductances(where, "g_target", g_target)
     _check_targets(where, "g_target", g_target * factors["g_target"], g_max)
     _check_time(where, "time", np.asarray(ds["time"].values, dtype=np.float64))
     return factors, dict(ds.attrs)
@@ -691,7 +694,7 @@ def iter_device_arrays(ds: xr.Dataset, chunk_devices: int | None = None,
         stop = min(n, start + chunk_devices)
         g = read(start, stop)
         if check:
-            _check_conductance(where, field_name(ds, "g"), g, offset=start, allow_nan=True)
+            check_conductances(where, field_name(ds, "g"), g, offset=start, allow_nan=True)
         yield start, stop, g
 
 
@@ -748,7 +751,7 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
         When the Dataset breaks the schema (nothing is written then).
     """
     path = os.path.abspath(os.fspath(path))
-    _, attrs = _check_dataset(ds, "<Dataset>")
+    _, attrs = check_campaign(ds, "<Dataset>")
     n, t_n, n_rep = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     gdtype = ds["g"].dtype
     if chunk_devices is None:
@@ -796,12 +799,12 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
         for start in starts:
             stop = min(n, start + chunk_devices)
             block = read_g(start, stop)
-            _check_conductance("<Dataset>", "g", block, offset=start, allow_nan=True)
+            check_conductances("<Dataset>", "g", block, offset=start, allow_nan=True)
             missing = missing or bool(np.isnan(block).any())
             dset[start:stop] = block
             if read_t is not None:
                 times = np.asarray(read_t(start, stop))
-                _check_read_times("<Dataset>", "read_time", times.astype(np.float64), start)
+                check_read_times("<Dataset>", "read_time", times.astype(np.float64), start)
                 tset[start:stop] = times
         v2 = missing or has_v2_features(ds)
         f.attrs["schema_version"] = 2 if v2 else 1
@@ -869,7 +872,7 @@ def read_counts(ds: xr.Dataset, chunk_devices: int | None = None) -> ReadCounts:
             gone = miss | (g < NEAR_ZERO * g_max)
         dead.append(np.flatnonzero(gone.reshape(stop - start, -1).all(axis=1)) + start)
         if read_t is not None:
-            _check_read_times(where, field_name(ds, "read_time"),
+            check_read_times(where, field_name(ds, "read_time"),
                               np.asarray(read_t(start, stop), dtype=np.float64), start)
     invalid = (np.flatnonzero(~np.asarray(ds["valid"].values)) if "valid" in ds
                else np.zeros(0, np.int64))

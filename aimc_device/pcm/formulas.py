@@ -10,9 +10,10 @@ References
 .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-11.
 .. [2] JEDEC JEP122, "Failure Mechanisms and Models for Semiconductor Devices" (Arrhenius
    acceleration factor of a thermally activated mechanism).
-.. [3] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, Appl. Phys. Lett. 92, 193511 (2008);
-   D. Ielmini et al., IEEE Trans. Electron Devices 56(5), 1070 (2009): temperature acceleration
-   of the structural relaxation (drift) of PCM.
+.. [3] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, Appl. Phys. Lett. 92(19) (2008),
+   doi:10.1063/1.2930680; D. Ielmini et al., IEEE Trans. Electron Devices 56(5), 1070-1077
+   (2009), doi:10.1109/TED.2009.2016397: temperature acceleration of the structural relaxation
+   (drift) of PCM.
 """
 from __future__ import annotations
 

@@ -16,9 +16,10 @@ References
    acceleration factor AF = exp(E_a / k_B (1/T_use - 1/T_stress)) of a thermally activated
    mechanism.
 .. [5] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, "Temperature acceleration of
-   structural relaxation in amorphous Ge2Sb2Te5", Appl. Phys. Lett. 92, 193511 (2008), and
-   "Reliability impact of chalcogenide-structure relaxation in phase-change memory (PCM)
-   cells - Part I: Experimental study", IEEE Trans. Electron Devices 56(5), 1070 (2009):
+   structural relaxation in amorphous Ge2Sb2Te5", Appl. Phys. Lett. 92(19) (2008),
+   doi:10.1063/1.2930680, and "Reliability impact of chalcogenide-structure relaxation in
+   phase-change memory (PCM) cells - Part I: Experimental study", IEEE Trans. Electron Devices
+   56(5), 1070-1077 (2009), doi:10.1109/TED.2009.2016397:
    drift (structural relaxation) of PCM is thermally activated; an anneal at a higher
    temperature reaches the state of a longer time at a lower one.
 """
