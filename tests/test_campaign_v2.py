@@ -2,7 +2,6 @@
 per-device read times, bakes (temperature acceleration), excluded devices, implausible input."""
 from __future__ import annotations
 
-import os
 import warnings
 
 import h5py
@@ -13,6 +12,7 @@ from aimc_device import fit, io, pcm
 from aimc_device.cli import main
 from aimc_device.fit import FitError
 from aimc_device.io import MeasurementFormatError
+from test_cli_device import _bad  # one line on stderr, exit status 2, nothing written
 
 PRESET = pcm.PCMModel.preset("rasch2023")
 X = np.arange(1, 21) / 20
@@ -413,15 +413,6 @@ def test_fast_path_matches_general_path():
 
 
 # ----------------------------------------------------------------- bad input, one per case
-def _bad(capsys, argv, tmp_path, match):
-    before = set(os.listdir(tmp_path))
-    capsys.readouterr()
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and match in err, err
-    assert set(os.listdir(tmp_path)) == before  # nothing written
-
-
 @pytest.fixture
 def bad_file(tmp_path):
     def make(edit=None, devices=40, levels=4):
@@ -506,3 +497,18 @@ def test_card_keeps_activation_energy_and_old_cards_load(tmp_path):
     old = io.load_device_model(tmp_path / "m.h5")
     assert (old.activation_energy, old.reference_temperature) == (0.0, 300.0)
     assert old == model.replace(activation_energy=0.0, reference_temperature=300.0)
+
+
+def test_iter_campaign_chunks(v2_small):
+    rec = io.ExclusionRecord()
+    chunks = list(fit.iter_campaign_chunks(v2_small, exclude="7-9", activation_energy=0.5,
+                                           chunk_devices=50, record=rec))
+    assert [(c.start, c.stop) for c in chunks] == [(0, 50), (50, 100), (100, 120)]
+    np.testing.assert_array_equal(np.concatenate([c.g for c in chunks]), v2_small["g"].values)
+    np.testing.assert_allclose(np.concatenate([c.t_eq for c in chunks]),
+                               fit.equivalent_time(v2_small, 0.5))
+    keep = np.concatenate([c.keep for c in chunks])
+    assert np.flatnonzero(~keep).tolist() == [3, 7, 8, 9, 50]
+    assert rec.counts()["index"] == 3 and rec.counts()["valid"] == 2
+    with pytest.raises(FitError, match="no activation energy"):
+        next(fit.iter_campaign_chunks(v2_small))

@@ -49,7 +49,8 @@ from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel, distinct_va
                        general_kernel, moments_kernel, rn_columns, sums_kernel)
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS",
-           "campaign_temperatures", "log_time", "read_noise_log_time"]
+           "campaign_temperatures", "log_time", "read_noise_log_time", "CampaignChunk",
+           "iter_campaign_chunks"]
 
 #: Bytes of ``g`` per streamed chunk [B]: small enough that a chunk and its work arrays stay in
 #: the last-level cache while two threads work (measured: 4 MiB 25 % faster than 16 MiB).
@@ -316,6 +317,128 @@ def _add_sums(st: CampaignStats, lv: np.ndarray, lt: np.ndarray | None, rn: np.n
         getattr(st, name)[...] += rn[:, 4 + j * t_n:4 + (j + 1) * t_n]
 
 
+class _ChunkSource:
+    """What every streaming consumer reads of a campaign, chunk by chunk: the reads, the reason
+    code of each device (``valid``, ``exclude``) and the equivalent times at T_ref, with the
+    values checked (inf, negative reads, read times not increasing)."""
+
+    def __init__(self, ds: xr.Dataset, exclude, activation_energy: float | None,
+                 reference_temperature: float | None):
+        self.where = where = ds.attrs.get("source_file", "<Dataset>")
+        self.g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
+        self.temperature, self.t_ref = campaign_temperatures(ds, reference_temperature)
+        if self.temperature is not None and activation_energy is None:
+            raise FitError(f"{where}: temperature: the campaign has intervals at other "
+                           f"temperatures than T_ref = {self.t_ref:.2f} K and no activation "
+                           "energy was given; pass activation_energy= (eV) or fit it from bakes "
+                           "at two or more temperatures")
+        self.e_a = float(activation_energy or 0.0)
+        self.exclusion = DeviceExclusion.parse(exclude)
+        self.n = ds.sizes["device"]
+        self.exclusion.check_indices(self.n, where)
+        self.valid = np.asarray(ds["valid"].values) if "valid" in ds else None
+        self.select = self.valid is not None or not self.exclusion.is_empty()
+        self.time = np.asarray(ds["time"].values, dtype=np.float64)
+        self.t_eq_shared = equivalent_time(self.time, self.temperature, self.e_a, self.t_ref)
+        self.per_device = "read_time" in ds
+        self.read_g = device_chunk_reader(ds)
+        self.read_t = device_chunk_reader(ds, "read_time") if self.per_device else None
+        self.gfield, self.tfield = field_name(ds, "g"), field_name(ds, "read_time")
+
+    def reads(self, start: int, stop: int, out: np.ndarray | None = None,
+              keep_buffer: np.ndarray | None = None):
+        """(g [S] (n, T, R), reason codes (n,) uint8) of devices start:stop (values unchecked)."""
+        g = self.read_g(start, stop, out)
+        if self.select:
+            codes = self.exclusion.codes(start, g, self.g_max,
+                                         None if self.valid is None else self.valid[start:stop])
+        elif keep_buffer is not None:
+            codes = keep_buffer[:stop - start]
+        else:
+            codes = np.zeros(stop - start, np.uint8)
+        return g, codes
+
+    def check(self, start: int, g: np.ndarray) -> None:
+        """Raise on inf or a negative read (NaN is a read not taken)."""
+        check_conductances(self.where, self.gfield, g, offset=start, allow_nan=True)
+
+    def equivalent_times(self, start: int, stop: int, out: np.ndarray | None = None):
+        """Equivalent times at T_ref [s]: (n, T) with per-device read times, else (1, T)."""
+        if not self.per_device:
+            return self.t_eq_shared[None, :]
+        t = np.asarray(self.read_t(start, stop, out), dtype=np.float64)
+        check_read_times(self.where, self.tfield, t, start)
+        return equivalent_time(t, self.temperature, self.e_a, self.t_ref)
+
+
+@dataclass
+class CampaignChunk:
+    """One device chunk of a campaign, as :func:`iter_campaign_chunks` yields it.
+
+    Attributes
+    ----------
+    start, stop : int, the devices start:stop
+    g_target : ndarray (n,), target conductance [S]
+    g : ndarray (n, T, R), reads [S], NaN where not taken (checked: no inf, none negative)
+    t_eq : ndarray (n, T) or (1, T), equivalent times at the reference temperature [s]
+    keep : ndarray (n,) bool, False for a device dropped (``valid`` or ``exclude``)
+    codes : ndarray (n,) uint8, the reason of each drop (aimc_device.io.EXCLUSION_REASONS)
+    """
+
+    start: int
+    stop: int
+    g_target: np.ndarray
+    g: np.ndarray
+    t_eq: np.ndarray
+    keep: np.ndarray
+    codes: np.ndarray
+
+
+def iter_campaign_chunks(ds: xr.Dataset, *, exclude=None,
+                         activation_energy: float | None = None,
+                         reference_temperature: float | None = None,
+                         chunk_devices: int | None = None,
+                         record: ExclusionRecord | None = None):
+    """Stream a campaign for a fit: reads, equivalent times and kept devices, chunk by chunk.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset, a campaign (lazy or in memory); conductances [S], times [s]
+    exclude : str, sequence or aimc_device.io.DeviceExclusion, optional; devices to drop besides
+        those marked False in ``valid``
+    activation_energy : float, optional, E_a [eV] (see :func:`aimc_device.fit.
+        resolve_activation_energy`); needed when the campaign has intervals away from T_ref
+    reference_temperature : float, optional, T_ref [K]; default the campaign's
+    chunk_devices : int, optional, devices per chunk; default about 4 MiB of ``g``
+    record : aimc_device.io.ExclusionRecord, optional; the drops are added to it, in order
+
+    Yields
+    ------
+    CampaignChunk
+
+    Raises
+    ------
+    FitError
+        Intervals away from T_ref and no activation energy.
+    MeasurementFormatError
+        inf or negative reads, per-device read times not increasing (naming file and index).
+    """
+    check_campaign(ds, ds.attrs.get("source_file", "<Dataset>"))
+    src = _ChunkSource(ds, exclude, activation_energy, reference_temperature)
+    if chunk_devices is None:
+        chunk_devices = default_chunk_devices(ds.sizes["time"], ds.sizes["repeat"],
+                                              ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
+    g_target = np.asarray(ds["g_target"].values)
+    for start in range(0, src.n, max(1, int(chunk_devices))):
+        stop = min(src.n, start + max(1, int(chunk_devices)))
+        g, codes = src.reads(start, stop)
+        src.check(start, g)
+        if record is not None:
+            record.add(start, codes)
+        yield CampaignChunk(start, stop, g_target[start:stop], g,
+                            src.equivalent_times(start, stop), codes == 0, codes)
+
+
 def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
                         chunk_devices: int | None = None, progress: bool = False,
                         n_workers: int | None = None, *, exclude=None,
@@ -373,15 +496,8 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     if time.size < 2:
         raise FitError(f"{where}: time: only {time.size} read time; the drift fit needs at least "
                        "two (better five or more, spread over decades)")
-    temperature, t_ref = campaign_temperatures(ds, reference_temperature)
-    if temperature is not None and activation_energy is None:
-        raise FitError(f"{where}: temperature: the campaign has intervals at other temperatures "
-                       f"than T_ref = {t_ref:.2f} K and no activation energy was given; pass "
-                       "activation_energy= (eV) or fit it from bakes at two or more temperatures")
-    e_a = float(activation_energy or 0.0)
-    exclusion = DeviceExclusion.parse(exclude)
-    n = ds.sizes["device"]
-    exclusion.check_indices(n, where)
+    src = _ChunkSource(ds, exclude, activation_energy, reference_temperature)
+    temperature, t_ref, e_a, n = src.temperature, src.t_ref, src.e_a, src.n
     g_target = np.asarray(ds["g_target"].values)
     if g_target.dtype not in (np.float32, np.float64):
         g_target = g_target.astype(np.float64)
@@ -391,21 +507,14 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
                        time=time, repeats=repeats, reference=prior.read_noise_reference,
                        source=where, activation_energy=e_a, reference_temperature=t_ref,
                        temperature=temperature, read_noise_time=prior.read_noise_time)
-    per_device = "read_time" in ds
+    per_device = src.per_device
     fast = repeats >= 2 and not per_device and temperature is None and not general
-    t_eq = equivalent_time(time, temperature, e_a, t_ref)
-    L_shared = log_time(t_eq, t0)[None, :]
-    f2_shared = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)[None, :]
-    wv = np.asarray(_drift_weights(L_shared[0]))
+    wv = np.asarray(_drift_weights(log_time(src.t_eq_shared, t0)))
     w4 = np.concatenate([wv, wv * wv]).astype(np.float32)
-    valid = np.asarray(ds["valid"].values) if "valid" in ds else None
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(time.size, repeats, ds["g"].dtype.itemsize,
                                               FIT_CHUNK_BYTES)
     chunk_devices = max(1, int(chunk_devices))
-    read = device_chunk_reader(ds)
-    read_t = device_chunk_reader(ds, "read_time") if per_device else None
-    gfield, tfield = field_name(ds, "g"), field_name(ds, "read_time")
     starts = range(0, n, chunk_devices)
     bar = None
     if progress:
@@ -415,31 +524,20 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
 
     local = threading.local()
     shape = (ds.sizes["time"], repeats)
-    select = valid is not None or not exclusion.is_empty()
 
     def work(start: int):
         stop = min(n, start + chunk_devices)
         if not hasattr(local, "ws"):
             local.ws = _Workspace(min(n, chunk_devices), *shape, ds["g"].dtype, per_device)
         ws = local.ws
-        g = read(start, stop, ws.g)
-        if select:
-            keep = exclusion.codes(start, g, g_max,
-                                   None if valid is None else valid[start:stop])
-        else:
-            keep = ws.keep[:stop - start]
+        g, keep = src.reads(start, stop, ws.g, ws.keep)
         out = _fast_sums(st, g_target[start:stop], levels, g, w4, keep, ws) if fast else None
         if out is not None:
             return out, keep, True
-        check_conductances(where, gfield, g, offset=start, allow_nan=True)
-        if per_device:
-            t = np.asarray(read_t(start, stop, ws.t), dtype=np.float64)
-            check_read_times(where, tfield, t, start)
-            te = equivalent_time(t, temperature, e_a, t_ref)
-            L = log_time(te, t0)
-            f2 = read_noise_log_time(te, t0, t_read, st.read_noise_time)
-        else:
-            L, f2 = L_shared, f2_shared
+        src.check(start, g)
+        t_eq = src.equivalent_times(start, stop, ws.t)
+        L = log_time(t_eq, t0)
+        f2 = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)
         return _general_sums(st, g_target[start:stop], levels64, g, L, f2, keep), keep, False
 
     def collect(result, start):

@@ -47,12 +47,11 @@ import xarray as xr
 from scipy import optimize
 from scipy.interpolate import CubicSpline
 
-from ..io import (DeviceExclusion, MeasurementFormatError, device_chunk_reader,
-                  iter_device_arrays)
+from ..io import DeviceExclusion, MeasurementFormatError
 from ..pcm import PCMModel
 from ..pcm import equivalent_time as _equivalent_time
 from ._kernels import distinct_values
-from ._stats import FitError, campaign_temperatures, log_time
+from ._stats import FitError, campaign_temperatures, iter_campaign_chunks, log_time
 from .report import ComponentFit
 
 __all__ = ["equivalent_time", "ActivationEnergy", "resolve_activation_energy",
@@ -199,7 +198,6 @@ def _log_time_means(ds: xr.Dataset, exclusion: DeviceExclusion, temperature: np.
     """One pass: per level and time, the devices read, the sums of y = ln(m / g_max) (m the
     mean of the reads taken, + s2 / (2 r m^2) with >= 2 of them) and of y^2, and for each E_a
     of ``grid`` the sum of L = ln((t_eq(E_a) + t0) / t0) over the same cells."""
-    where = ds.attrs.get("source_file", "<Dataset>")
     g_max, t0 = float(ds.attrs["g_max"]), float(ds.attrs["t0"])
     g_target = np.asarray(ds["g_target"].values)
     levels = distinct_values(np.ascontiguousarray(
@@ -207,29 +205,26 @@ def _log_time_means(ds: xr.Dataset, exclusion: DeviceExclusion, temperature: np.
     k, t_n = levels.size, ds.sizes["time"]
     cnt, sy, syy = (np.zeros((k, t_n)) for _ in range(3))
     sl = np.zeros((grid.size, k, t_n))
-    valid = np.asarray(ds["valid"].values) if "valid" in ds else None
-    read_t = device_chunk_reader(ds, "read_time") if "read_time" in ds else None
-    exclusion.check_indices(ds.sizes["device"], where)
-    chunks = iter_device_arrays(ds, chunk_devices, check=True)
+    # E_a = 0: the chunks' equivalent times are the read times themselves
+    chunks = iter_campaign_chunks(ds, exclude=exclusion, activation_energy=0.0,
+                                  reference_temperature=t_ref, chunk_devices=chunk_devices)
     if progress:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc="activation energy", unit="chunk", disable=None)
-    for start, stop, g in chunks:
-        keep = exclusion.codes(start, g, g_max, None if valid is None else valid[start:stop]) == 0
-        lev = np.searchsorted(levels, g_target[start:stop])
+    for ch in chunks:
+        lev = np.searchsorted(levels, ch.g_target)
         with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            gg = g.astype(np.float64)
+            gg = ch.g.astype(np.float64)
             r = np.sum(~np.isnan(gg), axis=2)
             m = np.nanmean(gg, axis=2)
             y = np.log(m / g_max)
             if gg.shape[2] >= 2:
                 s2 = np.nanvar(gg, axis=2, ddof=1)
                 y = y + np.where(r >= 2, s2 / (2.0 * r * m * m), 0.0)
-        cell = keep[:, None] & np.isfinite(y)
-        t = (np.asarray(read_t(start, stop), dtype=np.float64) if read_t is not None
-             else np.broadcast_to(np.asarray(ds["time"].values, dtype=np.float64), y.shape))
+        cell = ch.keep[:, None] & np.isfinite(y)
+        t = np.broadcast_to(ch.t_eq, y.shape)
         y0 = np.where(cell, y, 0.0)
         for j in range(t_n):
             cnt[:, j] += np.bincount(lev, cell[:, j], minlength=k)

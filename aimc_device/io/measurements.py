@@ -223,17 +223,11 @@ def _scalar(path, attrs, name: str) -> float:
 
 def _to_kelvin(path, field: str, values, units) -> np.ndarray:
     """Temperatures in ``units`` (K or degC) -> [K], checked finite and > 0 K."""
-    u = _attr_str(units)
-    if u is None:
-        raise MeasurementFormatError(path, field, "missing units attribute",
-                                     f"add units = one of {list(TEMPERATURE_UNITS)} ({_DOC})")
-    if u not in TEMPERATURE_UNITS:
-        raise MeasurementFormatError(path, field, f"unknown units {u!r}",
-                                     f"use one of {list(TEMPERATURE_UNITS)} ({_DOC})")
-    kelvin = np.asarray(values, dtype=np.float64) + TEMPERATURE_UNITS[u]
+    offset = _unit_factor(path, field, units, TEMPERATURE_UNITS)
+    kelvin = np.asarray(values, dtype=np.float64) + offset
     if not np.all(np.isfinite(kelvin)) or np.any(kelvin <= 0):
         raise MeasurementFormatError(path, field, "temperatures must be finite and above 0 K",
-                                     f"check the values and the units ({u})")
+                                     f"check the values and the units ({_attr_str(units)})")
     return kelvin
 
 
