@@ -170,9 +170,10 @@ def test_one_level_only():
         fit.fit_pcm(_campaign(levels=np.array([0.5]), devices=50))
 
 
-def test_no_repeated_reads():
-    with pytest.raises(FitError, match="repeated reads"):
-        fit.fit_pcm(_campaign(levels=4, devices=50, repeats=1))
+def test_read_noise_not_identified_needs_a_named_prior():
+    ds = _campaign(levels=4, devices=50, repeats=1, times=(10.0, 1000.0))
+    with pytest.raises(FitError, match=r"read noise is not identified.*name a prior"):
+        fit.fit_pcm(ds)
 
 
 def test_all_zero_conductance():
@@ -188,9 +189,9 @@ def test_bad_value_found_while_streaming(tmp_path):
     import h5py
 
     with h5py.File(tmp_path / "c.h5", "r+") as f:
-        f["g"][333, 2, 1] = np.nan
+        f["g"][333, 2, 1] = np.inf  # (NaN is a read not taken)
     lazy = io.read_measurements(tmp_path / "c.h5", check_values=False, chunk_devices=128)
-    with pytest.raises(io.MeasurementFormatError, match=r"c\.h5: g: NaN or inf at index "
+    with pytest.raises(io.MeasurementFormatError, match=r"c\.h5: /g: inf at index "
                                                         r"\(333, 2, 1\)"):
         fit.fit_pcm(lazy)
 

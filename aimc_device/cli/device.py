@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
 
@@ -35,7 +36,19 @@ def register(subparsers) -> None:
     p.add_argument("--clip", choices=("fit", "fixed"), default="fit",
                    help="drift clip bounds: fit the lower one (default) or keep the prior's")
     p.add_argument("--prior", default="rasch2023",
-                   help="preset or device card giving start values and conventions")
+                   help="preset or device card giving start values and conventions, and the "
+                        "components the data do not identify (e.g. the read noise with one "
+                        "read per time at two times; marked 'from prior' in the card)")
+    p.add_argument("--exclude", metavar="SPEC", default=None,
+                   help="devices to drop: comma-separated indices or ranges (0-9,17) and rules "
+                        "dead, stuck, outside:LO:HI (e.g. outside:0.1uS:30uS); stated in the "
+                        "card's provenance")
+    p.add_argument("--activation-energy", type=float, metavar="EV", default=None,
+                   help="activation energy of the temperature acceleration [eV]; default: "
+                        "fitted when the campaign has bakes at two or more temperatures, else "
+                        "the campaign's attribute activation_energy")
+    p.add_argument("--reference-temperature", type=float, metavar="K", default=None,
+                   help="reference temperature of the fitted model [K]; default the campaign's")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.set_defaults(func=_fit)
 
@@ -105,12 +118,21 @@ def _fit(args: argparse.Namespace) -> int:
         _check_output(args.plot)
     prior = _model(args.prior)
     ds = read_measurements(args.campaign)
-    model, report = fit_pcm(ds, prior=prior, clip=args.clip, progress=not args.quiet)
+    model, report = fit_pcm(ds, prior=prior, clip=args.clip, exclude=args.exclude,
+                            activation_energy=args.activation_energy,
+                            reference_temperature=args.reference_temperature,
+                            progress=not args.quiet)
     fig = report.plot(reference=prior) if args.plot else None
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(args.campaign)
-    prov["command"] = f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} " \
-                      f"--prior {args.prior}"
+    command = [f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} "
+               f"--prior {args.prior}"]
+    for flag, value in (("--exclude", args.exclude), ("--activation-energy",
+                                                       args.activation_energy),
+                        ("--reference-temperature", args.reference_temperature)):
+        if value is not None:
+            command.append(f"{flag} {value}")
+    prov["command"] = " ".join(command)
     if fig is not None:
         # Both files or neither: the plot is renamed into place only once the card is written.
         with atomic_output(args.plot) as tmp_plot:
@@ -121,4 +143,7 @@ def _fit(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(report.summary())
         print(f"wrote {args.output} (campaign sha256 {written['source_sha256'][:16]}...)")
+    for cf in report.components.values():
+        if not cf.identified:
+            print(f"aimc-device fit: note: {cf.name} {cf.source}", file=sys.stderr)
     return 0

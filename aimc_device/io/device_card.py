@@ -5,7 +5,9 @@ Layout (schema ``aimc-device/pcm-device-card``, version 1):
 - root attrs ``schema``, ``schema_version``, ``name``, ``citation``, ``read_noise_time``,
   ``read_noise_reference`` (the string fields of the model);
 - ``/model/<field>``: one float64 dataset per numeric field of PCMModel (scalar or 1-D), with attr
-  ``units`` from ``PCMModel.UNITS``;
+  ``units`` from ``PCMModel.UNITS``; a card without one of ``PCMModel.OPTIONAL_FIELDS``
+  (``activation_energy``, ``reference_temperature``: written by later versions) loads with the
+  field's default;
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
   ``package_version``, ``date`` and anything else passed in (strings or numbers).
 """
@@ -119,6 +121,8 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
         if "model" not in f:
             raise DeviceCardError(path, "/model", "missing group", "save it again")
         for name, unit in PCMModel.UNITS.items():
+            if name not in f["model"] and name in PCMModel.OPTIONAL_FIELDS:
+                continue  # a card written before the field existed: the default
             if name not in f["model"]:
                 raise DeviceCardError(path, f"/model/{name}", "missing field", "save it again")
             d = f["model"][name]

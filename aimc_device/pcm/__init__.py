@@ -7,7 +7,9 @@ References
 from .campaign import simulate_campaign
 from .devices import ProgrammedState, check_conductance, perturb, program, read
 from .formulas import (
+    arrhenius_factor,
     drift_exponent_stats,
+    equivalent_time,
     drift_factor,
     programming_noise_std,
     read_noise_q,
@@ -21,4 +23,5 @@ __all__ = [
     "PCMModel", "ProgrammedState", "program", "read", "perturb", "simulate_campaign",
     "programming_noise_std", "drift_exponent_stats", "drift_factor", "read_noise_q",
     "read_noise_std", "read_noise_time_factor", "relative_conductance", "check_conductance",
+    "arrhenius_factor", "equivalent_time",
 ]

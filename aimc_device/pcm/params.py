@@ -12,6 +12,16 @@ References
    inference", ICECS (2019).
 .. [3] V. Joshi et al., "Accurate deep neural network inference using computational phase-change
    memory", Nat. Commun. 11, 2473 (2020).
+.. [4] JEDEC JEP122, "Failure Mechanisms and Models for Semiconductor Devices": the Arrhenius
+   acceleration factor AF = exp(E_a / k_B (1/T_use - 1/T_stress)) of a thermally activated
+   mechanism.
+.. [5] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, "Temperature acceleration of
+   structural relaxation in amorphous Ge2Sb2Te5", Appl. Phys. Lett. 92(19) (2008),
+   doi:10.1063/1.2930680, and "Reliability impact of chalcogenide-structure relaxation in
+   phase-change memory (PCM) cells - Part I: Experimental study", IEEE Trans. Electron Devices
+   56(5), 1070-1077 (2009), doi:10.1109/TED.2009.2016397:
+   drift (structural relaxation) of PCM is thermally activated; an anneal at a higher
+   temperature reaches the state of a longer time at a lower one.
 """
 from __future__ import annotations
 
@@ -71,6 +81,14 @@ class PCMModel:
     stuck_at_zero, stuck_at_gmax, stuck_at_random : float
         Fractions of devices stuck at 0 S, at g_max, or at a uniform random conductance in
         [0, g_max]; a stuck device neither drifts nor shows read noise. 0 in the standard model.
+    activation_energy : float
+        Activation energy E_a of the time evolution [eV]: a time dt spent at temperature T
+        counts as dt exp(E_a / k_B (1/T_ref - 1/T)) at the reference temperature (Arrhenius
+        acceleration [4], applied to PCM drift as in [5]). 0 (no acceleration) in the presets:
+        [1] gives no temperature dependence; a fit to a campaign with bakes sets it.
+    reference_temperature : float
+        Temperature T_ref [K] at which the statistics hold (the times of Eqs. 8-11 are
+        equivalent times at T_ref). 300 K in the presets (room temperature; [1] states none).
     name : str
         A short label (preset name or campaign name).
     citation : str
@@ -93,6 +111,8 @@ class PCMModel:
     stuck_at_zero: float = 0.0
     stuck_at_gmax: float = 0.0
     stuck_at_random: float = 0.0
+    activation_energy: float = 0.0
+    reference_temperature: float = 300.0
     name: str = "custom"
     citation: str = ""
 
@@ -103,7 +123,10 @@ class PCMModel:
         "drift_std_coeffs": "1", "drift_std_bounds": "1",
         "read_noise_coeff": "1", "read_noise_exponent": "1", "read_noise_max": "1",
         "t_read": "s", "stuck_at_zero": "1", "stuck_at_gmax": "1", "stuck_at_random": "1",
+        "activation_energy": "eV", "reference_temperature": "K",
     }
+    #: Numeric fields added after the first device cards; a card without them gets the default.
+    OPTIONAL_FIELDS: ClassVar[tuple[str, ...]] = ("activation_energy", "reference_temperature")
 
     _PRESETS: ClassVar[dict[str, dict]] = {
         "rasch2023": dict(
@@ -149,7 +172,7 @@ class PCMModel:
         for name, n in expected.items():
             if len(getattr(self, name)) != n:
                 raise bad(name, f"needs exactly {n} values")
-        for name in ("g_max", "t0", "t_read", "read_noise_max"):
+        for name in ("g_max", "t0", "t_read", "read_noise_max", "reference_temperature"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("drift_mean_bounds", "drift_std_bounds"):
@@ -160,6 +183,8 @@ class PCMModel:
             raise bad("drift_std_bounds", "a standard deviation cannot be negative")
         if self.read_noise_coeff < 0:
             raise bad("read_noise_coeff", "must be >= 0")
+        if self.activation_energy < 0:
+            raise bad("activation_energy", "must be >= 0 [eV] (0: no temperature acceleration)")
         x = np.linspace(0.0, 1.0, 101)
         if np.any(self.prog_coeffs[0] + self.prog_coeffs[1] * x + self.prog_coeffs[2] * x**2 < 0):
             raise bad("prog_coeffs", "the noise polynomial is negative somewhere on x in [0, 1]")
