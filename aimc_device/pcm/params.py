@@ -205,6 +205,51 @@ class PCMModel:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
+    def scaled(self, *, programming: float = 1.0, drift_mean: float = 1.0,
+               drift_spread: float = 1.0, read_noise: float = 1.0,
+               stuck: float = 1.0) -> "PCMModel":
+        """A model with its statistics scaled by factors (>= 0; all 1: this model).
+
+        - ``programming`` scales sigma_P (Eq. 7): ``prog_coeffs``;
+        - ``drift_mean`` scales mu_nu (Eq. 9): ``drift_mean_coeffs`` and ``drift_mean_bounds``
+          (clip(f a ln x + f b, f lo, f hi) = f mu_nu);
+        - ``drift_spread`` scales sigma_nu (Eq. 9) alike;
+        - ``read_noise`` scales Q_s (Eq. 10): ``read_noise_coeff`` and ``read_noise_max``
+          (the cap is kept at 0, where the coefficient is 0);
+        - ``stuck`` scales the three stuck-at fractions (zero stays zero; set fractions with
+          :meth:`replace`).
+
+        The same knobs as :meth:`aimc_device.pcm.EmpiricalModel.scaled`.
+        """
+        factors = dict(programming=programming, drift_mean=drift_mean,
+                       drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
+        for k, v in factors.items():
+            if not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"scaled: {k} = {v!r}: a factor must be finite and >= 0")
+        if all(v == 1.0 for v in factors.values()):
+            return self
+
+        def times(values, f):
+            return tuple(f * v for v in values)
+
+        note = ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
+        return self.replace(
+            prog_coeffs=times(self.prog_coeffs, programming),
+            drift_mean_coeffs=times(self.drift_mean_coeffs, drift_mean),
+            drift_mean_bounds=times(self.drift_mean_bounds, drift_mean),
+            drift_std_coeffs=times(self.drift_std_coeffs, drift_spread),
+            drift_std_bounds=times(self.drift_std_bounds, drift_spread),
+            read_noise_coeff=self.read_noise_coeff * read_noise,
+            read_noise_max=self.read_noise_max * (read_noise if read_noise > 0 else 1.0),
+            stuck_at_zero=self.stuck_at_zero * stuck, stuck_at_gmax=self.stuck_at_gmax * stuck,
+            stuck_at_random=self.stuck_at_random * stuck, name=f"{self.name} ({note})",
+            citation=f"{self.citation}; scaled: {note}" if self.citation else f"scaled: {note}")
+
+    @property
+    def family(self) -> str:
+        """The device-model family: "pcm"."""
+        return "pcm"
+
     def to_dict(self) -> dict:
         """Field name -> value, tuples as lists; the inverse of ``PCMModel(**d)``."""
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
