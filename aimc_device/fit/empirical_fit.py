@@ -393,14 +393,10 @@ def _binned_moments(hist, lohi, n_reads):
 
 
 def _model_cdf(v: np.ndarray, qn: np.ndarray, zn: np.ndarray) -> np.ndarray:
-    """CDF at values v of the piecewise-linear quantile function qn(zn) (continued linearly in
-    z beyond the end nodes, the model's rule)."""
+    """CDF at values v of the piecewise-linear quantile function qn(zn), held beyond the end
+    nodes (the model's rule: the end probabilities are point masses at the end quantiles)."""
     z = np.interp(v, qn, zn)
-    s0 = (qn[1] - qn[0]) / (zn[1] - zn[0])
-    s1 = (qn[-1] - qn[-2]) / (zn[-1] - zn[-2])
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = np.where(v < qn[0], np.where(s0 > 0, zn[0] - (qn[0] - v) / s0, -np.inf), z)
-        z = np.where(v > qn[-1], np.where(s1 > 0, zn[-1] + (v - qn[-1]) / s1, np.inf), z)
+    z = np.where(v < qn[0], -np.inf, np.where(v >= qn[-1], np.inf, z))
     return special.ndtr(z)
 
 

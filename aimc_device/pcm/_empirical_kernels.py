@@ -24,7 +24,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
-from ._kernels import STREAM_PROGRAM, STREAM_READ, normal
+from ._kernels import PERTURB_PARALLEL_MIN, STREAM_PROGRAM, STREAM_READ, normal
 
 #: Stream of the rank innovations between consecutive measured times (programming key).
 STREAM_RANK = 1
@@ -69,10 +69,10 @@ def bilinear(tab, gi, wx, n, w):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, inline="always")
 def quantile_at(q, znodes, gi, wx, n, w, z):  # pragma: no cover - via tests
-    """g/g_max at normal score z: linear in z between the nodes (continued linearly beyond the
-    end nodes), then bilinear in (grid, time)."""
+    """g/g_max at normal score z: linear in z between the nodes (held beyond the end nodes),
+    then bilinear in (grid, time)."""
     j = bisect(znodes, z)
-    wz = (z - znodes[j]) / (znodes[j + 1] - znodes[j])
+    wz = min(max((z - znodes[j]) / (znodes[j + 1] - znodes[j]), 0.0), 1.0)
     a0 = q[gi, n, j] + wz * (q[gi, n, j + 1] - q[gi, n, j])
     a1 = q[gi, n + 1, j] + wz * (q[gi, n + 1, j + 1] - q[gi, n + 1, j])
     b0 = q[gi + 1, n, j] + wz * (q[gi + 1, n, j + 1] - q[gi + 1, n, j])
@@ -132,10 +132,10 @@ _READ_SIG = [
 ]
 
 
-@nb.njit(_READ_SIG, cache=True, parallel=True)
-def read_kernel(g_target, z0, key_prog, key_read, g_max, x_top, grid, znodes, q, bt, rho,
-                m_meas, n, w, out):  # pragma: no cover - via tests
-    """One read of every device at time segment (n, w) of the table's time nodes.
+def _read(g_target, z0, key_prog, key_read, g_max, x_top, grid, znodes, q, bt, rho, m_meas, n,
+          w, out):  # pragma: no cover - via tests
+    """One read of every device at time segment (n, w) of the table's time nodes (the body of
+    :func:`read_kernel`).
 
     z = device_rank(...); the read renews a fraction b of the rank, z_r = sqrt(1 - b^2) z +
     b xi (xi of stream STREAM_READ, key_read), so that the read's marginal is exactly the
@@ -151,13 +151,33 @@ def read_kernel(g_target, z0, key_prog, key_read, g_max, x_top, grid, znodes, q,
         out[i] = max(quantile_at(q, znodes, gi, wx, n, w, zr) * f, 0.0) * g_max
 
 
-@nb.njit(nb.void(nb.float64[::1], nb.float64[::1], nb.float64, _T1, _T1, _T3, nb.int64,
-                 nb.float64, nb.float64[::1]), cache=True, parallel=True)
-def quantile_kernel(x, z, x_top, grid, znodes, q, n, w, out):  # pragma: no cover - via tests
+def _quantile(x, z, x_top, grid, znodes, q, n, w, out):  # pragma: no cover - via tests
     """out = max(Q(x, t, z), 0), g/g_max at relative target x and normal score z (one time)."""
     for i in prange(x.shape[0]):
         gi, wx, f = locate_x(grid, x_top, abs(x[i]))
         out[i] = max(quantile_at(q, znodes, gi, wx, n, w, z[i]) * f, 0.0)
+
+
+_QUANTILE_SIG = nb.void(nb.float64[::1], nb.float64[::1], nb.float64, _T1, _T1, _T3, nb.int64,
+                        nb.float64, nb.float64[::1])
+# Each kernel in a parallel and a serial build: below PERTURB_PARALLEL_MIN devices waking the
+# thread pool costs more than the work (the same numbers either way: keyed by device index).
+_read_parallel = nb.njit(_READ_SIG, cache=True, parallel=True)(_read)
+_read_serial = nb.njit(_READ_SIG, cache=True)(_read)
+_quantile_parallel = nb.njit(_QUANTILE_SIG, cache=True, parallel=True)(_quantile)
+_quantile_serial = nb.njit(_QUANTILE_SIG, cache=True)(_quantile)
+
+
+def read_kernel(g_target, *args):
+    """:func:`_read` (one read of every device, see there), on the thread pool for large
+    arrays."""
+    big = g_target.shape[0] >= PERTURB_PARALLEL_MIN
+    (_read_parallel if big else _read_serial)(g_target, *args)
+
+
+def quantile_kernel(x, *args):
+    """:func:`_quantile`, on the thread pool for large arrays."""
+    (_quantile_parallel if x.shape[0] >= PERTURB_PARALLEL_MIN else _quantile_serial)(x, *args)
 
 
 @nb.njit(nb.void(nb.float64[::1], nb.uint64, _T1, _T2, nb.int64, nb.int64, nb.float64,

@@ -8,7 +8,7 @@ heavy-tailed spreads, relaxation in either direction and spreads that broaden wi
 as measured. Any device technology whose campaign follows the measurement schema fits it (RRAM,
 PCM, FeFET, ...).
 
-The rules (docs/model.md, "Empirical device model"):
+The rules:
 
 - **Interpolation between levels**: each quantile is interpolated in x by PCHIP (monotone, no
   overshoot) onto a grid of ``GRID_STEPS`` points per interval between levels; between grid points
@@ -25,8 +25,9 @@ The rules (docs/model.md, "Empirical device model"):
   continued quantiles are clipped to [0, the largest measured quantile] and made non-decreasing;
   beyond the horizon they are held. With one measured time the distribution is held for all t.
 - **Probabilities**: quantiles are linear in the normal score z = Phi^-1(p) between the grid's
-  probabilities (exact for a Gaussian); beyond the outermost ones they continue linearly in z
-  with the end segment's slope (a Gaussian tail of the local width), and g is clipped at 0.
+  probabilities (exact for a Gaussian); beyond the outermost ones they are held (the model
+  never reads beyond its extreme quantiles, 0.1 % and 99.9 % by default: a continued tail would
+  not stay monotone in x), and g is clipped at 0.
 - **Persistence of a device's rank** (Gaussian copula): a device keeps a latent normal score z.
   At programming z at the first measured time is drawn; between consecutive measured times it
   follows z_{m+1} = rho_m z_m + sqrt(1 - rho_m^2) eta_m (a Markov chain; rho_m is the rank
@@ -538,9 +539,9 @@ class _Tables:
 
 def quantile_at_z(q: np.ndarray, zn: np.ndarray, z: float) -> np.ndarray:
     """Quantile tables q (..., J) at nodes zn (J,) evaluated at one normal score z: linear
-    between nodes, continued linearly beyond the end nodes (the model's rule)."""
+    between nodes, held beyond the end nodes (the model's rule)."""
     j = int(np.clip(np.searchsorted(zn, z, side="right") - 1, 0, zn.size - 2))
-    wz = (z - zn[j]) / (zn[j + 1] - zn[j])
+    wz = min(max((z - zn[j]) / (zn[j + 1] - zn[j]), 0.0), 1.0)
     return q[..., j] + wz * (q[..., j + 1] - q[..., j])
 
 
@@ -599,7 +600,7 @@ def _build_tables(model: EmpiricalModel) -> _Tables:
     width = central_width(q, zn)
     b = np.where(width > 0, np.minimum(sigma / np.where(width > 0, width, 1.0), 1.0), 0.0)
     j = np.clip(np.searchsorted(zn, _STD_POINTS, side="right") - 1, 0, zn.size - 2)
-    wz = (_STD_POINTS - zn[j]) / (zn[j + 1] - zn[j])
+    wz = np.clip((_STD_POINTS - zn[j]) / (zn[j + 1] - zn[j]), 0.0, 1.0)
     vals = np.clip(q[..., j] + wz * (q[..., j + 1] - q[..., j]), 0.0, None)
     std = vals.std(axis=-1)
     rc = model.rank_correlation if tm.size >= 2 else np.ones((lv.size, 1))

@@ -24,8 +24,8 @@ def _tables(model: EmpiricalModel, device) -> dict:
     key = str(torch.device(device))
     if key not in cache:
         tab = model.tables
-        cache[key] = {name: torch.as_tensor(getattr(tab, name), dtype=torch.float64,
-                                            device=device)
+        cache[key] = {name: torch.tensor(getattr(tab, name), dtype=torch.float64,
+                                         device=device)
                       for name in ("grid", "znodes", "q", "b", "std", "rho")}
     return cache[key]
 
@@ -132,7 +132,7 @@ def read_torch(g_target: torch.Tensor, z: torch.Tensor, g_stuck: torch.Tensor, t
     zr = torch.sqrt((1.0 - b * b).clamp(min=0.0)) * zd + b * _randn(g_target, gen)
     zn, q = tab["znodes"], tab["q"]
     j = (torch.searchsorted(zn, zr.contiguous(), right=True) - 1).clamp(0, zn.numel() - 2)
-    wz = (zr - zn[j]) / (zn[j + 1] - zn[j])
+    wz = ((zr - zn[j]) / (zn[j + 1] - zn[j])).clamp(0.0, 1.0)
 
     def at(g_idx, t_idx):
         lo = q[g_idx, t_idx, j]
