@@ -168,6 +168,43 @@ def test_fit_recovers_its_generator_ks_per_level_and_time(campaign, fitted):
     assert np.all(same.fraction_passing_per_time(0.01) >= 0.95)
     assert report.read_noise_identified and "line in ln" in report.read_noise_source
     assert np.nanmax(report.ks_statistic) < 0.05
+    # the model's reads keep the devices' ranks between times as the data do
+    k = [3, 15, 27]
+    g = np.repeat(model.levels[k], 3000) * G_MAX
+    state = pcm.program(g, model, rng=8)
+    reads = np.stack([pcm.read(state, t, model, rng=9 + m) for m, t in enumerate(model.times)])
+    for a, lev in enumerate(k):
+        z = special.ndtri((stats.rankdata(reads[:, a * 3000:(a + 1) * 3000], axis=1) - 0.5)
+                          / 3000)
+        rho = [np.corrcoef(z[m], z[m + 1])[0, 1] for m in range(model.times.size - 1)]
+        np.testing.assert_allclose(rho, report.rank_correlation_measured[lev], atol=0.06)
+
+
+def test_fit_quantiles_are_the_hazen_quantiles_of_the_reads(campaign, fitted):
+    _, report = fitted
+    g = campaign["g"].values[:, :, 0] / G_MAX
+    x = campaign["g_target"].values / G_MAX
+    for k in (0, 12, 30):
+        rows = x == np.unique(x)[k]
+        for m in (0, 4, 6):
+            d = g[rows, m][np.isfinite(g[rows, m])] - report.levels[k]
+            expected = np.quantile(d, DEFAULT_PROBS, method="hazen")
+            got = report.quantiles_measured[k, m] - report.levels[k]
+            # binned reads: within a bin (0.8 % of |d|) of the exact order statistics
+            tol = 2 ** -FK.MANT_BITS * np.maximum(np.abs(expected), 1e-3) + 1e-9
+            assert np.all(np.abs(got - expected) <= tol)
+            assert report.n_reads[k, m] == d.size
+
+
+def test_trend_read_noise_recovers_the_generator_when_devices_relax_straight():
+    # relaxation linear in ln(1 + t / tau) = ln((t + t0) / t0) (tau = t0), no random walk:
+    # the scatter around each device's line is its read noise alone
+    params = pcm.RRAMCampaignParams(broaden=(0.0, 0.0), dead_fraction=0.0)
+    ds = pcm.simulate_rram_campaign(params, levels=4, devices_per_level=400, rng=3,
+                                    temperatures=None)
+    model, rep = fit.fit_empirical(ds)
+    expected = params.read_noise[0] + params.read_noise[1] * model.levels
+    np.testing.assert_allclose(model.read_noise[:, 0], expected, rtol=0.06)
 
 
 def test_holdout_ks_passes_for_the_fit_and_fails_without_relaxation(campaign):

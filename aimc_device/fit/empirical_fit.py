@@ -400,6 +400,15 @@ def _model_cdf(v: np.ndarray, qn: np.ndarray, zn: np.ndarray) -> np.ndarray:
     return special.ndtr(z)
 
 
+def _adjacent_max(rho: np.ndarray, t_n: int) -> np.ndarray:
+    """(K, T): per time, the larger correlation of its two neighbouring pairs (K, T - 1)."""
+    out = np.zeros((rho.shape[0], t_n))
+    if t_n >= 2:
+        out[:, :-1] = rho
+        out[:, 1:] = np.maximum(out[:, 1:], rho)
+    return np.clip(out, 0.0, 1.0)
+
+
 def _normal_scores(a: np.ndarray) -> np.ndarray:
     """Van der Waerden scores Phi^-1((rank - 1/2) / n) along the first axis."""
     return special.ndtri((stats.rankdata(a, axis=0) - 0.5) / a.shape[0])
@@ -679,15 +688,26 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
                 rn[:, m] = np.nanmean(rn, axis=1)
         notes.append("read noise interpolated across levels where a level had no usable reads")
     # ---- rank persistence
-    width = central_width(q_fit, zn)
-    b = np.where(width > 0, np.minimum(rn / np.where(width > 0, width, 1.0), 1.0), 0.0)
-    a_dev = np.sqrt(1.0 - b * b)
     rho_meas = np.full((kk.size, max(t_n - 1, 0)), np.nan)
     pairs = np.zeros((kk.size, max(t_n - 1, 0)), np.int64)
     if t_n >= 2:
         for a, lev in enumerate(kk):
             rho_meas[a], pairs[a] = _rank_correlations(
                 sample[lev * k_samp: lev * k_samp + size[lev]])
+    width = central_width(q_fit, zn)
+    b = np.where(width > 0, np.minimum(rn / np.where(width > 0, width, 1.0), 1.0), 0.0)
+    # a read renews a fraction b of the rank: two reads correlate at most sqrt(1 - b_m^2)
+    # sqrt(1 - b_m+1^2); where the data's reads correlate more, b is capped so that they can
+    b_cap = np.sqrt(np.clip(1.0 - _adjacent_max(np.nan_to_num(rho_meas, nan=0.0), t_n), 0, 1))
+    capped = b > b_cap
+    if capped.any():
+        b = np.minimum(b, b_cap)
+        rn = np.where(capped, b * width, rn)
+        source += ("; capped at the rank persistence in "
+                   f"{int(capped.sum())} of {capped.size} (level, time) cells")
+        notes.append("read noise capped where a device's consecutive reads correlate more "
+                     "than that noise allows (sqrt(1 - b^2) per read)")
+    a_dev = np.sqrt(1.0 - b * b)
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = rho_meas / np.maximum(a_dev[:, :-1] * a_dev[:, 1:], 1e-12)
     if np.any(np.isnan(rho)):
