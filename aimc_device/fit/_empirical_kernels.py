@@ -16,7 +16,21 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-from ..pcm._kernels import _hash
+
+_FM1 = np.uint64(0xFF51AFD7ED558CCD)
+_FM2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+
+@nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
+def device_hash(key, i):  # pragma: no cover - via tests
+    """A 64-bit hash of (key, device index): MurmurHash3's fmix64 finaliser of key ^ index
+    (A. Appleby, MurmurHash3, public domain), for order-independent device samples."""
+    z = key ^ (i * _FM2 + _FM1)
+    z = (z ^ (z >> _S33)) * _FM1
+    z = (z ^ (z >> _S33)) * _FM2
+    return z ^ (z >> _S33)
+
 
 #: Leading mantissa bits of |d| that select a bin within an octave.
 MANT_BITS = 7
@@ -245,8 +259,8 @@ def _sift_down(hh, ii, lev, size):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, nogil=True)
 def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
-    """Per level the ``k`` devices of smallest hash(key, index) among those with ``use`` (a
-    uniform, order-independent sample), and the devices per level.
+    """Per level the ``k`` devices of smallest :func:`device_hash` (key, index) among those
+    with ``use`` (a uniform, order-independent sample), and the devices per level.
 
     Returns
     -------
@@ -266,7 +280,7 @@ def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
         if lev < 0 or not use[i]:
             continue
         counts[lev] += 1
-        h = _hash(key, np.uint64(i))
+        h = device_hash(key, np.uint64(i))
         if size[lev] < k:  # max-heap: append and sift up
             j = size[lev]
             hh[lev, j] = h
@@ -288,8 +302,9 @@ def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, nogil=True)
 def device_hashes(key, n):  # pragma: no cover - via tests
-    """hash(key, i) for i < n (uint64): an order for deterministic splits of devices."""
+    """device_hash(key, i) for i < n: a random order of the devices, for deterministic
+    splits."""
     out = np.empty(n, np.uint64)
     for i in range(n):
-        out[i] = _hash(key, np.uint64(i))
+        out[i] = device_hash(key, np.uint64(i))
     return out

@@ -47,8 +47,7 @@ import numpy as np
 import xarray as xr
 from scipy import optimize, special, stats
 
-from ..io import device_chunk_reader
-from ..io._errors import MeasurementFormatError
+from ..io import MeasurementFormatError, device_chunk_reader
 from ..io.measurements import default_chunk_devices
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
