@@ -178,12 +178,3 @@ def read_kernel(g_target, *args):
 def quantile_kernel(x, *args):
     """:func:`_quantile`, on the thread pool for large arrays."""
     (_quantile_parallel if x.shape[0] >= PERTURB_PARALLEL_MIN else _quantile_serial)(x, *args)
-
-
-@nb.njit(nb.void(nb.float64[::1], nb.uint64, _T1, _T2, nb.int64, nb.int64, nb.float64,
-                 nb.float64[::1], nb.float64, nb.float64[::1]), cache=True, parallel=True)
-def rank_kernel(z0, key, grid, rho, m_meas, n, w, x, x_top, out):  # pragma: no cover
-    """out = the device rank of :func:`device_rank` (for the tests and the torch comparison)."""
-    for i in prange(z0.shape[0]):
-        gi, wx, f = locate_x(grid, x_top, abs(x[i]))
-        out[i] = device_rank(key, i, z0[i], rho, gi, wx, m_meas, n, w)

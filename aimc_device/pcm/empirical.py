@@ -62,6 +62,7 @@ from scipy import interpolate, special
 
 from .._random import derive_key
 from . import _empirical_kernels as EK
+from .params import scale_note
 
 __all__ = ["EmpiricalModel", "EmpiricalState", "DEFAULT_PROBS", "DEFAULT_HORIZON",
            "GRID_STEPS", "quantile_at_z", "central_width"]
@@ -452,12 +453,9 @@ class EmpiricalModel:
         -------
         EmpiricalModel
         """
-        factors = dict(programming=programming, drift_mean=drift_mean,
-                       drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
-        for k, v in factors.items():
-            if not (np.isfinite(v) and v >= 0):
-                raise ValueError(f"scaled: {k} = {v!r}: a factor must be finite and >= 0")
-        if all(v == 1.0 for v in factors.values()):
+        note = scale_note(programming=programming, drift_mean=drift_mean,
+                          drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
+        if not note:
             return self
         zn = special.ndtri(self.probs)
         q = self.quantiles
@@ -476,7 +474,6 @@ class EmpiricalModel:
         d_out = np.where(w_dev[..., None] > 0, d_new * total / safe, total * zn)
         med_new = med[:, :1] + drift_mean * (med - med[:, :1])
         q_new = np.maximum.accumulate(np.clip(med_new[..., None] + d_out, 0.0, None), axis=2)
-        note = ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
         return self.replace(
             quantiles=q_new, read_noise=sig_r,
             stuck_at_zero=self.stuck_at_zero * stuck, stuck_at_gmax=self.stuck_at_gmax * stuck,

@@ -21,7 +21,7 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["PCMModel", "READ_NOISE_TIME_CHOICES", "READ_NOISE_REFERENCE_CHOICES"]
+__all__ = ["PCMModel", "READ_NOISE_TIME_CHOICES", "READ_NOISE_REFERENCE_CHOICES", "scale_note"]
 
 #: How the time enters the 1/f read-noise log term (MODEL.md section 4, Eq. 11).
 #: "t": ln((t + T_read) / (2 T_read)) as printed in [1];
@@ -31,6 +31,15 @@ READ_NOISE_TIME_CHOICES = ("t", "t_plus_t0")
 #: Which relative conductance sets Q_s(x) (Eq. 10): "target" x = g^/g_max as in [1];
 #: "programmed" x = g_P/g_max as in aihwkit.
 READ_NOISE_REFERENCE_CHOICES = ("target", "programmed")
+
+
+def scale_note(**factors: float) -> str:
+    """Check the factors of a model's ``scaled`` (finite, >= 0) and describe those that are
+    not 1 ("programming x2, read_noise x0.5"); "" when all are 1."""
+    for k, v in factors.items():
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"scaled: {k} = {v!r}: a factor must be finite and >= 0")
+    return ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
 
 
 @dataclass(frozen=True)
@@ -221,18 +230,14 @@ class PCMModel:
 
         The same knobs as :meth:`aimc_device.pcm.EmpiricalModel.scaled`.
         """
-        factors = dict(programming=programming, drift_mean=drift_mean,
-                       drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
-        for k, v in factors.items():
-            if not (np.isfinite(v) and v >= 0):
-                raise ValueError(f"scaled: {k} = {v!r}: a factor must be finite and >= 0")
-        if all(v == 1.0 for v in factors.values()):
+        note = scale_note(programming=programming, drift_mean=drift_mean,
+                          drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
+        if not note:
             return self
 
         def times(values, f):
             return tuple(f * v for v in values)
 
-        note = ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
         return self.replace(
             prog_coeffs=times(self.prog_coeffs, programming),
             drift_mean_coeffs=times(self.drift_mean_coeffs, drift_mean),
