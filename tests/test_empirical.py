@@ -5,6 +5,7 @@ the torch sampler (KS), determinism across thread counts, the scaling knobs, dev
 from __future__ import annotations
 
 import math
+import pickle
 
 import h5py
 import numba
@@ -570,6 +571,15 @@ def test_empirical_card_round_trip_exact(tmp_path, fitted):
         f["model/levels"].attrs["units"] = "uS"
     with pytest.raises(io.DeviceCardError, match="/model/levels: units 'uS'"):
         io.load_device_model(path)
+
+
+def test_model_pickles_without_its_tables():
+    model = toy_model()
+    model.tables  # built
+    again = pickle.loads(pickle.dumps(model))
+    assert again == model and again._cache == {} and len(pickle.dumps(model)) < 20_000
+    np.testing.assert_array_equal(again.quantile(0.5 * G_MAX, 50.0, DEFAULT_PROBS),
+                                  model.quantile(0.5 * G_MAX, 50.0, DEFAULT_PROBS))
 
 
 def test_old_pcm_card_without_family_still_loads(tmp_path):

@@ -246,6 +246,16 @@ class EmpiricalModel:
     def __hash__(self) -> int:
         return hash(self._key())
 
+    def __getstate__(self) -> dict:
+        """The fields only: the interpolation tables are rebuilt where the model is unpickled
+        (a Dask worker, another process), not shipped with it."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict) -> None:
+        for name, value in state.items():
+            object.__setattr__(self, name, value)
+        object.__setattr__(self, "_cache", {})
+
     def replace(self, **changes) -> "EmpiricalModel":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
