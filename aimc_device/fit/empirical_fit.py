@@ -647,10 +647,12 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
             for j in range(j_n):
                 q_fit[:, m, j] = optimize.isotonic_regression(q_meas[:, m, j],
                                                               weights=w[:, m]).x
-        moved = np.abs(q_fit - q_meas).max()
-        if moved > 0:
+        moved = np.abs(q_fit - q_meas)
+        if moved.max() > 0:
+            j_max = int(np.unravel_index(np.argmax(moved), moved.shape)[2])
             notes.append(f"quantiles ordered across levels (isotonic): largest change "
-                         f"{moved:.3g} g_max")
+                         f"{moved.max():.3g} g_max (at p = {probs[j_max]:.3g}), median change "
+                         f"{np.median(moved):.2g} g_max")
     q_fit = np.maximum.accumulate(q_fit, axis=2)
     # ---- read noise
     identified = True

@@ -15,6 +15,7 @@ import torch
 
 from .._random import torch_generator
 from .devices import perturb_flat
+from .empirical import EmpiricalModel
 from .formulas import (
     drift_exponent_stats,
     drift_factor,
@@ -23,7 +24,6 @@ from .formulas import (
     read_noise_time_factor,
     training_noise_std,
 )
-from .empirical import EmpiricalModel
 from .params import PCMModel
 
 __all__ = ["program_torch", "read_torch", "perturb_torch", "perturb_tensor"]
