@@ -62,7 +62,7 @@ from scipy import interpolate, special
 
 from .._random import derive_key
 from . import _empirical_kernels as EK
-from .params import scale_note
+from .params import check_stuck_fractions, scale_note
 
 __all__ = ["EmpiricalModel", "EmpiricalState", "DEFAULT_PROBS", "DEFAULT_HORIZON",
            "GRID_STEPS", "quantile_at_z", "central_width"]
@@ -221,12 +221,7 @@ class EmpiricalModel:
             raise bad("rank_correlation", "must lie in [0, 1]")
         if self.horizon < tm[-1]:
             raise bad("horizon", f"must be >= the last measured time {tm[-1]:.6g} s")
-        fractions = ("stuck_at_zero", "stuck_at_gmax", "stuck_at_random")
-        for name in fractions:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "a fraction of devices must lie in [0, 1]")
-        if sum(getattr(self, n) for n in fractions) > 1.0:
-            raise bad("stuck_at_zero", "the stuck-at fractions add up to more than 1")
+        check_stuck_fractions(self, bad)
 
     # ---------------------------------------------------------------------- identity, helpers
     def _key(self) -> tuple:

@@ -42,6 +42,17 @@ def scale_note(**factors: float) -> str:
     return ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
 
 
+def check_stuck_fractions(model, bad) -> None:
+    """The stuck-at fractions of a device model lie in [0, 1] and add up to at most 1;
+    ``bad(field, what)`` makes the error."""
+    fractions = ("stuck_at_zero", "stuck_at_gmax", "stuck_at_random")
+    for name in fractions:
+        if not 0.0 <= getattr(model, name) <= 1.0:
+            raise bad(name, "a fraction of devices must lie in [0, 1]")
+    if sum(getattr(model, n) for n in fractions) > 1.0:
+        raise bad("stuck_at_zero", "the stuck-at fractions add up to more than 1")
+
+
 @dataclass(frozen=True)
 class PCMModel:
     """Statistics of a PCM device: programming noise, drift, 1/f read noise, faults.
@@ -172,12 +183,7 @@ class PCMModel:
         x = np.linspace(0.0, 1.0, 101)
         if np.any(self.prog_coeffs[0] + self.prog_coeffs[1] * x + self.prog_coeffs[2] * x**2 < 0):
             raise bad("prog_coeffs", "the noise polynomial is negative somewhere on x in [0, 1]")
-        fractions = ("stuck_at_zero", "stuck_at_gmax", "stuck_at_random")
-        for name in fractions:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "a fraction of devices must lie in [0, 1]")
-        if sum(getattr(self, n) for n in fractions) > 1.0:
-            raise bad("stuck_at_zero", "the stuck-at fractions add up to more than 1")
+        check_stuck_fractions(self, bad)
         if self.read_noise_time not in READ_NOISE_TIME_CHOICES:
             raise bad("read_noise_time", f"choose one of {READ_NOISE_TIME_CHOICES}")
         if self.read_noise_reference not in READ_NOISE_REFERENCE_CHOICES:
