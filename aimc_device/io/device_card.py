@@ -1,15 +1,22 @@
-"""Device cards: a :class:`~aimc_device.pcm.PCMModel` with its provenance in HDF5 (never pickle).
+"""Device cards: a device model of either family with its provenance in HDF5 (never pickle).
 
-Layout (schema ``aimc-device/pcm-device-card``, version 1):
+Layout (schema ``aimc-device/pcm-device-card``):
 
-- root attrs ``schema``, ``schema_version``, ``name``, ``citation``, ``read_noise_time``,
-  ``read_noise_reference`` (the string fields of the model);
-- ``/model/<field>``: one float64 dataset per numeric field of PCMModel (scalar or 1-D), with attr
-  ``units`` from ``PCMModel.UNITS``; a card without one of ``PCMModel.OPTIONAL_FIELDS``
-  (``activation_energy``, ``reference_temperature``: written by later versions) loads with the
-  field's default;
+- root attrs ``schema``, ``schema_version``, ``family`` ("pcm" or "empirical"; a card without it
+  is a PCM card) and the string fields of the model (PCM: ``name``, ``citation``,
+  ``read_noise_time``, ``read_noise_reference``; empirical: ``name``, ``citation``,
+  ``read_noise_source``);
+- ``/model/<field>``: one float64 dataset per numeric field of the model (scalar or array), with
+  attr ``units`` from the model class's ``UNITS``; an empirical card's optional fields
+  (``t_read``, ``activation_energy``) are absent when None; a PCM card without one of
+  ``PCMModel.OPTIONAL_FIELDS`` (``activation_energy``, ``reference_temperature``: written by
+  later versions) loads with the field's default;
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
   ``package_version``, ``date`` and anything else passed in (strings or numbers).
+
+Versions: 1, a PCM card (its layout unchanged; PCM cards are still written as version 1, so
+older readers load them); 2 adds the ``family`` attribute and the empirical family (an empirical
+card is version 2: older readers refuse it with "unsupported version").
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import os
 import h5py
 import numpy as np
 
-from ..pcm import PCMModel
+from ..pcm import EmpiricalModel, PCMModel
 from ._atomic import atomic_output
 from ._errors import DeviceCardError
 from .measurements import _clean_attr, _open, file_sha256
@@ -29,8 +36,14 @@ __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "save_device_model", "load_devi
            "load_device_card"]
 
 CARD_SCHEMA = "aimc-device/pcm-device-card"
-CARD_SCHEMA_VERSION = 1
-_STRING_FIELDS = tuple(f.name for f in dataclasses.fields(PCMModel) if f.name not in PCMModel.UNITS)
+#: The newest card version this package reads (see the module docstring).
+CARD_SCHEMA_VERSION = 2
+#: family -> (model class, version written)
+_FAMILIES = {"pcm": (PCMModel, 1), "empirical": (EmpiricalModel, 2)}
+
+
+def _string_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.UNITS)
 
 
 def _package_version() -> str:
@@ -39,12 +52,12 @@ def _package_version() -> str:
     return __version__
 
 
-def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> dict:
+def save_device_model(model, path, provenance: dict | None = None) -> dict:
     """Save a device model as an HDF5 device card, atomically.
 
     Parameters
     ----------
-    model : PCMModel
+    model : PCMModel or EmpiricalModel
     path : str or os.PathLike
         Destination file; replaced only when complete.
     provenance : dict, optional
@@ -56,8 +69,11 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     -------
     dict, the provenance written.
     """
-    if not isinstance(model, PCMModel):
-        raise TypeError(f"model: expected a PCMModel, got {type(model).__name__}")
+    family = next((k for k, (cls, _) in _FAMILIES.items() if isinstance(model, cls)), None)
+    if family is None:
+        raise TypeError(f"model: expected a PCMModel or an EmpiricalModel, got "
+                        f"{type(model).__name__}")
+    cls, version = _FAMILIES[family]
     prov = {"source_file": "", "source_sha256": "", "fit_function": ""}
     prov.update({k: v for k, v in (provenance or {}).items() if v is not None})
     src = prov.get("source_file")
@@ -67,11 +83,14 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = CARD_SCHEMA
-        f.attrs["schema_version"] = CARD_SCHEMA_VERSION
-        for name in _STRING_FIELDS:
+        f.attrs["schema_version"] = version
+        f.attrs["family"] = family
+        for name in _string_fields(cls):
             f.attrs[name] = str(getattr(model, name))
         grp = f.create_group("model")
-        for name, unit in PCMModel.UNITS.items():
+        for name, unit in cls.UNITS.items():
+            if getattr(model, name) is None:  # an optional field (empirical family)
+                continue
             d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
                                                          dtype=np.float64))
             d.attrs["units"] = unit
@@ -84,7 +103,7 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     return prov
 
 
-def load_device_card(path) -> tuple[PCMModel, dict]:
+def load_device_card(path) -> tuple[PCMModel | EmpiricalModel, dict]:
     """Load a device card: the model and its provenance.
 
     Parameters
@@ -93,8 +112,8 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
 
     Returns
     -------
-    (PCMModel, dict)
-        The model (bit-exact as saved) and the provenance attributes.
+    (PCMModel or EmpiricalModel, dict)
+        The model of the card's family (bit-exact as saved) and the provenance attributes.
 
     Raises
     ------
@@ -113,17 +132,31 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
         if version > CARD_SCHEMA_VERSION or version < 1:
             raise DeviceCardError(path, "attrs['schema_version']", f"unsupported version "
                                   f"{version}", f"this reader knows 1..{CARD_SCHEMA_VERSION}")
+        family = str(_clean_attr(f.attrs.get("family", "pcm")))
+        if family not in _FAMILIES:
+            raise DeviceCardError(path, "attrs['family']", f"unknown family {family!r}",
+                                  f"known families: {sorted(_FAMILIES)}")
+        cls, needs = _FAMILIES[family]
+        if version < needs:
+            raise DeviceCardError(path, "attrs['schema_version']", f"version {version} has no "
+                                  f"{family} family", "save the card again")
+        optional = getattr(cls, "OPTIONAL", ())
         kwargs = {}
-        for name in _STRING_FIELDS:
+        for name in _string_fields(cls):
             if name not in f.attrs:
                 raise DeviceCardError(path, f"attrs['{name}']", "missing", "save it again")
             kwargs[name] = str(_clean_attr(f.attrs[name]))
         if "model" not in f:
             raise DeviceCardError(path, "/model", "missing group", "save it again")
-        for name, unit in PCMModel.UNITS.items():
-            if name not in f["model"] and name in PCMModel.OPTIONAL_FIELDS:
-                continue  # a card written before the field existed: the default
+        arrays = getattr(cls, "ARRAYS", ())
+        defaulted = getattr(cls, "OPTIONAL_FIELDS", ())
+        for name, unit in cls.UNITS.items():
             if name not in f["model"]:
+                if name in defaulted:
+                    continue  # a card written before the field existed: the default
+                if name in optional:
+                    kwargs[name] = None
+                    continue
                 raise DeviceCardError(path, f"/model/{name}", "missing field", "save it again")
             d = f["model"][name]
             got = _clean_attr(d.attrs.get("units"))
@@ -134,16 +167,21 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
                 raise DeviceCardError(path, f"/model/{name}", f"units {got!r}",
                                       f"expected {unit!r} (SI)")
             value = d[()]
-            kwargs[name] = (tuple(float(v) for v in value) if np.ndim(value) else float(value))
+            if name in arrays:
+                kwargs[name] = np.asarray(value, dtype=np.float64)
+            else:
+                kwargs[name] = (tuple(float(v) for v in value) if np.ndim(value)
+                                else float(value))
         prov = ({k: _clean_attr(v) for k, v in f["provenance"].attrs.items()}
                 if "provenance" in f else {})
     try:
-        model = PCMModel(**kwargs)
-    except ValueError as exc:
+        model = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
         raise DeviceCardError(path, "/model", str(exc), "the card holds an invalid model")
     return model, prov
 
 
-def load_device_model(path) -> PCMModel:
-    """Load the :class:`PCMModel` of a device card (see :func:`load_device_card`)."""
+def load_device_model(path) -> PCMModel | EmpiricalModel:
+    """Load the model of a device card, whichever family it holds (see
+    :func:`load_device_card`)."""
     return load_device_card(path)[0]

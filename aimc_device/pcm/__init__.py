@@ -1,4 +1,5 @@
-"""PCM device physics: parameters, programming noise, drift, 1/f read noise, faults.
+"""Device physics: the PCM model of the paper (parameters, programming noise, drift, 1/f read
+noise, faults) and the empirical family of measured distributions (``empirical.py``).
 
 References
 ----------
@@ -6,6 +7,7 @@ References
 """
 from .campaign import simulate_campaign
 from .devices import ProgrammedState, check_conductance, perturb, program, read
+from .empirical import EmpiricalModel, EmpiricalState
 from .formulas import (
     arrhenius_factor,
     drift_exponent_stats,
@@ -18,9 +20,11 @@ from .formulas import (
     relative_conductance,
 )
 from .params import PCMModel
+from .rram import RRAMCampaignParams, simulate_rram_campaign
 
 __all__ = [
     "PCMModel", "ProgrammedState", "program", "read", "perturb", "simulate_campaign",
+    "EmpiricalModel", "EmpiricalState", "simulate_rram_campaign", "RRAMCampaignParams",
     "programming_noise_std", "drift_exponent_stats", "drift_factor", "read_noise_q",
     "read_noise_std", "read_noise_time_factor", "relative_conductance", "check_conductance",
     "arrhenius_factor", "equivalent_time",

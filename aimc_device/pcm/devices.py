@@ -18,6 +18,7 @@ import numpy as np
 
 from .._random import derive_key
 from . import _kernels as K
+from .empirical import EmpiricalModel, EmpiricalState
 from .formulas import X_FLOOR, read_noise_q, read_noise_time_factor, training_noise_std
 from .params import PCMModel
 
@@ -119,8 +120,11 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
 
     Returns
     -------
-    ProgrammedState, arrays of g_target's shape and float dtype (float32 stays float32).
+    ProgrammedState, arrays of g_target's shape and float dtype (float32 stays float32);
+    an :class:`EmpiricalState` for an :class:`EmpiricalModel` (see its ``program``).
     """
+    if isinstance(model, EmpiricalModel):
+        return model.program(g_target, rng)
     g = check_conductance(g_target, "g_target", model)
     shape, dtype = g.shape, g.dtype
     key = derive_key(rng)
@@ -171,7 +175,13 @@ def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndar
     Returns
     -------
     ndarray, conductance [S], same shape and dtype as ``state.g_prog``.
+    An :class:`EmpiricalModel` reads an :class:`EmpiricalState` (see its ``read``).
     """
+    if isinstance(model, EmpiricalModel) or isinstance(state, EmpiricalState):
+        if not isinstance(model, EmpiricalModel):
+            raise TypeError("model: the state was programmed with an EmpiricalModel; read it "
+                            "with that model")
+        return model.read(state, t, rng)
     t = float(t)
     if not np.isfinite(t) or t < 0:
         raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 [s]")
@@ -236,8 +246,11 @@ def _noise_std_table(model: PCMModel, t: float, dtype: str, top: float,
     10 g_max the input checks allow (spans of 4 to 16 g_max), largest at the clip (tested).
     """
     grid = np.linspace(0.0, top, NOISE_TABLE_SIZE + 1) * unit  # [S]
-    sig_p, sig_r = training_noise_std(grid, t, model)  # Eqs. 7, 10-11
-    table = (np.hypot(sig_p, sig_r) / unit).astype(dtype)
+    if isinstance(model, EmpiricalModel):  # its own Gaussian-equivalent std
+        std = model.training_noise_std(grid, t)
+    else:
+        std = np.hypot(*training_noise_std(grid, t, model))  # Eqs. 7, 10-11
+    table = (std / unit).astype(dtype)
     table.flags.writeable = False
     return table
 

@@ -31,7 +31,7 @@ from typing import ClassVar
 
 import numpy as np
 
-__all__ = ["PCMModel", "READ_NOISE_TIME_CHOICES", "READ_NOISE_REFERENCE_CHOICES"]
+__all__ = ["PCMModel", "READ_NOISE_TIME_CHOICES", "READ_NOISE_REFERENCE_CHOICES", "scale_note"]
 
 #: How the time enters the 1/f read-noise log term (MODEL.md section 4, Eq. 11).
 #: "t": ln((t + T_read) / (2 T_read)) as printed in [1];
@@ -41,6 +41,26 @@ READ_NOISE_TIME_CHOICES = ("t", "t_plus_t0")
 #: Which relative conductance sets Q_s(x) (Eq. 10): "target" x = g^/g_max as in [1];
 #: "programmed" x = g_P/g_max as in aihwkit.
 READ_NOISE_REFERENCE_CHOICES = ("target", "programmed")
+
+
+def scale_note(**factors: float) -> str:
+    """Check the factors of a model's ``scaled`` (finite, >= 0) and describe those that are
+    not 1 ("programming x2, read_noise x0.5"); "" when all are 1."""
+    for k, v in factors.items():
+        if not (np.isfinite(v) and v >= 0):
+            raise ValueError(f"scaled: {k} = {v!r}: a factor must be finite and >= 0")
+    return ", ".join(f"{k} x{v:g}" for k, v in factors.items() if v != 1.0)
+
+
+def check_stuck_fractions(model, bad) -> None:
+    """The stuck-at fractions of a device model lie in [0, 1] and add up to at most 1;
+    ``bad(field, what)`` makes the error."""
+    fractions = ("stuck_at_zero", "stuck_at_gmax", "stuck_at_random")
+    for name in fractions:
+        if not 0.0 <= getattr(model, name) <= 1.0:
+            raise bad(name, "a fraction of devices must lie in [0, 1]")
+    if sum(getattr(model, n) for n in fractions) > 1.0:
+        raise bad("stuck_at_zero", "the stuck-at fractions add up to more than 1")
 
 
 @dataclass(frozen=True)
@@ -188,12 +208,7 @@ class PCMModel:
         x = np.linspace(0.0, 1.0, 101)
         if np.any(self.prog_coeffs[0] + self.prog_coeffs[1] * x + self.prog_coeffs[2] * x**2 < 0):
             raise bad("prog_coeffs", "the noise polynomial is negative somewhere on x in [0, 1]")
-        fractions = ("stuck_at_zero", "stuck_at_gmax", "stuck_at_random")
-        for name in fractions:
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise bad(name, "a fraction of devices must lie in [0, 1]")
-        if sum(getattr(self, n) for n in fractions) > 1.0:
-            raise bad("stuck_at_zero", "the stuck-at fractions add up to more than 1")
+        check_stuck_fractions(self, bad)
         if self.read_noise_time not in READ_NOISE_TIME_CHOICES:
             raise bad("read_noise_time", f"choose one of {READ_NOISE_TIME_CHOICES}")
         if self.read_noise_reference not in READ_NOISE_REFERENCE_CHOICES:
@@ -229,6 +244,47 @@ class PCMModel:
     def replace(self, **changes) -> "PCMModel":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+    def scaled(self, *, programming: float = 1.0, drift_mean: float = 1.0,
+               drift_spread: float = 1.0, read_noise: float = 1.0,
+               stuck: float = 1.0) -> "PCMModel":
+        """A model with its statistics scaled by factors (>= 0; all 1: this model).
+
+        - ``programming`` scales sigma_P (Eq. 7): ``prog_coeffs``;
+        - ``drift_mean`` scales mu_nu (Eq. 9): ``drift_mean_coeffs`` and ``drift_mean_bounds``
+          (clip(f a ln x + f b, f lo, f hi) = f mu_nu);
+        - ``drift_spread`` scales sigma_nu (Eq. 9) alike;
+        - ``read_noise`` scales Q_s (Eq. 10): ``read_noise_coeff`` and ``read_noise_max``
+          (the cap is kept at 0, where the coefficient is 0);
+        - ``stuck`` scales the three stuck-at fractions (zero stays zero; set fractions with
+          :meth:`replace`).
+
+        The same knobs as :meth:`aimc_device.pcm.EmpiricalModel.scaled`.
+        """
+        note = scale_note(programming=programming, drift_mean=drift_mean,
+                          drift_spread=drift_spread, read_noise=read_noise, stuck=stuck)
+        if not note:
+            return self
+
+        def times(values, f):
+            return tuple(f * v for v in values)
+
+        return self.replace(
+            prog_coeffs=times(self.prog_coeffs, programming),
+            drift_mean_coeffs=times(self.drift_mean_coeffs, drift_mean),
+            drift_mean_bounds=times(self.drift_mean_bounds, drift_mean),
+            drift_std_coeffs=times(self.drift_std_coeffs, drift_spread),
+            drift_std_bounds=times(self.drift_std_bounds, drift_spread),
+            read_noise_coeff=self.read_noise_coeff * read_noise,
+            read_noise_max=self.read_noise_max * (read_noise if read_noise > 0 else 1.0),
+            stuck_at_zero=self.stuck_at_zero * stuck, stuck_at_gmax=self.stuck_at_gmax * stuck,
+            stuck_at_random=self.stuck_at_random * stuck, name=f"{self.name} ({note})",
+            citation=f"{self.citation}; scaled: {note}" if self.citation else f"scaled: {note}")
+
+    @property
+    def family(self) -> str:
+        """The device-model family: "pcm"."""
+        return "pcm"
 
     def to_dict(self) -> dict:
         """Field name -> value, tuples as lists; the inverse of ``PCMModel(**d)``."""

@@ -15,6 +15,7 @@ import torch
 
 from .._random import torch_generator
 from .devices import perturb_flat
+from .empirical import EmpiricalModel
 from .formulas import (
     drift_exponent_stats,
     drift_factor,
@@ -43,8 +44,13 @@ def program_torch(g_target: torch.Tensor, model: PCMModel, generator=None):
 
     Returns
     -------
-    (g_prog [S], nu dimensionless) : tensors like g_target; g_prog clipped at 0.
+    (g_prog [S], nu dimensionless) : tensors like g_target; g_prog clipped at 0. For an
+    :class:`EmpiricalModel`: (z, g_stuck), see :func:`.empirical_torch.program_torch`.
     """
+    if isinstance(model, EmpiricalModel):
+        from . import empirical_torch
+
+        return empirical_torch.program_torch(g_target, model, generator)
     gen = torch_generator(generator, g_target.device)
     g_prog = (g_target + programming_noise_std(g_target, model) * _randn(g_target, gen)).clamp_(
         min=0.0)  # Eq. 7
@@ -67,7 +73,14 @@ def read_torch(g_target: torch.Tensor, g_prog: torch.Tensor, nu: torch.Tensor, t
     Returns
     -------
     torch.Tensor, conductance [S], >= 0.
+
+    For an :class:`EmpiricalModel`, ``g_prog`` and ``nu`` are the pair (z, g_stuck) its
+    ``program_torch`` returned (see :func:`.empirical_torch.read_torch`).
     """
+    if isinstance(model, EmpiricalModel):
+        from . import empirical_torch
+
+        return empirical_torch.read_torch(g_target, g_prog, nu, t, model, generator)
     gen = torch_generator(generator, g_prog.device)
     g_d = g_prog * drift_factor(nu, t, model)  # Eq. 8
     ref = g_target if model.read_noise_reference == "target" else g_prog
@@ -80,8 +93,13 @@ def perturb_torch(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: floa
     """HWA training noise on a tensor: programming noise plus t seconds of read noise, no drift.
 
     out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|/g_max) tf(t) xi_2) [S]; see
-    :func:`aimc_device.pcm.perturb`.
+    :func:`aimc_device.pcm.perturb`. An :class:`EmpiricalModel` uses its
+    ``training_noise_std``.
     """
+    if isinstance(model, EmpiricalModel):
+        from . import empirical_torch
+
+        return empirical_torch.perturb_torch(g, model, t, scale, generator)
     gen = torch_generator(generator, g.device)
     sig_p, sig_r = training_noise_std(g, t, model)  # Eqs. 7, 10-11
     return g + scale * torch.hypot(sig_p, sig_r) * _randn(g, gen)  # independent: one Gaussian
