@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = ["CrossbarConfig", "DRIFT_COMPENSATION_CHOICES", "NOISE_MANAGEMENT_CHOICES",
-           "BOUND_MANAGEMENT_CHOICES"]
+           "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES"]
 
 #: Drift compensation (MODEL.md section 5): one digital factor per tile, one per column, or off.
 DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
@@ -27,6 +27,9 @@ DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
 NOISE_MANAGEMENT_CHOICES = ("none", "abs_max")
 #: Output saturation handling: none, or iterative (halve the input and repeat while saturated).
 BOUND_MANAGEMENT_CHOICES = ("none", "iterative")
+#: Which devices of each differential pair are programmed and modelled (see
+#: CrossbarConfig.pair_devices).
+PAIR_DEVICES_CHOICES = ("active", "both")
 
 _CITE = "Rasch et al., Nat. Commun. 14, 5282 (2023)"
 
@@ -106,6 +109,16 @@ class CrossbarConfig:
         False: one scale per tile, its largest |w| (what IBM aihwkit calls
         ``weight_scaling_columnwise=False``): small columns then use a smaller part of the
         conductance range and see more relative device noise.
+    pair_devices : str
+        Which devices of the differential pair of each weight, w~ = (g+ - g-) / g_max, are
+        programmed and modelled (programming noise, drift, read noise, faults).
+        "active" (default): a non-zero weight programs only the device of its sign, the other
+        stays at exactly 0 S (the convention of [1], MODEL.md sec. 1); an exact-zero weight
+        programs both devices toward 0 S, each with its own noise, so that its error has zero
+        mean (one device alone, clipped at 0 S, would give every zero weight a positive error).
+        "both": the other device of every pair is programmed toward 0 S and noisy as well, as
+        in hardware; each non-zero weight then also carries the other device's (positive,
+        clipped) programming error with the opposite sign.
     """
 
     max_rows: int = 512
@@ -130,6 +143,7 @@ class CrossbarConfig:
     bound_management_iters: int = 3
     asymmetry: float = 0.0
     columnwise_scaling: bool = True
+    pair_devices: str = "active"
 
     #: Unit of each numeric field ("1": dimensionless or normalised units).
     UNITS: ClassVar[dict[str, str]] = {
@@ -156,6 +170,8 @@ class CrossbarConfig:
         "drift_compensation": f"{_CITE}, Methods (global drift compensation)",
         "bound_management_iters": "common choice (IBM aihwkit); not used in the standard model",
         "drift_comp_inputs": "not given in Rasch et al. (2023); a named, overridable choice",
+        "pair_devices": f"{_CITE}, Methods (only the active device of a pair modelled); exact "
+                        "zeros: both devices (zero-mean error), a documented choice",
     }
     SCHEMA_VERSION: ClassVar[int] = 1
 
@@ -218,6 +234,8 @@ class CrossbarConfig:
             raise bad("noise_management", f"choose one of {NOISE_MANAGEMENT_CHOICES}")
         if self.bound_management not in BOUND_MANAGEMENT_CHOICES:
             raise bad("bound_management", f"choose one of {BOUND_MANAGEMENT_CHOICES}")
+        if self.pair_devices not in PAIR_DEVICES_CHOICES:
+            raise bad("pair_devices", f"choose one of {PAIR_DEVICES_CHOICES}")
 
     # ------------------------------------------------------------------ variants
     @classmethod

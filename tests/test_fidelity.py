@@ -1,0 +1,164 @@
+"""Model-fidelity conventions: the differential pair of exact-zero weights, faults per physical
+device, the torch sampler's faults and levels, the IR-drop scale, the S-shaped ADC's gain
+calibration, unbounded and bounded quantisers, and programming without a device model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from aimc_device import pcm
+from aimc_device.crossbar import AnalogArray, CrossbarConfig
+from aimc_device.crossbar import array as array_mod
+from aimc_device.crossbar.state import export_state, import_state
+
+MODEL = pcm.PCMModel.preset("rasch2023")
+G_MAX = MODEL.g_max
+C0 = MODEL.prog_coeffs[0]  # sigma_P at a target of 0 S (Eq. 7) [S]
+
+
+def _pruned(n=512, seed=100, frac=0.5):
+    """w ~ Normal(0, 0.246) (out, in) with ``frac`` of the weights exactly 0."""
+    g = np.random.default_rng(seed)
+    w = g.normal(0.0, 0.246, (n, n))
+    w[g.random(w.shape) < frac] = 0.0
+    return w.astype(np.float32)
+
+
+def _t_stat(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v.mean() / (v.std(ddof=1) / np.sqrt(v.size))
+
+
+# ------------------------------------------------------------------ 1. exact-zero weights
+@pytest.mark.parametrize("pair_devices", ["active", "both"])
+def test_pruned_matrix_has_no_mean_output_offset(pair_devices):
+    # 50 %-pruned 512 x 512, inputs >= 0, ideal periphery, programming noise only. With the
+    # zero weights on one device clipped at 0 S, every zero reads +|N(0, sigma_P(0))| and the
+    # output offset is ~22 % of mean |y| (t ~ 50 over the columns); with both devices of a
+    # zero-weight pair programmed the offset per column is zero-mean noise.
+    w = _pruned()
+    x = np.random.default_rng(1).uniform(0.0, 1.0, (256, w.shape[1])).astype(np.float32)
+    arr = AnalogArray(w, CrossbarConfig.ideal(pair_devices=pair_devices), device=MODEL)
+    arr.calibrate_input_range(x)
+    arr.program(rng=0)
+    y_ref = x.astype(np.float64) @ w.T.astype(np.float64)
+    err = arr.mvm(x).astype(np.float64) - y_ref
+    per_column = err.mean(axis=0)  # independent devices per column
+    assert abs(_t_stat(per_column)) < 4.0
+    assert abs(err.mean()) < 0.02 * np.abs(y_ref).mean()
+    eps = np.linalg.norm(err, axis=1).mean() / np.linalg.norm(y_ref, axis=1).mean()
+    assert eps < 0.11  # 20 % with the one-sided zeros, 9.1-9.3 % with zero-mean pairs
+
+
+def _half_normal_diff(n, seed):
+    """(max(c0 xi1, 0) - max(c0 xi2, 0)) / g_max: a zero weight programmed on both devices."""
+    z = np.random.default_rng(seed).standard_normal((2, n))
+    return (np.maximum(C0 * z[0], 0.0) - np.maximum(C0 * z[1], 0.0)) / G_MAX
+
+
+@pytest.mark.parametrize("pair_devices", ["active", "both"])
+def test_zero_weight_is_the_difference_of_two_programmed_devices(pair_devices):
+    w = _pruned(n=256, seed=3)
+    arr = AnalogArray(w, CrossbarConfig.ideal(pair_devices=pair_devices), device=MODEL)
+    arr.program(rng=4)
+    zero = w == 0
+    got = arr.w_tiles[0].numpy()[zero].astype(np.float64)
+    ref = _half_normal_diff(got.size, 5)
+    assert stats.ks_2samp(got, ref).pvalue > 1e-3
+    assert abs(_t_stat(got)) < 4.0
+    assert np.mean(got == 0.0) == pytest.approx(0.25, abs=4 * np.sqrt(0.25 * 0.75 / got.size))
+    # the devices sampled: every active device, and the other device of the zeros ("active")
+    # or of every pair ("both")
+    n_other = int(zero.sum()) if pair_devices == "active" else w.size
+    assert arr._state.g_prog.size == w.size + n_other
+
+
+def test_both_devices_shift_nonzero_weights_by_the_other_devices_mean():
+    # A non-zero weight with its other device programmed toward 0 S reads
+    # sign (g_active - max(c0 xi, 0)) / g_max: |w~| is lower by c0 / sqrt(2 pi) / g_max on
+    # average. With only the active device modelled, the mean error of |w~| = 0.5 is zero.
+    n = 128
+    w = np.full((n, n), 0.5, dtype=np.float32)
+    w[:, 0] = 1.0  # column scale 1: every other weight maps to w~ = 0.5
+    w[::2] *= -1.0
+    shift = -C0 / np.sqrt(2 * np.pi) / G_MAX
+    for pair_devices, expected in (("active", 0.0), ("both", shift)):
+        arr = AnalogArray(w, CrossbarConfig.ideal(pair_devices=pair_devices), device=MODEL)
+        arr.program(rng=7)
+        wt = arr.w_tiles[0].numpy()[:, 1:].astype(np.float64)
+        mag_err = np.sign(w[:, 1:]) * wt - 0.5
+        se = mag_err.std(ddof=1) / np.sqrt(mag_err.size)
+        assert abs(mag_err.mean() - expected) < 4 * se, pair_devices
+    assert abs(shift) > 10 * se  # the two conventions are told apart
+
+
+def test_training_noise_and_evaluation_agree_for_zeros():
+    # HWA training noise (pcm.perturb: Gaussian of sigma_P(0) and no read noise at 0 S) and the
+    # programmed zero-weight pair are both symmetric about 0 (zero mean).
+    n = 40_000
+    train = pcm.perturb(np.zeros(n), MODEL, rng=8) / G_MAX
+    assert abs(_t_stat(train)) < 4.0
+    assert stats.ks_2samp(train, -train).pvalue > 1e-3
+    assert train.std() == pytest.approx(C0 / G_MAX, rel=0.03)
+    w = _pruned(n=256, seed=9, frac=0.6)
+    arr = AnalogArray(w, CrossbarConfig.ideal(), device=MODEL).program(rng=10)
+    ev = arr.w_tiles[0].numpy()[w == 0].astype(np.float64)
+    assert abs(_t_stat(ev)) < 4.0
+    assert stats.ks_2samp(ev, -ev).pvalue > 1e-3
+    assert abs(train.mean() - ev.mean()) < 4 * np.hypot(train.std() / np.sqrt(n),
+                                                         ev.std() / np.sqrt(ev.size))
+
+
+@pytest.fixture(params=["numba", "torch"])
+def sampler(request, monkeypatch):
+    """Run the array on the Numba sampler (CPU) or on the torch sampler that GPU tensors take
+    (forced here on CPU tensors)."""
+    if request.param == "torch":
+        monkeypatch.setattr(array_mod, "_numba_sampler", lambda t: False)
+    return request.param
+
+
+@pytest.mark.parametrize("pair_devices", ["active", "both"])
+def test_pairs_survive_export_import_and_drift(sampler, pair_devices):
+    w = _pruned(n=96, seed=11)
+    cfg = CrossbarConfig(pair_devices=pair_devices)
+    a = AnalogArray(w, cfg, device=MODEL).program(rng=12)
+    b = import_state(AnalogArray(w, cfg, device=MODEL), export_state(a))
+    torch.testing.assert_close(b.w_tiles[0], a.w_tiles[0], rtol=0, atol=0)
+    if sampler == "numba":  # the torch sampler's draws come from torch.Generator
+        for arr in (a, b):
+            arr.drift(3600.0, rng=13)
+        torch.testing.assert_close(b.w_tiles[0], a.w_tiles[0], rtol=0, atol=0)
+        torch.testing.assert_close(b.comp, a.comp, rtol=0, atol=0)
+    else:
+        b.drift(3600.0, rng=13)
+    # drifted zero weights keep a symmetric, zero-mean error (both devices drift and are read)
+    zero = w == 0
+    ev = b.w_tiles[0].numpy()[zero].astype(np.float64)
+    assert abs(_t_stat(ev)) < 4.0 and np.mean(ev != 0) > 0.5
+
+
+def test_state_saved_without_partners_still_loads():
+    # A state written when only the active devices were modelled: (out, in) arrays, no
+    # "partners"; it loads and drifts as active devices only.
+    g = np.random.default_rng(14)
+    w = g.normal(0.0, 0.246, (32, 48)).astype(np.float32)  # no exact zeros
+    a = AnalogArray(w, device=MODEL).program(rng=15)
+    state = export_state(a)
+    assert "partners" not in state
+    state = {k: (v.reshape(w.shape) if k in ("g_prog", "nu", "q_read") else v)
+             for k, v in state.items()}
+    b = import_state(AnalogArray(w, device=MODEL), state)
+    for arr in (a, b):
+        arr.drift(86400.0, rng=16)
+    torch.testing.assert_close(b.w_tiles[0], a.w_tiles[0], rtol=0, atol=0)
+
+
+def test_breakdown_keeps_the_mapping_conventions():
+    from aimc_device.crossbar import nonideality_configs
+
+    cfg = CrossbarConfig(pair_devices="both", columnwise_scaling=False, s_adc=True)
+    for name, c in nonideality_configs(cfg).items():
+        assert (c.pair_devices, c.columnwise_scaling) == ("both", False), name
