@@ -162,3 +162,75 @@ def test_breakdown_keeps_the_mapping_conventions():
     cfg = CrossbarConfig(pair_devices="both", columnwise_scaling=False, s_adc=True)
     for name, c in nonideality_configs(cfg).items():
         assert (c.pair_devices, c.columnwise_scaling) == ("both", False), name
+
+
+# ------------------------------------------------------------ 2. faults per physical device
+def test_fault_draws_per_device_fractions_values_and_seeding():
+    import numba
+
+    m = MODEL.replace(stuck_at_zero=0.05, stuck_at_gmax=0.03, stuck_at_random=0.07)
+    n = 200_000
+    stuck, g = pcm.draw_faults(n, m, rng=20)
+    at_max, at_zero = stuck & (g == G_MAX), stuck & (g == 0.0)
+    rand = stuck & ~at_max & ~at_zero
+    for k, p in ((int(stuck.sum()), 0.15), (int(at_zero.sum()), 0.05),
+                 (int(at_max.sum()), 0.03), (int(rand.sum()), 0.07)):
+        assert stats.binomtest(k, n, p).pvalue > 1e-3
+    assert stats.kstest(g[rand] / G_MAX, "uniform").pvalue > 1e-3
+    assert np.all(g[~stuck] == 0.0)
+    # device i's fault depends on (seed, i) only: any n, any thread count
+    s_small, g_small = pcm.draw_faults(1000, m, rng=20)
+    np.testing.assert_array_equal(s_small, stuck[:1000])
+    np.testing.assert_array_equal(g_small, g[:1000])
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        s1, g1 = pcm.draw_faults(n, m, rng=20)
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_array_equal(s1, stuck)
+    np.testing.assert_array_equal(g1, g)
+    assert pcm.draw_faults(n, MODEL, rng=20) is None  # no faults in the model
+
+
+@pytest.mark.parametrize("pair_devices", ["active", "both"])
+def test_a_stuck_device_of_either_side_moves_the_weight(pair_devices):
+    # Positive weights w~ = 0.05 with stuck_at_gmax = 0.1 per device: the other device stuck
+    # at g_max (and the active one not) reads w~ ~ 0.05 - 1 (probability 0.1 x 0.9), the
+    # active one stuck alone reads ~1 (0.09), both stuck ~0 (0.01).
+    f = 0.1
+    w = np.full((256, 256), 0.05, dtype=np.float32)
+    w[:, 0] = 1.0  # column scale 1
+    m = MODEL.replace(stuck_at_gmax=f)
+    arr = AnalogArray(w, CrossbarConfig.ideal(pair_devices=pair_devices), device=m)
+    wt = arr.program(rng=21).w_tiles[0].numpy()[:, 1:]
+    n = wt.size
+    flipped = int((wt < -0.8).sum())
+    full = int((wt > 0.8).sum())
+    both = int((wt == 0.0).sum())  # g_max - g_max
+    assert stats.binomtest(flipped, n, f * (1 - f)).pvalue > 1e-3
+    assert stats.binomtest(full, n, f * (1 - f)).pvalue > 1e-3
+    assert stats.binomtest(both, n, f * f).pvalue > 1e-3
+    assert np.all(np.abs(wt[wt < -0.8] + 0.95) < 0.1)  # 0.05 + its noise - 1
+    # a stuck device neither drifts nor shows read noise: a day later a flipped weight has
+    # moved by its active device's drift only (at most its 0.05), not by the stuck one's
+    # (about 0.5 at this time)
+    kept = arr.drift(86400.0, rng=22).w_tiles[0].numpy()[:, 1:]
+    moved = np.abs(kept - wt)[wt < -0.8]
+    assert np.mean(moved < 0.06) > 0.99
+
+
+def test_array_faults_do_not_depend_on_thread_count():
+    import numba
+
+    w = _pruned(n=128, seed=23)
+    m = MODEL.replace(stuck_at_zero=0.02, stuck_at_gmax=0.02, stuck_at_random=0.02)
+    before = numba.get_num_threads()
+    got = []
+    try:
+        for threads in sorted({1, min(2, numba.config.NUMBA_NUM_THREADS)}):
+            numba.set_num_threads(threads)
+            got.append(AnalogArray(w, device=m).program(rng=24).w_tiles[0].clone())
+    finally:
+        numba.set_num_threads(before)
+    torch.testing.assert_close(got[0], got[-1], rtol=0, atol=0)

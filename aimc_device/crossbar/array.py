@@ -11,13 +11,14 @@ import numpy as np
 import torch
 
 from .._random import derive_key, torch_generator
-from ..pcm import PCMModel, program, read
+from ..pcm import PCMModel, draw_faults, program, read
 from ..pcm.torch_ops import program_torch, read_torch
 from .config import CrossbarConfig
 from .mapping import (
     conductance_targets,
     device_targets,
     map_weights,
+    pair_faults,
     pair_partners,
     split_sizes,
     tile_slices,
@@ -211,16 +212,23 @@ class AnalogArray:
         ----------
         rng : int, numpy.random.Generator or None
         """
-        s_prog, s_asym, s_zeta, s_mvm = self._streams(rng, 4)
+        s_prog, s_asym, s_zeta, s_mvm, s_fault = self._streams(rng, 5)
         model = self.device_model
         if model is None:  # ideal devices: the targets exactly, no drift
             self._state = None
             self._set_weights(self.w_target.clone())
         else:
-            partners = self._pair_partners
+            partners, faults = self._pair_partners, None
+            if model.has_faults:  # per physical device: either device of a pair can be stuck
+                stuck, g_stuck = (torch.from_numpy(a).to(self._sign.device) for a in
+                                  draw_faults(2 * self._sign.numel(), model, rng=s_fault))
+                partners, *faults = pair_faults(self._sign, partners, stuck, g_stuck,
+                                                self.cfg.pair_devices)
             g_dev = device_targets(self._g_target, partners)  # the modelled devices, flat
             if _numba_sampler(g_dev):
-                self._state = program(g_dev.numpy(), model, rng=s_prog)
+                self._state = program(g_dev.numpy(), model, rng=s_prog,
+                                      faults=None if faults is None else
+                                      [f.numpy() for f in faults])
                 g_prog = torch.from_numpy(self._state.g_prog)
             else:
                 g_prog, nu = program_torch(g_dev, model,

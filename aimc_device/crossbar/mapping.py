@@ -21,7 +21,7 @@ import math
 import torch
 
 __all__ = ["split_sizes", "tile_slices", "map_weights", "conductance_targets",
-           "pair_partners", "device_targets", "weights_from_conductance"]
+           "pair_partners", "pair_faults", "device_targets", "weights_from_conductance"]
 
 
 def split_sizes(n: int, max_size: int) -> list[int]:
@@ -108,6 +108,42 @@ def pair_partners(w_tilde: torch.Tensor, pair_devices: str) -> torch.Tensor:
     if pair_devices == "both":
         return torch.arange(w_tilde.numel(), device=w_tilde.device)
     return (w_tilde.reshape(-1) == 0).nonzero().reshape(-1)
+
+
+def pair_faults(sign: torch.Tensor, partners: torch.Tensor, stuck: torch.Tensor,
+                g_stuck: torch.Tensor, pair_devices: str):
+    """The modelled devices and their faults, from the faults of every physical device.
+
+    Physical device 2 i is the + device of weight i (flat C order), 2 i + 1 its - device;
+    either can be stuck (:func:`aimc_device.pcm.draw_faults`). The active device is the one of
+    the weight's sign (+ for a zero weight). Under "active" the other device of a non-zero
+    weight is otherwise at exactly 0 S; when it is stuck at a non-zero conductance it is
+    modelled too, and pulls the weight toward the opposite sign (stuck at 0 S it changes
+    nothing).
+
+    Parameters
+    ----------
+    sign : torch.Tensor (out, in), +1 / -1, the sign of the active device
+    partners : torch.Tensor of int64, the pairs whose other device is modelled anyway
+        (:func:`pair_partners`)
+    stuck : torch.Tensor of bool (2 n,), stuck physical devices
+    g_stuck : torch.Tensor (2 n,), their conductance [S]
+    pair_devices : str, "active" or "both" (``CrossbarConfig.pair_devices``)
+
+    Returns
+    -------
+    (partners, stuck, g_stuck) : the partners (ascending), and the faults of the modelled
+    devices in the order of :func:`device_targets`.
+    """
+    n = sign.numel()
+    active = 2 * torch.arange(n, device=sign.device) + (sign.reshape(-1) < 0).long()
+    other = active ^ 1
+    if pair_devices == "active":
+        pulled = (stuck[other] & (g_stuck[other] > 0)).nonzero().reshape(-1)
+        if pulled.numel():
+            partners = torch.unique(torch.cat([partners, pulled]))  # sorted
+    ids = torch.cat([active, other[partners]])
+    return partners, stuck[ids], g_stuck[ids]
 
 
 def device_targets(g_target: torch.Tensor, partners: torch.Tensor) -> torch.Tensor:

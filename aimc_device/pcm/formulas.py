@@ -24,6 +24,7 @@ __all__ = [
     "read_noise_time_factor",
     "read_noise_std",
     "training_noise_std",
+    "stuck_conductance",
 ]
 
 #: Smallest relative conductance put into a logarithm or a negative power, dimensionless; below
@@ -205,3 +206,29 @@ def training_noise_std(g, t: float, model: PCMModel):
     sig_r = a * read_noise_q(a / model.g_max, model)
     sig_r *= read_noise_time_factor(t, model)  # Eq. 11
     return programming_noise_std(a, model), sig_r
+
+
+def stuck_conductance(u_kind, u_value, model: PCMModel):
+    """The fault model of one device, from two uniform variates in [0, 1) per device.
+
+    With the model's fractions f0 (stuck at 0 S), f1 (at g_max) and f2 (at a uniform random
+    conductance): a device is stuck at 0 S when u_kind < f0, at g_max when f0 <= u_kind <
+    f0 + f1, at u_value g_max when f0 + f1 <= u_kind < f0 + f1 + f2, and healthy otherwise.
+
+    Parameters
+    ----------
+    u_kind, u_value : arrays (numpy or torch) of uniform variates in [0, 1), dimensionless
+    model : PCMModel
+
+    Returns
+    -------
+    (stuck, g_stuck) : bool array, and the stuck conductance [S] (0 where not stuck)
+    """
+    u_kind, u_value = _as_array(u_kind), _as_array(u_value)
+    xp = _xp(u_kind)
+    f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
+    stuck = u_kind < f0 + f1 + f2
+    at_max = (u_kind >= f0) & (u_kind < f0 + f1)
+    at_rand = (u_kind >= f0 + f1) & stuck
+    g = xp.where(at_rand, u_value * model.g_max, 0.0)  # at random; 0 S elsewhere
+    return stuck, xp.where(at_max, model.g_max, g)

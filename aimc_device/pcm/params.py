@@ -70,7 +70,8 @@ class PCMModel:
         "target" or "programmed": which conductance sets Q_s (see READ_NOISE_REFERENCE_CHOICES).
     stuck_at_zero, stuck_at_gmax, stuck_at_random : float
         Fractions of devices stuck at 0 S, at g_max, or at a uniform random conductance in
-        [0, g_max]; a stuck device neither drifts nor shows read noise. 0 in the standard model.
+        [0, g_max], drawn per physical device (in a crossbar either device of a differential
+        pair); a stuck device neither drifts nor shows read noise. 0 in the standard model.
     name : str
         A short label (preset name or campaign name).
     citation : str
