@@ -126,6 +126,7 @@ def test_pairs_survive_export_import_and_drift(sampler, pair_devices):
     cfg = CrossbarConfig(pair_devices=pair_devices)
     a = AnalogArray(w, cfg, device=MODEL).program(rng=12)
     b = import_state(AnalogArray(w, cfg, device=MODEL), export_state(a))
+    assert isinstance(b._state.g_prog, torch.Tensor) == (sampler == "torch")
     torch.testing.assert_close(b.w_tiles[0], a.w_tiles[0], rtol=0, atol=0)
     if sampler == "numba":  # the torch sampler's draws come from torch.Generator
         for arr in (a, b):
@@ -234,3 +235,69 @@ def test_array_faults_do_not_depend_on_thread_count():
     finally:
         numba.set_num_threads(before)
     torch.testing.assert_close(got[0], got[-1], rtol=0, atol=0)
+
+
+# ------------------------------------------------ 3. the torch sampler: faults and many levels
+FAULTY = MODEL.replace(stuck_at_zero=0.03, stuck_at_gmax=0.02, stuck_at_random=0.05)
+TORCH_LEVELS = np.array([0.0, 0.02, 0.1, 0.25, 0.5, 0.75, 1.0]) * G_MAX
+
+
+def test_torch_sampler_applies_the_fault_model():
+    from aimc_device.pcm.torch_ops import program_torch, read_torch
+
+    m = MODEL.replace(stuck_at_zero=0.1)
+    n = 100_000
+    g = torch.full((n,), 0.5 * G_MAX, dtype=torch.float64)
+    st = program_torch(g, m, generator=30)
+    k = int((st.g_prog == 0).sum())  # programming noise alone never reaches 0 S at 0.5 g_max
+    assert stats.binomtest(k, n, 0.1).pvalue > 1e-3
+    st = program_torch(g, FAULTY, generator=31)
+    stuck = st.stuck.numpy()
+    for mask, p in ((stuck, 0.10), (stuck & (st.g_prog.numpy() == G_MAX), 0.02),
+                    (stuck & (st.g_prog.numpy() == 0.0), 0.03)):
+        assert stats.binomtest(int(mask.sum()), n, p).pvalue > 1e-3
+    rand = stuck & (st.g_prog.numpy() > 0) & (st.g_prog.numpy() < G_MAX)
+    assert stats.kstest(st.g_prog.numpy()[rand] / G_MAX, "uniform").pvalue > 1e-3
+    assert np.all(st.nu.numpy()[stuck] == 0.0)
+    g_year = read_torch(st, 3.15e7, FAULTY, generator=32)
+    torch.testing.assert_close(g_year[st.stuck], st.g_prog[st.stuck], rtol=0, atol=0)
+    assert float((g_year[~st.stuck] < 0.4 * G_MAX).float().mean()) > 0.9  # healthy ones drift
+
+
+@pytest.mark.parametrize("t", [20.0, 3600.0, 3.15e7])
+def test_torch_sampler_matches_numba_per_level(t):
+    # Programmed and read conductances per target level, with faults, from both samplers: the
+    # same distribution (two-sample KS per level).
+    from aimc_device.pcm.torch_ops import program_torch, read_torch
+
+    n = 20_000
+    g = np.repeat(TORCH_LEVELS, n)
+    s_nb = pcm.program(g, FAULTY, rng=33)
+    r_nb = pcm.read(s_nb, t, FAULTY, rng=34)
+    st = program_torch(torch.from_numpy(g), FAULTY, generator=35)
+    r_t = read_torch(st, t, FAULTY, generator=36).numpy()
+    for k, level in enumerate(TORCH_LEVELS):
+        sl = slice(k * n, (k + 1) * n)
+        for a, b in ((s_nb.g_prog, st.g_prog.numpy()), (s_nb.nu, st.nu.numpy()), (r_nb, r_t)):
+            assert stats.ks_2samp(a[sl], b[sl]).pvalue > 1e-4, (level / G_MAX, t)
+        assert stats.binomtest(int(st.stuck.numpy()[sl].sum()), n, 0.10).pvalue > 1e-3
+
+
+def test_array_on_the_torch_sampler_has_the_faults_of_the_numba_one(monkeypatch):
+    # Faults are drawn per physical device by pcm.draw_faults for either sampler: the same
+    # devices are stuck, whatever the device holding the array.
+    w = _pruned(n=128, seed=37)
+    a = AnalogArray(w, device=FAULTY).program(rng=38)
+    monkeypatch.setattr(array_mod, "_numba_sampler", lambda t: False)
+    b = AnalogArray(w, device=FAULTY).program(rng=38)
+    assert isinstance(b._state.g_prog, torch.Tensor)
+    np.testing.assert_array_equal(b._state.stuck.numpy(), a._state.stuck)
+    torch.testing.assert_close(b._partners, a._partners, rtol=0, atol=0)
+    stuck = torch.from_numpy(a._state.stuck)
+    torch.testing.assert_close(b._state.g_prog[stuck], torch.from_numpy(a._state.g_prog)[stuck],
+                               rtol=0, atol=0)
+    b.drift(3600.0, rng=39)
+    b2 = import_state(AnalogArray(w, device=FAULTY), export_state(b))
+    assert isinstance(b2._state.g_prog, torch.Tensor)
+    torch.testing.assert_close(b2.w_tiles[0], b.w_tiles[0], rtol=0, atol=0)
+    torch.testing.assert_close(b2._state.stuck, b._state.stuck, rtol=0, atol=0)

@@ -230,10 +230,10 @@ class AnalogArray:
                                       faults=None if faults is None else
                                       [f.numpy() for f in faults])
                 g_prog = torch.from_numpy(self._state.g_prog)
-            else:
-                g_prog, nu = program_torch(g_dev, model,
-                                           generator=torch_generator(s_prog, g_dev.device))
-                self._state = (g_prog, nu)
+            else:  # the same faults as on CPU (drawn above), the torch sampler's noise
+                self._state = program_torch(g_dev, model, faults=faults,
+                                            generator=torch_generator(s_prog, g_dev.device))
+                g_prog = self._state.g_prog
             self._partners = partners
             self._set_weights(weights_from_conductance(g_prog, self._sign, self.cfg.g_max,
                                                        partners))  # Eq. 12
@@ -274,10 +274,9 @@ class AnalogArray:
         if model is None:
             self._set_weights(self.w_target.clone())
         else:
-            if isinstance(self._state, tuple):
-                g_prog, nu = self._state
-                g = read_torch(device_targets(self._g_target, self._partners), g_prog, nu, t,
-                               model, generator=torch_generator(rng, g_prog.device))
+            if isinstance(self._state.g_prog, torch.Tensor):  # the torch sampler's state
+                g = read_torch(self._state, t, model,
+                               generator=torch_generator(rng, self._state.g_prog.device))
             else:
                 g = torch.from_numpy(read(self._state, t, model, rng=rng))
             self._set_weights(weights_from_conductance(g, self._sign, self.cfg.g_max,

@@ -12,7 +12,8 @@ import torch
 
 from ..pcm import ProgrammedState
 from ..pcm.devices import read_noise_key
-from .array import AnalogArray, _numba_sampler
+from . import array as _array
+from .array import AnalogArray
 from .mapping import device_targets
 
 __all__ = ["export_state", "import_state"]
@@ -36,15 +37,11 @@ def export_state(array: AnalogArray) -> dict[str, torch.Tensor]:
     st = array._state
     if st is not None and array._partners.numel():
         out["partners"] = array._partners.detach()
-    if isinstance(st, ProgrammedState):
-        out["g_prog"] = torch.from_numpy(st.g_prog)
-        out["nu"] = torch.from_numpy(st.nu)
-        if st.stuck is not None:
-            out["stuck"] = torch.from_numpy(st.stuck)
-        if st.q_read is not None:
-            out["q_read"] = torch.from_numpy(st.q_read)
-    elif isinstance(st, tuple):
-        out["g_prog"], out["nu"] = (t.detach() for t in st)
+    if st is not None:  # numpy arrays (Numba sampler) or tensors (torch sampler)
+        for key in ("g_prog", "nu", "stuck", "q_read"):
+            value = getattr(st, key)
+            if value is not None:
+                out[key] = torch.as_tensor(value)
     if array.asymmetry is not None:
         out["asymmetry"] = torch.cat(array.asymmetry, dim=1)
     if array.zeta is not None:
@@ -75,7 +72,7 @@ def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogAr
     def flat(key):
         return state[key].reshape(-1)
 
-    if "g_prog" in state and _numba_sampler(w):
+    if "g_prog" in state and _array._numba_sampler(w):
         q_read = flat("q_read").numpy().copy() if "q_read" in state else None
         array._state = ProgrammedState(
             g_target=device_targets(array._g_target, partners).numpy().copy(),
@@ -84,7 +81,10 @@ def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogAr
             q_read=q_read,
             q_model=read_noise_key(array.device_model) if q_read is not None else None)
     elif "g_prog" in state:
-        array._state = (flat("g_prog").to(w.device), flat("nu").to(w.device))
+        array._state = ProgrammedState(
+            g_target=device_targets(array._g_target, partners),
+            g_prog=flat("g_prog").to(w.device).clone(), nu=flat("nu").to(w.device).clone(),
+            stuck=flat("stuck").to(w.device).clone() if "stuck" in state else None)
     else:
         array._state = None
     array.asymmetry = (list(torch.split(state["asymmetry"].to(w.device), array.tile_sizes, 1))

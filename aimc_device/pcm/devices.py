@@ -68,7 +68,8 @@ def _checked_range(g, name, model, signed, unit):
 
 @dataclass(frozen=True)
 class ProgrammedState:
-    """What is drawn once when devices are programmed.
+    """What is drawn once when devices are programmed: numpy arrays from :func:`program`, torch
+    tensors from :func:`aimc_device.pcm.torch_ops.program_torch`.
 
     Attributes
     ----------
