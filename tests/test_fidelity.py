@@ -301,3 +301,39 @@ def test_array_on_the_torch_sampler_has_the_faults_of_the_numba_one(monkeypatch)
     assert isinstance(b2._state.g_prog, torch.Tensor)
     torch.testing.assert_close(b2.w_tiles[0], b.w_tiles[0], rtol=0, atol=0)
     torch.testing.assert_close(b2._state.stuck, b._state.stuck, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------ 4. IR-drop scale
+def _ir_reference(x, w, r_scale, g_ir=1.75e-6):
+    """Eqs. 15-18 in numpy with the wire resistance scaled: g_ir -> r_scale g_ir."""
+    n = w.shape[1]
+    p = 1.0 - (1.0 - np.arange(n) / n) ** 2
+    a = (r_scale * g_ir) * n * (np.abs(x) @ np.abs(w).T)
+    c = 0.05 * a ** 3 - 0.2 * a ** 2 + 0.5 * a
+    return -c * ((x * p) @ w.T)
+
+
+@pytest.mark.parametrize("s", [1.0, 10.0, 37.0])
+def test_ir_drop_scale_is_the_wire_resistance(s):
+    from aimc_device.crossbar import analog_mvm, periphery
+
+    g = np.random.default_rng(40)
+    w = g.uniform(-1, 1, (48, 300))
+    x = g.uniform(-1, 1, (64, 300))
+    wt, xt = torch.from_numpy(w), torch.from_numpy(x)
+    ref = _ir_reference(x, w, s)
+    torch.testing.assert_close(periphery.ir_drop(xt, wt, s, 1.75e-6), torch.from_numpy(ref),
+                               rtol=1e-12, atol=1e-15)
+    # not a linear scale of the term: at s = 10 the term is ~15 % below 10 x the standard one
+    if s == 10.0:
+        ratio = np.linalg.norm(ref) / (s * np.linalg.norm(_ir_reference(x, w, 1.0)))
+        assert 0.75 < ratio < 0.9
+    # the whole MVM (fused Numba stage and torch path) with ir_drop = s equals ir_drop = 1 with
+    # the wire resistance s r_wire, and equals W~ x~ + dy of the reference
+    cfg = CrossbarConfig.ideal(ir_drop=s)
+    same = CrossbarConfig.ideal(ir_drop=1.0, ir_drop_g=s * 1.75e-6)
+    one, scale = torch.ones(1, dtype=torch.float64), torch.ones((1, 48), dtype=torch.float64)
+    for fused in (True, False):
+        y = analog_mvm(xt, [wt], cfg, one, scale, fused=fused)
+        torch.testing.assert_close(y, analog_mvm(xt, [wt], same, one, scale, fused=fused))
+        torch.testing.assert_close(y, torch.from_numpy(x @ w.T + ref), rtol=1e-10, atol=1e-10)

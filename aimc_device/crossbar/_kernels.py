@@ -239,7 +239,8 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
         term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
         signal in one GEMM, or column blocks of one convolution's output); used only when
         has_ir (w_px, abs_x) and has_st (x2)
-    unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
+    unit : u, normalised input per level; ir_k : s g_ir n_rows, the wire-resistance scale s
+        (``CrossbarConfig.ir_drop``) times g_ir times the tile's rows (Eq. 18)
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
     mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's

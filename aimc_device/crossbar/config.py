@@ -66,7 +66,13 @@ class CrossbarConfig:
         Short-term weight (read) noise sigma_w0 referred to the output, relative to g_max, new
         draw every MVM (Eq. 14). 0.0175 in [1].
     ir_drop : float
-        Scale of the IR-drop term, dimensionless; 0 turns it off (Eqs. 15-18). 1 in [1].
+        Wire-resistance scale s of the IR drop, dimensionless: r_wire -> s r_wire, i.e.
+        g_ir -> s g_ir in the activity a_i = s g_ir n sum_j |w~_ij| |x~_j| (Eq. 18). The IR-drop
+        term dy_i = -c(a_i) sum_j w~_ij x~_j P_j (Eqs. 15-17) is cubic in s through c(a): it
+        grows as c(s a) / c(a), nearly linearly for small a and less where the a^2 term of c
+        matters (on the test case of Eq. 20, s = 10 gives 8.2 times the standard term, not
+        10). 0 turns IR drop off. 1 in [1]. (The widely used public implementation, IBM
+        aihwkit, multiplies the term itself by its ``ir_drop``.)
     ir_drop_g : float
         g_ir = r_wire * g_max_ir, dimensionless: 0.35 Ohm x 5 uS = 1.75e-6 in [1] (Eq. 18; note
         the 5 uS there, not the 25 uS g_max of the PCM model).
@@ -162,7 +168,7 @@ class CrossbarConfig:
         "out_bound": f"{_CITE}, Eq. 5 (ADC bound 10)",
         "out_noise": f"{_CITE}, Eq. 2 (sigma_out = 0.04)",
         "w_noise": f"{_CITE}, Eq. 14 (sigma_w0 = 0.0175)",
-        "ir_drop": f"{_CITE}, Eqs. 15-18 (scale 1)",
+        "ir_drop": f"{_CITE}, Eqs. 15-18 (the wire resistance as given: scale 1)",
         "ir_drop_g": f"{_CITE}, Eq. 18 (0.35 Ohm x 5 uS)",
         "mu_zeta": f"{_CITE}, Eq. 19 (mu_zeta = 1/4)",
         "sigma_zeta": "check: not available; a named, overridable guess",

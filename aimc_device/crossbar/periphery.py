@@ -154,14 +154,16 @@ def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, sc
                   g_ir: float) -> torch.Tensor:
     """IR-drop change of the outputs from its two GEMMs (MODEL.md sec. 6, Eqs. 15-18).
 
-    a_i = scale g_ir n sum_j |w~_ij||x~_j|,  dy_i = -c(a_i) sum_j w~_ij x~_j P_j.
+    a_i = s g_ir n sum_j |w~_ij||x~_j|,  dy_i = -c(a_i) sum_j w~_ij x~_j P_j: the wire
+    resistance scaled by s (r_wire -> s r_wire), so that dy is cubic in s through c(a).
 
     Parameters
     ----------
     abs_w_abs_x : torch.Tensor, sum_j |w~_ij| |x~_j| (batch, out)
     w_px : torch.Tensor, sum_j w~_ij x~_j P_j (batch, out)
     n_rows : int, occupied rows n of the tile
-    scale : float, IR-drop scale (1 in the standard model)
+    scale : float, wire-resistance scale s, dimensionless (``CrossbarConfig.ir_drop``, 1 in the
+        standard model)
     g_ir : float, r_wire g_max_ir, dimensionless
 
     Returns
@@ -173,7 +175,8 @@ def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, sc
 
 
 def ir_drop(x: torch.Tensor, w: torch.Tensor, scale: float, g_ir: float) -> torch.Tensor:
-    """IR-drop change dy of W~ x~ for one tile, reference form (Eqs. 15-18), (batch, out)."""
+    """IR-drop change dy of W~ x~ for one tile, reference form (Eqs. 15-18), (batch, out);
+    ``scale`` is the wire-resistance scale s (see :func:`ir_drop_delta`)."""
     p = ir_drop_profile(w.shape[1], w.dtype, w.device)
     f = torch.nn.functional.linear
     return ir_drop_delta(f(x.abs(), w.abs()), f(x * p, w), w.shape[1], scale, g_ir)
