@@ -337,3 +337,45 @@ def test_ir_drop_scale_is_the_wire_resistance(s):
         y = analog_mvm(xt, [wt], cfg, one, scale, fused=fused)
         torch.testing.assert_close(y, analog_mvm(xt, [wt], same, one, scale, fused=fused))
         torch.testing.assert_close(y, torch.from_numpy(x @ w.T + ref), rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------- 5. S-shaped ADC gain calibration
+@pytest.mark.parametrize("calibration", ["column", "tile", "none"])
+def test_s_adc_columns_follow_their_transfer(calibration):
+    # Ideal periphery but the S-shaped ADC, sigma_zeta = 0.3: zeta_i ~ mu (1 + 0.3 xi) per
+    # column, and column i's output is f_i(z) = g_i z / (1 + zeta_i |z| / b) of its exact
+    # value z with g_i = 1 + zeta_i ("column"), 1 + mu ("tile") or 1 ("none").
+    mu, sz, b = 0.25, 0.3, 10.0
+    g = np.random.default_rng(41)
+    w = g.normal(0.0, 0.246, (2000, 64))
+    x = g.uniform(-1.0, 1.0, (32, 64))
+    cfg = CrossbarConfig.ideal(s_adc=True, mu_zeta=mu, sigma_zeta=sz, out_bound=b,
+                               s_adc_gain=calibration)
+    arr = AnalogArray(w, cfg, device=None).program(rng=42)
+    zeta = arr.zeta[0].numpy()
+    assert stats.kstest(zeta, "norm", args=(mu, mu * sz)).pvalue > 1e-3
+    gamma = arr.gamma[0].numpy()
+    z = x @ (w / gamma[:, None]).T  # exact normalised outputs, alpha = 1
+    gain = {"column": 1.0 + zeta, "tile": 1.0 + mu, "none": 1.0}[calibration]
+    expect = gain * z / (1.0 + zeta * np.abs(z) / b) * gamma
+    np.testing.assert_allclose(arr.mvm(x), expect, rtol=1e-9, atol=1e-12)
+    f_b = gain * b / (1.0 + zeta)  # each column's output at the bound
+    spread = np.std(f_b / b)
+    if calibration == "column":
+        assert spread < 1e-12
+    else:  # the column-to-column spread stays in the output
+        assert spread == pytest.approx(np.std((1.0 + mu if calibration == "tile" else 1.0)
+                                              / (1.0 + zeta)), rel=1e-12)
+        assert spread > 0.02
+
+
+def test_tile_gain_keeps_the_spread_that_column_gain_calibrates_away():
+    from aimc_device.crossbar import mvm_error, nonideality_configs
+
+    def eps(sigma, gain):
+        cfg = CrossbarConfig(s_adc=True, sigma_zeta=sigma, s_adc_gain=gain)
+        return mvm_error(nonideality_configs(cfg)["S-shaped ADC"], device=None, rng=1,
+                         n_inputs=200)
+
+    assert eps(0.0, "tile") == eps(0.0, "column")  # zeta_i = mu: the same gain
+    assert eps(0.5, "tile") > eps(0.5, "column") + 0.01  # 13.2 % vs 10.9 % (1000 inputs)

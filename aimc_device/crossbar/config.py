@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 __all__ = ["CrossbarConfig", "DRIFT_COMPENSATION_CHOICES", "NOISE_MANAGEMENT_CHOICES",
-           "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES"]
+           "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES", "S_ADC_GAIN_CHOICES"]
 
 #: Drift compensation (MODEL.md section 5): one digital factor per tile, one per column, or off.
 DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
@@ -30,6 +30,8 @@ BOUND_MANAGEMENT_CHOICES = ("none", "iterative")
 #: Which devices of each differential pair are programmed and modelled (see
 #: CrossbarConfig.pair_devices).
 PAIR_DEVICES_CHOICES = ("active", "both")
+#: Gain calibration of the S-shaped ADC (see CrossbarConfig.s_adc_gain).
+S_ADC_GAIN_CHOICES = ("column", "tile", "none")
 
 _CITE = "Rasch et al., Nat. Commun. 14, 5282 (2023)"
 
@@ -82,8 +84,16 @@ class CrossbarConfig:
         Mean saturation zeta of the S-shaped ADC, per unit of z / b_out, dimensionless (Eq. 19).
         1/4 in [1].
     sigma_zeta : float
-        Relative column-to-column spread of zeta, dimensionless (Eq. 19). 0.1 (check: the value
-        of [1]'s supplementary table was not available).
+        Relative column-to-column spread of zeta, dimensionless: zeta_i = mu_zeta (1 +
+        sigma_zeta xi_i), drawn once per column at programming (Eq. 19). 0.1, an assumption:
+        [1] gives no value for it in its main text.
+    s_adc_gain : str
+        Gain calibration of the S-shaped ADC, f_i(z) = g_i z / (1 + zeta_i |z| / b_out)
+        (Eq. 19; [1] states a gain correction in words only). "column" (default): g_i =
+        1 + zeta_i, each column calibrated so that f_i(+-b_out) = +-b_out, which also removes
+        most of the effect of the column-to-column spread sigma_zeta; "tile": one gain
+        g = 1 + mu_zeta for the tile, calibrated on the mean saturation, so that the spread
+        of the columns stays in the output; "none": g = 1, the bare saturating transfer.
     drift_compensation : str or None
         "global" (one factor s_ref / s_t per tile, [1] MODEL.md sec. 5), "column" (one per column)
         or None.
@@ -140,6 +150,7 @@ class CrossbarConfig:
     s_adc: bool = False
     mu_zeta: float = 0.25
     sigma_zeta: float = 0.1
+    s_adc_gain: str = "column"
     drift_compensation: str | None = "global"
     drift_comp_inputs: int = 64
     aux_bfloat16: bool = True
@@ -171,7 +182,10 @@ class CrossbarConfig:
         "ir_drop": f"{_CITE}, Eqs. 15-18 (the wire resistance as given: scale 1)",
         "ir_drop_g": f"{_CITE}, Eq. 18 (0.35 Ohm x 5 uS)",
         "mu_zeta": f"{_CITE}, Eq. 19 (mu_zeta = 1/4)",
-        "sigma_zeta": "check: not available; a named, overridable guess",
+        "sigma_zeta": "assumed: Rasch et al. (2023) give no value in the main text; a named, "
+                      "overridable assumption",
+        "s_adc_gain": f"{_CITE}, Eq. 19 (gain correction stated in words); per-column "
+                      "calibration is the documented choice",
         "g_max": f"{_CITE}, Eq. 12 (g_max = 25 uS)",
         "drift_compensation": f"{_CITE}, Methods (global drift compensation)",
         "bound_management_iters": "common choice (IBM aihwkit); not used in the standard model",
@@ -240,6 +254,8 @@ class CrossbarConfig:
             raise bad("noise_management", f"choose one of {NOISE_MANAGEMENT_CHOICES}")
         if self.bound_management not in BOUND_MANAGEMENT_CHOICES:
             raise bad("bound_management", f"choose one of {BOUND_MANAGEMENT_CHOICES}")
+        if self.s_adc_gain not in S_ADC_GAIN_CHOICES:
+            raise bad("s_adc_gain", f"choose one of {S_ADC_GAIN_CHOICES}")
         if self.pair_devices not in PAIR_DEVICES_CHOICES:
             raise bad("pair_devices", f"choose one of {PAIR_DEVICES_CHOICES}")
 

@@ -97,7 +97,7 @@ def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, Crossbar
         "short-term noise": dict(w_noise=cfg.w_noise),
         "IR drop": dict(ir_drop=cfg.ir_drop, ir_drop_g=cfg.ir_drop_g),
         "S-shaped ADC": dict(s_adc=cfg.s_adc, mu_zeta=cfg.mu_zeta, sigma_zeta=cfg.sigma_zeta,
-                             out_bound=cfg.out_bound),
+                             s_adc_gain=cfg.s_adc_gain, out_bound=cfg.out_bound),
         "read asymmetry": dict(asymmetry=cfg.asymmetry),
     }
     on = {

@@ -34,6 +34,7 @@ from .periphery import (
     quantize,
     quantizer_levels,
     s_adc,
+    s_adc_gain,
     short_term_noise_std,
     straight_through_mask,
 )
@@ -810,7 +811,8 @@ def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
         if extra is not None:
             z = z + extra if grad else z.add_(extra)
         zeta = cfg.mu_zeta if zeta is None else zeta
-        z = s_adc(z, zeta, cfg.out_bound)  # Eq. 19
+        gain = s_adc_gain(zeta, cfg.mu_zeta, cfg.s_adc_gain)
+        z = s_adc(z, zeta, cfg.out_bound, gain)  # Eq. 19
         if noise is not None:
             z = z + noise if grad else z.add_(noise)  # Eq. 2, output noise
         return z

@@ -16,7 +16,8 @@ import torch
 __all__ = [
     "quantize", "quantizer_step", "quantizer_levels", "straight_through_mask", "output_noise",
     "short_term_noise_std", "short_term_noise",
-    "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta", "s_adc",
+    "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta",
+    "s_adc_gain", "s_adc",
     "draw_asymmetry", "asymmetry_delta",
 ]
 
@@ -189,21 +190,44 @@ def draw_zeta(n_cols: int, mu: float, sigma: float, generator=None, dtype=torch.
     return (mu * (1.0 + sigma * xi)).clamp_(min=0.0)
 
 
-def s_adc(z: torch.Tensor, zeta, bound: float) -> torch.Tensor:
-    """S-shaped ADC transfer (MODEL.md sec. 6, Eq. 19), gain-corrected.
+def s_adc_gain(zeta, mu_zeta: float, calibration: str):
+    """Gain g_i of the S-shaped ADC per column (Eq. 19, ``CrossbarConfig.s_adc_gain``).
 
-    f_i(z) = (1 + zeta_i) z / (1 + zeta_i |z| / b_out): saturating, with zeta per unit of
-    z / b_out and the gain (1 + zeta_i) chosen so that f_i(+-b_out) = +-b_out, i.e. the mean
-    slope over the ADC range is kept at 1. (The gain correction of [1] is stated in words only;
-    this is the documented choice.)
+    "column": g_i = 1 + zeta_i, so that f_i(+-b_out) = +-b_out in every column; "tile":
+    g = 1 + mu_zeta, the same for every column (f(+-b_out) = +-b_out for the mean saturation);
+    "none": g = 1.
+
+    Parameters
+    ----------
+    zeta : float or torch.Tensor (out,), saturation per column, dimensionless
+    mu_zeta : float, mean saturation, dimensionless
+    calibration : str, "column", "tile" or "none"
+    """
+    if calibration == "column":
+        return 1.0 + zeta
+    if calibration == "tile":
+        return 1.0 + mu_zeta
+    if calibration == "none":
+        return 1.0
+    raise ValueError(f"S-ADC gain calibration {calibration!r}: choose 'column', 'tile' or 'none'")
+
+
+def s_adc(z: torch.Tensor, zeta, bound: float, gain=None) -> torch.Tensor:
+    """S-shaped ADC transfer (MODEL.md sec. 6, Eq. 19).
+
+    f_i(z) = g_i z / (1 + zeta_i |z| / b_out): saturating, with zeta per unit of z / b_out
+    and a gain g_i from :func:`s_adc_gain`.
 
     Parameters
     ----------
     z : torch.Tensor, (batch, out) [normalised output units]
     zeta : float or torch.Tensor (out,), dimensionless
     bound : float, b_out [normalised output units]
+    gain : float, torch.Tensor (out,) or None, dimensionless; None: 1 + zeta (the column
+        calibration, f_i(+-b_out) = +-b_out)
     """
-    return z * (1.0 + zeta) / (1.0 + (zeta / bound) * z.abs())  # Eq. 19
+    gain = 1.0 + zeta if gain is None else gain
+    return z * gain / (1.0 + (zeta / bound) * z.abs())  # Eq. 19
 
 
 def draw_asymmetry(shape, sigma: float, generator=None, dtype=torch.float32,
