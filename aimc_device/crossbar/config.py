@@ -53,14 +53,17 @@ class CrossbarConfig:
         Most outputs (columns) per tile, 512 in [1]. Columns do not couple in this model, so the
         output dimension is never split for accuracy (MODEL.md sec. 1).
     inp_bits : int or None
-        DAC resolution q_in [bit], 2^q - 1 levels (Eq. 5). 8 in [1]. None or 0: no quantiser.
+        DAC resolution q_in [bit], 2^q - 1 levels (Eq. 5). 8 in [1]. None or 0: no rounding
+        (unlimited resolution); the inputs are still clipped to the bound.
     inp_bound : float
-        DAC bound b_in, normalised input units (Eq. 5). 1 in [1].
+        DAC bound b_in, normalised input units (Eq. 5). 1 in [1]. ``inf`` (only with no bits):
+        no clipping.
     out_bits : int or None
-        ADC resolution q_out [bit] (Eq. 5). 8 in [1]. None or 0: no quantiser.
+        ADC resolution q_out [bit] (Eq. 5). 8 in [1]. None or 0: no rounding; the outputs are
+        still clipped to the bound.
     out_bound : float
-        ADC bound b_out, normalised output units (Eq. 5). 10 in [1]. ``inf`` with no quantiser
-        means no clipping.
+        ADC bound b_out, normalised output units (Eq. 5). 10 in [1]. ``inf`` (only with no
+        bits): no clipping.
     out_noise : float
         Additive output noise sigma_out, normalised output units, new draw every MVM (Eq. 2).
         0.04 in [1] (about half an ADC bin).
@@ -235,11 +238,14 @@ class CrossbarConfig:
         for name in ("inp_bound", "out_bound", "g_max"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
-        for name in ("inp_bound", "g_max"):
-            if math.isinf(getattr(self, name)):
-                raise bad(name, "must be finite")
+        if math.isinf(self.g_max):
+            raise bad("g_max", "must be finite")
+        if self.inp_bits is not None and math.isinf(self.inp_bound):
+            raise bad("inp_bound", "a DAC with bits needs a finite bound (or set inp_bits=None)")
         if self.out_bits is not None and math.isinf(self.out_bound):
             raise bad("out_bound", "an ADC with bits needs a finite bound (or set out_bits=None)")
+        if self.s_adc and math.isinf(self.out_bound):
+            raise bad("out_bound", "the S-shaped ADC saturates relative to a finite bound")
         for name in ("out_noise", "w_noise", "ir_drop", "ir_drop_g", "mu_zeta", "sigma_zeta",
                      "asymmetry"):
             v = getattr(self, name)
@@ -262,12 +268,13 @@ class CrossbarConfig:
     # ------------------------------------------------------------------ variants
     @classmethod
     def ideal(cls, **changes) -> "CrossbarConfig":
-        """Every nonideality off: no quantisers, no noise, no IR drop, no nonlinearity, no faults.
+        """Every nonideality off: no quantisers or bounds, no noise, no IR drop, no nonlinearity.
 
         The tile size is kept, so mapping and tiling are still exercised.
         """
-        kw = dict(inp_bits=None, out_bits=None, out_bound=math.inf, out_noise=0.0, w_noise=0.0,
-                  ir_drop=0.0, s_adc=False, asymmetry=0.0, drift_compensation=None)
+        kw = dict(inp_bits=None, inp_bound=math.inf, out_bits=None, out_bound=math.inf,
+                  out_noise=0.0, w_noise=0.0, ir_drop=0.0, s_adc=False, asymmetry=0.0,
+                  drift_compensation=None)
         kw.update(changes)
         return cls(**kw)
 

@@ -86,7 +86,8 @@ def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, Crossbar
     and mapping conventions), by name.
 
     Names: "DAC", "ADC", "output noise", "short-term noise", "IR drop", "S-shaped ADC",
-    "read asymmetry" (only those that ``cfg`` switches on).
+    "read asymmetry" (only those that ``cfg`` switches on). The S-shaped ADC keeps the ADC's
+    bound (the range it saturates in, and clips at) but not its bits.
     """
     cfg = CrossbarConfig() if cfg is None else cfg
     ideal = _ideal_like(cfg)

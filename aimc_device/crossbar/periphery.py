@@ -11,6 +11,8 @@ References
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
@@ -61,20 +63,23 @@ def quantize(z: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:
     """Uniform symmetric quantiser with 2^q - 1 levels (MODEL.md sec. 2, Eq. 5).
 
     Q(z) = clip(round((2^q - 2) z / (2 b)) 2 b / (2^q - 2), -b, b); the gradient is passed
-    straight through inside the bound and is 0 outside (clipped values do not move).
+    straight through inside the bound and is 0 outside (clipped values do not move). With no
+    bits the converter has unlimited resolution but keeps its range: Q(z) = clip(z, -b, b)
+    (no clipping for b = inf).
 
     Parameters
     ----------
     z : torch.Tensor, values in the units of ``bound`` (normalised input or output units)
-    bits : int or None, resolution q [bit]; None or 0: no quantiser (z returned unchanged)
-    bound : float, bound b, same units as z
+    bits : int or None, resolution q [bit]; None or 0: no rounding
+    bound : float, bound b, same units as z; inf (only without bits): no clipping
 
     Returns
     -------
     torch.Tensor like z.
     """
     if not bits:
-        return z
+        # clamp's gradient is 1 inside [-b, b] and 0 outside: the straight-through rule
+        return z if math.isinf(bound) else z.clamp(-bound, bound)
     scale, levels = quantizer_levels(bits, bound)  # Eq. 5
     if torch.is_grad_enabled() and z.requires_grad:
         return _QuantizeSTE.apply(z, scale, levels, bound)
