@@ -264,13 +264,13 @@ def test_torch_sampler_applies_the_fault_model():
     assert float((g_year[~st.stuck] < 0.4 * G_MAX).float().mean()) > 0.9  # healthy ones drift
 
 
-@pytest.mark.parametrize("t", [20.0, 3600.0, 3.15e7])
+@pytest.mark.parametrize("t", [20.0, 3.15e7])
 def test_torch_sampler_matches_numba_per_level(t):
     # Programmed and read conductances per target level, with faults, from both samplers: the
     # same distribution (two-sample KS per level).
     from aimc_device.pcm.torch_ops import program_torch, read_torch
 
-    n = 20_000
+    n = 12_000
     g = np.repeat(TORCH_LEVELS, n)
     s_nb = pcm.program(g, FAULTY, rng=33)
     r_nb = pcm.read(s_nb, t, FAULTY, rng=34)
@@ -375,11 +375,11 @@ def test_tile_gain_keeps_the_spread_that_column_gain_calibrates_away():
     def eps(sigma, gain):
         cfg = CrossbarConfig(s_adc=True, sigma_zeta=sigma, s_adc_gain=gain)
         return mvm_error(nonideality_configs(cfg)["S-shaped ADC"], device=None, rng=2,
-                         n_inputs=200)
+                         n_inputs=100)
 
     assert eps(0.0, "tile") == eps(0.0, "column")  # zeta_i = mu: the same gain
     # S-ADC with its bound (no bits) alone, 1000 inputs, seeds 0-2: tile 12.8-13.6 %, column
-    # 12.0-12.6 %; here 1.3 points apart
+    # 12.0-12.6 %; here 1.0 point apart
     assert eps(0.5, "tile") > eps(0.5, "column") + 0.005
 
 
