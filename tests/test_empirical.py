@@ -473,16 +473,16 @@ def test_torch_sampler_matches_numba_sampler(fitted):
     model, _ = fitted
     g = np.repeat(model.levels[[2, 15, 28]], 6000) * G_MAX
     state = pcm.program(g, model, rng=1)
-    z, stuck = program_torch(torch.as_tensor(g), model, generator=2)
+    tstate = program_torch(torch.as_tensor(g), model, generator=2)
     for t in (10.0, 4e4, 7e5):
         r_nb = pcm.read(state, t, model, rng=3)
-        r_t = read_torch(torch.as_tensor(g), z, stuck, t, model, generator=4).numpy()
+        r_t = read_torch(tstate, t, model, generator=4).numpy()
         for k in range(3):
             rows = slice(6000 * k, 6000 * (k + 1))
             assert stats.ks_2samp(r_nb[rows], r_t[rows]).pvalue > 1e-3
     # the joint law: rank correlation between two times
     a, b = (pcm.read(state, t, model, rng=5) for t in (10.0, 7e5))
-    c, d = (read_torch(torch.as_tensor(g), z, stuck, t, model, generator=6).numpy()
+    c, d = (read_torch(tstate, t, model, generator=6).numpy()
             for t in (10.0, 7e5))
     rows = slice(6000, 12000)
     assert stats.spearmanr(a[rows], b[rows])[0] == pytest.approx(
@@ -490,8 +490,10 @@ def test_torch_sampler_matches_numba_sampler(fitted):
     # the dispatch of pcm.torch_ops
     from aimc_device.pcm import torch_ops
 
-    z2, s2 = torch_ops.program_torch(torch.as_tensor(g[:10]), model, generator=1)
-    assert z2.shape == (10, model.times.size) and torch.isnan(s2).all()
+    s2 = torch_ops.program_torch(torch.as_tensor(g[:10]), model, generator=1)
+    assert s2.z.shape == (10, model.times.size) and s2.stuck is None
+    np.testing.assert_array_equal(torch_ops.read_torch(s2, 10.0, model, generator=3).numpy(),
+                                  read_torch(s2, 10.0, model, generator=3).numpy())
 
 
 def test_training_noise_perturb_numba_and_torch(fitted):

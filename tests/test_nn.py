@@ -177,10 +177,15 @@ def test_same_seed_same_result_and_state_dict_round_trip(tmp_path):
         assert not torch.allclose(fresh(x), run(5)(x))
 
 
-def test_program_requires_device_model():
-    a = anl.convert(_mlp(), STD, device=None)
-    with pytest.raises(ValueError, match="device model"):
+def test_program_without_device_model_is_exact():
+    # as crossbar.AnalogArray(..., device=None).program(): the weights exactly, no drift
+    a = anl.convert(_mlp(), IDEAL, device=None).eval()
+    x = torch.randn(8, 20)
+    with torch.no_grad():
+        before = a(x)
         anl.program(a, rng=0)
+        anl.drift(a, 3.15e7, rng=1)
+        _close(a(x), before)
 
 
 # ------------------------------------------------------------------- HWA helpers

@@ -267,11 +267,11 @@ def test_torch_mirror_same_distributions():
     g = np.full(n, 0.4 * G_MAX)
     gt = torch.from_numpy(g)
     s = pcm.program(g, MODEL, rng=21)
-    gp, nu = program_torch(gt, MODEL, generator=21)
-    assert stats.ks_2samp(s.g_prog, gp.numpy()).pvalue > 1e-3
-    assert stats.ks_2samp(s.nu, nu.numpy()).pvalue > 1e-3
+    st = program_torch(gt, MODEL, generator=21)
+    assert stats.ks_2samp(s.g_prog, st.g_prog.numpy()).pvalue > 1e-3
+    assert stats.ks_2samp(s.nu, st.nu.numpy()).pvalue > 1e-3
     r_nb = pcm.read(s, 86400.0, MODEL, rng=22)
-    r_t = read_torch(gt, gp, nu, 86400.0, MODEL, generator=22)
+    r_t = read_torch(st, 86400.0, MODEL, generator=22)
     assert stats.ks_2samp(r_nb, r_t.numpy()).pvalue > 1e-3
     p_nb = perturb_tensor(gt, MODEL, rng=23)  # CPU: the Numba kernel
     p_t = perturb_torch(gt, MODEL, generator=23)

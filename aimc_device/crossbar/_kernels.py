@@ -78,8 +78,9 @@ def _adc_level(v, s_out, levels):  # pragma: no cover - via tests
 def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_out,
          accumulate):  # pragma: no cover - via tests
     """Elements e0 .. e0 + m - 1 of the flat outputs from their pre-ADC values v[v0:v0 + m]:
-    the straight-through mask, the ADC (Eq. 5, its int8 level when asked), the digital factor
-    rf cf[e] (Eq. 1) and the digital term add[e] (a bias; None: none), written or added."""
+    the straight-through mask, the ADC (Eq. 5, its int8 level when asked; with no ADC,
+    s_out None, the clip to [-levels, levels]), the digital factor rf cf[e] (Eq. 1) and the
+    digital term add[e] (a bias; None: none), written or added."""
     for e in range(m):
         vi = v[v0 + e]
         if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
@@ -89,6 +90,8 @@ def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_
             if level_out is not None:
                 level_out[e0 + e] = np.int8(lev)
             vi = lev / s_out
+        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
+            vi = min(max(vi, -levels), levels)
         r_out = vi * rf * cf[e]  # Eq. 1
         if add is not None:
             r_out += add[e]
@@ -191,6 +194,8 @@ def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq
             if level_out is not None:
                 level_out[b, i] = np.int8(lev)
             vi = lev / s_out
+        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
+            vi = min(max(vi, -levels), levels)
         r_out = vi * rf * col_f[i]  # Eq. 1
         if bias is not None:
             r_out += bias[i]
@@ -230,7 +235,7 @@ def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, 
 
 def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                  levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
-                 at=_AT0, parallel=None, level_out=None, bias=None):
+                 at=_AT0, parallel=None, level_out=None, bias=None, bound=math.inf):
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
@@ -239,8 +244,10 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
         term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
         signal in one GEMM, or column blocks of one convolution's output); used only when
         has_ir (w_px, abs_x) and has_st (x2)
-    unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
+    unit : u, normalised input per level; ir_k : s g_ir n_rows, the wire-resistance scale s
+        (``CrossbarConfig.ir_drop``) times g_ir times the tile's rows (Eq. 18)
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
+    bound : with no ADC, the bound b_out the outputs are clipped to (inf: no clipping)
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
     mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's
         straight-through mask), or NO_MASK
@@ -257,7 +264,8 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     ft = out.dtype.type  # scalars in the arrays' precision: float32 arithmetic for float32 data
     kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
            ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-           ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key, out,
+           ft(s_out) if s_out > 0.0 else None, ft(levels if s_out > 0.0 else bound), row_f,
+           col_f, bias, key, out,
            mask if mask.shape[0] > 0 else None, ft(mask_bound),
            level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
 
@@ -442,7 +450,7 @@ CONV_STAGE_MAX_ROWS = 32
 
 def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None,
-               bias=None):
+               bias=None, bound=math.inf):
     """The whole forward of a convolution tile with few rows, one pass per block of output
     pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
     |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
@@ -465,7 +473,8 @@ def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, 
     conv_stage_parallel(x, geom, w, wpx if has_ir else None,
                         wabs if (has_ir or has_st) else None, wabs if has_st else None,
                         ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-                        ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key,
+                        ft(s_out) if s_out > 0.0 else None,
+                        ft(levels if s_out > 0.0 else bound), row_f, col_f, bias, key,
                         out, mask if mask.shape[0] > 0 else None, ft(mask_bound),
                         level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
 

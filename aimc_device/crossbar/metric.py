@@ -73,14 +73,24 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     return float(np.linalg.norm(y - y_ref, axis=1).mean() / np.linalg.norm(y_ref, axis=1).mean())
 
 
+def _ideal_like(cfg: CrossbarConfig) -> CrossbarConfig:
+    """The ideal periphery with ``cfg``'s tiles and mapping conventions (tile size, g_max,
+    column-wise scales, devices of the differential pair)."""
+    return CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max,
+                                columnwise_scaling=cfg.columnwise_scaling,
+                                pair_devices=cfg.pair_devices)
+
+
 def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, CrossbarConfig]:
-    """Each nonideality of ``cfg`` alone on top of the ideal configuration, by name.
+    """Each nonideality of ``cfg`` alone on top of the ideal configuration (with ``cfg``'s tiles
+    and mapping conventions), by name.
 
     Names: "DAC", "ADC", "output noise", "short-term noise", "IR drop", "S-shaped ADC",
-    "read asymmetry" (only those that ``cfg`` switches on).
+    "read asymmetry" (only those that ``cfg`` switches on). The S-shaped ADC keeps the ADC's
+    bound (the range it saturates in, and clips at) but not its bits.
     """
     cfg = CrossbarConfig() if cfg is None else cfg
-    ideal = CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max)
+    ideal = _ideal_like(cfg)
     parts = {
         "DAC": dict(inp_bits=cfg.inp_bits, inp_bound=cfg.inp_bound),
         "ADC": dict(out_bits=cfg.out_bits, out_bound=cfg.out_bound),
@@ -88,7 +98,7 @@ def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, Crossbar
         "short-term noise": dict(w_noise=cfg.w_noise),
         "IR drop": dict(ir_drop=cfg.ir_drop, ir_drop_g=cfg.ir_drop_g),
         "S-shaped ADC": dict(s_adc=cfg.s_adc, mu_zeta=cfg.mu_zeta, sigma_zeta=cfg.sigma_zeta,
-                             out_bound=cfg.out_bound),
+                             s_adc_gain=cfg.s_adc_gain, out_bound=cfg.out_bound),
         "read asymmetry": dict(asymmetry=cfg.asymmetry),
     }
     on = {
@@ -112,7 +122,7 @@ def mvm_error_breakdown(cfg: CrossbarConfig | None = None, device="rasch2023", r
     out = {}
     for name, c in nonideality_configs(cfg).items():
         out[name] = mvm_error(c, device=None, rng=rng, n_inputs=n_inputs)
-    ideal = CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max)
+    ideal = _ideal_like(cfg)
     if model is not None:
         out["PCM programming"] = mvm_error(ideal, device=model, rng=rng, n_inputs=n_inputs)
     out["periphery (all)"] = mvm_error(cfg, device=None, rng=rng, n_inputs=n_inputs)

@@ -57,7 +57,7 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
         Periphery and tiling; default the paper's standard model.
     device : PCMModel, optional
         Device statistics for the training noise and for programming; None: periphery only
-        (no weight noise, cannot be programmed).
+        (no weight noise; programming gives the exact weights, which do not drift).
     digital : iterable of str
         Qualified module names (as in ``model.named_modules()``) kept in floating point, with
         everything below them, e.g. ``("stem", "fc")`` for the first convolution and the last

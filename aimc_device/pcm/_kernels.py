@@ -67,8 +67,9 @@ _STREAMS = np.uint64(4)
 _INV53 = 1.0 / float(2**53)
 
 #: Stream numbers: each kind of draw has its own counters (programming draws its pair of
-#: variates, programming error and drift exponent, from stream 0).
-STREAM_PROGRAM, STREAM_READ = 0, 2
+#: variates, programming error and drift exponent, from stream 0; a device's fault its two
+#: uniforms from stream 1).
+STREAM_PROGRAM, STREAM_FAULT, STREAM_READ = 0, 1, 2
 
 
 @nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
@@ -194,6 +195,17 @@ def fill_standard_normal(key, out):  # pragma: no cover - exercised via tests
     """Fill ``out`` with N(0, 1) variates of :func:`normal` (the tests check the sampler)."""
     for i in prange(out.shape[0]):
         out[i] = normal(key, np.uint64(i), np.uint64(STREAM_READ))
+
+
+@nb.njit("void(uint64, float64[::1], float64[::1])", cache=True, parallel=True)
+def fault_uniforms(key, u_kind, u_value):  # pragma: no cover - exercised via tests
+    """The two uniform variates in [0, 1) of device i's fault (see
+    :func:`aimc_device.pcm.formulas.stuck_conductance`), counters of stream STREAM_FAULT: the
+    same numbers for device i on any thread count."""
+    for i in prange(u_kind.shape[0]):
+        base = (np.uint64(i) * _STREAMS + np.uint64(STREAM_FAULT)) * _DRAWS
+        u_kind[i] = _uniform(key, base)
+        u_value[i] = _uniform(key, base + _ONE)
 
 
 # The kernels compute in the precision of the arrays: every scalar parameter comes in that

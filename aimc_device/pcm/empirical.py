@@ -373,7 +373,7 @@ class EmpiricalModel:
         return self._grid_lookup(self.tables.std, g, t, True) * self.g_max
 
     # -------------------------------------------------------------------------- sampling
-    def program(self, g_target, rng=None) -> "EmpiricalState":
+    def program(self, g_target, rng=None, faults=None) -> "EmpiricalState":
         """Program devices: draw each device's latent rank and the faults (what is drawn once).
 
         Parameters
@@ -381,22 +381,28 @@ class EmpiricalModel:
         g_target : ndarray, target conductance [S], any shape, >= 0
         rng : int, numpy.random.Generator or None
             Seed or generator; the same seed gives the same bits on any number of threads.
+        faults : (stuck, g_stuck) or None
+            The devices' faults, bool and [S] arrays of g_target's size (as from
+            :func:`aimc_device.pcm.draw_faults`); None: drawn here, by device index, with this
+            call's seed when the model has faults (the fault model of the PCM family).
 
         Returns
         -------
         EmpiricalState, arrays of g_target's shape and float dtype.
         """
-        from .devices import check_conductance
+        from .devices import _faults, check_conductance
 
         g = check_conductance(g_target, "g_target", self)
         key = derive_key(rng)
         flat = np.ascontiguousarray(g, dtype=g.dtype).reshape(-1)
         z0 = np.empty_like(flat)
         EK.program_kernel(key, z0)
+        if faults is None and self.has_faults:
+            faults = _faults(flat.size, self, key)
         stuck = g_stuck = None
-        if self.has_faults:
-            stuck, g_stuck = _draw_faults(self, key, flat.size, flat.dtype)
-            stuck, g_stuck = stuck.reshape(g.shape), g_stuck.reshape(g.shape)
+        if faults is not None:
+            stuck, g_stuck = (np.asarray(a).reshape(g.shape) for a in faults)
+            stuck, g_stuck = stuck.astype(bool), g_stuck.astype(flat.dtype)
         return EmpiricalState(g_target=flat.copy().reshape(g.shape), z0=z0.reshape(g.shape),
                               key=key, stuck=stuck, g_stuck=g_stuck)
 
@@ -509,18 +515,6 @@ class EmpiricalState:
     @property
     def shape(self) -> tuple[int, ...]:
         return self.g_target.shape
-
-
-def _draw_faults(model, key, n: int, dtype):
-    """Stuck devices and their conductance [S]: at 0, at g_max or uniform in [0, g_max]."""
-    fgen = np.random.default_rng([int(key), 0xFA17])  # faults: their own stream of the key
-    u = fgen.random(n)
-    f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
-    g_stuck = np.zeros(n, dtype=dtype)
-    g_stuck[(u >= f0) & (u < f0 + f1)] = model.g_max
-    rand = (u >= f0 + f1) & (u < f0 + f1 + f2)
-    g_stuck[rand] = fgen.uniform(0.0, model.g_max, int(rand.sum()))
-    return u < f0 + f1 + f2, g_stuck
 
 
 # ------------------------------------------------------------------------------ the tables

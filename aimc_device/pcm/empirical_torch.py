@@ -4,18 +4,20 @@ The same rules and tables as the Numba kernels (:mod:`._empirical_kernels`, see
 :mod:`.empirical`), written with torch operations and ``torch.randn``; the tests check that both
 give the same distributions. On CPU prefer :meth:`EmpiricalModel.program` / ``read``.
 
-The torch state is a pair of tensors: ``z`` (..., M), the device's latent normal score at each
-measured time (drawn at programming), and ``g_stuck`` (...), the conductance of stuck devices
-[S] (NaN for devices that are not stuck).
+The torch state (:class:`EmpiricalTorchState`) holds ``z`` (..., M), the device's latent normal
+score at each measured time (drawn at programming), and the faults: ``stuck`` and ``g_stuck``,
+the conductance of stuck devices [S].
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from .._random import torch_generator
 from .empirical import EmpiricalModel
 
-__all__ = ["program_torch", "read_torch", "perturb_torch", "training_noise_std_torch"]
+__all__ = ["EmpiricalTorchState", "program_torch", "read_torch", "perturb_torch", "training_noise_std_torch"]
 
 
 def _tables(model: EmpiricalModel, device) -> dict:
@@ -60,7 +62,27 @@ def _randn(like: torch.Tensor, generator) -> torch.Tensor:
     return torch.randn(like.shape, dtype=torch.float64, device=like.device, generator=generator)
 
 
-def program_torch(g_target: torch.Tensor, model: EmpiricalModel, generator=None):
+@dataclass(frozen=True)
+class EmpiricalTorchState:
+    """What :func:`program_torch` draws once for devices of an :class:`EmpiricalModel`, as tensors.
+
+    Attributes
+    ----------
+    g_target : torch.Tensor, target conductance [S]
+    z : torch.Tensor (*g_target.shape, M), float64, each device's normal score at every measured
+        time, dimensionless
+    stuck : torch.Tensor of bool or None, devices stuck at a fixed conductance (faults)
+    g_stuck : torch.Tensor or None, the conductance of stuck devices [S] (0 elsewhere)
+    """
+
+    g_target: torch.Tensor
+    z: torch.Tensor
+    stuck: torch.Tensor | None = None
+    g_stuck: torch.Tensor | None = None
+
+
+def program_torch(g_target: torch.Tensor, model: EmpiricalModel, generator=None,
+                  faults=None) -> EmpiricalTorchState:
     """Draw each device's latent rank at every measured time, and the faults.
 
     Parameters
@@ -68,12 +90,16 @@ def program_torch(g_target: torch.Tensor, model: EmpiricalModel, generator=None)
     g_target : torch.Tensor, target conductance [S], >= 0
     model : EmpiricalModel
     generator : torch.Generator, int seed or None (on g_target's device)
+    faults : (stuck, g_stuck) or None
+        The devices' faults (bool and [S] tensors of g_target's size); None: drawn here with
+        :func:`aimc_device.pcm.torch_ops.draw_faults_torch` when the model has faults.
 
     Returns
     -------
-    (z, g_stuck) : z (*g_target.shape, M) normal scores, dimensionless (float64); g_stuck like
-        g_target, the conductance of stuck devices [S], NaN elsewhere.
+    EmpiricalTorchState
     """
+    from .torch_ops import draw_faults_torch
+
     gen = torch_generator(generator, g_target.device)
     tab = _tables(model, g_target.device)
     gi, wx, _ = _locate(tab, model, g_target)
@@ -84,29 +110,24 @@ def program_torch(g_target: torch.Tensor, model: EmpiricalModel, generator=None)
         r = _lerp_rows(tab["rho"], gi, wx, m)
         z[..., m + 1] = r * z[..., m] + torch.sqrt((1.0 - r * r).clamp(min=0.0)) * _randn(
             g_target, gen)
-    g_stuck = torch.full_like(g_target, float("nan"))
-    if model.has_faults:
-        u = torch.rand(g_target.shape, dtype=torch.float64, device=g_target.device,
-                       generator=gen)
-        f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
-        rand = torch.rand(g_target.shape, dtype=torch.float64, device=g_target.device,
-                          generator=gen) * model.g_max
-        g_stuck = torch.where(u < f0, torch.zeros_like(g_target), g_stuck)
-        g_stuck = torch.where((u >= f0) & (u < f0 + f1),
-                              torch.full_like(g_target, model.g_max), g_stuck)
-        g_stuck = torch.where((u >= f0 + f1) & (u < f0 + f1 + f2), rand.to(g_target.dtype),
-                              g_stuck)
-    return z, g_stuck
+    if faults is None and model.has_faults:
+        faults = draw_faults_torch(g_target.numel(), model, gen, g_target.device,
+                                   g_target.dtype)
+    stuck = g_stuck = None
+    if faults is not None:
+        stuck, g_stuck = (torch.as_tensor(a, device=g_target.device).reshape(g_target.shape)
+                          for a in faults)
+        stuck, g_stuck = stuck.to(torch.bool), g_stuck.to(g_target.dtype)
+    return EmpiricalTorchState(g_target, z, stuck, g_stuck)
 
 
-def read_torch(g_target: torch.Tensor, z: torch.Tensor, g_stuck: torch.Tensor, t: float,
-               model: EmpiricalModel, generator=None) -> torch.Tensor:
+def read_torch(state: EmpiricalTorchState, t: float, model: EmpiricalModel,
+               generator=None) -> torch.Tensor:
     """Conductance t seconds after programming (see :meth:`EmpiricalModel.read`).
 
     Parameters
     ----------
-    g_target : torch.Tensor, target conductance [S]
-    z, g_stuck : the state from :func:`program_torch`
+    state : EmpiricalTorchState, from :func:`program_torch`
     t : float, time since the end of programming [s]
     model : EmpiricalModel
     generator : torch.Generator, int seed or None
@@ -115,6 +136,7 @@ def read_torch(g_target: torch.Tensor, z: torch.Tensor, g_stuck: torch.Tensor, t
     -------
     torch.Tensor, conductance [S], >= 0, g_target's dtype.
     """
+    g_target, z = state.g_target, state.z
     gen = torch_generator(generator, g_target.device)
     tab = _tables(model, g_target.device)
     n, w = model.time_position(t)
@@ -141,8 +163,8 @@ def read_torch(g_target: torch.Tensor, z: torch.Tensor, g_stuck: torch.Tensor, t
     a = at(gi, n) + w * (at(gi, n + 1) - at(gi, n))
     bq = at(gi + 1, n) + w * (at(gi + 1, n + 1) - at(gi + 1, n))
     out = ((a + wx * (bq - a)) * f).clamp(min=0.0) * model.g_max
-    out = torch.where(torch.isnan(g_stuck), out.to(g_target.dtype), g_stuck)
-    return out
+    out = out.to(g_target.dtype)
+    return out if state.stuck is None else torch.where(state.stuck, state.g_stuck, out)
 
 
 def training_noise_std_torch(g: torch.Tensor, t: float, model: EmpiricalModel) -> torch.Tensor:

@@ -33,6 +33,7 @@ __all__ = [
     "BOLTZMANN_EV",
     "arrhenius_factor",
     "equivalent_time",
+    "stuck_conductance",
 ]
 
 #: Boltzmann constant [eV/K] (CODATA, exact since the 2019 SI: k / e).
@@ -264,3 +265,29 @@ def equivalent_time(t, temperature, activation_energy: float, reference_temperat
     af = arrhenius_factor(temperature, activation_energy, reference_temperature)
     dt = np.diff(t, axis=-1, prepend=0.0)
     return np.cumsum(dt * af, axis=-1)
+
+
+def stuck_conductance(u_kind, u_value, model: PCMModel):
+    """The fault model of one device, from two uniform variates in [0, 1) per device.
+
+    With the model's fractions f0 (stuck at 0 S), f1 (at g_max) and f2 (at a uniform random
+    conductance): a device is stuck at 0 S when u_kind < f0, at g_max when f0 <= u_kind <
+    f0 + f1, at u_value g_max when f0 + f1 <= u_kind < f0 + f1 + f2, and healthy otherwise.
+
+    Parameters
+    ----------
+    u_kind, u_value : arrays (numpy or torch) of uniform variates in [0, 1), dimensionless
+    model : PCMModel
+
+    Returns
+    -------
+    (stuck, g_stuck) : bool array, and the stuck conductance [S] (0 where not stuck)
+    """
+    u_kind, u_value = _as_array(u_kind), _as_array(u_value)
+    xp = _xp(u_kind)
+    f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
+    stuck = u_kind < f0 + f1 + f2
+    at_max = (u_kind >= f0) & (u_kind < f0 + f1)
+    at_rand = (u_kind >= f0 + f1) & stuck
+    g = xp.where(at_rand, u_value * model.g_max, 0.0)  # at random; 0 S elsewhere
+    return stuck, xp.where(at_max, model.g_max, g)

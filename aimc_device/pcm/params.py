@@ -100,7 +100,8 @@ class PCMModel:
         "target" or "programmed": which conductance sets Q_s (see READ_NOISE_REFERENCE_CHOICES).
     stuck_at_zero, stuck_at_gmax, stuck_at_random : float
         Fractions of devices stuck at 0 S, at g_max, or at a uniform random conductance in
-        [0, g_max]; a stuck device neither drifts nor shows read noise. 0 in the standard model.
+        [0, g_max], drawn per physical device (in a crossbar either device of a differential
+        pair); a stuck device neither drifts nor shows read noise. 0 in the standard model.
     activation_energy : float
         Activation energy E_a of the time evolution [eV]: a time dt spent at temperature T
         counts as dt exp(E_a / k_B (1/T_ref - 1/T)) at the reference temperature (Arrhenius

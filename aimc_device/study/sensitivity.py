@@ -72,7 +72,9 @@ class Nonideality:
     upper: float = 1e3
 
 
-#: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone.
+#: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone. "IR drop" scales the
+#: wire resistance (``CrossbarConfig.ir_drop``: r_wire -> s r_wire; the IR-drop term grows as
+#: c(s a) / c(a), less than s-fold), "programming noise" and "drift" the device statistics.
 NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
     Nonideality("DAC", "input bits [bit]", lambda c, d: float(c.inp_bits or 0),
                 lambda c, d, v: (c.replace(inp_bits=int(v)), d), discrete=True),
@@ -86,7 +88,7 @@ NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
                 lambda c, d, v: (c, _scale_prog(d, v)), upper=100.0),
     Nonideality("drift", "x nu stats [1]", lambda c, d: 1.0,
                 lambda c, d, v: (c, _scale_drift(d, v)), upper=30.0),
-    Nonideality("IR drop", "x IR drop [1]", lambda c, d: c.ir_drop,
+    Nonideality("IR drop", "x r_wire [1]", lambda c, d: c.ir_drop,
                 lambda c, d, v: (c.replace(ir_drop=v), d), first=1.0, upper=1e4),
     Nonideality("S-shaped ADC", "mu_zeta [1]", lambda c, d: c.mu_zeta if c.s_adc else 0.0,
                 lambda c, d, v: (c.replace(s_adc=v > 0, mu_zeta=v if v > 0 else c.mu_zeta), d),
