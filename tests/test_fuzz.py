@@ -16,7 +16,7 @@ import tempfile
 import h5py
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import aimc_device.crossbar as crossbar
@@ -163,8 +163,17 @@ def _count(outcome: str) -> None:
     OUTCOMES[outcome] = OUTCOMES.get(outcome, 0) + 1
 
 
+def _base_with(**attrs):
+    """The base file's spec with some root attributes changed (explicit fuzz examples)."""
+    return (BASE, {k: "<f8" for k in BASE}, UNITS, {**BASE_ATTRS, **attrs}, "chunked", None,
+            None)
+
+
 @FUZZ
 @given(spec=campaign_files())
+# Cases the fuzzer found once (a bare ValueError / TypeError from int()), kept as examples.
+@example(spec=_base_with(schema_version=""))
+@example(spec=_base_with(schema_version=np.array([1.0, 2.0])))
 def test_fuzz_campaign_files_through_reader_fit_and_cli(spec):
     CASES["campaign files"] += 1
     with _folders() as (src, out, path):
