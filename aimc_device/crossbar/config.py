@@ -333,13 +333,11 @@ class CrossbarConfig:
         group : str, name of the HDF5 group
         overwrite : bool
         """
-        from ..io import KIND_CONFIG, KIND_CONFIG_JSON, atomic_output
+        from ..io import KIND_CONFIG, KIND_CONFIG_JSON, atomic_output, write_text
 
         path = os.fspath(path)
         if path.endswith(".json"):
-            with atomic_output(path, KIND_CONFIG_JSON, overwrite=overwrite) as tmp:
-                with open(tmp, "w", encoding="utf-8") as fh:
-                    fh.write(self.to_json())
+            write_text(path, self.to_json(), KIND_CONFIG_JSON, overwrite=overwrite)
             return
         if not isinstance(group, str) or not group.strip("/"):
             raise ValueError(f"group = {group!r}: give the name of an HDF5 group")

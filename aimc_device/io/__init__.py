@@ -12,9 +12,9 @@ from ._errors import DeviceCardError, MeasurementFormatError
 from .device_card import (CARD_SCHEMA, CARD_SCHEMA_VERSION, load_device_card, load_device_model,
                           save_device_model)
 from .measurements import (CONDUCTANCE_UNITS, SCHEMA, SCHEMA_VERSION, SIMULATED_CAMPAIGN,
-                           TIME_UNITS, campaign_chunk_devices, default_chunk_devices, device_chunk_reader,
-                           file_sha256, iter_device_arrays, iter_device_chunks, read_measurements,
-                           write_measurements)
+                           TIME_UNITS, campaign_chunk_devices, default_chunk_devices,
+                           device_chunk_reader, file_sha256, iter_device_arrays,
+                           iter_device_chunks, read_measurements, write_measurements)
 
 __all__ = [
     "MeasurementFormatError", "DeviceCardError", "read_measurements", "write_measurements",

@@ -129,8 +129,8 @@ def file_kind(path) -> str | None:
 
     HDF5: the root ``schema`` attribute when there is one (a measurement campaign without it is
     recognised by its datasets; a simulated one is a kind of its own,
-    ``aimc_device.io.SIMULATED_CAMPAIGN``), else NetCDF, CrossbarConfig or plain HDF5. Otherwise a torch
-    checkpoint, a figure (PNG, PDF, JPEG, SVG, EPS, ...), a text file or binary data.
+    ``aimc_device.io.SIMULATED_CAMPAIGN``), else NetCDF, CrossbarConfig or plain HDF5. Otherwise
+    a torch checkpoint, a figure (PNG, PDF, JPEG, SVG, EPS, ...), a text file or binary data.
 
     Parameters
     ----------
