@@ -556,9 +556,21 @@ def test_program_and_drift_check_t_and_rng():
         ann.program(None)
 
 
-def test_fit_and_mvm_error_check_their_arguments(campaign_file):
+def test_fit_and_mvm_error_check_their_arguments(campaign_file, monkeypatch):
     with pytest.raises(TypeError, match="ds: expected an xarray.Dataset"):
         fit.fit_pcm(str(campaign_file))
+    ds = io.read_measurements(campaign_file)
+    import aimc_device.fit.pcm_fit as pcm_fit
+
+    monkeypatch.setattr(pcm_fit, "campaign_statistics", lambda *a: pytest.fail("streamed"))
+    with pytest.raises(TypeError, match="prior: expected a PCMModel, a preset name"):
+        fit.fit_pcm(ds, prior={"prog_coeffs": (1, 2, 3)})
+    with pytest.raises(KeyError, match="unknown PCM preset"):
+        fit.fit_pcm(ds, prior="nope")
+    with pytest.raises(ValueError, match="clip = 'maybe'"):
+        fit.fit_pcm(ds, clip="maybe")
+    with pytest.raises(ValueError, match="chunk_devices = 0"):
+        fit.fit_pcm(ds, chunk_devices=0)
     with pytest.raises(ValueError, match="n_inputs = 0"):
         mvm_error(n_inputs=0)
     with pytest.raises(TypeError, match="cfg: expected a CrossbarConfig"):

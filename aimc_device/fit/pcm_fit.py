@@ -34,7 +34,8 @@ import xarray as xr
 from scipy import optimize
 
 from ..pcm import PCMModel
-from ._stats import CampaignStats, FitError, campaign_statistics
+from .._checks import check_int
+from ._stats import CampaignStats, FitError, campaign_statistics, resolve_prior
 from .report import ComponentFit, FitReport
 
 __all__ = ["fit_programming_noise", "fit_drift", "fit_read_noise", "fit_pcm", "FitError"]
@@ -76,7 +77,7 @@ def fit_programming_noise(ds: xr.Dataset | None = None, prior: PCMModel | None =
     ----------
     ds : xarray.Dataset
         A campaign (docs/measurement-format.md), lazy or in memory; conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values and conventions; default ``PCMModel()``.
     chunk_devices : int, optional
         Devices per streamed chunk.
@@ -97,7 +98,7 @@ def fit_programming_noise(ds: xr.Dataset | None = None, prior: PCMModel | None =
     FitError
         Fewer than three usable target levels, no repeated reads, all-zero conductance.
     """
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     st = _stats(ds, prior, chunk_devices, progress, stats)
     use = _usable_levels(st, "programming-noise", 3)
     n = st.n[use]
@@ -185,7 +186,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
     ----------
     ds : xarray.Dataset
         A campaign, lazy or in memory; conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, the clip bounds kept when not fitted; default ``PCMModel()``.
     clip : {"fit", "fixed"}
         "fit": fit slope, intercept and the lower clip; the upper clip from the prior (raised to
@@ -209,7 +210,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
     """
     if clip not in ("fit", "fixed"):
         raise ValueError(f"clip = {clip!r}: choose 'fit' or 'fixed'")
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     st = _stats(ds, prior, chunk_devices, progress, stats)
     use = _usable_levels(st, "drift", 2 if clip == "fixed" else 3)
     n, x = st.n[use], st.x[use]
@@ -245,7 +246,7 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
     ----------
     ds : xarray.Dataset
         A campaign with repeated reads (repeat >= 2); conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, the cap (kept), ``t_read`` [s] when the campaign has none, and the
         conventions ``read_noise_time`` ("t" or "t_plus_t0") and ``read_noise_reference``
         ("target" or "programmed"); default ``PCMModel()`` ("t", "target").
@@ -265,7 +266,7 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
     FitError
         No repeated reads, no read time after T_read, fewer than two usable groups.
     """
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     st = _stats(ds, prior, chunk_devices, progress, stats)
     t_eff = st.time + (st.t0 if prior.read_noise_time == "t_plus_t0" else 0.0)
     f2 = np.log((t_eff + st.t_read) / (2.0 * st.t_read))     # Eq. 11, squared time factor
@@ -323,7 +324,7 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     ds : xarray.Dataset
         A campaign from :func:`aimc_device.io.read_measurements` (lazy) or
         :func:`aimc_device.pcm.simulate_campaign`; not modified.
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, conventions, the clips and cap not fitted, fault fractions; default
         ``PCMModel()``.
     clip : {"fit", "fixed"}
@@ -345,9 +346,13 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     FitError
         When the data cannot support a fit (one level only, no repeated reads, all-zero g).
     """
-    prior = prior or PCMModel()
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds: expected an xarray.Dataset, got {type(ds).__name__}")
+    prior = resolve_prior(prior)
+    if clip not in ("fit", "fixed"):  # before the pass over the data
+        raise ValueError(f"clip = {clip!r}: choose 'fit' or 'fixed'")
+    if chunk_devices is not None:
+        check_int(chunk_devices, "chunk_devices", lo=1)
     st = campaign_statistics(ds, prior, chunk_devices, progress)
     params, comps = {}, {}
     for fn, kw in ((fit_programming_noise, {}), (fit_drift, {"clip": clip}), (fit_read_noise, {})):
