@@ -71,7 +71,7 @@ def test_write_is_atomic(tmp_path, campaign):
     bad = campaign.copy(deep=True)
     bad["g"].values[5, 1, 0] = np.inf  # (NaN is a read not taken, schema version 2)
     with pytest.raises(MeasurementFormatError, match="inf"):
-        io.write_measurements(bad, path)
+        io.write_measurements(bad, path, overwrite=True)
     assert path.read_bytes() == b"old"
     assert sorted(os.listdir(tmp_path)) == ["c.h5"]  # no temporary left behind
 

@@ -15,8 +15,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
+import shutil
 from dataclasses import dataclass
 from typing import ClassVar
+
+import numpy as np
 
 __all__ = ["CrossbarConfig", "DRIFT_COMPENSATION_CHOICES", "NOISE_MANAGEMENT_CHOICES",
            "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES", "S_ADC_GAIN_CHOICES"]
@@ -199,20 +204,28 @@ class CrossbarConfig:
     SCHEMA_VERSION: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        def integral(v) -> bool:  # an int, or a float (numpy included) with an integer value
+            return (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                    and math.isfinite(v) and float(v) == int(v))
+
         for name in ("inp_bits", "out_bits"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, bool) and float(v) == int(v):
+            if integral(v):
                 object.__setattr__(self, name, int(v) if int(v) > 0 else None)
         for name in ("max_rows", "max_cols", "bound_management_iters", "drift_comp_inputs"):
             v = getattr(self, name)
-            if isinstance(v, float) and v == int(v):
+            if integral(v):
                 object.__setattr__(self, name, int(v))
         for name in ("inp_bound", "out_bound", "out_noise", "w_noise", "ir_drop", "ir_drop_g",
                      "mu_zeta", "sigma_zeta", "g_max", "asymmetry"):
             v = getattr(self, name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)):
                 object.__setattr__(self, name, float(v))
-        if self.drift_compensation in ("none", "None", ""):
+        for name in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
+            if isinstance(getattr(self, name), np.bool_):
+                object.__setattr__(self, name, bool(getattr(self, name)))
+        if isinstance(self.drift_compensation, str) and \
+                self.drift_compensation in ("none", "None", ""):
             object.__setattr__(self, "drift_compensation", None)
         self._validate()
 
@@ -351,19 +364,40 @@ class CrossbarConfig:
                 d[k] = bool(d[k])
         return cls(**d)
 
-    def save(self, path, group: str = "crossbar_config") -> None:
-        """Save to ``path``: JSON for a ``.json`` suffix, else an HDF5 group's attributes."""
-        path = str(path)
+    def save(self, path, group: str = "crossbar_config", overwrite: bool = False) -> None:
+        """Save to ``path``: JSON for a ``.json`` suffix, else an HDF5 group's attributes.
+
+        Written atomically (:func:`aimc_device.io.atomic_output`): the new file is complete
+        before it replaces ``path``. Into an existing HDF5 file that holds CrossbarConfig groups
+        only, ``group`` is added (or replaced) in a copy that then replaces the file. Any other
+        existing file (a measurement campaign, a device card, ...) is refused unless
+        ``overwrite``: then the group is added to a copy of an HDF5 file, and a file of another
+        format is replaced.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        group : str, name of the HDF5 group
+        overwrite : bool
+        """
+        from ..io import KIND_CONFIG, KIND_CONFIG_JSON, atomic_output, write_text
+
+        path = os.fspath(path)
         if path.endswith(".json"):
-            with open(path, "w") as fh:
-                fh.write(self.to_json())
+            write_text(path, self.to_json(), KIND_CONFIG_JSON, overwrite=overwrite)
             return
+        if not isinstance(group, str) or not group.strip("/"):
+            raise ValueError(f"group = {group!r}: give the name of an HDF5 group")
         import h5py
 
-        with h5py.File(path, "a") as fh:
-            if group in fh:
-                del fh[group]
-            self.to_hdf5_attrs(fh.create_group(group).attrs)
+        with atomic_output(path, KIND_CONFIG, overwrite=overwrite) as tmp:
+            keep = os.path.isfile(path) and os.path.getsize(path) > 0 and h5py.is_hdf5(path)
+            if keep:
+                shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "a" if keep else "w") as fh:
+                if group in fh:
+                    del fh[group]
+                self.to_hdf5_attrs(fh.create_group(group).attrs)
 
     @classmethod
     def load(cls, path, group: str = "crossbar_config") -> "CrossbarConfig":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_float, check_instance, check_int
 from .._random import as_generator
 from .array import AnalogArray, resolve_device
 from .config import CrossbarConfig
@@ -55,6 +56,10 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     -------
     float, eps_M, dimensionless.
     """
+    check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
+    if t is not None:
+        t = check_float(t, "t", lo=0.0)
+    n_inputs = check_int(n_inputs, "n_inputs", lo=1)
     gen = as_generator(rng)
     if weights is None or inputs is None:
         w0, x0 = test_case(gen, n_inputs,
@@ -117,6 +122,8 @@ def mvm_error_breakdown(cfg: CrossbarConfig | None = None, device="rasch2023", r
     (ideal periphery, the devices), "periphery (all)", "total" (periphery + devices, no drift),
     then "total @ <time>" for each of ``times`` with drift and drift compensation.
     """
+    check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
+    check_int(n_inputs, "n_inputs", lo=1)
     cfg = CrossbarConfig() if cfg is None else cfg
     model = resolve_device(device)
     out = {}

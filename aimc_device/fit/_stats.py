@@ -30,6 +30,7 @@ Only sums are kept (a few arrays of length levels x times); besides them and one
 """
 from __future__ import annotations
 
+import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +65,24 @@ PROGRAMMED_BINS = np.geomspace(1e-3, 2.0, 81)
 
 class FitError(ValueError):
     """The data cannot support the requested fit (one level only, all devices excluded, ...)."""
+
+
+def resolve_prior(prior) -> PCMModel:
+    """The prior of a fit from a PCMModel, a preset name, a device card's path or None
+    (``PCMModel()``, the rasch2023 statistics); anything else raises a TypeError naming it."""
+    if prior is None:
+        return PCMModel()
+    if isinstance(prior, PCMModel):
+        return prior
+    if isinstance(prior, (str, os.PathLike)):
+        path = os.fspath(prior)
+        if path.endswith((".h5", ".hdf5")) or os.path.isfile(path):
+            from ..io import load_device_model
+
+            return load_device_model(path)
+        return PCMModel.preset(path)
+    raise TypeError(f"prior: expected a PCMModel, a preset name, a device card's path or None, "
+                    f"got {type(prior).__name__}")
 
 
 @dataclass
@@ -485,7 +504,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     MeasurementFormatError
         When the Dataset breaks the schema or a chunk holds inf or negative values.
     """
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     where = ds.attrs.get("source_file", "<Dataset>")
     _check_dataset_quick(ds, where)
     g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)

@@ -59,10 +59,11 @@ import numpy as np
 import xarray as xr
 from scipy import optimize
 
+from .._checks import check_int
 from ..io import DeviceExclusion, MeasurementFormatError
 from ..io.measurements import field_name
 from ..pcm import PCMModel, read_noise_q
-from ._stats import CampaignStats, FitError, campaign_statistics
+from ._stats import CampaignStats, FitError, campaign_statistics, resolve_prior
 from .report import ComponentFit, FitReport
 from .temperature import ActivationEnergy, resolve_activation_energy
 
@@ -258,7 +259,7 @@ def fit_programming_noise(ds: xr.Dataset | None = None, prior: PCMModel | None =
     ----------
     ds : xarray.Dataset
         A campaign (docs/measurement-format.md), lazy or in memory; conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values and conventions; default ``PCMModel()``. With one read per time and fewer
         than three read times, its read noise corrects the spread (then name it).
     read_noise : PCMModel, optional
@@ -286,7 +287,7 @@ def fit_programming_noise(ds: xr.Dataset | None = None, prior: PCMModel | None =
         Fewer than three usable target levels, no spread.
     """
     named = prior is not None
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     st = _stats(ds, prior, chunk_devices, progress, stats, exclude, activation_energy,
                 reference_temperature)
     use = _usable_levels(st, "programming-noise", 3)
@@ -391,7 +392,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
     ----------
     ds : xarray.Dataset
         A campaign, lazy or in memory; conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, the clip bounds kept when not fitted; default ``PCMModel()``.
     clip : {"fit", "fixed"}
         "fit": fit slope, intercept and the lower clip; the upper clip from the prior (raised to
@@ -421,7 +422,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
     if clip not in ("fit", "fixed"):
         raise ValueError(f"clip = {clip!r}: choose 'fit' or 'fixed'")
     named = prior is not None
-    prior = prior or PCMModel()
+    prior = resolve_prior(prior)
     st = _stats(ds, prior, chunk_devices, progress, stats, exclude, activation_energy,
                 reference_temperature)
     use = _usable_levels(st, "drift", 2 if clip == "fixed" else 3)
@@ -514,7 +515,7 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
     ----------
     ds : xarray.Dataset
         A campaign; conductances [S], times [s].
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, the cap (kept), ``t_read`` [s] when the campaign has none, and the
         conventions ``read_noise_time`` ("t" or "t_plus_t0") and ``read_noise_reference``
         ("target" or "programmed"); default ``PCMModel()`` ("t", "target"). Its read noise is
@@ -539,8 +540,8 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
         No read time after T_read, fewer than two usable groups with repeats, read noise not
         identified and no prior named.
     """
-    named = prior
-    prior = prior or PCMModel()
+    named = None if prior is None else resolve_prior(prior)
+    prior = PCMModel() if named is None else named
     st = _stats(ds, prior, chunk_devices, progress, stats, exclude, activation_energy,
                 reference_temperature)
     cap = prior.read_noise_max
@@ -632,7 +633,7 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     ds : xarray.Dataset
         A campaign from :func:`aimc_device.io.read_measurements` (lazy) or
         :func:`aimc_device.pcm.simulate_campaign`; not modified.
-    prior : PCMModel, optional
+    prior : PCMModel, preset name or device card path, optional
         Start values, conventions, the clips and cap not fitted, fault fractions; default
         ``PCMModel()``. Components the data do not identify (the read noise with one read per
         time at fewer than three times) are taken from it, and then it must be named.
@@ -668,10 +669,14 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     MeasurementFormatError
         Implausible data (see :func:`check_plausible`) or a broken file.
     """
-    named = prior is not None
-    prior = prior or PCMModel()
     if not isinstance(ds, xr.Dataset):
         raise TypeError(f"ds: expected an xarray.Dataset, got {type(ds).__name__}")
+    named = prior is not None
+    prior = resolve_prior(prior)
+    if clip not in ("fit", "fixed"):  # before the pass over the data
+        raise ValueError(f"clip = {clip!r}: choose 'fit' or 'fixed'")
+    if chunk_devices is not None:
+        check_int(chunk_devices, "chunk_devices", lo=1)
     exclusion = DeviceExclusion.parse(exclude)
     ea: ActivationEnergy = resolve_activation_energy(
         ds, prior if named else None, activation_energy, reference_temperature,

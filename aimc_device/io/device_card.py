@@ -28,9 +28,9 @@ import h5py
 import numpy as np
 
 from ..pcm import EmpiricalModel, PCMModel
-from ._atomic import atomic_output
+from ._atomic import atomic_output, check_output
 from ._errors import DeviceCardError
-from .measurements import _clean_attr, _open, file_sha256
+from .measurements import _clean_attr, _open, _schema_version, file_sha256
 
 __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "save_device_model", "load_device_model",
            "load_device_card"]
@@ -52,36 +52,51 @@ def _package_version() -> str:
     return __version__
 
 
-def save_device_model(model, path, provenance: dict | None = None) -> dict:
+def save_device_model(model, path, provenance: dict | None = None, *,
+                      overwrite: bool = False) -> dict:
     """Save a device model as an HDF5 device card, atomically.
 
     Parameters
     ----------
     model : PCMModel or EmpiricalModel
     path : str or os.PathLike
-        Destination file; replaced only when complete.
+        Destination file; replaced only when complete. It may replace a device card; it is never
+        the campaign named by ``provenance["source_file"]`` and, unless ``overwrite``, never an
+        existing file of another kind (a campaign, a checkpoint, ...): see
+        :func:`aimc_device.io.check_output`.
     provenance : dict, optional
         ``source_file`` (the campaign fitted), ``source_sha256`` (computed from ``source_file``
         when missing and the file exists), ``fit_function``, and any other str/number entries.
         ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent.
+    overwrite : bool
+        Replace an existing file of another kind too.
 
     Returns
     -------
     dict, the provenance written.
+
+    Raises
+    ------
+    OutputRefusedError
+        When ``path`` is the source campaign or an existing file of another kind.
     """
     family = next((k for k, (cls, _) in _FAMILIES.items() if isinstance(model, cls)), None)
     if family is None:
         raise TypeError(f"model: expected a PCMModel or an EmpiricalModel, got "
                         f"{type(model).__name__}")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise TypeError(f"provenance: expected a dict or None, got {type(provenance).__name__}")
     cls, version = _FAMILIES[family]
     prov = {"source_file": "", "source_sha256": "", "fit_function": ""}
     prov.update({k: v for k, v in (provenance or {}).items() if v is not None})
     src = prov.get("source_file")
+    check_output(path, CARD_SCHEMA, inputs=src or None, overwrite=overwrite)  # before hashing
     if src and not prov.get("source_sha256") and os.path.isfile(src):
         prov["source_sha256"] = file_sha256(src)
     prov.setdefault("package_version", _package_version())
     prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path, CARD_SCHEMA, inputs=src or None,
+                       overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = CARD_SCHEMA
         f.attrs["schema_version"] = version
         f.attrs["family"] = family
@@ -128,10 +143,8 @@ def load_device_card(path) -> tuple[PCMModel | EmpiricalModel, dict]:
             raise DeviceCardError(path, "attrs['schema']", f"not a device card (schema "
                                   f"{schema!r})", f"expected {CARD_SCHEMA!r}; write it with "
                                   "aimc_device.io.save_device_model")
-        version = int(_clean_attr(f.attrs.get("schema_version", 0)))
-        if version > CARD_SCHEMA_VERSION or version < 1:
-            raise DeviceCardError(path, "attrs['schema_version']", f"unsupported version "
-                                  f"{version}", f"this reader knows 1..{CARD_SCHEMA_VERSION}")
+        version = _schema_version(path, f.attrs.get("schema_version", 0), CARD_SCHEMA_VERSION,
+                                  DeviceCardError)
         family = str(_clean_attr(f.attrs.get("family", "pcm")))
         if family not in _FAMILIES:
             raise DeviceCardError(path, "attrs['family']", f"unknown family {family!r}",

@@ -35,12 +35,14 @@ import h5py
 import numpy as np
 import xarray as xr
 
+from .._checks import check_int
 from ._atomic import atomic_output
 from ._errors import MeasurementFormatError
 
 __all__ = [
     "SCHEMA", "SCHEMA_VERSION", "CONDUCTANCE_UNITS", "TIME_UNITS", "TEMPERATURE_UNITS",
     "DEFAULT_REFERENCE_TEMPERATURE", "NEAR_ZERO", "STUCK_SPAN", "STUCK_EDGE",
+    "SIMULATED_CAMPAIGN", "campaign_kind",
     "read_measurements", "write_measurements", "iter_device_chunks", "iter_device_arrays",
     "device_chunk_reader", "campaign_chunk_devices",
     "file_sha256",
@@ -54,6 +56,10 @@ SCHEMA = "aimc-device/pcm-campaign"
 #: The version this package writes when a campaign uses missing reads, per-device read times,
 #: temperatures or a valid mask (version 2); otherwise it writes version 1. It reads both.
 SCHEMA_VERSION = 2
+#: The kind of output of a campaign made by a simulation (``technology`` ending in
+#: "(simulated)", as :func:`aimc_device.pcm.simulate_campaign` writes it): it never replaces a
+#: measured campaign (kind :data:`SCHEMA`) unless told to.
+SIMULATED_CAMPAIGN = SCHEMA + " (simulated)"
 #: Accepted conductance units and their factor to siemens.
 CONDUCTANCE_UNITS = {"S": 1.0, "mS": 1e-3, "uS": 1e-6, "µS": 1e-6, "nS": 1e-9}
 #: Accepted time units and their factor to seconds.
@@ -104,6 +110,29 @@ def _clean_attr(value):
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def campaign_kind(attrs) -> str:
+    """:data:`SIMULATED_CAMPAIGN` for a campaign whose ``technology`` attribute ends in
+    "(simulated)", else :data:`SCHEMA` (a measurement) (see :func:`aimc_device.io.file_kind`)."""
+    tech = _attr_str(attrs.get("technology")) or ""
+    return SIMULATED_CAMPAIGN if tech.rstrip().endswith("(simulated)") else SCHEMA
+
+
+def _schema_version(path, value, newest: int, error=MeasurementFormatError) -> int:
+    """The ``schema_version`` attribute as an int in 1..newest, else ``error`` naming it."""
+    value = _clean_attr(value)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not np.isfinite(value) or value != int(value):
+        raise error(path, "attrs['schema_version']", f"{value!r} is not a version number",
+                    f"this reader knows versions 1..{newest}")
+    if not 1 <= int(value) <= newest:
+        raise error(path, "attrs['schema_version']", f"unsupported version {int(value)}",
+                    f"this reader knows versions 1..{newest}" + (
+                        "; update aimc-device" if value > newest else ""))
+    return int(value)
 
 
 def _to_si(value, factor: float):
@@ -442,11 +471,7 @@ def read_measurements(path, chunk_devices: int | None = None,
         if schema is not None and schema != SCHEMA:
             raise MeasurementFormatError(path, "attrs['schema']", f"unknown schema {schema!r}",
                                          f"expected {SCHEMA!r}")
-        version = int(attrs.get("schema_version", 1))
-        if version > SCHEMA_VERSION:
-            raise MeasurementFormatError(path, "attrs['schema_version']",
-                                         f"version {version} is newer than this reader "
-                                         f"({SCHEMA_VERSION})", "update aimc-device")
+        version = _schema_version(path, attrs.get("schema_version", 1), SCHEMA_VERSION)
         g_max = root_quantity(path, attrs, "g_max", CONDUCTANCE_UNITS, True)
         t0 = root_quantity(path, attrs, "t0", TIME_UNITS, True)
         t_read = root_quantity(path, attrs, "t_read", TIME_UNITS, False)
@@ -718,11 +743,17 @@ def iter_device_chunks(source, chunk_devices: int | None = None,
 
 
 def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
-                       compression: str | None = None, progress: bool = False) -> None:
+                       compression: str | None = None, progress: bool = False, *,
+                       overwrite: bool = False) -> None:
     """Write a campaign Dataset to HDF5 atomically (temporary file in the same folder, then rename).
 
     The file is schema version 2 when the Dataset uses its features (NaN for reads not taken,
     ``read_time``, ``temperature``, ``valid``), else version 1 (readable by older versions).
+
+    The output is checked first (:func:`aimc_device.io.check_output`): it may not be the file the
+    Dataset was read from, nor an existing file of another kind (a device card, ...) unless
+    ``overwrite``; a simulated campaign (``technology`` ending in "(simulated)") does not replace
+    a measured one either; its folder must be writable.
 
     Parameters
     ----------
@@ -738,12 +769,20 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
         h5py compression filter for ``g`` ("gzip", "lzf"); none by default (fastest reads).
     progress : bool
         Show a tqdm progress bar.
+    overwrite : bool
+        Replace an existing file of another kind (never the campaign's own source file).
 
     Raises
     ------
     MeasurementFormatError
         When the Dataset breaks the schema (nothing is written then).
+    OutputRefusedError
+        When ``path`` is the Dataset's source file or an existing file of another kind.
     """
+    if not isinstance(ds, xr.Dataset):
+        raise TypeError(f"ds: expected an xarray.Dataset (a campaign), got {type(ds).__name__}")
+    if chunk_devices is not None:
+        chunk_devices = check_int(chunk_devices, "chunk_devices", lo=1)
     path = os.path.abspath(os.fspath(path))
     _, attrs = check_campaign(ds, "<Dataset>")
     n, t_n, n_rep = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
@@ -752,7 +791,8 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
         chunk_devices = default_chunk_devices(t_n, n_rep, gdtype.itemsize)
     chunk_devices = int(min(max(1, chunk_devices), n))
     per_device = "read_time" in ds
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    with atomic_output(path, campaign_kind(attrs), inputs=attrs.get("source_file"),
+                       overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = SCHEMA
         for key, value in attrs.items():
             if key in _DERIVED_ATTRS or value is None:

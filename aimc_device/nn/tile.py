@@ -32,7 +32,14 @@ from ..crossbar.state import export_state, import_state
 from ..pcm import PCMModel
 from ..pcm.torch_ops import perturb_tensor
 
-__all__ = ["AnalogTile"]
+__all__ = ["AnalogTile", "require_tensor"]
+
+
+def require_tensor(x, where: str, name: str = "input") -> None:
+    """Raise a TypeError naming ``where`` unless ``x`` is a torch.Tensor (an isinstance test)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: the {name} must be a torch.Tensor, got {type(x).__name__}; "
+                        "convert it with torch.as_tensor(x, dtype=torch.float32)")
 
 
 class _NoisyWeight(torch.autograd.Function):
@@ -255,6 +262,7 @@ class AnalogTile(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = analog MVM of x (..., in) -> (..., out), without bias."""
+        require_tensor(x, type(self).__name__)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input: last dimension must be in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")

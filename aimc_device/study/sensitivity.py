@@ -14,6 +14,7 @@ References
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -29,10 +30,13 @@ from .. import nn as ann
 from ..crossbar import CrossbarConfig, mvm_error
 from ..crossbar.metric import test_case
 from ..pcm import PCMModel
+from .._checks import check_bool
 from . import _dask
 from ._tasks import evaluate_task
-from .report import format_sensitivity_table, plot_sensitivity, write_outputs
-from .study import TIME_LABELS, prepare_models
+from ._validate import (check_reachable, check_recipe, check_sensitivity, device_inputs,
+                        workload_name)
+from .report import check_outputs, format_sensitivity_table, plot_sensitivity, write_outputs
+from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Nonideality", "NONIDEALITIES", "find_scale", "knob_levels", "run_sensitivity"]
 
@@ -190,7 +194,8 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                     out_dir="study-out", seed: int = 0, quick: bool = False,
                     hwa_epochs: int | None = None, test_shape=None, n_inputs: int | None = None,
                     scheduler=None, progress: bool = True, plot: bool = True,
-                    verbose: bool = True, **study_kwargs) -> xr.Dataset:
+                    verbose: bool = True, overwrite: bool = False,
+                    **study_kwargs) -> xr.Dataset:
     """Scale each nonideality alone until eps_M = ``max_mvm_error``; measure the loss of A*(t).
 
     Parameters
@@ -213,7 +218,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     test_shape : (out, in), optional, the MVM-error test matrix (default 512 x 512, quick
         128 x 128)
     n_inputs : int, optional, inputs of the test case (default 1000, quick 200)
-    scheduler, progress, plot, verbose : as in :func:`run_study`
+    scheduler, progress, plot, verbose, overwrite : as in :func:`run_study`
     **study_kwargs : passed to :func:`aimc_device.study.prepare_models` (hwa_lr, distill, ...)
 
     Returns
@@ -225,21 +230,31 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
         ``threshold_value`` per nonideality (NaN: A* stays above the threshold up to the top
         of the sweep). Level 0 is the standard model.
     """
-    names = list(nonidealities) if nonidealities is not None else list(NONIDEALITIES)
-    unknown = [n for n in names if n not in NONIDEALITIES]
-    if unknown:
-        raise ValueError(f"unknown nonideality {unknown}; choose from {list(NONIDEALITIES)}")
-    if n_levels < 2:
-        raise ValueError("n_levels: give at least 2 (the standard model and the top)")
-    test_shape = tuple(test_shape) if test_shape is not None else (
+    names = check_sensitivity(nonidealities, NONIDEALITIES, max_mvm_error, n_levels, repeats,
+                              t, iso_accuracy, test_shape, n_inputs)
+    check_bool(plot, "plot")
+    check_bool(verbose, "verbose")
+    # The recipe as prepare_models will get it (an unknown keyword raises TypeError here).
+    recipe = inspect.signature(prepare_models).bind(workload, device, cfg, out_dir, seed, quick,
+                                                     hwa_epochs, progress=progress,
+                                                     **study_kwargs)
+    recipe.apply_defaults()
+    check_recipe(**recipe.arguments)
+    stem = os.path.join(os.fspath(out_dir), f"{workload_name(workload)}-sensitivity")
+    check_outputs(stem, plot, inputs=device_inputs(device), overwrite=overwrite)
+    test_shape = tuple(int(v) for v in test_shape) if test_shape is not None else (
         (128, 128) if quick else (512, 512))
     n_inputs = int(n_inputs) if n_inputs is not None else (200 if quick else 1000)
+    t = float(t)
+    # The standard model's MVM error first: a sweep top below it is refused before training.
+    cfg0 = cfg if cfg is not None else CrossbarConfig()
+    w, x = test_case(seed, n_inputs, test_shape)
+    eps0 = mvm_error(cfg0, device=resolve_device(device)[0], t=t, weights=w, inputs=x, rng=seed)
+    check_reachable(max_mvm_error, eps0)
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs,
                           progress=progress, **study_kwargs)
     cfg, dev = prep.cfg, prep.device
     t0 = time.perf_counter()
-    w, x = test_case(seed, n_inputs, test_shape)
-    eps0 = mvm_error(cfg, device=dev, t=t, weights=w, inputs=x, rng=seed)
     targets = list(np.linspace(eps0, max_mvm_error, n_levels)[1:])
     level_calls = [(0, n, cfg.to_dict(), dev.to_dict(), targets, t, test_shape, n_inputs, seed)
                    for n in names]
@@ -248,8 +263,8 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                     progress, iso_accuracy, max_mvm_error, t0)
     ds.attrs.update(test_shape=list(test_shape), n_inputs=n_inputs,
                     scheduler=_dask.scheduler_label(scheduler))
-    write_outputs(ds, os.path.join(os.fspath(out_dir), f"{prep.workload.name}-sensitivity"),
-                  format_sensitivity_table, plot_sensitivity if plot else None, verbose)
+    write_outputs(ds, stem, format_sensitivity_table, plot_sensitivity if plot else None,
+                  verbose, inputs=device_inputs(device), overwrite=overwrite)
     return ds
 
 
