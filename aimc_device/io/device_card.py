@@ -7,7 +7,8 @@ Layout (schema ``aimc-device/pcm-device-card``, version 1):
 - ``/model/<field>``: one float64 dataset per numeric field of PCMModel (scalar or 1-D), with attr
   ``units`` from ``PCMModel.UNITS``;
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
-  ``package_version``, ``date`` and anything else passed in (strings or numbers).
+  ``package_version``, ``date`` (unless left out) and anything else passed in (strings or
+  numbers).
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     provenance : dict, optional
         ``source_file`` (the campaign fitted), ``source_sha256`` (computed from ``source_file``
         when missing and the file exists), ``fit_function``, and any other str/number entries.
-        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent.
+        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent;
+        ``date=None`` writes no date (with the same model and provenance, the same file, byte
+        for byte: no HDF5 object carries a timestamp either).
 
     Returns
     -------
@@ -62,7 +65,8 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     if src and not prov.get("source_sha256") and os.path.isfile(src):
         prov["source_sha256"] = file_sha256(src)
     prov.setdefault("package_version", _package_version())
-    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if "date" not in (provenance or {}):
+        prov["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = CARD_SCHEMA
         f.attrs["schema_version"] = CARD_SCHEMA_VERSION
@@ -71,7 +75,7 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
         grp = f.create_group("model")
         for name, unit in PCMModel.UNITS.items():
             d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
-                                                         dtype=np.float64))
+                                                         dtype=np.float64), track_times=False)
             d.attrs["units"] = unit
         pg = f.create_group("provenance")
         for key, value in prov.items():

@@ -508,6 +508,9 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                        compression: str | None = None, progress: bool = False) -> None:
     """Write a campaign Dataset to HDF5 atomically (temporary file in the same folder, then rename).
 
+    No HDF5 object carries a creation time: the same Dataset and settings give the same file,
+    byte for byte.
+
     Parameters
     ----------
     ds : xarray.Dataset
@@ -542,14 +545,16 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                 continue
             if isinstance(value, (str, bool, int, float, np.generic)):
                 f.attrs[key] = value
-        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values))
+        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values), track_times=False)
         f["g_target"].attrs["units"] = ds["g_target"].attrs["units"]
-        f.create_dataset("time", data=np.asarray(ds["time"].values, dtype=np.float64))
+        f.create_dataset("time", data=np.asarray(ds["time"].values, dtype=np.float64),
+                         track_times=False)
         f["time"].attrs["units"] = ds["time"].attrs["units"]
         hchunk = min(chunk_devices, default_chunk_devices(t_n, n_rep, gdtype.itemsize,
                                                           2**20))
         dset = f.create_dataset("g", shape=(n, t_n, n_rep), dtype=gdtype,
-                                chunks=(hchunk, t_n, n_rep), compression=compression)
+                                chunks=(hchunk, t_n, n_rep), compression=compression,
+                                track_times=False)
         dset.attrs["units"] = ds["g"].attrs["units"]
         starts = range(0, n, chunk_devices)
         if progress:
