@@ -79,12 +79,16 @@ def deviations(model: pcm.PCMModel, preset: pcm.PCMModel, levels: int) -> dict:
 
 
 def deviation_sentence(dev: dict, levels: int) -> str:
-    """The sentence of models/README.md that records :func:`deviations`, wrapped at 100."""
+    """The sentence of models/README.md that records :func:`deviations`, wrapped at 100
+    columns between the quantities."""
+    items = [f"{k} {100 * dev[k]:.1f} %" for k in ("sigma_P", "mu_nu", "sigma_nu", "Q_s")]
+    items.append(f"(read-noise coefficient {100 * dev['read_noise_coeff']:+.2f} %).")
     text = (f"Worst relative deviation from the preset over the {levels} levels: "
-            f"sigma_P {100 * dev['sigma_P']:.1f} %, mu_nu {100 * dev['mu_nu']:.1f} %, "
-            f"sigma_nu {100 * dev['sigma_nu']:.1f} %, Q_s {100 * dev['Q_s']:.1f} % "
-            f"(read-noise coefficient {100 * dev['read_noise_coeff']:+.2f} %).")
-    return textwrap.fill(text, width=100, break_on_hyphens=False)
+            + ", ".join(items[:4]) + " " + items[4])
+    glued = [i.replace(" ", "\0") for i in items]  # no line break inside a quantity
+    for item, g in zip(items, glued):
+        text = text.replace(item, g)
+    return textwrap.fill(text, width=100, break_on_hyphens=False).replace("\0", " ")
 
 
 def make_reference(out_dir: str, settings: dict = SETTINGS) -> dict:
