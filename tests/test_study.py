@@ -16,7 +16,7 @@ import torch
 from aimc_device import study
 from aimc_device.cli import main
 from aimc_device.crossbar import CrossbarConfig, mvm_error
-from aimc_device.crossbar.metric import test_case
+from aimc_device.crossbar.metric import standard_test_case
 from aimc_device.io import save_device_model
 from aimc_device.pcm import PCMModel
 from aimc_device.study._checkpoint import atomic_save, load_checkpoint
@@ -134,7 +134,7 @@ def test_sensitivity_quick_two_nonidealities(shared_dir):
 
 
 def test_find_scale_hits_target():
-    w, x = test_case(0, 100, (64, 64))
+    w, x = standard_test_case(0, 100, (64, 64))
     v, e = study.find_scale("programming noise", 0.2, t=None, weights=w, inputs=x, seed=0)
     assert v > 1 and e == pytest.approx(0.2, abs=1e-3)
     c, d = study.NONIDEALITIES["programming noise"].apply(CrossbarConfig(),

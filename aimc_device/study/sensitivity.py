@@ -27,7 +27,7 @@ from scipy.optimize import brentq
 from .. import __version__
 from .. import nn as ann
 from ..crossbar import CrossbarConfig, mvm_error
-from ..crossbar.metric import test_case
+from ..crossbar.metric import standard_test_case
 from ..pcm import PCMModel
 from . import _dask
 from ._tasks import evaluate_task
@@ -177,7 +177,7 @@ def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, de
 
 
 def _levels_task(_shared, name, cfg_d, dev_d, targets, t, shape, n_inputs, seed):
-    w, x = test_case(seed, n_inputs, shape)
+    w, x = standard_test_case(seed, n_inputs, shape)
     return knob_levels(name, targets, CrossbarConfig.from_dict(cfg_d), PCMModel(**dev_d), t, w,
                        x, seed)
 
@@ -236,7 +236,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                           progress=progress, **study_kwargs)
     cfg, dev = prep.cfg, prep.device
     t0 = time.perf_counter()
-    w, x = test_case(seed, n_inputs, test_shape)
+    w, x = standard_test_case(seed, n_inputs, test_shape)
     eps0 = mvm_error(cfg, device=dev, t=t, weights=w, inputs=x, rng=seed)
     targets = list(np.linspace(eps0, max_mvm_error, n_levels)[1:])
     level_calls = [(0, n, cfg.to_dict(), dev.to_dict(), targets, t, test_shape, n_inputs, seed)
