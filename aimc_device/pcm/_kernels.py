@@ -189,13 +189,6 @@ def normal_pair(key, index, stream):  # pragma: no cover - via tests
             half_normal(key, r >> _S32, c + _ONE, stream))
 
 
-@nb.njit("void(uint64, float64[::1])", cache=True, parallel=True)
-def fill_standard_normal(key, out):  # pragma: no cover - exercised via tests
-    """Fill ``out`` with N(0, 1) variates of :func:`normal` (the tests check the sampler)."""
-    for i in prange(out.shape[0]):
-        out[i] = normal(key, np.uint64(i), np.uint64(STREAM_READ))
-
-
 # The kernels compute in the precision of the arrays: every scalar parameter comes in that
 # dtype, so float32 devices take float32 logs and exponentials (twice as fast) and float64
 # devices keep float64 throughout. ``floor`` is the smallest relative conductance put into a log.
