@@ -310,7 +310,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         first and the last); ``()`` puts every layer on analog tiles.
     scheduler : None, str or distributed.Client
         Where the evaluation tasks run: None, a LocalCluster of 2 processes; "synchronous"
-        (in this process, one task after the other); an address "tcp://host:8786" of an existing Dask cluster; or a Client.
+        (in this process, one task after the other); an address "tcp://host:8786" of an
+        existing Dask cluster; or a Client.
     progress : bool
         Progress bars.
     on_epoch_end : callable(phase, epoch), optional
