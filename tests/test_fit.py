@@ -86,6 +86,24 @@ def test_report(reference_fit):
                       float)
 
 
+def test_standard_errors_match_the_scatter_over_campaigns():
+    # Each component's per-level estimates scatter around the true curve by their reported
+    # standard errors: over 6 campaigns x 20 levels, the mean of ((data - truth) / se)^2 is 1
+    # (+-0.13; the tolerance is 4 times that: a standard error off by 1.5x fails).
+    g = lambda cf: cf.x * PRESET.g_max  # noqa: E731
+    truth = {"programming_noise": lambda cf: pcm.programming_noise_std(g(cf), PRESET),
+             "drift_mean": lambda cf: pcm.drift_exponent_stats(g(cf), PRESET)[0],
+             "drift_std": lambda cf: pcm.drift_exponent_stats(g(cf), PRESET)[1],
+             "read_noise": lambda cf: pcm.read_noise_q(cf.x, PRESET)}
+    z2 = {name: [] for name in truth}
+    for seed in range(6):
+        _, report = fit.fit_pcm(_campaign(devices=500, rng=100 + seed))
+        for name, cf in report.components.items():
+            z2[name].append(((cf.data - truth[name](cf)) / cf.data_se) ** 2)
+    for name, v in z2.items():
+        assert np.mean(v) == pytest.approx(1.0, abs=4 * np.sqrt(2 / np.size(v))), name
+
+
 def test_doubled_programming_noise_is_recovered():
     wrong = PRESET.replace(prog_coeffs=tuple(2 * c for c in PRESET.prog_coeffs))
     model, _ = fit.fit_pcm(_campaign(wrong, devices=1000, rng=5))
