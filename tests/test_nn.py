@@ -389,7 +389,7 @@ def test_conv_path_equals_unfolded_mvm(conv, shape, input_grad):  # gradient by 
 
 def test_init_input_ranges_reaches_convolution_tiles():
     # A convolution's tiles see channel groups of its input image: alpha per group.
-    conv = nn.Conv2d(4, 3, 3, padding=1)
+    conv = nn.Conv2d(4, 3, 3, padding=1, bias=False)  # as the CNN's (one Numba specialisation)
     a = anl.convert(nn.Sequential(conv), STD.replace(max_rows=18), DEV)
     assert a[0].channel_sizes == [2, 2]
     x = torch.zeros(2, 4, 5, 5)
