@@ -194,13 +194,6 @@ def normal_pair(key, index, stream):  # pragma: no cover - via tests
             half_normal(key, r >> _S32, c + _ONE, stream))
 
 
-@nb.njit("void(uint64, float64[::1])", cache=True, parallel=True)
-def fill_standard_normal(key, out):  # pragma: no cover - exercised via tests
-    """Fill ``out`` with N(0, 1) variates of :func:`normal` (the tests check the sampler)."""
-    for i in prange(out.shape[0]):
-        out[i] = normal(key, np.uint64(i), np.uint64(STREAM_READ))
-
-
 @nb.njit("void(uint64, float64[::1], float64[::1])", cache=True, parallel=True)
 def fault_uniforms(key, u_kind, u_value):  # pragma: no cover - exercised via tests
     """The two uniform variates in [0, 1) of device i's fault (see
