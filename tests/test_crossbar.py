@@ -36,9 +36,10 @@ def _case(out=40, inp=1100, batch=64, seed=0, dtype=torch.float64):
 
 
 def _q(z, bits, bound):
-    """Eq. 5 written out: 2^q - 1 levels of width 2 b / (2^q - 2), clipped to [-b, b]."""
+    """Eq. 5 written out: 2^q - 1 levels of width 2 b / (2^q - 2), clipped to [-b, b]; without
+    bits only the clip."""
     if not bits:
-        return z
+        return torch.clamp(z, -bound, bound)
     step = 2.0 * bound / (2 ** bits - 2)
     return torch.clamp(torch.round(z / step) * step, -bound, bound)
 
@@ -370,7 +371,7 @@ def test_gradients_flow_with_straight_through():
     assert float(z.abs().max()) < 15.0  # far from the ADC bound: its mask is 1 everywhere
     one_tile = [gamma * torch.tensor([[1.0], [0.0]]), gamma * torch.tensor([[0.0], [1.0]])]
     grads = {}
-    for name, cfg in (("noisy", std), ("clean", CrossbarConfig.ideal(inp_bits=8))):
+    for name, cfg in (("noisy", std), ("clean", CrossbarConfig.ideal(inp_bits=8, inp_bound=1.0))):
         _, g = run(cfg, gamma)
         parts = [run(cfg, s)[0] for s in one_tile]  # y_k = alpha_k s_k Q(z_k)
         for k in range(2):  # d sum(y) / d s_k = alpha_k sum_b Q(z_k) = sum_b y_k / s_k
