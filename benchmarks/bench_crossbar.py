@@ -1,4 +1,4 @@
-"""Speed of the crossbar simulator as ratios against torch.nn.functional.linear (issue 3).
+"""Speed of the crossbar simulator as ratios against torch.nn.functional.linear.
 
 512 x 512 weights, batch 256, float32, same process. Prints a table of ratios:
 
@@ -10,7 +10,7 @@
 
 Run: ``.venv/bin/python benchmarks/bench_crossbar.py [--threads 1] [--repeats N] [--strict]``.
 
-Measured 2026-11-30 (session 3) on the shared 2-core development machine (AVX-512), torch
+Measured on 2 CPU cores of an x86-64 machine with AVX-512 (shared with other work), torch
 2.13 CPU, 2 torch / 2 Numba threads (median paired ratio over three runs):
 
     periphery only     1.26x-1.28x  (target 1.3)

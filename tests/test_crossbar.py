@@ -1,4 +1,4 @@
-"""Tests of aimc_device.crossbar (issue 3): config, mapping, periphery, MVM, array, MVM error."""
+"""Tests of aimc_device.crossbar: config, mapping, periphery, MVM, array, MVM error."""
 from __future__ import annotations
 
 import math

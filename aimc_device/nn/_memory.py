@@ -3,7 +3,7 @@
 An HWA training step allocates and frees the same large buffers every step (stage outputs, ADC
 levels, masks, the products of the convolutions, their gradients). With glibc's default
 policy the freed top of the heap is returned to the operating system, and the next step takes
-it back page by page: on the development VM about 2000-3000 page faults per step of the small
+it back page by page: on a 2-core x86-64 VM about 2000-3000 page faults per step of the small
 CNN of ``benchmarks/bench_nn.py``, some 4 ms of a 20 ms step, and the floating-point model run
 in the same process afterwards paid them too. Keeping up to ``trim_threshold`` of freed memory
 (and serving blocks up to ``mmap_threshold`` from the heap, glibc's own ceiling for its dynamic

@@ -1,4 +1,4 @@
-"""Small networks and data sets that need no download (DESIGN.md, issue 5).
+"""Small networks and data sets that need no download.
 
 Three topologies, as in the paper's study, all on scikit-learn's handwritten digits (shipped
 with the package):

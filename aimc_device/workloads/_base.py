@@ -1,7 +1,7 @@
 """The workload base class: data, model, floating-point training recipe and evaluation.
 
-Everything here is plain torch + numpy; no other layer of aimc_device is imported (workloads
-sits beside nn/ in the layer order of DESIGN.md).
+Everything here is plain torch + numpy; no other layer of aimc_device is imported (in the
+package's layer order pcm, io, fit, crossbar, nn, study, cli, workloads sits beside nn).
 
 Randomness is passed in as seeds. Model initialisation and training draw from torch's global
 generator only inside :func:`torch.random.fork_rng`, so the caller's global state is left as it
