@@ -1,12 +1,14 @@
 """aimc_device.io: campaign files (lazy read, atomic write, bad input) and device cards."""
 from __future__ import annotations
 
+import datetime
 import os
 
 import h5py
 import numpy as np
 import pytest
 
+import aimc_device
 from aimc_device import io, pcm
 from aimc_device.io import MeasurementFormatError
 
@@ -191,7 +193,10 @@ def test_device_card_round_trip_exact(tmp_path, good_file):
     assert io.load_device_model(path) == model
     assert prov["source_sha256"] == io.file_sha256(good_file)
     assert prov["fit_function"] == "aimc_device.fit.fit_pcm"
-    assert prov["package_version"] and prov["date"]
+    assert prov["package_version"] == aimc_device.__version__
+    age = datetime.datetime.now(datetime.timezone.utc) - datetime.datetime.fromisoformat(
+        prov["date"])
+    assert datetime.timedelta(0) <= age < datetime.timedelta(minutes=10)  # ISO 8601, UTC
     with h5py.File(path) as f:
         assert f.attrs["schema"] == io.CARD_SCHEMA and f.attrs["schema_version"] == 1
         for name, unit in pcm.PCMModel.UNITS.items():

@@ -15,7 +15,7 @@ from ..io import resolve_device_model
 from .array import AnalogArray
 from .config import CrossbarConfig
 
-__all__ = ["mvm_error", "test_case", "nonideality_configs", "mvm_error_breakdown",
+__all__ = ["mvm_error", "standard_test_case", "nonideality_configs", "mvm_error_breakdown",
            "TEST_CASE_SHAPE", "TEST_CASE_W_STD", "EVALUATION_TIMES"]
 
 #: The standard test case of [1]: a 512 x 512 tile (out, in).
@@ -26,15 +26,12 @@ TEST_CASE_W_STD = 0.246
 EVALUATION_TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 year": 365.25 * 86400.0}
 
 
-def test_case(rng=0, n_inputs: int = 1000, shape=TEST_CASE_SHAPE):
+def standard_test_case(rng=0, n_inputs: int = 1000, shape=TEST_CASE_SHAPE):
     """Weights (out, in) ~ Normal(0, 0.246) and inputs (n, in) ~ Uniform(-1, 1) of Eq. 20 [1]."""
     gen = as_generator(rng)
     w = gen.normal(0.0, TEST_CASE_W_STD, size=shape)
     x = gen.uniform(-1.0, 1.0, size=(n_inputs, shape[1]))
     return w, x
-
-
-test_case.__test__ = False  # not a pytest test
 
 
 def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = None,
@@ -63,8 +60,8 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     n_inputs = check_int(n_inputs, "n_inputs", lo=1)
     gen = as_generator(rng)
     if weights is None or inputs is None:
-        w0, x0 = test_case(gen, n_inputs,
-                           TEST_CASE_SHAPE if weights is None else np.shape(weights))
+        w0, x0 = standard_test_case(gen, n_inputs,
+                                    TEST_CASE_SHAPE if weights is None else np.shape(weights))
         weights = w0 if weights is None else weights
         inputs = x0 if inputs is None else inputs
     w = np.asarray(weights, dtype=np.float64)

@@ -12,7 +12,8 @@ Layout (schema ``aimc-device/pcm-device-card``):
   ``PCMModel.OPTIONAL_FIELDS`` (``activation_energy``, ``reference_temperature``: written by
   later versions) loads with the field's default;
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
-  ``package_version``, ``date`` and anything else passed in (strings or numbers).
+  ``package_version``, ``date`` (unless left out) and anything else passed in (strings or
+  numbers).
 
 Versions: 1, a PCM card (its layout unchanged; PCM cards are still written as version 1, so
 older readers load them); 2 adds the ``family`` attribute and the empirical family (an empirical
@@ -70,7 +71,9 @@ def save_device_model(model, path, provenance: dict | None = None, *,
     provenance : dict, optional
         ``source_file`` (the campaign fitted), ``source_sha256`` (computed from ``source_file``
         when missing and the file exists), ``fit_function``, and any other str/number entries.
-        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent.
+        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent;
+        ``date=None`` writes no date (with the same model and provenance, the same file, byte
+        for byte: no HDF5 object carries a timestamp either).
     overwrite : bool
         Replace an existing file of another kind too.
 
@@ -94,7 +97,8 @@ def save_device_model(model, path, provenance: dict | None = None, *,
     if src and not prov.get("source_sha256") and os.path.isfile(src):
         prov["source_sha256"] = file_sha256(src)
     prov.setdefault("package_version", _package_version())
-    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    if "date" not in (provenance or {}):
+        prov["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     with atomic_output(path, CARD_SCHEMA, inputs=src or None,
                        overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = CARD_SCHEMA
@@ -107,7 +111,7 @@ def save_device_model(model, path, provenance: dict | None = None, *,
             if getattr(model, name) is None:  # an optional field (empirical family)
                 continue
             d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
-                                                         dtype=np.float64))
+                                                         dtype=np.float64), track_times=False)
             d.attrs["units"] = unit
         pg = f.create_group("provenance")
         for key, value in prov.items():

@@ -755,6 +755,9 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
     ``overwrite``; a simulated campaign (``technology`` ending in "(simulated)") does not replace
     a measured one either; its folder must be writable.
 
+    No HDF5 object carries a creation time: the same Dataset and settings give the same file,
+    byte for byte.
+
     Parameters
     ----------
     ds : xarray.Dataset
@@ -799,27 +802,31 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                 continue
             if isinstance(value, (str, bool, int, float, np.generic)):
                 f.attrs[key] = value
-        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values))
+        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values), track_times=False)
         f["g_target"].attrs["units"] = ds["g_target"].attrs["units"]
         nominal = np.asarray(ds["time"].values, dtype=np.float64)
         if per_device:
             tdtype = ds["read_time"].dtype
             tset = f.create_dataset("time", shape=(n, t_n), dtype=tdtype,
-                                    chunks=(min(chunk_devices, max(1, 2**20 // (8 * t_n))), t_n))
+                                    chunks=(min(chunk_devices, max(1, 2**20 // (8 * t_n))), t_n),
+                                    track_times=False)
             tset.attrs["nominal"] = nominal
         else:
-            f.create_dataset("time", data=nominal)
+            f.create_dataset("time", data=nominal, track_times=False)
         f["time"].attrs["units"] = ds["time"].attrs["units"]
         if "temperature" in ds:
             f.create_dataset("temperature",
-                             data=np.asarray(ds["temperature"].values, dtype=np.float64))
+                             data=np.asarray(ds["temperature"].values, dtype=np.float64),
+                             track_times=False)
             f["temperature"].attrs["units"] = "K"
         if "valid" in ds:
-            f.create_dataset("valid", data=np.asarray(ds["valid"].values, dtype=bool))
+            f.create_dataset("valid", data=np.asarray(ds["valid"].values, dtype=bool),
+                             track_times=False)
         hchunk = min(chunk_devices, default_chunk_devices(t_n, n_rep, gdtype.itemsize,
                                                           2**20))
         dset = f.create_dataset("g", shape=(n, t_n, n_rep), dtype=gdtype,
-                                chunks=(hchunk, t_n, n_rep), compression=compression)
+                                chunks=(hchunk, t_n, n_rep), compression=compression,
+                                track_times=False)
         dset.attrs["units"] = ds["g"].attrs["units"]
         starts = range(0, n, chunk_devices)
         if progress:

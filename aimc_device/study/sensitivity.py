@@ -28,7 +28,7 @@ from scipy.optimize import brentq
 from .. import __version__
 from .. import nn as ann
 from ..crossbar import CrossbarConfig, mvm_error
-from ..crossbar.metric import test_case
+from ..crossbar.metric import standard_test_case
 from ..io import model_from_dict, model_to_dict
 from .._checks import check_bool
 from . import _dask
@@ -175,7 +175,7 @@ def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, de
 
 
 def _levels_task(_shared, name, cfg_d, dev_d, targets, t, shape, n_inputs, seed):
-    w, x = test_case(seed, n_inputs, shape)
+    w, x = standard_test_case(seed, n_inputs, shape)
     return knob_levels(name, targets, CrossbarConfig.from_dict(cfg_d), model_from_dict(dev_d), t,
                        w, x, seed)
 
@@ -240,7 +240,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     t = float(t)
     # The standard model's MVM error first: a sweep top below it is refused before training.
     cfg0 = cfg if cfg is not None else CrossbarConfig()
-    w, x = test_case(seed, n_inputs, test_shape)
+    w, x = standard_test_case(seed, n_inputs, test_shape)
     eps0 = mvm_error(cfg0, device=resolve_device(device)[0], t=t, weights=w, inputs=x, rng=seed)
     check_reachable(max_mvm_error, eps0)
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs,

@@ -276,7 +276,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Seed of everything: model initialisation, FP and HWA training, calibration batches and
         each evaluation task (keyed by (seed, variant, repeat)).
     quick : bool
-        The workload's reduced settings (tests, ``--quick``).
+        The workload's quick demonstration settings (:data:`aimc_device.workloads.QUICK`,
+        the ``--quick`` option of the command line).
     hwa_epochs : int, optional
         HWA fine-tuning epochs; default :data:`HWA_EPOCHS` (2 when quick).
     hwa_lr : float
@@ -294,7 +295,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         first and the last); ``()`` puts every layer on analog tiles.
     scheduler : None, str or distributed.Client
         Where the evaluation tasks run: None, a LocalCluster of 2 processes; "synchronous"
-        (tests); an address "tcp://host:8786" of an existing Dask cluster; or a Client.
+        (in this process, one task after the other); an address "tcp://host:8786" of an
+        existing Dask cluster; or a Client.
     progress : bool
         Progress bars.
     on_epoch_end : callable(phase, epoch), optional
