@@ -75,7 +75,8 @@ DECISION_RULE = (
     f"p <= {ALPHA:g}; the PCM family (the simpler) is chosen when its failing cells stay within "
     f"what chance gives a correct model ({_CHANCE_QUANTILE:.0%} quantile of Binomial(cells, "
     f"{ALPHA:g})) or are no larger a fraction than the empirical family's; else the empirical "
-    "family; a family whose fit refuses the campaign is not a candidate")
+    "family; a family whose fit refuses the campaign is not a candidate; when neither can be "
+    "tested on held-out devices, the PCM family is kept")
 
 
 def chance_limit(cells: int, alpha: float = ALPHA) -> int:
@@ -539,6 +540,10 @@ def _decide(family, models, refused, held, held_refused, alpha, holdout) -> tupl
     if not holdout:
         return "pcm", "no hold-out test (holdout=False): the PCM family kept as it fits"
     cand = [f for f in FAMILIES if f in held]
+    if not cand:
+        return "pcm", (f"neither family could be tested on held-out devices (pcm: "
+                       f"{held_refused['pcm']}; empirical: {held_refused['empirical']}): the "
+                       "PCM family kept as it fits")
     if len(cand) == 1:
         other = next(f for f in FAMILIES if f != cand[0])
         return cand[0], f"the {other} family could not be tested ({held_refused[other]})"
