@@ -111,10 +111,10 @@ def _device_state(array: AnalogArray, state: dict, partners: torch.Tensor, devic
     model = array.device_model
     if kind is None:
         return None
-    has = "ideal devices" if model is None else f"a {model.family} device model"
+    has = "ideal devices" if model is None else f"the {model.family} family"
     if model is None or model.family != kind[0]:
-        raise ValueError(f"import_state: the saved state was programmed with a {kind[0]} device "
-                         f"model, the array has {has}; rebuild the array (convert the model) "
+        raise ValueError(f"import_state: the saved state was programmed with a device model of "
+                         f"the {kind[0]} family, the array has {has}; rebuild the array (convert the model) "
                          "with the device model it was programmed with")
 
     def flat(key, on=None):

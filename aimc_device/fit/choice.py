@@ -357,14 +357,16 @@ def _qq(sub: xr.Dataset, times, models: dict, seed: int, draws: int = 4) -> dict
             v = v[np.isfinite(v)]
             if v.size >= 2:
                 out["measured"][r, m] = np.quantile(v, probs) / g_max
+    # the model programs the sample's targets at the picked levels ``draws`` times (one batch)
+    targets = np.tile(np.concatenate([g_target[rr] for rr in rows]), draws)
+    which = np.tile(np.concatenate([np.full(rr.size, r) for r, rr in enumerate(rows)]), draws)
     for fam, model in models.items():
         q = np.full_like(out["measured"], np.nan)
-        for r, rr in enumerate(rows):
-            targets = np.tile(g_target[rr], draws)
-            state = pcm.program(targets, model, rng=[seed, 7, r])
-            for m, t in enumerate(t_nodes):
-                q[r, m] = np.quantile(pcm.read(state, float(t), model, rng=[seed, 7, r, m]),
-                                      probs) / g_max
+        state = pcm.program(targets, model, rng=[seed, 7])
+        for m, t in enumerate(t_nodes):
+            g_model = pcm.read(state, float(t), model, rng=[seed, 7, m])
+            for r in range(len(rows)):
+                q[r, m] = np.quantile(g_model[which == r], probs) / g_max
         out[fam] = q
     return out
 
