@@ -167,6 +167,9 @@ class DeviceFitReport:
         if ea:
             lines.append(f"  activation energy {ea['value']:.4g} eV at T_ref = "
                          f"{ea['reference_temperature']:.2f} K: {ea['source']}")
+        dropped = self.provenance.get("excluded_devices")
+        if dropped:
+            lines.append(f"  devices: {dropped}")
         for f in FAMILIES:
             if f in self.refused:
                 lines.append(f"{fam[f]}: refused: {self.refused[f]}")
@@ -176,7 +179,9 @@ class DeviceFitReport:
                 continue
             lines.append(f"{fam[f]}:")
             rep = self.reports[f]
-            body = rep.summary().splitlines()[1:] if f == "pcm" else _empirical_lines(rep)
+            first = rep.summary().splitlines()[0].split(": ", 1)[-1]  # devices, exclusions
+            body = [first] + (rep.summary().splitlines()[1:] if f == "pcm"
+                              else _empirical_lines(rep))
             lines += ["  " + ln for ln in body]
             lines.append(f"  hold-out: {self.holdout_line(f)}")
         tested = [f for f in FAMILIES if f in self.holdout]
@@ -582,6 +587,9 @@ def _provenance(report: DeviceFitReport, where: str, family: str, exclusion, see
         "fit_timings": ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())})
     if exclusion.spec:
         prov["exclude"] = exclusion.spec
+        if "pcm" in report.reports:  # what the streaming pass dropped, and why
+            prov.setdefault("excluded_devices",
+                            report.reports["pcm"].provenance.get("excluded_devices", ""))
     for f in FAMILIES:
         if f in report.refused:
             prov[f"refused_{f}"] = report.refused[f]
