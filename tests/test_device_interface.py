@@ -56,6 +56,7 @@ def test_fit_device_keeps_the_family_the_holdout_supports(rram_fit):
     assert prov["family"] == "empirical" and prov["family_rule"] == fit.DECISION_RULE
     assert prov["holdout_pcm"].startswith(f"{cells_p - fail_p} of {cells_p}")
     assert prov["family_fit_function"] == "aimc_device.fit.fit_empirical"
+    assert prov["activation_energy_source"].startswith("campaign attribute")  # E_a of the bake
     # the plot data: measured and predicted quantiles of both families at four levels
     assert rep.qq["measured"].shape == rep.qq["empirical"].shape == (4, 7, 50)
     text = rep.summary()

@@ -585,6 +585,9 @@ def _provenance(report: DeviceFitReport, where: str, family: str, exclusion, see
         "package_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "fit_timings": ", ".join(f"{k} {v:.2f} s" for k, v in report.timings.items())})
+    ea = report.activation_energy
+    prov.setdefault("activation_energy_source", ea["source"])
+    prov.setdefault("activation_energy_stderr_eV", ea["stderr"])
     if exclusion.spec:
         prov["exclude"] = exclusion.spec
         if "pcm" in report.reports:  # what the streaming pass dropped, and why

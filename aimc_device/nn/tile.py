@@ -30,6 +30,7 @@ from ..crossbar import AnalogArray, CrossbarConfig
 from ..crossbar.mapping import map_weights, split_sizes
 from ..crossbar.mvm import analog_mvm
 from ..crossbar.state import export_state, import_state
+from ..io import resolve_device_model
 from ..pcm.torch_ops import perturb_tensor
 
 __all__ = ["AnalogTile", "require_tensor"]
@@ -64,9 +65,10 @@ class AnalogTile(nn.Module):
     ----------
     in_features, out_features : int
     cfg : CrossbarConfig
-    device : PCMModel, EmpiricalModel or None
-        Device statistics (either family) for the training noise and for programming; None: no
-        device noise (programming then gives the exact weights, with no drift).
+    device : PCMModel, EmpiricalModel, preset name, device card path or None
+        Device statistics (either family, :func:`aimc_device.io.resolve_device_model`) for the
+        training noise and for programming; None: no device noise (programming then gives the
+        exact weights, with no drift).
     weight : torch.Tensor, optional
         Floating-point weights (out, in) in the layer's units; mapped column-wise per tile.
     rng : numpy.random.SeedSequence, int or None
@@ -106,7 +108,7 @@ class AnalogTile(nn.Module):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.cfg = cfg
-        self.device_model = device
+        self.device_model = resolve_device_model(device)
         self.tile_sizes = list(split_sizes(self.in_features, cfg.max_rows)
                                if tile_sizes is None else tile_sizes)
         n_tiles = len(self.tile_sizes)
