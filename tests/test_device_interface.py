@@ -29,7 +29,7 @@ def _rram(levels=8, devices=200, seed=3):
 
 @pytest.fixture(scope="module")
 def rram_fit():
-    return fit.fit_device(_rram(), prior="rasch2023", seed=1)
+    return fit.fit_device(_rram(), prior="rasch2023", seed=1, draws=4)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_fit_device_keeps_the_family_the_holdout_supports(rram_fit):
 
 def test_fit_device_keeps_pcm_on_pcm_data_and_a_given_family():
     preset = pcm.PCMModel.preset("rasch2023")
-    ds = pcm.simulate_campaign(preset, levels=5, devices_per_level=200, repeats=2,
+    ds = pcm.simulate_campaign(preset, levels=5, devices_per_level=150, repeats=2,
                                times=(1.0, 100.0, 1e4), rng=5)
     model, rep = fit.fit_device(ds, prior=preset, seed=2, draws=4)
     assert rep.family == "pcm" and isinstance(model, pcm.PCMModel)
