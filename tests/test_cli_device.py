@@ -37,14 +37,18 @@ def test_fit_writes_card_and_plot(tmp_path, campaign_file, capsys):
     out, fig = tmp_path / "m.h5", tmp_path / "fit.png"
     assert main(["fit", str(campaign_file), "-o", str(out), "--plot", str(fig)]) == 0
     model, prov = io.load_device_card(out)
-    # the card holds what fit.fit_pcm gives on the campaign (prior: the rasch2023 preset)
-    want, report = fit.fit_pcm(io.read_measurements(campaign_file),
-                               prior=pcm.PCMModel.preset("rasch2023"))
-    assert model == want
+    # the card holds what fit.fit_device gives on the campaign (prior: the rasch2023 preset):
+    # on a campaign simulated from the PCM model, the PCM family
+    want, report = fit.fit_device(io.read_measurements(campaign_file),
+                                  prior=pcm.PCMModel.preset("rasch2023"))
+    assert report.family == "pcm" and model == want
     assert prov["source_sha256"] == io.file_sha256(campaign_file)
-    assert prov["fit_function"] == "aimc_device.fit.fit_pcm"
+    assert prov["fit_function"] == "aimc_device.fit.fit_device"
+    assert prov["family_fit_function"] == "aimc_device.fit.fit_pcm"
+    assert prov["family"] == "pcm" and prov["family_decision"] == report.reason
     assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
-    assert report.summary() in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert report.summary().rsplit("\ntimings:", 1)[0] in printed
 
 
 def _bad(capsys, argv, tmp_path, match):
@@ -72,8 +76,8 @@ def test_fit_unsupported_data(tmp_path, capsys):
     one = tmp_path / "one.h5"
     main(["campaign", "-o", str(one), "--levels", "1", "--devices-per-level", "20",
           "--repeats", "2"])
-    _bad(capsys, ["fit", str(one), "-o", str(tmp_path / "m.h5"), "--quiet"], tmp_path,
-         "usable target level")
+    _bad(capsys, ["fit", str(one), "-o", str(tmp_path / "m.h5"), "--quiet", "--family", "pcm"],
+         tmp_path, "usable target level")
 
 
 def test_campaign_bad_preset(tmp_path, capsys):

@@ -181,7 +181,7 @@ def test_fuzz_campaign_files_through_reader_fit_and_cli(spec):
         before = _sha(path)
         api_ok = True
         try:
-            fit.fit_pcm(io.read_measurements(path))
+            fit.fit_device(io.read_measurements(path), prior="rasch2023")
             _count("file: fitted")
         except (io.MeasurementFormatError, fit.FitError) as exc:
             assert path in str(exc), str(exc)
@@ -228,7 +228,8 @@ COMMANDS = {
                  "--seed": _NUM, "--force": None},
     "fit": {"-o": _OUTPUTS, "--plot": st.sampled_from(["{OUT}/f.h5", "{OUT}/no/f.png", "{IN}",
                                                        "{OUT}/x.h5"]),
-            "--clip": _WORD, "--prior": _WORD, "--quiet": None, "--force": None},
+            "--clip": _WORD, "--prior": _WORD, "--family": _WORD, "--quiet": None,
+            "--force": None},
     "mvm-error": {"--t": _NUM, "--set": _SETS, "--device": _WORD, "--seed": _NUM,
                   "--n-inputs": _NUM},
     "study": {"--workload": _WORD, "--out": st.sampled_from(["{OUT}/s", "{IN}", "{OUT}"]),
@@ -240,7 +241,8 @@ COMMANDS = {
                     "--hwa-epochs": _NUM, "--quick": None},
     "demo": {"--out": st.sampled_from(["{OUT}/d", "{IN}", "{OUT}"]), "--repeats": _NUM,
              "--seed": _NUM, "--campaign": st.sampled_from(["{IN}", "{OUT}/none.h5"]),
-             "--quick": None},
+             "--technology": _WORD, "--device": st.sampled_from(["{IN}", "rasch2023", "nope"]),
+             "--family": _WORD, "--quick": None},
 }
 
 
@@ -269,7 +271,8 @@ def cheap_work():
     mp = pytest.MonkeyPatch()
     mp.setattr(study_mod, "_train_fp", _reached)
     mp.setattr(demo_mod, "simulate_campaign", _reached)
-    mp.setattr(demo_mod, "fit_pcm", _reached)
+    mp.setattr(demo_mod, "simulate_rram_campaign", _reached)
+    mp.setattr(demo_mod, "fit_device", _reached)
     mp.setattr(sens_mod, "mvm_error", lambda *a, **k: 0.05)
     real = metric.mvm_error
     w = np.random.default_rng(0).normal(0, 0.25, (4, 4))

@@ -223,7 +223,7 @@ def _unwritable_folder(tmp_path) -> str:
 
 def test_unwritable_output_fails_before_the_fit(tmp_path, campaign_file, capsys, monkeypatch):
     calls = []
-    monkeypatch.setattr(fit, "fit_pcm", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(fit, "fit_device", lambda *a, **k: calls.append(1))
     out = os.path.join(_unwritable_folder(tmp_path), "card.h5")
     err = _one_line_error(capsys, ["fit", str(campaign_file), "-o", out, "--quiet"],
                           f"{out}: cannot write into the folder")
@@ -329,11 +329,11 @@ _ANNOUNCED_FIT = """
 import sys
 import aimc_device.fit as fit
 from aimc_device.cli import main
-real_fit = fit.fit_pcm
+real_fit = fit.fit_device
 def announced(*args, **kwargs):
     print("fitting", flush=True)
     return real_fit(*args, **kwargs)
-fit.fit_pcm = announced
+fit.fit_device = announced
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -499,7 +499,7 @@ def test_convert_names_a_wrong_argument():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3))
     with pytest.raises(TypeError, match=r"cfg: expected a CrossbarConfig, got dict; build one"):
         ann.convert(model, cfg={"out_bits": 6})
-    with pytest.raises(TypeError, match="device: expected a PCMModel"):
+    with pytest.raises(TypeError, match="device: expected a device model"):
         ann.convert(model, device=3.0)
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module, got dict"):
         ann.convert({"0.weight": 1})
@@ -572,7 +572,7 @@ def test_fit_and_mvm_error_check_their_arguments(campaign_file, monkeypatch):
     import aimc_device.fit.pcm_fit as pcm_fit
 
     monkeypatch.setattr(pcm_fit, "campaign_statistics", lambda *a: pytest.fail("streamed"))
-    with pytest.raises(TypeError, match="prior: expected a PCMModel, a preset name"):
+    with pytest.raises(TypeError, match="prior: expected a device model .PCMModel or EmpiricalModel., a preset name"):
         fit.fit_pcm(ds, prior={"prog_coeffs": (1, 2, 3)})
     with pytest.raises(KeyError, match="unknown PCM preset"):
         fit.fit_pcm(ds, prior="nope")

@@ -20,8 +20,8 @@ from aimc_device import study
 from aimc_device.cli import main
 from aimc_device.crossbar import CrossbarConfig, mvm_error
 from aimc_device.crossbar.metric import standard_test_case
-from aimc_device.io import save_device_model
-from aimc_device.pcm import PCMModel
+from aimc_device.io import load_device_model, model_from_dict, save_device_model
+from aimc_device.pcm import EmpiricalModel, PCMModel
 from aimc_device.study._checkpoint import atomic_save, load_checkpoint
 from aimc_device.study._tasks import evaluate_task
 from aimc_device.workloads import get_workload
@@ -32,13 +32,18 @@ TIMES = (1.0, 3600.0)
 
 
 def test_demo_quick_cnn_end_to_end(tmp_path, capsys):
+    """The demo's whole chain on the RRAM-like campaign (one read per time, a bake, dead cells,
+    missing reads): the fit keeps the empirical family, and the study trains and evaluates the
+    CNN with that card (the PCM card's chain: test_cli_study_lstm_quick_and_device_card)."""
     out = tmp_path / "demo"
     # the FP phase is the session's (the same settings: quick CNN, seed 0): resumed, not redone
     (out / "checkpoints").mkdir(parents=True)
     shutil.copy(fp_checkpoint("cnn"), out / "checkpoints")
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--technology", "rram", "--out", str(out),
+                 "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "HWA-trained" in text and "direct mapping" in text and "A* 1 h" in text
+    assert "family chosen: empirical (auto)" in text
     for name in ("campaign.h5", "device_model.h5", "cnn-study.nc", "cnn-study.txt",
                  "cnn-study.png"):
         assert (out / name).is_file(), name
@@ -71,7 +76,9 @@ def test_demo_quick_cnn_end_to_end(tmp_path, capsys):
     settings = json.loads(ds.attrs["settings"])
     assert settings["workload"] == "cnn" and settings["digital"] == ["stem", "fc"]
     assert CrossbarConfig.from_dict(json.loads(ds.attrs["crossbar_config"])) == CrossbarConfig()
-    PCMModel(**json.loads(ds.attrs["device_model"]))  # a valid model
+    card = load_device_model(out / "device_model.h5")
+    assert isinstance(card, EmpiricalModel) and prov["card_family"] == "empirical"
+    assert model_from_dict(json.loads(ds.attrs["device_model"])) == card
 
 
 def _lstm(out_dir, scheduler, repeats=2, seed=0, **kw):

@@ -1,4 +1,5 @@
-"""Argument types of the ``aimc-device`` options: each parses and range-checks one value.
+"""Argument types of the ``aimc-device`` options: each parses and range-checks one value; and
+the ``--device`` option every command that uses a device model shares.
 
 A bad value ends the command with one line naming the option and what it accepts, and exit
 status 2 (argparse's handling of :class:`argparse.ArgumentTypeError`).
@@ -11,7 +12,8 @@ import math
 from .._checks import check_float, check_int, float_range_text, int_range_text
 
 __all__ = ["int_type", "float_type", "POSITIVE_INT", "NON_NEGATIVE_INT", "SEED", "LEVELS",
-           "POSITIVE_FLOAT", "NON_NEGATIVE_FLOAT", "FRACTION", "read_times"]
+           "POSITIVE_FLOAT", "NON_NEGATIVE_FLOAT", "FRACTION", "read_times",
+           "add_device_option"]
 
 
 def int_type(lo: int | None = None, hi: int | None = None):
@@ -69,3 +71,13 @@ def read_times(text: str) -> tuple[float, ...]:
 
 
 read_times.__name__ = "read times"
+
+
+def add_device_option(p: argparse.ArgumentParser, default: str | None, aliases=(),
+                      what: str = "device model") -> None:
+    """The ``--device PRESET|CARD.h5`` option (older spellings in ``aliases`` do the same)."""
+    p.add_argument("--device", *aliases, dest="device", metavar="PRESET|CARD.h5",
+                   default=default,
+                   help=f"{what}: a PCM preset name or a device card of either family (from "
+                        f"`aimc-device fit`); default {default or 'rasch2023'}"
+                        + (f" ({', '.join(aliases)}: the same)" if aliases else ""))

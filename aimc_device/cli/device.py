@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from ._types import POSITIVE_INT, SEED, read_times
+from ._types import POSITIVE_INT, SEED, add_device_option, read_times
 
 _FORCE_HELP = ("replace OUTPUT even when it holds another kind of file (a measurement campaign, "
                "a device card, ...); an input is never replaced")
@@ -16,12 +16,11 @@ _FORCE_HELP = ("replace OUTPUT even when it holds another kind of file (a measur
 def register(subparsers) -> None:
     """Add the ``campaign`` and ``fit`` commands to the ``aimc-device`` parser."""
     p = subparsers.add_parser(
-        "campaign", help="simulate a PCM measurement campaign (HDF5) from a device model",
-        description="Simulate a PCM measurement campaign from a preset or a device card and write "
-                    "it in the HDF5 schema of docs/measurement-format.md.")
+        "campaign", help="simulate a measurement campaign (HDF5) from a device model",
+        description="Simulate a measurement campaign from a preset or a device card of either "
+                    "family and write it in the HDF5 schema of docs/measurement-format.md.")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="campaign file to write")
-    p.add_argument("--preset", default="rasch2023",
-                   help="PCM preset name, or the path of a device card (.h5); default rasch2023")
+    add_device_option(p, "rasch2023", aliases=("--preset",))
     p.add_argument("--levels", type=POSITIVE_INT, default=20,
                    help="target levels over (0, g_max]")
     p.add_argument("--devices-per-level", type=POSITIVE_INT, default=2000)
@@ -34,14 +33,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=_campaign)
 
     p = subparsers.add_parser(
-        "fit", help="fit a PCM device model to a measurement campaign",
-        description="Fit programming noise, drift and read noise (MODEL.md section 4) to an HDF5 "
-                    "campaign and save the device card with its provenance.")
+        "fit", help="fit a device model to a measurement campaign, choosing the family",
+        description="Fit both device-model families (the PCM model of the paper and the "
+                    "empirical family of measured distributions) to an HDF5 campaign, test "
+                    "each on held-out devices, and save the one the data support (or the one "
+                    "--family names) as a device card with its provenance.")
     p.add_argument("campaign", metavar="CAMPAIGN.h5")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.h5", help="device card to write")
-    p.add_argument("--plot", metavar="FIG.png", help="also save a plot of data against the fit")
+    p.add_argument("--family", choices=("auto", "pcm", "empirical"), default="auto",
+                   help="auto (default): fit both, keep the PCM family unless the hold-out test "
+                        "rejects it beyond chance and the empirical family does better; pcm or "
+                        "empirical: fit and keep that family")
+    p.add_argument("--plot", metavar="FIG.png",
+                   help="also save a plot of measured against predicted distributions per level "
+                        "and time (and the PCM fit's curves)")
     p.add_argument("--clip", choices=("fit", "fixed"), default="fit",
-                   help="drift clip bounds: fit the lower one (default) or keep the prior's")
+                   help="drift clip bounds of the PCM fit: fit the lower one (default) or keep "
+                        "the prior's")
     p.add_argument("--prior", default="rasch2023",
                    help="preset or device card giving start values and conventions, and the "
                         "components the data do not identify (e.g. the read noise with one "
@@ -56,23 +64,11 @@ def register(subparsers) -> None:
                         "the campaign's attribute activation_energy")
     p.add_argument("--reference-temperature", type=float, metavar="K", default=None,
                    help="reference temperature of the fitted model [K]; default the campaign's")
+    p.add_argument("--seed", type=SEED, default=0,
+                   help="seed of the hold-out test (its sample, split and draws)")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_fit)
-
-
-def _is_card_path(name: str) -> bool:
-    return name.endswith((".h5", ".hdf5")) or os.path.sep in name
-
-
-def _model(name: str):
-    from ..pcm import PCMModel
-
-    if _is_card_path(name):
-        from ..io import load_device_model
-
-        return load_device_model(name)
-    return PCMModel.preset(name)
 
 
 def _plot_format(path: str) -> str:
@@ -92,18 +88,19 @@ def _plot_format(path: str) -> str:
 def _campaign(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..io import SIMULATED_CAMPAIGN, check_output, write_measurements
+    from ..io import (SIMULATED_CAMPAIGN, check_output, is_card_path, resolve_device_model,
+                      write_measurements)
     from ..pcm import simulate_campaign
     from ..pcm.campaign import DEFAULT_READ_TIMES
 
-    inputs = [args.preset] if _is_card_path(args.preset) else []
+    inputs = [args.device] if is_card_path(args.device) else []
     check_output(args.output, SIMULATED_CAMPAIGN, inputs=inputs, overwrite=args.force)
-    model = _model(args.preset)
+    model = resolve_device_model(args.device, what="--device")
     times = np.asarray(DEFAULT_READ_TIMES if args.times is None else args.times)
     with tqdm(total=2, desc="campaign", unit="step", disable=None) as bar:
         ds = simulate_campaign(model, args.levels, args.devices_per_level, times=times,
                                repeats=args.repeats, rng=args.seed,
-                               name=f"aimc-device campaign --preset {args.preset} --seed "
+                               name=f"aimc-device campaign --device {args.device} --seed "
                                     f"{args.seed}")
         bar.update()
         write_measurements(ds, args.output, overwrite=args.force)
@@ -114,31 +111,33 @@ def _campaign(args: argparse.Namespace) -> int:
 
 
 def _fit(args: argparse.Namespace) -> int:
-    from ..fit import fit_pcm
-    from ..io import (CARD_SCHEMA, KIND_FIGURE, atomic_output, check_output, read_measurements,
-                      save_device_model)
+    from ..fit import fit_device
+    from ..io import (CARD_SCHEMA, KIND_FIGURE, atomic_output, check_output, is_card_path,
+                      read_measurements, resolve_device_model, save_device_model)
+    from ..pcm import PCMModel
     from . import UserError
 
     # Every output is checked before the fit: not an input, not a file of another kind (unless
     # --force), in a writable folder.
-    inputs = [args.campaign] + ([args.prior] if _is_card_path(args.prior) else [])
+    inputs = [args.campaign] + ([args.prior] if is_card_path(args.prior) else [])
     check_output(args.output, CARD_SCHEMA, inputs=inputs, overwrite=args.force)
     if args.plot:
         fmt = _plot_format(args.plot)
         if os.path.realpath(args.plot) == os.path.realpath(args.output):
             raise UserError(f"--plot {args.plot}: the same file as --output; give two names")
         check_output(args.plot, KIND_FIGURE, inputs=inputs, overwrite=args.force)
-    prior = _model(args.prior)
+    prior = resolve_device_model(args.prior, what="--prior")
     ds = read_measurements(args.campaign)
-    model, report = fit_pcm(ds, prior=prior, clip=args.clip, exclude=args.exclude,
-                            activation_energy=args.activation_energy,
-                            reference_temperature=args.reference_temperature,
-                            progress=not args.quiet)
-    fig = report.plot(reference=prior) if args.plot else None
+    model, report = fit_device(ds, family=args.family, prior=prior, clip=args.clip,
+                               exclude=args.exclude, activation_energy=args.activation_energy,
+                               reference_temperature=args.reference_temperature,
+                               seed=args.seed, progress=not args.quiet)
+    fig = (report.plot(reference=prior if isinstance(prior, PCMModel) else None)
+           if args.plot else None)
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(args.campaign)
-    command = [f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} "
-               f"--prior {args.prior}"]
+    command = [f"aimc-device fit {os.path.basename(args.campaign)} --family {args.family} "
+               f"--clip {args.clip} --prior {args.prior} --seed {args.seed}"]
     for flag, value in (("--exclude", args.exclude), ("--activation-energy",
                                                        args.activation_energy),
                         ("--reference-temperature", args.reference_temperature)):
@@ -149,15 +148,23 @@ def _fit(args: argparse.Namespace) -> int:
         # Both files or neither: the plot is renamed into place only once the card is written.
         with atomic_output(args.plot, KIND_FIGURE, inputs=inputs,
                            overwrite=args.force) as tmp_plot:
-            fig.savefig(tmp_plot, format=fmt, dpi=120)
+            fig.savefig(tmp_plot, format=fmt, dpi=100)
             written = save_device_model(model, args.output, provenance=prov,
                                         overwrite=args.force)
     else:
         written = save_device_model(model, args.output, provenance=prov, overwrite=args.force)
     if not args.quiet:
         print(report.summary())
-        print(f"wrote {args.output} (campaign sha256 {written['source_sha256'][:16]}...)")
-    for cf in report.components.values():
-        if not cf.identified:
-            print(f"aimc-device fit: note: {cf.name} {cf.source}", file=sys.stderr)
+        print(f"wrote {args.output}: {report.family} family (campaign sha256 "
+              f"{written['source_sha256'][:16]}...)")
+    for line in _not_identified(report):
+        print(f"aimc-device fit: note: {line}", file=sys.stderr)
     return 0
+
+
+def _not_identified(report) -> list[str]:
+    """What the chosen family took from the prior instead of the data."""
+    rep = report.reports[report.family]
+    if report.family == "pcm":
+        return [f"{cf.name} {cf.source}" for cf in rep.components.values() if not cf.identified]
+    return [] if rep.read_noise_identified else [f"read noise {rep.read_noise_source}"]

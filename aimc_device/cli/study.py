@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import FRACTION, LEVELS, POSITIVE_INT, SEED
+from ._types import FRACTION, LEVELS, POSITIVE_INT, SEED, add_device_option
 
 _FORCE_HELP = ("replace result files in --out even when they hold another kind of file (a "
                "measurement campaign, a device card, ...); an input is never replaced")
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--workload", choices=("cnn", "lstm", "transformer"), default="cnn")
-    p.add_argument("--device-model", metavar="MODEL.h5", default=None,
-                   help="device card (from `aimc-device fit`) or preset name; default rasch2023")
+    add_device_option(p, None, aliases=("--device-model",))
     p.add_argument("--out", default=out_default, metavar="DIR",
                    help=f"folder for checkpoints, results (.nc), table and plot; default "
                         f"{out_default}")
@@ -59,10 +58,19 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser(
         "demo", help="campaign -> fit -> device card -> study of the CNN (the main demo)",
-        description="Simulate the reference PCM campaign, fit it, save the device card and run "
-                    "the study on the CNN with it; prints the table and writes the plot.")
+        description="Simulate a measurement campaign (the reference PCM campaign by default), "
+                    "fit it choosing the device-model family, save the device card and run the "
+                    "study on the CNN with it; prints the table and writes the plot.")
     p.add_argument("--out", default="demo-out", metavar="DIR")
     p.add_argument("--quick", action="store_true", help="small and fast (under a minute)")
+    p.add_argument("--technology", choices=("pcm", "rram"), default="pcm",
+                   help="pcm (default): a campaign simulated from --device; rram: the synthetic "
+                        "RRAM-like campaign (one read per time, a bake, dead cells, missing "
+                        "reads)")
+    add_device_option(p, None, what="device model the pcm campaign is simulated from")
+    p.add_argument("--family", choices=("auto", "pcm", "empirical"), default="auto",
+                   help="device-model family of the fit (default auto: chosen by the hold-out "
+                        "test, see aimc-device fit --help)")
     p.add_argument("--campaign", default=None, metavar="FILE.h5",
                    help="fit this campaign instead of simulating one")
     p.add_argument("--repeats", type=POSITIVE_INT, default=None)
@@ -77,10 +85,21 @@ def _device(arg):
     return arg if arg is not None else "rasch2023"
 
 
+def _demo_device(args: argparse.Namespace):
+    from . import UserError
+
+    given = [f for f, v in (("--device", args.device), ("--technology rram",
+                                                         args.technology == "rram"),
+                            ("--campaign", args.campaign)) if v]
+    if len(given) > 1:
+        raise UserError(f"{' and '.join(given)}: give one source of the campaign")
+    return args.device
+
+
 def _study(args: argparse.Namespace) -> int:
     from ..study import run_study
 
-    run_study(args.workload, device=_device(args.device_model), repeats=args.repeats,
+    run_study(args.workload, device=_device(args.device), repeats=args.repeats,
               out_dir=args.out, seed=args.seed, quick=args.quick, hwa_epochs=args.hwa_epochs,
               distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress,
               digital_layers=() if args.all_analog else None, overwrite=args.force)
@@ -93,7 +112,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
 
     names = ([n.strip() for n in args.nonidealities.split(",") if n.strip()]
              if args.nonidealities else None)
-    run_sensitivity(args.workload, device=_device(args.device_model), nonidealities=names,
+    run_sensitivity(args.workload, device=_device(args.device), nonidealities=names,
                     max_mvm_error=args.max_mvm_error, n_levels=args.levels,
                     repeats=args.repeats, out_dir=args.out, seed=args.seed, quick=args.quick,
                     hwa_epochs=args.hwa_epochs, distill=args.distill, scheduler=args.scheduler,
@@ -106,8 +125,10 @@ def _sensitivity(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from ..study import run_demo
 
+    device = _demo_device(args)
     run_demo(args.out, quick=args.quick, campaign=args.campaign, seed=args.seed,
              repeats=args.repeats, scheduler=args.scheduler, progress=not args.no_progress,
-             overwrite=args.force)
+             overwrite=args.force, technology=args.technology, device=device,
+             family=args.family)
     print(f"wrote {args.out}/cnn-study.nc, .txt and .png")
     return 0

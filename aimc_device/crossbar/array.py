@@ -11,8 +11,10 @@ import numpy as np
 import torch
 
 from .._random import derive_key, torch_generator
-from ..pcm import PCMModel, draw_faults, program, read
-from ..pcm.torch_ops import program_torch, read_torch
+from ..io import resolve_device_model
+from ..pcm import draw_faults, program, programmed_conductance, read
+from ..pcm.torch_ops import (is_torch_state, program_torch, programmed_conductance_torch,
+                             read_torch)
 from .config import CrossbarConfig
 from .mapping import (
     conductance_targets,
@@ -27,17 +29,7 @@ from .mapping import (
 from .mvm import analog_mvm
 from .periphery import draw_asymmetry, draw_zeta
 
-__all__ = ["AnalogArray", "resolve_device"]
-
-
-def resolve_device(device) -> PCMModel | None:
-    """A PCMModel from a model, a preset name, or None (ideal devices: no PCM effects)."""
-    if device is None or isinstance(device, PCMModel):
-        return device
-    if isinstance(device, str):
-        return PCMModel.preset(device)
-    raise TypeError(f"device: expected a PCMModel, a preset name or None, got "
-                    f"{type(device).__name__}")
+__all__ = ["AnalogArray"]
 
 
 def _to_tensor(a, name: str, dtype=None, device=None) -> torch.Tensor:
@@ -81,8 +73,9 @@ class AnalogArray:
     ----------
     weights : ndarray or torch.Tensor (out, in), the layer's weights (any unit)
     cfg : CrossbarConfig or None (the standard model)
-    device : PCMModel, preset name or None
-        Device statistics for :meth:`program` and :meth:`drift`; default the "rasch2023" preset
+    device : PCMModel, EmpiricalModel, preset name, device card path or None
+        Device statistics for :meth:`program` and :meth:`drift` (either family, see
+        :func:`aimc_device.io.resolve_device_model`); default the "rasch2023" preset
         (MODEL.md sec. 4). None: ideal devices, the programmed weights equal their targets and
         do not drift (only the periphery is non-ideal). Each weight is a differential pair,
         w~ = (g+ - g-) / g_max; ``cfg.pair_devices`` says which devices are sampled (see
@@ -114,7 +107,7 @@ class AnalogArray:
         self.cfg = CrossbarConfig() if cfg is None else cfg
         if not isinstance(self.cfg, CrossbarConfig):
             raise TypeError(f"cfg: expected a CrossbarConfig, got {type(self.cfg).__name__}")
-        self.device_model = resolve_device(device)
+        self.device_model = resolve_device_model(device)
         W = _to_tensor(weights, "weights")
         if W.dim() != 2 or W.shape[0] == 0 or W.shape[1] == 0:
             raise ValueError(f"weights: expected a non-empty 2-d matrix (out, in), got shape "
@@ -203,7 +196,10 @@ class AnalogArray:
         return [int(s) for s in np.random.SeedSequence(key).generate_state(n, dtype=np.uint64)]
 
     def program(self, rng=None) -> "AnalogArray":
-        """Program the devices: draw programming error and drift exponents (MODEL.md Eqs. 7, 9).
+        """Program the devices: draw what the device model fixes at programming (PCM: programming
+        error and drift exponents, MODEL.md Eqs. 7, 9; empirical: each device's rank) and set
+        the weights to the conductances right after programming
+        (:func:`aimc_device.pcm.programmed_conductance`).
 
         Also draws what the periphery fixes once (read asymmetry, S-ADC zeta), records the drift
         compensation reference s_ref from the programmed weights, and seeds the per-MVM stream.
@@ -229,11 +225,12 @@ class AnalogArray:
                 self._state = program(g_dev.numpy(), model, rng=s_prog,
                                       faults=None if faults is None else
                                       [f.numpy() for f in faults])
-                g_prog = torch.from_numpy(self._state.g_prog)
+                g_prog = torch.from_numpy(programmed_conductance(self._state, model,
+                                                                 rng=[s_prog, 1]))
             else:  # the same faults as on CPU (drawn above), the torch sampler's noise
-                self._state = program_torch(g_dev, model, faults=faults,
-                                            generator=torch_generator(s_prog, g_dev.device))
-                g_prog = self._state.g_prog
+                gen = torch_generator(s_prog, g_dev.device)
+                self._state = program_torch(g_dev, model, faults=faults, generator=gen)
+                g_prog = programmed_conductance_torch(self._state, model, generator=gen)
             self._partners = partners
             self._set_weights(weights_from_conductance(g_prog, self._sign, self.cfg.g_max,
                                                        partners))  # Eq. 12
@@ -274,11 +271,11 @@ class AnalogArray:
         if model is None:
             self._set_weights(self.w_target.clone())
         else:
-            if isinstance(self._state.g_prog, torch.Tensor):  # the torch sampler's state
+            if is_torch_state(self._state):  # the torch sampler's state
                 g = read_torch(self._state, t, model,
-                               generator=torch_generator(rng, self._state.g_prog.device))
+                               generator=torch_generator(rng, self._state.g_target.device))
             else:
-                g = torch.from_numpy(read(self._state, t, model, rng=rng))
+                g = torch.from_numpy(read(self._state, t, model, rng=rng)).to(self._w.device)
             self._set_weights(weights_from_conductance(g, self._sign, self.cfg.g_max,
                                                        self._partners))  # Eq. 12
         self.t = t

@@ -11,7 +11,8 @@ import numpy as np
 
 from .._checks import check_float, check_instance, check_int
 from .._random import as_generator
-from .array import AnalogArray, resolve_device
+from ..io import resolve_device_model
+from .array import AnalogArray
 from .config import CrossbarConfig
 
 __all__ = ["mvm_error", "standard_test_case", "nonideality_configs", "mvm_error_breakdown",
@@ -40,9 +41,9 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     Parameters
     ----------
     cfg : CrossbarConfig or None (the standard model)
-    device : PCMModel, preset name or None
-        None: ideal devices (only the periphery); a model: programming noise, and with ``t``
-        drift and 1/f read noise.
+    device : PCMModel, EmpiricalModel, preset name, device card path or None
+        None: ideal devices (only the periphery); a model of either family: its programming,
+        and with ``t`` its state at time t (PCM: drift and 1/f read noise).
     t : float or None, time after programming [s]; None: right after programming, no drift
     weights : array (out, in) or None, default the paper's test case
     inputs : array (n, in) or None, default n_inputs draws of Uniform(-1, 1)
@@ -65,7 +66,7 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
         inputs = x0 if inputs is None else inputs
     w = np.asarray(weights, dtype=np.float64)
     x = np.asarray(inputs, dtype=np.float64)
-    array = AnalogArray(w.astype(np.float32), cfg, device=resolve_device(device))
+    array = AnalogArray(w.astype(np.float32), cfg, device=resolve_device_model(device))
     array.calibrate_input_range(x)
     array.program(rng=gen)
     if t is not None:
@@ -116,19 +117,21 @@ def mvm_error_breakdown(cfg: CrossbarConfig | None = None, device="rasch2023", r
     """eps_M of each nonideality alone, of the whole periphery, with the devices, and over time.
 
     Returns an ordered dict: one row per nonideality alone (ideal devices), "PCM programming"
-    (ideal periphery, the devices), "periphery (all)", "total" (periphery + devices, no drift),
-    then "total @ <time>" for each of ``times`` with drift and drift compensation.
+    ("empirical programming" for an empirical model; ideal periphery, the devices),
+    "periphery (all)", "total" (periphery + devices, no drift), then "total @ <time>" for each
+    of ``times`` with drift and drift compensation. ``device`` as in :func:`mvm_error`.
     """
     check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
     check_int(n_inputs, "n_inputs", lo=1)
     cfg = CrossbarConfig() if cfg is None else cfg
-    model = resolve_device(device)
+    model = resolve_device_model(device)
     out = {}
     for name, c in nonideality_configs(cfg).items():
         out[name] = mvm_error(c, device=None, rng=rng, n_inputs=n_inputs)
     ideal = _ideal_like(cfg)
     if model is not None:
-        out["PCM programming"] = mvm_error(ideal, device=model, rng=rng, n_inputs=n_inputs)
+        label = "PCM" if model.family == "pcm" else model.family
+        out[f"{label} programming"] = mvm_error(ideal, device=model, rng=rng, n_inputs=n_inputs)
     out["periphery (all)"] = mvm_error(cfg, device=None, rng=rng, n_inputs=n_inputs)
     if model is not None:
         out["total"] = mvm_error(cfg, device=model, rng=rng, n_inputs=n_inputs)

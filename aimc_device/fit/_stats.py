@@ -30,7 +30,6 @@ Only sums are kept (a few arrays of length levels x times); besides them and one
 """
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,8 @@ import numpy as np
 import xarray as xr
 from threadpoolctl import threadpool_limits
 
-from ..io import DeviceExclusion, ExclusionRecord, default_chunk_devices, device_chunk_reader
+from ..io import (DeviceExclusion, ExclusionRecord, default_chunk_devices, device_chunk_reader,
+                  resolve_device_model)
 from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE, TIME_UNITS,
                                check_conductances, check_campaign, check_read_times,
                                root_quantity, field_name)
@@ -68,21 +68,16 @@ class FitError(ValueError):
 
 
 def resolve_prior(prior) -> PCMModel:
-    """The prior of a fit from a PCMModel, a preset name, a device card's path or None
-    (``PCMModel()``, the rasch2023 statistics); anything else raises a TypeError naming it."""
-    if prior is None:
-        return PCMModel()
-    if isinstance(prior, PCMModel):
-        return prior
-    if isinstance(prior, (str, os.PathLike)):
-        path = os.fspath(prior)
-        if path.endswith((".h5", ".hdf5")) or os.path.isfile(path):
-            from ..io import load_device_model
-
-            return load_device_model(path)
-        return PCMModel.preset(path)
-    raise TypeError(f"prior: expected a PCMModel, a preset name, a device card's path or None, "
-                    f"got {type(prior).__name__}")
+    """The prior of a PCM fit from a PCMModel, a preset name, a device card's path or None
+    (``PCMModel()``, the rasch2023 statistics), through
+    :func:`aimc_device.io.resolve_device_model`; anything else raises a TypeError naming it,
+    and an empirical model (which has none of the PCM model's forms) a FitError."""
+    model = resolve_device_model(prior, default=PCMModel(), what="prior")
+    if not isinstance(model, PCMModel):
+        raise FitError(f"prior: {model.name!r} is an {model.family} device model; the PCM fit "
+                       "takes its start values and conventions from a PCM model (a preset "
+                       "name, a PCMModel or a PCM card)")
+    return model
 
 
 @dataclass

@@ -47,7 +47,7 @@ import numpy as np
 import xarray as xr
 from scipy import optimize, special, stats
 
-from ..io import MeasurementFormatError, device_chunk_reader
+from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
 from ..io.measurements import default_chunk_devices
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
@@ -441,13 +441,10 @@ def _rank_correlations(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _prior_read_noise(prior, x_lv, t_nodes, g_max):
     """(read noise (K, M) relative, description) from the named prior."""
-    if isinstance(prior, str):
-        if os.path.isfile(prior):
-            from ..io import load_device_model
-
-            label, prior = f"card {os.path.basename(prior)}", load_device_model(prior)
-        else:
-            label, prior = f"preset {prior}", PCMModel.preset(prior)
+    if isinstance(prior, (str, os.PathLike)):
+        label = (f"card {os.path.basename(os.fspath(prior))}" if is_card_path(prior)
+                 else f"preset {prior}")
+        prior = resolve_device_model(prior, what="prior")
     else:
         label = getattr(prior, "name", repr(prior))
     g = x_lv * g_max

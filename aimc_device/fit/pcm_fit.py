@@ -619,7 +619,7 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
 
 
 def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
-            exclude=None, activation_energy: float | None = None,
+            exclude=None, activation_energy: float | ActivationEnergy | None = None,
             reference_temperature: float | None = None, chunk_devices: int | None = None,
             progress: bool = False, name: str = "fitted") -> tuple[PCMModel, FitReport]:
     """Fit a whole PCM model (programming noise, drift, read noise) to a campaign.
@@ -643,9 +643,12 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
         Devices to drop besides those marked False in ``valid``: index ranges ("0-9,17") and
         rules ("dead", "stuck", "outside:LO:HI"); what was dropped and why goes into the report
         and the provenance.
-    activation_energy : float, optional
+    activation_energy : float or ActivationEnergy, optional
         E_a [eV] of the temperature acceleration; default fitted when the campaign has bakes at
-        two or more temperatures, else the campaign attribute, else the prior's (if not 0).
+        two or more temperatures, else the campaign attribute, else the prior's (if not 0). An
+        :class:`ActivationEnergy` is one already resolved for this campaign (by
+        :func:`resolve_activation_energy`, e.g. in :func:`aimc_device.fit.fit_device`), used
+        with its source and fit.
     reference_temperature : float, optional
         T_ref [K] of the fitted model; default the campaign's.
     chunk_devices : int, optional
@@ -678,9 +681,12 @@ def fit_pcm(ds: xr.Dataset, prior: PCMModel | None = None, *, clip: str = "fit",
     if chunk_devices is not None:
         check_int(chunk_devices, "chunk_devices", lo=1)
     exclusion = DeviceExclusion.parse(exclude)
-    ea: ActivationEnergy = resolve_activation_energy(
-        ds, prior if named else None, activation_energy, reference_temperature,
-        exclude=exclusion, chunk_devices=chunk_devices, progress=progress)
+    if isinstance(activation_energy, ActivationEnergy):  # resolved by the caller
+        ea, activation_energy = activation_energy, None
+    else:
+        ea = resolve_activation_energy(
+            ds, prior if named else None, activation_energy, reference_temperature,
+            exclude=exclusion, chunk_devices=chunk_devices, progress=progress)
     st = campaign_statistics(ds, prior, chunk_devices, progress, exclude=exclusion,
                              activation_energy=ea.value,
                              reference_temperature=ea.reference_temperature)

@@ -212,17 +212,20 @@ class FitReport:
                 "provenance": dict(self.provenance),
                 "components": {k: v.to_dict() for k, v in self.components.items()}}
 
-    def plot(self, reference=None):
+    def plot(self, reference=None, fig=None):
         """Data per level against the fitted curves, one panel per component.
 
         Parameters
         ----------
         reference : PCMModel, optional
             Also draw this model's curves (e.g. the preset the campaign was simulated from).
+        fig : matplotlib Figure or SubFigure, optional
+            Draw into it (e.g. a part of :meth:`aimc_device.fit.DeviceFitReport.plot`); default
+            a new figure.
 
         Returns
         -------
-        matplotlib.figure.Figure (Agg canvas; save it with ``fig.savefig``).
+        matplotlib.figure.Figure (Agg canvas; save it with ``fig.savefig``), or ``fig``.
         """
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -231,8 +234,9 @@ class FitReport:
 
         n_panels = len(self.components)
         rows = -(-n_panels // 2)
-        fig = Figure(figsize=(11, 4 * rows), layout="constrained")
-        FigureCanvasAgg(fig)
+        if fig is None:
+            fig = Figure(figsize=(11, 4 * rows), layout="constrained")
+            FigureCanvasAgg(fig)
         axes = fig.subplots(rows, 2, squeeze=False).ravel()
         for ax in axes[n_panels:]:
             fig.delaxes(ax)

@@ -34,13 +34,16 @@ from ._errors import DeviceCardError
 from .measurements import _clean_attr, _open, _schema_version, file_sha256
 
 __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "save_device_model", "load_device_model",
-           "load_device_card"]
+           "load_device_card", "resolve_device_model", "is_card_path", "model_family",
+           "model_to_dict", "model_from_dict", "DEVICE_MODELS"]
 
 CARD_SCHEMA = "aimc-device/pcm-device-card"
 #: The newest card version this package reads (see the module docstring).
 CARD_SCHEMA_VERSION = 2
 #: family -> (model class, version written)
 _FAMILIES = {"pcm": (PCMModel, 1), "empirical": (EmpiricalModel, 2)}
+#: The device-model classes (either family), for isinstance checks.
+DEVICE_MODELS = (PCMModel, EmpiricalModel)
 
 
 def _string_fields(cls) -> tuple[str, ...]:
@@ -83,10 +86,7 @@ def save_device_model(model, path, provenance: dict | None = None, *,
     OutputRefusedError
         When ``path`` is the source campaign or an existing file of another kind.
     """
-    family = next((k for k, (cls, _) in _FAMILIES.items() if isinstance(model, cls)), None)
-    if family is None:
-        raise TypeError(f"model: expected a PCMModel or an EmpiricalModel, got "
-                        f"{type(model).__name__}")
+    family = model_family(model)
     if provenance is not None and not isinstance(provenance, dict):
         raise TypeError(f"provenance: expected a dict or None, got {type(provenance).__name__}")
     cls, version = _FAMILIES[family]
@@ -202,3 +202,105 @@ def load_device_model(path) -> PCMModel | EmpiricalModel:
     """Load the model of a device card, whichever family it holds (see
     :func:`load_device_card`)."""
     return load_device_card(path)[0]
+
+
+def model_family(model) -> str:
+    """The family of a device model: "pcm" or "empirical"; a TypeError for anything else."""
+    family = next((k for k, (cls, _) in _FAMILIES.items() if isinstance(model, cls)), None)
+    if family is None:
+        raise TypeError(f"model: expected a PCMModel or an EmpiricalModel, got "
+                        f"{type(model).__name__}")
+    return family
+
+
+def model_to_dict(model) -> dict:
+    """A device model of either family as plain data (JSON-serialisable, picklable), the
+    inverse of :func:`model_from_dict`: a PCM model's ``to_dict()`` as it is (so that
+    ``PCMModel(**d)`` still reads it), ``{"family": "empirical", **model.to_dict()}`` for the
+    empirical family."""
+    family = model_family(model)
+    return model.to_dict() if family == "pcm" else {"family": family, **model.to_dict()}
+
+
+def model_from_dict(d: dict):
+    """The device model of a :func:`model_to_dict` dict (a dict without ``family`` is a PCM
+    model's ``to_dict()``)."""
+    d = dict(d)
+    family = d.pop("family", "pcm")
+    if family not in _FAMILIES:
+        raise ValueError(f"device model: unknown family {family!r}; known families: "
+                         f"{sorted(_FAMILIES)}")
+    return _FAMILIES[family][0](**d)
+
+
+def is_card_path(name) -> bool:
+    """Whether a device argument names a device card rather than a preset: an os.PathLike, or
+    a string ending in .h5/.hdf5, holding a path separator or naming an existing file."""
+    if isinstance(name, os.PathLike):
+        return True
+    return isinstance(name, str) and (name.endswith((".h5", ".hdf5")) or os.sep in name
+                                      or os.path.isfile(name))
+
+
+def resolve_device_model(device, *, default=None, what: str = "device",
+                         provenance: bool = False):
+    """The device model a caller named: a model of either family, a preset name or the path of
+    a device card; the one resolver behind every ``device=`` argument and ``--device`` option.
+
+    Parameters
+    ----------
+    device : PCMModel, EmpiricalModel, str, os.PathLike or None
+        A model (returned as is); a device card's path (see :func:`is_card_path`), loaded with
+        :func:`load_device_card` whichever family it holds; any other string a PCM preset name
+        (:meth:`aimc_device.pcm.PCMModel.preset`); None: ``default``.
+    default : model, str or None
+        What None means (resolved the same way); None: None is returned (ideal devices, where
+        the caller allows them).
+    what : str
+        The argument's name in error messages.
+    provenance : bool
+        Also return where the model came from.
+
+    Returns
+    -------
+    model, or (model, dict) with ``provenance``: ``source`` ("model object", "preset" or
+    "device card"), ``name``, ``citation``, ``family``; for a card also ``card_path``,
+    ``card_sha256`` and the card's own provenance as ``card_<key>``. (None, {}) for None.
+
+    Raises
+    ------
+    TypeError
+        ``device`` of another type (naming ``what``).
+    FileNotFoundError
+        A card path that does not exist.
+    KeyError
+        An unknown preset name (the message lists the presets).
+    DeviceCardError
+        A file that is not a valid device card.
+    """
+    if device is None:
+        device = default
+    if device is None:
+        return (None, {}) if provenance else None
+    if isinstance(device, DEVICE_MODELS):
+        model, prov = device, {"source": "model object"}
+    elif isinstance(device, (str, os.PathLike)):
+        name = os.fspath(device)
+        if is_card_path(device):
+            if not os.path.isfile(name):
+                raise FileNotFoundError(f"{what}: {name}: no such device card (give a preset "
+                                        f"name, one of {PCMModel.presets()}, or the path of a "
+                                        "card written by aimc-device fit)")
+            model, card = load_device_card(name)
+            prov = {"source": "device card", "card_path": os.path.abspath(name),
+                    "card_sha256": file_sha256(name)}
+            prov.update({f"card_{k}": v for k, v in card.items()})
+        else:
+            model, prov = PCMModel.preset(name), {"source": "preset"}
+    else:
+        raise TypeError(f"{what}: expected a device model (PCMModel or EmpiricalModel), a preset "
+                        f"name, the path of a device card or None, got {type(device).__name__}")
+    if not provenance:
+        return model
+    prov.update(name=model.name, citation=model.citation, family=model_family(model))
+    return model, prov

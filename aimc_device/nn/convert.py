@@ -15,8 +15,7 @@ from torch import nn
 from .._checks import check_bool, check_float, check_instance, check_int
 from .._random import as_generator
 from ..crossbar import CrossbarConfig
-from ..crossbar.array import resolve_device
-from ..pcm import PCMModel
+from ..io import resolve_device_model
 from .layers import (
     AnalogConv1d,
     AnalogConv2d,
@@ -47,7 +46,7 @@ def _analog_class(module: nn.Module):
     return None
 
 
-def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMModel | None = None,
+def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device=None,
             digital: Iterable[str] = (), rng=0, inplace: bool = False) -> nn.Module:
     """An analog copy of ``model``: its Linear/Conv/LSTM/attention layers on crossbar tiles.
 
@@ -57,9 +56,10 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
         Any module tree (Sequential nesting, custom modules, transformer encoders).
     cfg : CrossbarConfig, optional
         Periphery and tiling; default the paper's standard model.
-    device : PCMModel or preset name, optional
-        Device statistics for the training noise and for programming; None: periphery only
-        (no weight noise; programming gives the exact weights, which do not drift).
+    device : PCMModel, EmpiricalModel, preset name or device card path, optional
+        Device statistics (either family, see :func:`aimc_device.io.resolve_device_model`) for
+        the training noise and for programming; None: periphery only (no weight noise;
+        programming gives the exact weights, which do not drift).
     digital : iterable of str
         Qualified module names (as in ``model.named_modules()``) kept in floating point, with
         everything below them, e.g. ``("stem", "fc")`` for the first convolution and the last
@@ -77,7 +77,7 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
     ------
     TypeError
         ``model`` not a torch module, ``cfg`` not a CrossbarConfig (a dict: build one with
-        ``CrossbarConfig(**d)``), ``device`` not a PCMModel or preset name, ``digital`` not a
+        ``CrossbarConfig(**d)``), ``device`` not a device model, preset name or card path, ``digital`` not a
         collection of names, ``rng`` not a seed.
     """
     check_instance(model, "model", nn.Module, "a torch.nn.Module")
@@ -85,7 +85,7 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
         raise TypeError("cfg: expected a CrossbarConfig, got dict; build one with "
                         "CrossbarConfig(**settings) or CrossbarConfig.from_dict(settings)")
     check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
-    device = resolve_device(device)
+    device = resolve_device_model(device)
     if isinstance(digital, (str, bytes)) or not isinstance(digital, Iterable):
         raise TypeError(f"digital = {digital!r}: give a collection of module names, e.g. "
                         "('stem', 'fc')")

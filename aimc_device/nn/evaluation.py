@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_instance, check_int
 from .._random import as_generator
+from ..io import model_to_dict
 from .convert import analog_tiles, drift, forget_programming, program
 
 __all__ = ["PAPER_TIMES", "classification_error", "normalized_accuracy", "standard_error",
@@ -158,7 +159,7 @@ def evaluate_over_time(model: nn.Module, data, metric: Callable = classification
                 "repeat": np.arange(repeats)},
         attrs={"repeats": repeats, "seed": int(seed_for_attrs),
                "crossbar_config": json.dumps(tile.cfg.to_dict()),
-               "device_model": json.dumps(tile.device_model.to_dict()
+               "device_model": json.dumps(model_to_dict(tile.device_model)
                                           if tile.device_model is not None else None),
                "metric": getattr(metric, "__name__", str(metric))},
     )

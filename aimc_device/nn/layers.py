@@ -1,9 +1,9 @@
 """Analog versions of torch layers: Linear, Conv1d, Conv2d, LSTM and MultiheadAttention.
 
 Each keeps its weight matrix on an :class:`~aimc_device.nn.tile.AnalogTile` (crossbar tiles with
-the periphery of a :class:`~aimc_device.crossbar.CrossbarConfig` and the noise of a
-:class:`~aimc_device.pcm.PCMModel`) and its bias in digital floating point. They are ordinary
-torch modules: state_dict, ``.to()``, ``no_grad`` inference and DistributedDataParallel work.
+the periphery of a :class:`~aimc_device.crossbar.CrossbarConfig` and the noise of a device model
+of either family) and its bias in digital floating point. They are ordinary torch modules:
+state_dict, ``.to()``, ``no_grad`` inference and DistributedDataParallel work.
 Each class has ``from_digital(module, cfg, device, rng)`` that maps a trained floating-point
 layer onto the tiles.
 """
@@ -19,7 +19,6 @@ from torch import nn
 
 from ..crossbar import CrossbarConfig
 from ..crossbar.mvm import analog_conv, conv_channel_split
-from ..pcm import PCMModel
 from .tile import AnalogTile, require_tensor
 
 __all__ = ["AnalogLinear", "AnalogConv1d", "AnalogConv2d", "AnalogLSTM",
@@ -47,7 +46,7 @@ class AnalogLinear(AnalogLayer):
     """y = analog(W x) + b for x (..., in_features)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 cfg: CrossbarConfig | None = None, device: PCMModel | None = None, rng=None):
+                 cfg: CrossbarConfig | None = None, device=None, rng=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.tile = AnalogTile(in_features, out_features, cfg or CrossbarConfig(), device,

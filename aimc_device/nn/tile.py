@@ -11,8 +11,9 @@ g_max, signed by the device of the differential pair), cut along the inputs into
 Three ways to run the forward pass:
 
 - training (``module.training``): the periphery of ``cfg`` with weight noise drawn from the
-  device model (programming noise plus 20 s of 1/f read noise, scaled by ``noise_scale``), a new
-  draw every call; gradients flow to the clean ``weight``, ``alpha``, ``gamma`` and ``kappa``;
+  device model's training noise (PCM: programming noise plus 20 s of 1/f read noise; empirical:
+  the spread of a level's distribution at 20 s), scaled by ``noise_scale``, a new draw every
+  call; gradients flow to the clean ``weight``, ``alpha``, ``gamma`` and ``kappa``;
 - evaluation after :meth:`program` / :meth:`drift`: the programmed, drifted conductances of the
   crossbar array, with fresh short-term and output noise each call;
 - evaluation before programming: the periphery with the clean weights.
@@ -29,7 +30,7 @@ from ..crossbar import AnalogArray, CrossbarConfig
 from ..crossbar.mapping import map_weights, split_sizes
 from ..crossbar.mvm import analog_mvm
 from ..crossbar.state import export_state, import_state
-from ..pcm import PCMModel
+from ..io import resolve_device_model
 from ..pcm.torch_ops import perturb_tensor
 
 __all__ = ["AnalogTile", "require_tensor"]
@@ -43,9 +44,9 @@ def require_tensor(x, where: str, name: str = "input") -> None:
 
 
 class _NoisyWeight(torch.autograd.Function):
-    """w~ plus a draw of the device model's training noise (programming noise and t seconds of
-    read noise, :func:`perturb_tensor` in units of g_max); the gradient goes to the clean w~
-    unchanged (MODEL.md section 8: the update goes to the clean weights)."""
+    """w~ plus a draw of the device model's training noise (:func:`perturb_tensor` in units of
+    g_max, either family); the gradient goes to the clean w~ unchanged (MODEL.md section 8: the
+    update goes to the clean weights)."""
 
     @staticmethod
     def forward(ctx, w, model, t, scale, rng):
@@ -64,9 +65,10 @@ class AnalogTile(nn.Module):
     ----------
     in_features, out_features : int
     cfg : CrossbarConfig
-    device : PCMModel or None
-        Device statistics for the training noise and for programming; None: no device noise
-        (programming then gives the exact weights, with no drift).
+    device : PCMModel, EmpiricalModel, preset name, device card path or None
+        Device statistics (either family, :func:`aimc_device.io.resolve_device_model`) for the
+        training noise and for programming; None: no device noise (programming then gives the
+        exact weights, with no drift).
     weight : torch.Tensor, optional
         Floating-point weights (out, in) in the layer's units; mapped column-wise per tile.
     rng : numpy.random.SeedSequence, int or None
@@ -101,12 +103,12 @@ class AnalogTile(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: CrossbarConfig,
-                 device: PCMModel | None = None, weight: torch.Tensor | None = None,
+                 device=None, weight: torch.Tensor | None = None,
                  rng=None, tile_sizes=None):
         super().__init__()
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.cfg = cfg
-        self.device_model = device
+        self.device_model = resolve_device_model(device)
         self.tile_sizes = list(split_sizes(self.in_features, cfg.max_rows)
                                if tile_sizes is None else tile_sizes)
         n_tiles = len(self.tile_sizes)

@@ -6,7 +6,8 @@ References
 .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-13 (MODEL.md section 4).
 """
 from .campaign import simulate_campaign
-from .devices import ProgrammedState, check_conductance, draw_faults, perturb, program, read
+from .devices import (ProgrammedState, check_conductance, draw_faults, perturb, program,
+                      programmed_conductance, read)
 from .empirical import EmpiricalModel, EmpiricalState
 from .formulas import (
     arrhenius_factor,
@@ -25,6 +26,7 @@ from .rram import RRAMCampaignParams, simulate_rram_campaign
 
 __all__ = [
     "PCMModel", "ProgrammedState", "program", "read", "perturb", "draw_faults",
+    "programmed_conductance",
     "simulate_campaign", "EmpiricalModel", "EmpiricalState", "simulate_rram_campaign",
     "RRAMCampaignParams", "programming_noise_std", "drift_exponent_stats", "drift_factor",
     "read_noise_q", "read_noise_std", "read_noise_time_factor", "relative_conductance",

@@ -1,4 +1,5 @@
-"""Virtual measurement campaigns: what a lab would measure on devices that follow a PCMModel.
+"""Virtual measurement campaigns: what a lab would measure on devices that follow a device model
+of either family (a :class:`PCMModel` or an :class:`EmpiricalModel`).
 
 The result is an ``xarray.Dataset`` in the measurement schema of ``docs/measurement-format.md``
 (the same one :func:`aimc_device.io.read_measurements` returns):
@@ -6,7 +7,7 @@ The result is an ``xarray.Dataset`` in the measurement schema of ``docs/measurem
 - dims ``device`` (N), ``time`` (T), ``repeat`` (R);
 - ``g_target(device)`` [S], target conductance of each device;
 - ``g(device, time, repeat)`` [S], conductance read at ``time`` seconds after the end of
-  programming, R repeated reads per time (each with its own 1/f read-noise draw);
+  programming, R repeated reads per time (each with its own read-noise draw);
 - coordinate ``time(time)`` [s], strictly increasing;
 - attrs ``g_max`` [S], ``t0`` [s] (duration of programming), ``t_read`` [s],
   ``reference_temperature`` [K] and metadata;
@@ -16,13 +17,15 @@ The result is an ``xarray.Dataset`` in the measurement schema of ``docs/measurem
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 
 import numpy as np
 import xarray as xr
 
 from .._random import as_generator
-from .devices import ProgrammedState, program, read
+from .devices import program, read
+from .empirical import EmpiricalModel
 from .formulas import equivalent_time
 from .params import PCMModel
 
@@ -32,16 +35,17 @@ __all__ = ["simulate_campaign", "DEFAULT_READ_TIMES"]
 DEFAULT_READ_TIMES = (1.0, 10.0, 100.0, 1000.0, 10000.0, 86400.0)
 
 
-def simulate_campaign(model: PCMModel, levels: int | np.ndarray = 20,
+def simulate_campaign(model: PCMModel | EmpiricalModel, levels: int | np.ndarray = 20,
                       devices_per_level: int = 2000, times=DEFAULT_READ_TIMES, repeats: int = 8,
                       rng=None, dtype=np.float32, name: str = "virtual campaign", *,
                       temperature=None, missing: float = 0.0) -> xr.Dataset:
-    """Simulate a PCM measurement campaign from a device model.
+    """Simulate a measurement campaign from a device model of either family.
 
     Parameters
     ----------
-    model : PCMModel
-        Its ``activation_energy`` [eV] and ``reference_temperature`` [K] map the intervals at
+    model : PCMModel or EmpiricalModel
+        Sampled through :func:`~aimc_device.pcm.program` and :func:`~aimc_device.pcm.read`. Its
+        ``activation_energy`` [eV] and ``reference_temperature`` [K] map the intervals at
         other temperatures to equivalent times (:func:`~aimc_device.pcm.equivalent_time`).
     levels : int or array
         Number of target levels, spread evenly over (0, g_max] as x_k = k / levels, or the
@@ -91,6 +95,9 @@ def simulate_campaign(model: PCMModel, levels: int | np.ndarray = 20,
             raise ValueError(f"temperature: {t_n} positive temperatures [K], one per read time")
     if not 0.0 <= missing < 1.0:
         raise ValueError("missing: a fraction of reads in [0, 1)")
+    if temperature is not None and model.activation_energy is None:
+        raise ValueError(f"temperature: the model {model.name!r} has no activation energy; "
+                         "set one (model.replace(activation_energy=...)) to simulate bakes")
     g_target = np.repeat(x * model.g_max, devices_per_level).astype(dtype)
     state = program(g_target, model, rng=gen)
     t_eq = equivalent_time(times, temperature, model.activation_energy,
@@ -133,10 +140,12 @@ def simulate_campaign(model: PCMModel, levels: int | np.ndarray = 20,
             "schema_version": 2 if v2 else 1,
             "g_max": model.g_max, "g_max_units": "S",
             "t0": model.t0, "t0_units": "s",
-            "t_read": model.t_read, "t_read_units": "s",
+            **({"t_read": model.t_read, "t_read_units": "s"} if model.t_read is not None
+               else {}),
             "reference_temperature": model.reference_temperature,
             "reference_temperature_units": "K",
-            "technology": "PCM (simulated)",
+            "technology": ("PCM (simulated)" if isinstance(model, PCMModel)
+                           else f"simulated from the empirical device model {model.name!r}"),
             "source": name,
             "device_model": model.name,
             "date": _dt.date.today().isoformat(),
@@ -145,17 +154,15 @@ def simulate_campaign(model: PCMModel, levels: int | np.ndarray = 20,
     return ds
 
 
-def _read_block(out: np.ndarray, state: ProgrammedState, t_eq: np.ndarray, model: PCMModel,
-                gen: np.random.Generator) -> None:
+def _read_block(out: np.ndarray, state, t_eq: np.ndarray, model, gen: np.random.Generator) -> None:
     """Fill ``out`` (n, T, R) with reads of ``state`` at the times ``t_eq`` [s]."""
     for k, t in enumerate(t_eq):
         for r in range(out.shape[2]):
             out[:, k, r] = read(state, t, model, rng=gen)
 
 
-def _subset(state: ProgrammedState, idx: np.ndarray) -> ProgrammedState:
-    """The devices ``idx`` of a programmed state."""
-    pick = (lambda a: None if a is None else a[idx])  # noqa: E731
-    return ProgrammedState(g_target=state.g_target[idx], g_prog=state.g_prog[idx],
-                           nu=state.nu[idx], stuck=pick(state.stuck), q_read=pick(state.q_read),
-                           q_model=state.q_model)
+def _subset(state, idx: np.ndarray):
+    """The devices ``idx`` of a programmed state of either family (its per-device arrays)."""
+    return dataclasses.replace(state, **{f.name: getattr(state, f.name)[idx]
+                                         for f in dataclasses.fields(state)
+                                         if isinstance(getattr(state, f.name), np.ndarray)})

@@ -28,7 +28,8 @@ from .formulas import (
 )
 from .params import PCMModel
 
-__all__ = ["ProgrammedState", "program", "read", "perturb", "draw_faults", "check_conductance"]
+__all__ = ["ProgrammedState", "program", "read", "perturb", "draw_faults", "check_conductance",
+           "programmed_conductance"]
 
 
 def check_conductance(g, name: str = "g_target", model: PCMModel | None = None,
@@ -196,6 +197,29 @@ def program(g_target, model: PCMModel, rng=None, faults=None) -> ProgrammedState
     return ProgrammedState(g_target=g_copy.reshape(shape),
                            g_prog=g_prog.reshape(shape), nu=nu.reshape(shape), stuck=stuck,
                            q_read=q.reshape(shape), q_model=read_noise_key(model))
+
+
+def programmed_conductance(state, model, rng=None) -> np.ndarray:
+    """The conductance of programmed devices right after programming [S], for either family.
+
+    PCM: g_P of Eq. 7 (no drift and, as in [1] at t = 0, no read noise; nothing is drawn).
+    Empirical: one read at t = 0 (:meth:`EmpiricalModel.read`), i.e. a draw from the first
+    measured time's distribution: a measured distribution is that of a read, there is no
+    conductance without its read noise to give.
+
+    Parameters
+    ----------
+    state : ProgrammedState or EmpiricalState, from :func:`program`
+    model : PCMModel or EmpiricalModel, the model that programmed ``state``
+    rng : int, numpy.random.Generator or None (used by the empirical family only)
+
+    Returns
+    -------
+    ndarray, conductance [S], the state's shape and dtype.
+    """
+    if isinstance(state, EmpiricalState):
+        return read(state, 0.0, model, rng)
+    return state.g_prog
 
 
 def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndarray:

@@ -28,7 +28,7 @@ from .formulas import (
 from .params import PCMModel
 
 __all__ = ["program_torch", "read_torch", "draw_faults_torch", "perturb_torch",
-           "perturb_tensor"]
+           "perturb_tensor", "programmed_conductance_torch", "is_torch_state"]
 
 
 def _randn(like: torch.Tensor, generator) -> torch.Tensor:
@@ -124,6 +124,20 @@ def read_torch(state: ProgrammedState, t: float, model: PCMModel,
     sig = g_d.abs() * read_noise_q(ref / model.g_max, model) * read_noise_time_factor(t, model)
     g = (g_d + sig * _randn(g_d, gen)).clamp_(min=0.0)  # Eqs. 11-12
     return g if state.stuck is None else torch.where(state.stuck, g_prog, g)
+
+
+def is_torch_state(state) -> bool:
+    """Whether a programmed state (of either family) holds torch tensors (from
+    :func:`program_torch`) rather than numpy arrays (from :func:`aimc_device.pcm.program`)."""
+    return isinstance(state.g_target, torch.Tensor)
+
+
+def programmed_conductance_torch(state, model, generator=None) -> torch.Tensor:
+    """:func:`aimc_device.pcm.programmed_conductance` for a state of :func:`program_torch`:
+    g_P (PCM, nothing drawn) or a read at t = 0 (empirical) [S]."""
+    if isinstance(model, EmpiricalModel):
+        return read_torch(state, 0.0, model, generator)
+    return state.g_prog
 
 
 def perturb_torch(g: torch.Tensor, model: PCMModel, t: float = 20.0, scale: float = 1.0,

@@ -18,7 +18,7 @@ import torch
 
 from .. import nn as ann
 from ..crossbar import CrossbarConfig
-from ..pcm import PCMModel
+from ..io import model_from_dict, model_to_dict
 from ..workloads import get_workload
 
 __all__ = ["ModelSpec", "evaluate_task", "build_analog"]
@@ -40,7 +40,9 @@ class ModelSpec:
     cfg : dict
         ``CrossbarConfig.to_dict()``.
     device : dict
-        ``PCMModel.to_dict()``.
+        The device model of either family as plain data
+        (:func:`aimc_device.io.model_to_dict`; an empirical model's tables travel as lists and
+        its interpolation tables are rebuilt in the worker).
     digital : tuple of str
         Layers kept in floating point.
     state : bytes
@@ -60,14 +62,14 @@ class ModelSpec:
 
     @classmethod
     def from_model(cls, workload: str, workload_kwargs: dict, model_seed: int,
-                   cfg: CrossbarConfig, device: PCMModel, digital, analog) -> "ModelSpec":
+                   cfg: CrossbarConfig, device, digital, analog) -> "ModelSpec":
         """A spec of the analog model ``analog`` (its state dict, without programmed state)."""
         state = {k: v.detach().cpu().clone() for k, v in analog.state_dict().items()
                  if ".prog_" not in k and not k.startswith("prog_")}
         buf = io.BytesIO()
         torch.save(state, buf)
         return cls(workload, dict(workload_kwargs), int(model_seed), cfg.to_dict(),
-                   device.to_dict(), tuple(digital), buf.getvalue())._with_token()
+                   model_to_dict(device), tuple(digital), buf.getvalue())._with_token()
 
     def _with_token(self) -> "ModelSpec":
         h = hashlib.sha256(self.state)
@@ -78,11 +80,12 @@ class ModelSpec:
                          self.device, self.digital, self.state, h.hexdigest()[:16])
 
     def replace(self, cfg: CrossbarConfig | None = None,
-                device: PCMModel | None = None) -> "ModelSpec":
-        """The same trained weights under another crossbar config or device model."""
+                device=None) -> "ModelSpec":
+        """The same trained weights under another crossbar config or device model (either
+        family)."""
         return ModelSpec(self.workload, self.workload_kwargs, self.model_seed,
                          (cfg.to_dict() if cfg is not None else self.cfg),
-                         (device.to_dict() if device is not None else self.device),
+                         (model_to_dict(device) if device is not None else self.device),
                          self.digital, self.state)._with_token()
 
 
@@ -97,7 +100,7 @@ def build_analog(spec: ModelSpec):
     wl = get_workload(spec.workload, **spec.workload_kwargs)
     model = wl.build_model(seed=spec.model_seed)
     cfg = CrossbarConfig.from_dict(spec.cfg)
-    device = PCMModel(**spec.device)
+    device = model_from_dict(spec.device)
     analog = ann.convert(model, cfg, device, digital=spec.digital, rng=spec.model_seed)
     state = torch.load(io.BytesIO(spec.state), map_location="cpu", weights_only=True)
     analog.load_state_dict(state)

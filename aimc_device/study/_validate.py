@@ -11,8 +11,8 @@ import os
 
 from .._checks import check_bool, check_float, check_instance, check_int
 from ..crossbar import CrossbarConfig
+from ..io import DEVICE_MODELS
 from ..nn import HWAConfig
-from ..pcm import PCMModel
 from ..workloads import WORKLOADS, Workload
 
 __all__ = ["check_recipe", "check_times", "check_sensitivity", "device_inputs", "workload_name"]
@@ -38,8 +38,9 @@ def check_recipe(workload, device, cfg, out_dir, seed, quick, hwa_epochs, hwa_lr
                    f"({', '.join(sorted(WORKLOADS))}) or a Workload")
     if isinstance(workload, str) and workload not in WORKLOADS:
         raise ValueError(f"workload = {workload!r}: choose one of {sorted(WORKLOADS)}")
-    check_instance(device, "device", (PCMModel, str, os.PathLike),
-                   "a PCMModel, a preset name or the path of a device card", allow_none=True)
+    check_instance(device, "device", (*DEVICE_MODELS, str, os.PathLike),
+                   "a device model (PCMModel or EmpiricalModel), a preset name or the path of a "
+                   "device card", allow_none=True)
     check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
     check_instance(out_dir, "out_dir", (str, os.PathLike), "a folder path (str or os.PathLike)")
     check_int(seed, "seed", lo=0)

@@ -29,7 +29,7 @@ from .. import __version__
 from .. import nn as ann
 from ..crossbar import CrossbarConfig, mvm_error
 from ..crossbar.metric import standard_test_case
-from ..pcm import PCMModel
+from ..io import model_from_dict, model_to_dict
 from .._checks import check_bool
 from . import _dask
 from ._tasks import evaluate_task
@@ -39,17 +39,6 @@ from .report import check_outputs, format_sensitivity_table, plot_sensitivity, w
 from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Nonideality", "NONIDEALITIES", "find_scale", "knob_levels", "run_sensitivity"]
-
-
-def _scale_prog(dev: PCMModel, s: float) -> PCMModel:
-    return dev.replace(prog_coeffs=tuple(s * c for c in dev.prog_coeffs))
-
-
-def _scale_drift(dev: PCMModel, s: float) -> PCMModel:
-    return dev.replace(drift_mean_coeffs=tuple(s * c for c in dev.drift_mean_coeffs),
-                       drift_mean_bounds=tuple(s * c for c in dev.drift_mean_bounds),
-                       drift_std_coeffs=tuple(s * c for c in dev.drift_std_coeffs),
-                       drift_std_bounds=tuple(s * c for c in dev.drift_std_bounds))
 
 
 @dataclass(frozen=True)
@@ -78,7 +67,10 @@ class Nonideality:
 
 #: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone. "IR drop" scales the
 #: wire resistance (``CrossbarConfig.ir_drop``: r_wire -> s r_wire; the IR-drop term grows as
-#: c(s a) / c(a), less than s-fold), "programming noise" and "drift" the device statistics.
+#: c(s a) / c(a), less than s-fold), "programming noise" and "drift" the device statistics with
+#: the device model's ``scaled`` (either family: ``programming=s``; ``drift_mean=s,
+#: drift_spread=s``, for PCM the statistics of nu, for the empirical family the change of the
+#: distributions since the first measured time).
 NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
     Nonideality("DAC", "input bits [bit]", lambda c, d: float(c.inp_bits or 0),
                 lambda c, d, v: (c.replace(inp_bits=int(v)), d), discrete=True),
@@ -89,9 +81,9 @@ NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
     Nonideality("short-term noise", "sigma_w0 [1]", lambda c, d: c.w_noise,
                 lambda c, d, v: (c.replace(w_noise=v), d), first=0.0175),
     Nonideality("programming noise", "x sigma_P [1]", lambda c, d: 1.0,
-                lambda c, d, v: (c, _scale_prog(d, v)), upper=100.0),
+                lambda c, d, v: (c, d.scaled(programming=v)), upper=100.0),
     Nonideality("drift", "x nu stats [1]", lambda c, d: 1.0,
-                lambda c, d, v: (c, _scale_drift(d, v)), upper=30.0),
+                lambda c, d, v: (c, d.scaled(drift_mean=v, drift_spread=v)), upper=30.0),
     Nonideality("IR drop", "x r_wire [1]", lambda c, d: c.ir_drop,
                 lambda c, d, v: (c.replace(ir_drop=v), d), first=1.0, upper=1e4),
     Nonideality("S-shaped ADC", "mu_zeta [1]", lambda c, d: c.mu_zeta if c.s_adc else 0.0,
@@ -110,7 +102,7 @@ def _eps(nonideality: Nonideality, cfg, dev, value, t, weights, inputs, seed) ->
 
 
 def find_scale(nonideality: str | Nonideality, target: float, cfg: CrossbarConfig | None = None,
-               device: PCMModel | None = None, t: float | None = 3600.0, weights=None,
+               device=None, t: float | None = 3600.0, weights=None,
                inputs=None, seed: int = 0, bracket: tuple | None = None) -> tuple[float, float]:
     """The knob value at which the MVM error (Eq. 20) reaches ``target``, by root finding.
 
@@ -119,7 +111,7 @@ def find_scale(nonideality: str | Nonideality, target: float, cfg: CrossbarConfi
     nonideality : str or Nonideality, a name of :data:`NONIDEALITIES` (continuous knobs)
     target : float, MVM error to reach, dimensionless (0.2 = 20 %)
     cfg : CrossbarConfig, the standard model (default)
-    device : PCMModel, default the "rasch2023" preset
+    device : PCMModel or EmpiricalModel, default the "rasch2023" preset
     t : float or None, time after programming of the MVM error [s]
     weights, inputs : arrays (out, in), (n, in), the test case (default the paper's 512 x 512)
     seed : int, fixes test case and device draws for every evaluation (common random numbers)
@@ -134,7 +126,7 @@ def find_scale(nonideality: str | Nonideality, target: float, cfg: CrossbarConfi
     if ni.discrete:
         raise ValueError(f"{ni.name}: an integer knob; use knob_levels()")
     cfg = cfg if cfg is not None else CrossbarConfig()
-    dev = device if device is not None else PCMModel.preset("rasch2023")
+    dev = resolve_device(device)[0]
 
     def f(v):
         return _eps(ni, cfg, dev, v, t, weights, inputs, seed) - target
@@ -159,7 +151,7 @@ def find_scale(nonideality: str | Nonideality, target: float, cfg: CrossbarConfi
     return float(v), f(v) + target
 
 
-def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, device: PCMModel,
+def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, device,
                 t: float | None, weights, inputs, seed: int) -> list[tuple[float, float]]:
     """(value, eps) for each MVM error in ``targets`` (continuous knobs), or for each bit
     count from the standard one down to the first that passes the last target (DAC, ADC)."""
@@ -184,8 +176,8 @@ def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, de
 
 def _levels_task(_shared, name, cfg_d, dev_d, targets, t, shape, n_inputs, seed):
     w, x = standard_test_case(seed, n_inputs, shape)
-    return knob_levels(name, targets, CrossbarConfig.from_dict(cfg_d), PCMModel(**dev_d), t, w,
-                       x, seed)
+    return knob_levels(name, targets, CrossbarConfig.from_dict(cfg_d), model_from_dict(dev_d), t,
+                       w, x, seed)
 
 
 def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
@@ -201,7 +193,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     Parameters
     ----------
     workload : str or Workload
-    device : PCMModel, preset name or device card path (see :func:`run_study`)
+    device : PCMModel, EmpiricalModel, preset name or device card path (see :func:`run_study`)
     cfg : CrossbarConfig, the standard model (default the paper's)
     nonidealities : sequence of str, optional; default all of :data:`NONIDEALITIES`
     max_mvm_error : float, the MVM error (dimensionless) at the top of the sweep, 0.2 in [1]
@@ -256,7 +248,8 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     cfg, dev = prep.cfg, prep.device
     t0 = time.perf_counter()
     targets = list(np.linspace(eps0, max_mvm_error, n_levels)[1:])
-    level_calls = [(0, n, cfg.to_dict(), dev.to_dict(), targets, t, test_shape, n_inputs, seed)
+    dev_d = model_to_dict(dev)
+    level_calls = [(0, n, cfg.to_dict(), dev_d, targets, t, test_shape, n_inputs, seed)
                    for n in names]
     with _dask.session(scheduler) as sched:
         ds = _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, sched,
@@ -358,7 +351,7 @@ def _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, 
                               "SeedSequence([seed, 100 + i, k, r]), standard model [seed, 99, 0, r]",
                "settings": json.dumps(prep.settings, sort_keys=True, default=str),
                "crossbar_config": json.dumps(cfg.to_dict(), default=str),
-               "device_model": json.dumps(dev.to_dict(), default=str),
+               "device_model": json.dumps(model_to_dict(dev), default=str),
                "device_provenance": json.dumps(prep.device_provenance, default=str),
                "timings": json.dumps({**prep.timings, "root_finding_s": t_roots,
                                       "evaluation_s": t_eval}),

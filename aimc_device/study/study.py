@@ -27,8 +27,7 @@ from .. import __version__
 from .. import nn as ann
 from .._checks import check_bool, check_int
 from ..crossbar import CrossbarConfig
-from ..io import file_sha256, load_device_card
-from ..pcm import PCMModel
+from ..io import model_to_dict, resolve_device_model
 from ..workloads import Workload, epoch_seed, get_workload, scoped_seed
 from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
@@ -50,36 +49,18 @@ TIME_LABELS = {1.0: "1 s", 3600.0: "1 h", 86400.0: "1 d", 31536000.0: "1 y"}
 _S_HWA_SHUFFLE, _S_HWA_TORCH, _S_HWA_TILES, _S_CALIB = 2, 3, 4, 5
 
 
-def resolve_device(device) -> tuple[PCMModel, dict]:
-    """A device model and its provenance from a PCMModel, a preset name or a device card path.
-
-    Parameters
-    ----------
-    device : PCMModel, str or os.PathLike or None
-        None: the "rasch2023" preset. A string ending in .h5/.hdf5 (or naming an existing file):
-        a device card written by :func:`aimc_device.io.save_device_model`.
+def resolve_device(device) -> tuple:
+    """A device model and its provenance from a model of either family, a preset name or a
+    device card's path (:func:`aimc_device.io.resolve_device_model`; None: the "rasch2023"
+    preset).
 
     Returns
     -------
-    (PCMModel, dict)
+    (PCMModel or EmpiricalModel, dict)
         The model and its provenance (card path and sha256 and the card's own provenance, or
         the preset's name and citation).
     """
-    if device is None:
-        device = "rasch2023"
-    if isinstance(device, PCMModel):
-        return device, {"source": "PCMModel object", "name": device.name,
-                        "citation": device.citation}
-    path = os.fspath(device)
-    if path.endswith((".h5", ".hdf5")) or os.path.isfile(path):
-        model, prov = load_device_card(path)
-        out = {"source": "device card", "card_path": os.path.abspath(path),
-               "card_sha256": file_sha256(path), "name": model.name,
-               "citation": model.citation}
-        out.update({f"card_{k}": v for k, v in prov.items()})
-        return model, out
-    model = PCMModel.preset(path)
-    return model, {"source": "preset", "name": model.name, "citation": model.citation}
+    return resolve_device_model(device, default="rasch2023", provenance=True)
 
 
 @dataclass
@@ -92,7 +73,7 @@ class PreparedModels:
     fp_model : torch.nn.Module, the floating-point model (eval mode)
     specs : dict variant -> ModelSpec, the analog models ("direct", "hwa")
     fp_error, chance_error : float, test errors (fractions)
-    device : PCMModel
+    device : PCMModel or EmpiricalModel
     device_provenance : dict
     cfg : CrossbarConfig
     settings : dict, every setting of the recipe (JSON-serialisable)
@@ -104,7 +85,7 @@ class PreparedModels:
     specs: dict
     fp_error: float
     chance_error: float
-    device: PCMModel
+    device: object
     device_provenance: dict
     cfg: CrossbarConfig
     settings: dict
@@ -236,7 +217,7 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
     digital = tuple(wl.digital_layers if digital_layers is None else digital_layers)
     fp_settings = {"workload": wl_name, "workload_kwargs": wl_kwargs, "seed": int(seed),
                    "epochs": wl.epochs, "package_version": __version__}
-    hwa_settings = {**fp_settings, "cfg": cfg.to_dict(), "device": dev.to_dict(),
+    hwa_settings = {**fp_settings, "cfg": cfg.to_dict(), "device": model_to_dict(dev),
                     "hwa": asdict(hwa), "hwa_epochs": int(hwa_epochs), "hwa_lr": float(hwa_lr),
                     "distill": bool(distill), "digital": list(digital),
                     "calibration_batches": int(calibration_batches)}
@@ -278,8 +259,9 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     ----------
     workload : {"cnn", "lstm", "transformer"} or Workload
         The network and its data (:mod:`aimc_device.workloads`).
-    device : PCMModel, preset name, path of a device card (.h5) or None
-        Device statistics for training noise and programming; default the "rasch2023" preset.
+    device : PCMModel, EmpiricalModel, preset name, path of a device card (.h5) or None
+        Device statistics (either family) for training noise and programming; default the
+        "rasch2023" preset.
         A card's provenance is recorded in the result's attrs.
     cfg : CrossbarConfig, optional
         Crossbar periphery; default the paper's standard model.
@@ -393,7 +375,7 @@ def _to_dataset(err, times, prep: PreparedModels, repeats, seed, scheduler) -> x
                               "numpy.random.SeedSequence([seed, v, r]), v: 1 direct, 2 hwa",
                "settings": json.dumps(prep.settings, sort_keys=True, default=str),
                "crossbar_config": json.dumps(prep.cfg.to_dict(), default=str),
-               "device_model": json.dumps(prep.device.to_dict(), default=str),
+               "device_model": json.dumps(model_to_dict(prep.device), default=str),
                "device_provenance": json.dumps(prep.device_provenance, default=str),
                "fp_error": fp, "chance_error": chance,
                "timings": json.dumps(prep.timings),
