@@ -296,3 +296,24 @@ def test_autocast_computes_analog_in_float32_and_returns_autocast_dtype(dtype):
     _close(out, model[2](h.float()).to(dtype), 0)  # float32 analog MVM, then the cast
     assert model[2].tile.weight.grad.dtype == torch.float32
     assert model[2].tile.weight.grad.abs().sum() > 0 and model[0].weight.grad.abs().sum() > 0
+
+
+def test_new_layers_program_drift_and_round_trip_state_dict():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Conv1d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"),
+                          nn.ConvTranspose1d(4, 3, 2, stride=2), nn.GRU(6, 5, batch_first=True))
+    x = torch.randn(2, 4, 3)  # the GRU reads (batch=2, time=3, 6)
+
+    def run(m):
+        with torch.no_grad():
+            return m[2](m[1](m[0](x)).transpose(1, 2).reshape(2, 3, 6))[0]
+    a = anl.convert(model, STD, DEV, rng=0).eval()
+    anl.program(a, rng=1)
+    anl.drift(a, 3600.0, rng=2)
+    state = a.state_dict()
+    b = anl.convert(model, STD, DEV, rng=5).eval()
+    b.load_state_dict(state)
+    anl.reseed(a, 3)
+    anl.reseed(b, 3)
+    assert all(t.is_programmed for t in anl.analog_tiles(b)) and len(anl.analog_tiles(b)) == 5
+    torch.testing.assert_close(run(a), run(b), rtol=0, atol=0)
