@@ -85,6 +85,20 @@ def test_each_group_on_its_own_tiles_and_output_size():
         _close(au(x, output_size=[8, 8]), up(x, output_size=[8, 8]))
 
 
+def test_hook_based_weight_norm_converts_with_its_current_weight():
+    torch.manual_seed(10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm
+        model = nn.Sequential(nn.utils.weight_norm(nn.Conv1d(4, 4, 3, groups=2), dim=2))
+    x = torch.randn(2, 4, 6)
+    model(x).sum().backward()  # leaves model[0].weight in an autograd graph
+    with torch.no_grad():
+        model[0].weight_g.mul_(2.0)  # an update the next forward would apply
+    a = anl.convert(model, IDEAL)
+    with torch.no_grad():
+        _close(a(x), model(x))
+
+
 @pytest.mark.parametrize("kw", [dict(num_layers=2, batch_first=True, dropout=0.0),
                                 dict(num_layers=1, bidirectional=True, bias=False)])
 def test_ideal_gru_matches_fp(kw):

@@ -15,7 +15,9 @@ import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from torch import nn
+from torch.nn.utils.weight_norm import WeightNorm
 
 from .._checks import check_bool, check_float, check_instance, check_int
 from .._random import as_generator
@@ -244,6 +246,7 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
     if unknown:
         raise KeyError(f"digital: no module named {sorted(unknown)} in the model; "
                        f"names look like {sorted(n for n in names if n)[:8]}")
+    _refresh_weight_norm(model)
     out = model if inplace else copy.deepcopy(model)
     root_seq = rng if isinstance(rng, np.random.SeedSequence) else np.random.SeedSequence(rng)
     summary = ConversionSummary()
@@ -299,6 +302,18 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
     _guard_transformer_fast_path(out)
     _log.info("convert: %s", summary)
     return (out, summary) if return_summary else out
+
+
+@torch.no_grad()
+def _refresh_weight_norm(model: nn.Module) -> None:
+    """Modules under the hook-based ``torch.nn.utils.weight_norm`` keep their weight as a
+    tensor attribute that the hook recomputes before every forward; left over from the last
+    forward, it is part of an autograd graph, which deepcopy refuses. Set it to its current
+    value, detached (what the next forward would compute; nothing else changes)."""
+    for m in model.modules():
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, WeightNorm):
+                setattr(m, hook.name, hook.compute_weight(m).detach())
 
 
 def _guard_transformer_fast_path(model: nn.Module) -> None:
