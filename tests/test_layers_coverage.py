@@ -220,17 +220,27 @@ def test_unregistered_linear_maps_warn_or_raise_and_registered_ones_convert():
 
 
 def test_summary_names_digital_choices_and_refused_layers():
-    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.LSTM(8, 4, proj_size=2),
-                          nn.Linear(2, 3))
-    with pytest.warns(UserWarning, match="proj_size"):
-        a, s = anl.convert(model, STD, digital=("3",), return_summary=True)
+    class Tokens(nn.Module):  # positional embedding and class token: added, not multiplied
+        def __init__(self):
+            super().__init__()
+            self.pos, self.cls = nn.Parameter(torch.zeros(1, 8)), nn.Parameter(torch.zeros(1, 8))
+
+        def forward(self, x):
+            return x + self.pos
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), Tokens(),
+                          nn.LSTM(8, 4, proj_size=2), nn.Linear(2, 3))
+    with pytest.warns(UserWarning, match="1 modules with weight matrices stay digital: 3 "
+                                         r"\(LSTM\): nn.LSTM with proj_size"):
+        a, s = anl.convert(model, STD, digital=("4",), return_summary=True)
     assert [(n, t) for n, _, _, t in s.analog] == [("0", 1)]
     assert s.digital == [("1", "BatchNorm1d", "no matrix-vector product"),
-                         ("2", "LSTM", "nn.LSTM with proj_size > 0 is not supported; keep it "
+                         ("2", "Tokens", "no weight matrix"),
+                         ("3", "LSTM", "nn.LSTM with proj_size > 0 is not supported; keep it "
                           "digital"),
-                         ("3", "Linear", "named in digital=")]
-    assert s.unsupported == [s.digital[1]]
-    assert type(a[2]) is nn.LSTM and type(a[3]) is nn.Linear
+                         ("4", "Linear", "named in digital=")]
+    assert s.unsupported == [s.digital[2]]
+    assert type(a[3]) is nn.LSTM and type(a[4]) is nn.Linear
 
 
 # ------------------------------------------------------------------------ drop-in behaviour

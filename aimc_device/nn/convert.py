@@ -129,7 +129,9 @@ class ConversionSummary:
     analog : list of (name, digital class, analog class, crossbar tiles)
     digital : list of (name, class, reason) for the modules with weights left digital
     unsupported : list of (name, class, reason), the part of ``digital`` that holds linear maps
-        ``convert`` could not put on crossbars (warned about; ``strict=True`` raises)
+        ``convert`` could not put on crossbars (warned about; ``strict=True`` raises): layers
+        whose conversion refused their settings, and modules of other classes with a parameter
+        of two or more dimensions named like a weight (``weight``, ``q_proj_weight``)
     """
 
     analog: list = dataclasses.field(default_factory=list)
@@ -157,7 +159,9 @@ def _digital_reason(module: nn.Module) -> tuple[str, bool] | None:
         return None
     if isinstance(module, _NOT_MVM):
         return "no matrix-vector product", False
-    mats = sorted(n for n, p in own.items() if p.dim() >= 2)
+    # A matrix named like a weight marks a linear map (Conv1D.weight, q_proj_weight); other
+    # matrices (positional embeddings, class tokens) are added or concatenated, not multiplied.
+    mats = sorted(n for n, p in own.items() if p.dim() >= 2 and "weight" in n.lower())
     if not mats:
         return "no weight matrix", False
     return (f"no analog conversion for {type(module).__name__} (weights {', '.join(mats)}); "
