@@ -10,14 +10,18 @@ References
 from ..pcm.torch_ops import perturb_tensor
 from . import _memory  # noqa: F401  (keeps freed heap memory: see its docstring)
 from .convert import (
+    AnalogConversionError,
+    ConversionSummary,
     analog_layers,
     analog_tiles,
     convert,
     drift,
     forget_programming,
     program,
+    register_conversion,
     reseed,
     set_noise_scale,
+    unregister_conversion,
 )
 from .evaluation import (
     PAPER_TIMES,
@@ -29,6 +33,9 @@ from .evaluation import (
 from .layers import (
     AnalogConv1d,
     AnalogConv2d,
+    AnalogConvTranspose1d,
+    AnalogConvTranspose2d,
+    AnalogGRU,
     AnalogLayer,
     AnalogLinear,
     AnalogLSTM,
@@ -46,8 +53,10 @@ from .training import (
 
 __all__ = [
     "convert", "program", "drift", "forget_programming", "analog_tiles", "analog_layers",
-    "set_noise_scale", "reseed", "AnalogTile", "AnalogLayer", "AnalogLinear", "AnalogConv1d",
-    "AnalogConv2d", "AnalogLSTM", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
+    "set_noise_scale", "reseed", "register_conversion", "unregister_conversion",
+    "ConversionSummary", "AnalogConversionError", "AnalogTile", "AnalogLayer", "AnalogLinear",
+    "AnalogConv1d", "AnalogConv2d", "AnalogConvTranspose1d", "AnalogConvTranspose2d",
+    "AnalogLSTM", "AnalogGRU", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
     "init_input_ranges", "distillation_loss", "hwa_loss", "train_hwa", "evaluate_over_time",
     "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
     "perturb_tensor",

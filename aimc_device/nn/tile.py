@@ -58,6 +58,18 @@ class _NoisyWeight(torch.autograd.Function):
         return grad, None, None, None, None
 
 
+def _select_outputs(ops: dict, cols: slice) -> dict:
+    """The operands of :meth:`AnalogTile.operands` restricted to the output columns ``cols``."""
+    def rows(ts):
+        return None if ts is None else [t[cols] for t in ts]
+
+    zeta = ops["zeta"]
+    return dict(ops, w_tiles=rows(ops["w_tiles"]), out_scale=ops["out_scale"][:, cols],
+                asymmetry=rows(ops["asymmetry"]),
+                zeta=rows(zeta) if isinstance(zeta, (list, tuple)) else
+                (None if zeta is None else zeta[cols]))
+
+
 class AnalogTile(nn.Module):
     """A weight matrix on analog crossbar tiles, trainable hardware-aware.
 
@@ -262,17 +274,24 @@ class AnalogTile(nn.Module):
                    out_scale=self._digital_scale())
         return ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = analog MVM of x (..., in) -> (..., out), without bias."""
+    def forward(self, x: torch.Tensor, outputs: slice | None = None) -> torch.Tensor:
+        """y = analog MVM of x (..., in) -> (..., out), without bias.
+
+        ``outputs``: read only these columns of the crossbar (e.g. the query block of an
+        attention in-projection), (..., len(outputs)); the other columns are not computed.
+        """
         require_tensor(x, type(self).__name__)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input: last dimension must be in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         ops = self.operands(x.device, x.dtype)
-        y = analog_mvm(x.reshape(-1, self.in_features), ops.pop("w_tiles"), self.cfg,
+        if outputs is not None:
+            ops = _select_outputs(ops, outputs)
+        w_tiles = ops.pop("w_tiles")
+        y = analog_mvm(x.reshape(-1, self.in_features), w_tiles, self.cfg,
                        ops.pop("alpha"), ops.pop("out_scale"), **ops)
-        return y.reshape(*lead, self.out_features)
+        return y.reshape(*lead, w_tiles[0].shape[0])
 
     # --------------------------------------------------------------- programming and drift
     @torch.no_grad()
