@@ -5,7 +5,7 @@ import argparse
 
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
-    p.add_argument("--workload", choices=("cnn", "lstm", "transformer"), default="cnn")
+    p.add_argument("--workload", choices=("cnn", "deepcnn", "lstm", "transformer"), default="cnn")
     p.add_argument("--device-model", metavar="MODEL.h5", default=None,
                    help="device card (from `aimc-device fit`) or preset name; default rasch2023")
     p.add_argument("--out", default=out_default, metavar="DIR",

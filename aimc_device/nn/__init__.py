@@ -40,15 +40,18 @@ from .training import (
     HWAConfig,
     distillation_loss,
     hwa_loss,
+    hwa_param_groups,
     init_input_ranges,
     train_hwa,
+    train_mode,
 )
 
 __all__ = [
     "convert", "program", "drift", "forget_programming", "analog_tiles", "analog_layers",
     "set_noise_scale", "reseed", "AnalogTile", "AnalogLayer", "AnalogLinear", "AnalogConv1d",
     "AnalogConv2d", "AnalogLSTM", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
-    "init_input_ranges", "distillation_loss", "hwa_loss", "train_hwa", "evaluate_over_time",
+    "init_input_ranges", "distillation_loss", "hwa_loss", "hwa_param_groups", "train_mode",
+    "train_hwa", "evaluate_over_time",
     "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
     "perturb_tensor",
 ]

@@ -41,7 +41,7 @@ __all__ = ["run_study", "prepare_models", "PreparedModels", "resolve_device", "V
 #: Model variants of a study, in table order.
 VARIANTS = ("fp", "direct", "hwa")
 #: Default HWA fine-tuning epochs per workload (full recipe); ``quick`` runs use 2.
-HWA_EPOCHS = {"cnn": 10, "lstm": 10, "transformer": 6}
+HWA_EPOCHS = {"cnn": 10, "deepcnn": 10, "lstm": 10, "transformer": 6}
 #: Labels of the paper's evaluation times (Table 3).
 TIME_LABELS = {1.0: "1 s", 3600.0: "1 h", 86400.0: "1 d", 31536000.0: "1 y"}
 
@@ -162,7 +162,7 @@ def _train_hwa(wl: Workload, analog, teacher, hwa: ann.HWAConfig, epochs: int, l
 
     train, _ = wl.load_data()
     steps = -(-len(train) // wl.batch_size)
-    opt = torch.optim.SGD(analog.parameters(), lr=lr, momentum=0.9)
+    opt = torch.optim.SGD(ann.hwa_param_groups(analog, lr, hwa), lr=lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs * steps))
     aopt = ann.AnalogOptimizer(opt, analog, hwa, steps_per_epoch=steps)
     ck = load_checkpoint(ckpt, settings)
@@ -179,7 +179,7 @@ def _train_hwa(wl: Workload, analog, teacher, hwa: ann.HWAConfig, epochs: int, l
         gen = torch.Generator().manual_seed(epoch_seed(seed, epoch, _S_HWA_SHUFFLE))
         loader = torch.utils.data.DataLoader(train, batch_size=wl.batch_size, shuffle=True,
                                              generator=gen)
-        analog.train()
+        ann.train_mode(analog, hwa)
         total, count = 0.0, 0
         with scoped_seed(epoch_seed(seed, epoch, _S_HWA_TORCH)):
             for x, y in loader:
@@ -273,7 +273,7 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
 
     Parameters
     ----------
-    workload : {"cnn", "lstm", "transformer"} or Workload
+    workload : {"cnn", "deepcnn", "lstm", "transformer"} or Workload
         The network and its data (:mod:`aimc_device.workloads`).
     device : PCMModel, preset name, path of a device card (.h5) or None
         Device statistics for training noise and programming; default the "rasch2023" preset.
