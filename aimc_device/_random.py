@@ -12,9 +12,14 @@ def as_generator(rng=None) -> np.random.Generator:
     """A numpy Generator from a seed, a SeedSequence, a Generator (returned as is) or None."""
     if isinstance(rng, np.random.Generator):
         return rng
-    if isinstance(rng, (bool, np.bool_)):
-        raise TypeError("rng must be an int seed, a numpy Generator, a SeedSequence or None")
-    return np.random.default_rng(rng)
+    if isinstance(rng, (bool, np.bool_, float, str, bytes)):
+        raise TypeError(f"rng = {rng!r}: give an int seed >= 0, a numpy Generator, a "
+                        "SeedSequence or None")
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"rng = {rng!r}: give an int seed >= 0, a numpy Generator, a "
+                        f"SeedSequence or None ({exc})") from None
 
 
 def derive_key(rng=None) -> np.uint64:

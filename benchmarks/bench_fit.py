@@ -6,9 +6,12 @@ Usage::
     python benchmarks/bench_fit.py --throughput-gb 0.5 --stream-gb 0   # skip the big file
 
 1. Throughput: a campaign file of ``--throughput-gb`` is read raw with h5py (the same device
-   chunks, into memory, nothing computed) and fitted with ``fit.fit_pcm(io.read_measurements())``;
-   best of ``--repeat`` runs each, alternating, both from the page cache. Prints both rates [GB/s]
-   and fit / raw (target >= 0.5).
+   chunks, into memory, nothing computed) and fitted with ``fit.fit_pcm(io.read_measurements())``
+   and ``fit.fit_empirical(io.read_measurements())``; best of ``--repeat`` runs each, alternating,
+   all from the page cache. Prints the rates [GB/s] and fit / raw (target >= 0.5) for each family.
+   Twice: a version-1 campaign (8 repeated reads at every time, the PCM fit's fast path) and a
+   version-2 lab-like campaign of the same size (one read per time, 5 % of the reads missing: the
+   general path); ``--no-v2`` skips the second.
 2. Streaming: a ``--stream-gb`` campaign file is generated block by block (flat memory) in a
    temporary folder (deleted afterwards); fits of a small and of the big file run each in a fresh
    process that reports its peak RSS (resource.getrusage); flat memory means the two are close.
@@ -36,27 +39,30 @@ LEVELS = 20
 BLOCK_DEVICES = 20 * 10_000  # devices simulated per block while writing a big file
 
 
-def make_file(path: str, gbytes: float, seed: int = 0) -> int:
-    """Write a campaign of about ``gbytes`` GB of ``g`` block by block; returns devices."""
+def make_file(path: str, gbytes: float, seed: int = 0, repeats: int = REPEATS,
+              missing: float = 0.0) -> int:
+    """Write a campaign of about ``gbytes`` GB of ``g`` block by block; returns devices.
+
+    ``missing`` > 0: that fraction of reads is NaN (schema version 2)."""
     model = pcm.PCMModel.preset("rasch2023")
-    per_device = len(TIMES) * REPEATS * 4
+    per_device = len(TIMES) * repeats * 4
     n = max(LEVELS * 10, int(gbytes * 1e9 // per_device) // LEVELS * LEVELS)
-    hchunk = io.default_chunk_devices(len(TIMES), REPEATS, 4, 2**20)
+    hchunk = io.default_chunk_devices(len(TIMES), repeats, 4, 2**20)
     with h5py.File(path, "w") as f:
-        f.attrs.update(schema=io.SCHEMA, schema_version=io.SCHEMA_VERSION, g_max=model.g_max,
+        f.attrs.update(schema=io.SCHEMA, schema_version=2 if missing else 1, g_max=model.g_max,
                        g_max_units="S", t0=model.t0, t0_units="s", t_read=model.t_read,
                        t_read_units="s", source="benchmarks/bench_fit.py")
         gt = f.create_dataset("g_target", shape=(n,), dtype=np.float32)
         gt.attrs["units"] = "S"
         f["time"] = np.asarray(TIMES)
         f["time"].attrs["units"] = "s"
-        g = f.create_dataset("g", shape=(n, len(TIMES), REPEATS), dtype=np.float32,
-                             chunks=(hchunk, len(TIMES), REPEATS))
+        g = f.create_dataset("g", shape=(n, len(TIMES), repeats), dtype=np.float32,
+                             chunks=(hchunk, len(TIMES), repeats))
         g.attrs["units"] = "S"
         for b, start in enumerate(range(0, n, BLOCK_DEVICES)):
             m = min(BLOCK_DEVICES, n - start) // LEVELS
-            ds = pcm.simulate_campaign(model, LEVELS, m, times=TIMES, repeats=REPEATS,
-                                       rng=[seed, b])
+            ds = pcm.simulate_campaign(model, LEVELS, m, times=TIMES, repeats=repeats,
+                                       rng=[seed, b], missing=missing)
             stop = start + ds.sizes["device"]
             gt[start:stop] = ds["g_target"].values
             g[start:stop] = ds["g"].values
@@ -77,18 +83,50 @@ def raw_read(path: str) -> tuple[float, float]:
     return time.perf_counter() - t, time.process_time() - c
 
 
-def fit_file(path: str) -> tuple[float, float]:
-    """Wall and CPU seconds (all threads) of fit_pcm on the lazily read file."""
+FAMILIES = {"pcm": fit.fit_pcm, "empirical": fit.fit_empirical}
+
+
+def fit_file(path: str, family: str = "pcm") -> tuple[float, float]:
+    """Wall and CPU seconds (all threads) of the family's fit on the lazily read file."""
     t, c = time.perf_counter(), time.process_time()
-    fit.fit_pcm(io.read_measurements(path, check_values=False))
+    FAMILIES[family](io.read_measurements(path, check_values=False))
     return time.perf_counter() - t, time.process_time() - c
 
 
-def peak_rss_of_fit(path: str) -> dict:
+def peak_rss_of_fit(path: str, family: str = "pcm") -> dict:
     """Fit ``path`` in a fresh process; its wall time [s] and peak RSS [MB]."""
-    out = subprocess.run([sys.executable, __file__, "--_fit-only", path], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--_fit-only", path, "--family", family],
+                         check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def throughput(path: str, args, label: str, families, **kw) -> None:
+    """Part 1 for one kind of campaign (``kw`` as for :func:`make_file`)."""
+    n = make_file(path, args.throughput_gb, **kw)
+    repeats = kw.get("repeats", REPEATS)
+    nbytes = n * len(TIMES) * repeats * 4
+    for fam in families:
+        fit_file(path, fam)  # compile, warm the page cache
+    raw_read(path)
+    raw, fitted = [], {fam: [] for fam in families}
+    for _ in range(args.repeat):
+        raw.append(raw_read(path))
+        for fam in families:
+            fitted[fam].append(fit_file(path, fam))
+    gb = nbytes / 1e9
+    w_raw, c_raw = min(r[0] for r in raw), min(r[1] for r in raw)
+    what = (f"{kw.get('missing', 0) * 100:.0f} % of reads missing" if kw.get("missing")
+            else "no read missing")
+    print(f"throughput, {label} campaign: {n} devices, g = {gb:.2f} GB (float32, T={len(TIMES)}, "
+          f"R={repeats}, {what}), {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
+    print(f"  raw h5py read   {gb / w_raw:6.2f} GB/s wall ({w_raw:.3f} s), CPU {c_raw:.3f} s")
+    for fam in families:
+        w_fit = min(r[0] for r in fitted[fam])
+        c_fit = min(r[1] for r in fitted[fam])
+        print(f"  fit_{fam:<10s}{gb / w_fit:6.2f} GB/s wall ({w_fit:.3f} s), CPU {c_fit:.3f} "
+              f"s (all threads); ratio fit / raw {w_raw / w_fit:5.2f} wall-clock rate "
+              f"(target >= 0.50), {c_raw / c_fit:.2f} in CPU time")
+    os.unlink(path)
 
 
 def main(argv=None) -> None:
@@ -98,35 +136,23 @@ def main(argv=None) -> None:
                     help="size of g [GB] for part 2; 0 skips it")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="folder for the temporary files")
+    ap.add_argument("--no-v2", action="store_true",
+                    help="skip the version-2 campaign (one read per time, missing reads)")
+    ap.add_argument("--family", choices=sorted(FAMILIES), action="append",
+                    help="families to measure (default both)")
     ap.add_argument("--_fit-only", dest="fit_only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    families = args.family or ["pcm", "empirical"]
     if args.fit_only:
-        wall, _ = fit_file(args.fit_only)
+        wall, _ = fit_file(args.fit_only, families[0])
         rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB -> MB (Linux)
         print(json.dumps({"wall_s": wall, "peak_rss_mb": rss}))
         return
     tmp = tempfile.mkdtemp(prefix="aimc-bench-fit-", dir=args.dir)
     try:
-        path = os.path.join(tmp, "throughput.h5")
-        n = make_file(path, args.throughput_gb)
-        nbytes = n * len(TIMES) * REPEATS * 4
-        fit_file(path)  # compile, warm the page cache
-        raw_read(path)
-        raw, fitted = [], []
-        for _ in range(args.repeat):
-            raw.append(raw_read(path))
-            fitted.append(fit_file(path))
-        gb = nbytes / 1e9
-        w_raw, c_raw = min(r[0] for r in raw), min(r[1] for r in raw)
-        w_fit, c_fit = min(r[0] for r in fitted), min(r[1] for r in fitted)
-        print(f"throughput: {n} devices, g = {gb:.2f} GB (float32, T={len(TIMES)}, R={REPEATS}), "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
-        print(f"  raw h5py read   {gb / w_raw:6.2f} GB/s wall ({w_raw:.3f} s), CPU {c_raw:.3f} s")
-        print(f"  fit_pcm         {gb / w_fit:6.2f} GB/s wall ({w_fit:.3f} s), CPU {c_fit:.3f} s "
-              f"(all threads)")
-        print(f"  ratio fit / raw {w_raw / w_fit:6.2f} wall-clock rate (target >= 0.50); "
-              f"{c_raw / c_fit:.2f} in CPU time")
-        os.unlink(path)
+        cases = [("version 1", {}), ("version 2", {"repeats": 1, "missing": 0.05})]
+        for label, kw in cases[:1 if args.no_v2 else 2]:
+            throughput(os.path.join(tmp, "throughput.h5"), args, label, families, **kw)
         if args.stream_gb > 0:
             small = os.path.join(tmp, "small.h5")
             make_file(small, 0.05)
@@ -136,14 +162,15 @@ def main(argv=None) -> None:
             gen = time.perf_counter() - t
             size_small = os.path.getsize(small) / 1e9
             size_big = os.path.getsize(big) / 1e9
-            a, b = peak_rss_of_fit(small), peak_rss_of_fit(big)
             print(f"streaming: generated {n_big} devices, {size_big:.2f} GB in {gen:.0f} s")
-            print(f"  fit of {size_small:.2f} GB file: peak RSS {a['peak_rss_mb']:7.0f} MB "
-                  f"({a['wall_s']:.1f} s)")
-            print(f"  fit of {size_big:.2f} GB file: peak RSS {b['peak_rss_mb']:7.0f} MB "
-                  f"({b['wall_s']:.1f} s, {size_big / b['wall_s']:.2f} GB/s)")
-            print(f"  peak RSS ratio big / small {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} "
-                  f"for a file {size_big / size_small:.0f}x larger")
+            for fam in families:
+                a, b = peak_rss_of_fit(small, fam), peak_rss_of_fit(big, fam)
+                print(f"  fit_{fam} of {size_small:.2f} GB file: peak RSS "
+                      f"{a['peak_rss_mb']:7.0f} MB ({a['wall_s']:.1f} s)")
+                print(f"  fit_{fam} of {size_big:.2f} GB file: peak RSS {b['peak_rss_mb']:7.0f} MB "
+                      f"({b['wall_s']:.1f} s, {size_big / b['wall_s']:.2f} GB/s)")
+                print(f"  peak RSS ratio big / small {b['peak_rss_mb'] / a['peak_rss_mb']:.2f} "
+                      f"for a file {size_big / size_small:.0f}x larger")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

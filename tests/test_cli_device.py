@@ -6,7 +6,7 @@ import os
 import h5py
 import pytest
 
-from aimc_device import io, pcm
+from aimc_device import fit, io, pcm
 from aimc_device.cli import main
 
 
@@ -37,11 +37,14 @@ def test_fit_writes_card_and_plot(tmp_path, campaign_file, capsys):
     out, fig = tmp_path / "m.h5", tmp_path / "fit.png"
     assert main(["fit", str(campaign_file), "-o", str(out), "--plot", str(fig)]) == 0
     model, prov = io.load_device_card(out)
-    assert isinstance(model, pcm.PCMModel)
+    # the card holds what fit.fit_pcm gives on the campaign (prior: the rasch2023 preset)
+    want, report = fit.fit_pcm(io.read_measurements(campaign_file),
+                               prior=pcm.PCMModel.preset("rasch2023"))
+    assert model == want
     assert prov["source_sha256"] == io.file_sha256(campaign_file)
     assert prov["fit_function"] == "aimc_device.fit.fit_pcm"
-    assert fig.stat().st_size > 10_000
-    assert "programming_noise" in capsys.readouterr().out
+    assert fig.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and fig.stat().st_size > 10_000
+    assert report.summary() in capsys.readouterr().out
 
 
 def _bad(capsys, argv, tmp_path, match):

@@ -1,13 +1,16 @@
 """Tests of aimc_device.study: the study end to end, resume, Dask equivalence, sensitivity, CLI.
 
-Everything runs on the workloads' quick settings with few repeats (the whole file takes well
-under two minutes on 2 cores). The CNN goes end to end through the demo (campaign -> fit ->
-device card -> study); the faster LSTM carries the resume, Dask and sensitivity tests.
+Everything runs on the workloads' quick settings with few repeats. The CNN goes end to end
+through the demo (campaign -> fit -> device card -> study); the faster LSTM carries the resume,
+Dask and sensitivity tests. The FP models come from the session's study folder
+(``_quick_models.STUDY_DIR``, seed 0): the LSTM tests run there and share its checkpoints, the
+demo starts from a copy of the CNN's FP checkpoint; the resume test trains its own.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -16,22 +19,23 @@ import torch
 from aimc_device import study
 from aimc_device.cli import main
 from aimc_device.crossbar import CrossbarConfig, mvm_error
-from aimc_device.crossbar.metric import test_case
+from aimc_device.crossbar.metric import standard_test_case
 from aimc_device.io import save_device_model
 from aimc_device.pcm import PCMModel
 from aimc_device.study._checkpoint import atomic_save, load_checkpoint
+from aimc_device.study._tasks import evaluate_task
+from aimc_device.workloads import get_workload
+
+from _quick_models import STUDY_DIR, fp_checkpoint, quick_fp
 
 TIMES = (1.0, 3600.0)
 
 
-@pytest.fixture(scope="module")
-def shared_dir(tmp_path_factory):
-    """One output folder whose checkpoints (LSTM quick) the tests below share."""
-    return tmp_path_factory.mktemp("study")
-
-
 def test_demo_quick_cnn_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
+    # the FP phase is the session's (the same settings: quick CNN, seed 0): resumed, not redone
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(fp_checkpoint("cnn"), out / "checkpoints")
     assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
     text = capsys.readouterr().out
     assert "HWA-trained" in text and "direct mapping" in text and "A* 1 h" in text
@@ -44,10 +48,19 @@ def test_demo_quick_cnn_end_to_end(tmp_path, capsys):
     assert ds.sizes == {"variant": 3, "time": 4, "repeat": 3}
     np.testing.assert_allclose(ds["time"].values, [1.0, 3600.0, 86400.0, 31536000.0])
     err = ds["error"].values
-    assert np.all((err >= 0) & (err <= 1))
-    # the FP row is the FP error; the analog rows are real measurements, not copies
-    assert np.all(err[0] == float(ds["fp_error"]))
-    assert float(ds["chance_error"]) > 0.8
+    # the FP row is the error of the FP model
+    run = quick_fp("cnn")
+    wl = run["workload"]
+    x_test, y_test = wl.load_data()[1].tensors
+    assert np.all(err[0] == float(ds["fp_error"])) and float(ds["fp_error"]) == wl.evaluate(
+        run["model"])
+    assert float(ds["chance_error"]) == 1 - np.bincount(y_test).max() / len(y_test)
+    # the analog rows count misclassified test samples; A* = 1 - (err - fp) / (chance - fp)
+    wrong = err[1:] * len(y_test)
+    np.testing.assert_allclose(wrong, np.round(wrong), rtol=0, atol=1e-9)
+    fp, chance = float(ds["fp_error"]), float(ds["chance_error"])
+    np.testing.assert_allclose(ds["normalized_accuracy"].values, 1 - (err - fp) / (chance - fp),
+                               rtol=1e-12)
     a = ds["normalized_accuracy_mean"].sel(variant="hwa").values
     assert np.all(a > 0.5)
     # provenance of the fitted device card and every setting are in the attrs
@@ -61,27 +74,37 @@ def test_demo_quick_cnn_end_to_end(tmp_path, capsys):
     PCMModel(**json.loads(ds.attrs["device_model"]))  # a valid model
 
 
-def _lstm(shared_dir, scheduler, repeats=2, **kw):
-    return study.run_study("lstm", quick=True, repeats=repeats, times=TIMES, out_dir=shared_dir,
-                           seed=3, scheduler=scheduler, progress=False, plot=False,
+def _lstm(out_dir, scheduler, repeats=2, seed=0, **kw):
+    return study.run_study("lstm", quick=True, repeats=repeats, times=TIMES, out_dir=out_dir,
+                           seed=seed, scheduler=scheduler, progress=False, plot=False,
                            verbose=False, **kw)
 
 
-def test_local_cluster_equals_serial(shared_dir):
+def test_local_cluster_equals_serial():
     distributed = pytest.importorskip("distributed")
-    serial = _lstm(shared_dir, "synchronous")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+    serial = _lstm(STUDY_DIR, "synchronous")
+    # one worker process: the tasks run in another process, one after the other, on the
+    # worker's own cache of rebuilt models
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                                   dashboard_address=None) as cluster:
-        remote = _lstm(shared_dir, cluster.scheduler_address)
+        remote = _lstm(STUDY_DIR, cluster.scheduler_address)
     np.testing.assert_array_equal(serial["error"].values, remote["error"].values)
     assert serial.attrs["scheduler"] == "synchronous"
     assert remote.attrs["scheduler"].startswith("tcp://")
-    # new device draws per repeat: the repeats are not all the same
-    assert serial["error"].sel(variant=["direct", "hwa"]).std("repeat").max() >= 0
+    # each (variant v, repeat r) is one task keyed (seed, v, r), v = 1 direct, 2 hwa: new
+    # device draws per repeat, the same draws wherever the task runs
+    prep = study.prepare_models("lstm", quick=True, seed=0, out_dir=STUDY_DIR, progress=False)
+    for v, name in ((1, "direct"), (2, "hwa")):
+        for r in range(2):
+            np.testing.assert_array_equal(
+                evaluate_task(prep.specs[name], (0, v, r), TIMES),
+                serial["error"].sel(variant=name, repeat=r).values)
+    assert float(serial["error"].sel(variant=["direct", "hwa"]).std("repeat").max()) > 0
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    kw = dict(workload_kwargs={"epochs": 2}, hwa_epochs=2)
+    # its own training: 2 + 2 epochs of 4 batches (256 training images)
+    kw = dict(workload_kwargs={"epochs": 2, "n_train": 256}, hwa_epochs=2, seed=3)
     full = _lstm(tmp_path / "a", "synchronous", repeats=1, **kw)
 
     class Stop(Exception):
@@ -105,6 +128,11 @@ def test_resume_equals_uninterrupted(tmp_path):
     np.testing.assert_array_equal(full["error"].values, resumed["error"].values)
     cks = sorted(os.listdir(run_dir / "checkpoints"))
     assert [c.split("-")[1] for c in cks] == ["fp", "hwa"]
+    # the checkpointed FP phase is the workload's own training, bit for bit
+    wl = get_workload("lstm", quick=True, epochs=2, n_train=256)
+    plain = wl.train_fp(wl.build_model(seed=3), seed=3, progress=False).state_dict()
+    fp = torch.load(run_dir / "checkpoints" / cks[0], weights_only=True)["model"]
+    assert plain.keys() == fp.keys() and all(torch.equal(plain[k], fp[k]) for k in fp)
     for c in cks:
         a = torch.load(tmp_path / "a" / "checkpoints" / c, weights_only=True)["model"]
         b = torch.load(run_dir / "checkpoints" / c, weights_only=True)["model"]
@@ -113,9 +141,9 @@ def test_resume_equals_uninterrupted(tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
 
 
-def test_sensitivity_quick_two_nonidealities(shared_dir):
+def test_sensitivity_quick_two_nonidealities():
     ds = study.run_sensitivity("lstm", quick=True, nonidealities=["output noise", "ADC"],
-                               n_levels=3, repeats=2, out_dir=shared_dir, seed=3,
+                               n_levels=3, repeats=2, out_dir=STUDY_DIR, seed=0,
                                scheduler="synchronous", progress=False, verbose=False)
     assert list(ds["nonideality"].values) == ["output noise", "ADC"]
     eps = ds["mvm_error"].sel(nonideality="output noise").values
@@ -130,11 +158,11 @@ def test_sensitivity_quick_two_nonidealities(shared_dir):
     assert np.isfinite(a[:, 0]).all() and np.allclose(a[:, 0], a[0, 0])
     assert ds["threshold_mvm_error"].dims == ("nonideality",)
     for ext in ("nc", "txt", "png"):
-        assert (shared_dir / f"lstm-sensitivity.{ext}").is_file()
+        assert os.path.isfile(os.path.join(STUDY_DIR, f"lstm-sensitivity.{ext}"))
 
 
 def test_find_scale_hits_target():
-    w, x = test_case(0, 100, (64, 64))
+    w, x = standard_test_case(0, 100, (64, 64))
     v, e = study.find_scale("programming noise", 0.2, t=None, weights=w, inputs=x, seed=0)
     assert v > 1 and e == pytest.approx(0.2, abs=1e-3)
     c, d = study.NONIDEALITIES["programming noise"].apply(CrossbarConfig(),
@@ -144,18 +172,18 @@ def test_find_scale_hits_target():
     assert v == pytest.approx(0.04) and e > 0.05  # already above: the standard value
 
 
-def test_cli_study_lstm_quick_and_device_card(shared_dir, tmp_path, capsys):
+def test_cli_study_lstm_quick_and_device_card(tmp_path, capsys):
     card = tmp_path / "card.h5"
     save_device_model(PCMModel.preset("rasch2023"), card, provenance={"source_file": "x.h5"})
-    rc = main(["study", "--workload", "lstm", "--quick", "--repeats", "2", "--seed", "3",
-               "--out", str(shared_dir), "--device-model", str(card),
+    rc = main(["study", "--workload", "lstm", "--quick", "--repeats", "2", "--seed", "0",
+               "--out", STUDY_DIR, "--device-model", str(card),
                "--scheduler", "synchronous", "--no-progress"])
     assert rc == 0
     assert "HWA-trained" in capsys.readouterr().out
-    ds = study.load_dataset(shared_dir / "lstm-study.nc")
+    ds = study.load_dataset(os.path.join(STUDY_DIR, "lstm-study.nc"))
     assert json.loads(ds.attrs["device_provenance"])["card_source_file"] == "x.h5"
     assert main(["study", "--workload", "lstm", "--quick", "--repeats", "0",
-                 "--out", str(shared_dir)]) == 2
+                 "--out", STUDY_DIR]) == 2
 
 
 def test_checkpoint_atomic_and_settings_guard(tmp_path):

@@ -12,6 +12,8 @@ from aimc_device.workloads import (QUICK, WORKLOADS, Workload, chance_error, epo
                                    get_workload)
 from aimc_device.workloads.digits import as_patches, as_rows, load_digits_split
 
+from _quick_models import quick_fp
+
 NAMES = ["cnn", "deepcnn", "lstm", "transformer"]
 SHAPES = {"cnn": (1, 8, 8), "deepcnn": (1, 8, 8), "lstm": (8, 8), "transformer": (16, 4)}
 
@@ -20,10 +22,16 @@ def test_registry():
     assert set(NAMES) <= set(WORKLOADS)
     for name in NAMES:
         wl = get_workload(name)
-        assert isinstance(wl, Workload) and wl.name == name
-        assert wl.epochs > 0 and wl.lr > 0
-        assert get_workload(name, quick=True).epochs < wl.epochs
-        assert set(QUICK[name]) <= {f for f in wl.__dataclass_fields__}
+        assert isinstance(wl, Workload) and wl.name == name and not wl.quick
+        quick = get_workload(name, quick=True)
+        assert type(quick) is type(wl) and quick.quick
+        # the quick settings replace exactly their fields; the rest is the full recipe
+        for field in wl.__dataclass_fields__:
+            if field in QUICK[name]:
+                assert getattr(quick, field) == QUICK[name][field] != getattr(wl, field)
+            elif field not in ("quick", "_data_cache"):
+                assert getattr(quick, field) == getattr(wl, field), (name, field)
+        assert QUICK[name]["epochs"] < wl.epochs
     assert get_workload("cnn", quick=True, epochs=2).epochs == 2
     with pytest.raises(ValueError, match="unknown workload"):
         get_workload("mlp")
@@ -142,28 +150,40 @@ def test_transformer_eval_calls_submodules():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_quick_training_beats_chance(name):
-    wl = get_workload(name, quick=True)
+def test_train_fp_returns_the_model_trained_without_global_seeding(name):
+    wl = get_workload(name, quick=True, epochs=2, n_train=192)  # 3 batches per epoch
     model = wl.build_model(seed=0)
-    err0 = wl.evaluate(model)
     state = torch.get_rng_state()
     losses = []
     out = wl.train_fp(model, seed=0, progress=False,
-                      on_epoch_end=lambda e, m, o, s, loss: losses.append(loss))
+                      on_epoch_end=lambda e, m, o, s, loss: losses.append((e, m, loss)))
     assert out is model and not model.training
     assert torch.equal(torch.get_rng_state(), state)          # no global seeding left behind
-    assert len(losses) == wl.epochs and losses[-1] < losses[0]
+    assert [e for e, _, _ in losses] == [0, 1] and all(m is model for _, m, _ in losses)
+    assert losses[1][2] < losses[0][2]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_quick_training_beats_chance(name):
+    run = quick_fp(name)  # the quick settings' training, once per session (shared)
+    wl, model = run["workload"], run["model"]
     err = wl.evaluate(model)
-    assert err < 0.5 * wl.chance_error and err < err0
-    # evaluate is deterministic and restores the mode
-    model.train()
-    assert wl.evaluate(model) == err and model.training
+    assert err < 0.5 * wl.chance_error and err < 0.5 * wl.evaluate(wl.build_model(seed=0))
+    # evaluate counts the misclassified test samples, deterministically, and restores the mode
+    x, y = wl.load_data()[1].tensors
+    with torch.no_grad():
+        logits = model(x)
+    assert err == float((logits.argmax(dim=1) != y).sum()) / len(y)
+    try:
+        model.train()
+        assert wl.evaluate(model) == err and model.training
+    finally:
+        model.eval()
     _, test_loader = wl.loaders()
     assert wl.evaluate(model, test_loader) == err
-    with torch.no_grad():
-        logits = model.eval()(wl.load_data()[1].tensors[0][:4])
-    loss = wl.task_loss(logits, wl.load_data()[1].tensors[1][:4])
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    # the task loss is the mean cross-entropy of the logits
+    loss = wl.task_loss(logits[:4], y[:4])
+    torch.testing.assert_close(loss, -torch.log_softmax(logits[:4], 1)[range(4), y[:4]].mean())
 
 
 def _train(wl, seed, **kw):
@@ -173,20 +193,20 @@ def _train(wl, seed, **kw):
 
 
 def test_training_deterministic_and_resumable():
-    wl = get_workload("transformer", quick=True, epochs=3)   # has dropout
-    a, b, c = _train(wl, 7), _train(wl, 7), _train(wl, 8)
-    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
-    assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
-    # stop after epoch 1, resume from the checkpoint: same model as the uninterrupted run
+    # the transformer has dropout; 192 training images (3 batches per epoch) suffice here
+    wl = get_workload("transformer", quick=True, epochs=3, n_train=192)
     ckpt = {}
 
-    def save(epoch, model, opt, sched, loss):
+    def save(epoch, model, opt, sched, loss):  # a checkpoint after epoch 1
         if epoch == 1:
             # deep copies: state_dict() holds live references that later steps update
             ckpt.update(copy.deepcopy(dict(model=model.state_dict(), opt=opt.state_dict(),
                                            sched=sched.state_dict())))
-    _train(wl, 7, on_epoch_end=save)
+    a, b, c = _train(wl, 7), _train(wl, 7, on_epoch_end=save), _train(wl, 8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+    # resume from the checkpoint of epoch 1: the same model as the uninterrupted run
     resumed = wl.build_model(seed=5)
     resumed.load_state_dict(ckpt["model"])
     wl.train_fp(resumed, seed=7, progress=False, start_epoch=2,

@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 import json
 
+from ._types import NON_NEGATIVE_FLOAT, POSITIVE_INT, SEED
+
 
 def _parse_value(text: str):
     """A --set value: JSON (numbers, true/false, null), Python's True/False/None, else the
@@ -64,12 +66,12 @@ def register(subparsers) -> None:
                     "nonideality alone, the periphery, the total with PCM devices, and the total "
                     "at 1 s, 1 h, 1 day and 1 year after programming with drift compensation.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--t", type=float, default=None,
+    p.add_argument("--t", type=NON_NEGATIVE_FLOAT, default=None,
                    help="only the total error at this time after programming [s]")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                    help="change a CrossbarConfig field (repeatable), e.g. --set out_bits=6")
     p.add_argument("--device", default="rasch2023",
                    help="PCM preset name, or 'none' for ideal devices")
-    p.add_argument("--seed", type=int, default=0, help="seed of test case, devices and noise")
-    p.add_argument("--n-inputs", type=int, default=1000, help="inputs of the test case")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of test case, devices and noise")
+    p.add_argument("--n-inputs", type=POSITIVE_INT, default=1000, help="inputs of the test case")
     p.set_defaults(func=cmd_mvm_error)

@@ -3,8 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 import numpy as np
+
+from ._types import POSITIVE_INT, SEED, read_times
+
+_FORCE_HELP = ("replace OUTPUT even when it holds another kind of file (a measurement campaign, "
+               "a device card, ...); an input is never replaced")
 
 
 def register(subparsers) -> None:
@@ -16,13 +22,15 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="campaign file to write")
     p.add_argument("--preset", default="rasch2023",
                    help="PCM preset name, or the path of a device card (.h5); default rasch2023")
-    p.add_argument("--levels", type=int, default=20, help="target levels over (0, g_max]")
-    p.add_argument("--devices-per-level", type=int, default=2000)
-    p.add_argument("--times", default=None,
+    p.add_argument("--levels", type=POSITIVE_INT, default=20,
+                   help="target levels over (0, g_max]")
+    p.add_argument("--devices-per-level", type=POSITIVE_INT, default=2000)
+    p.add_argument("--times", type=read_times, default=None,
                    help="comma-separated read times after programming [s]; default "
                         "1,10,100,1000,10000,86400")
-    p.add_argument("--repeats", type=int, default=8, help="repeated reads per time")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same file)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=8, help="repeated reads per time")
+    p.add_argument("--seed", type=SEED, default=0, help="random seed (same seed, same file)")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_campaign)
 
     p = subparsers.add_parser(
@@ -35,60 +43,70 @@ def register(subparsers) -> None:
     p.add_argument("--clip", choices=("fit", "fixed"), default="fit",
                    help="drift clip bounds: fit the lower one (default) or keep the prior's")
     p.add_argument("--prior", default="rasch2023",
-                   help="preset or device card giving start values and conventions")
+                   help="preset or device card giving start values and conventions, and the "
+                        "components the data do not identify (e.g. the read noise with one "
+                        "read per time at two times; marked 'from prior' in the card)")
+    p.add_argument("--exclude", metavar="SPEC", default=None,
+                   help="devices to drop: comma-separated indices or ranges (0-9,17) and rules "
+                        "dead, stuck, outside:LO:HI (e.g. outside:0.1uS:30uS); stated in the "
+                        "card's provenance")
+    p.add_argument("--activation-energy", type=float, metavar="EV", default=None,
+                   help="activation energy of the temperature acceleration [eV]; default: "
+                        "fitted when the campaign has bakes at two or more temperatures, else "
+                        "the campaign's attribute activation_energy")
+    p.add_argument("--reference-temperature", type=float, metavar="K", default=None,
+                   help="reference temperature of the fitted model [K]; default the campaign's")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_fit)
+
+
+def _is_card_path(name: str) -> bool:
+    return name.endswith((".h5", ".hdf5")) or os.path.sep in name
 
 
 def _model(name: str):
     from ..pcm import PCMModel
 
-    if name.endswith((".h5", ".hdf5")) or os.path.sep in name:
+    if _is_card_path(name):
         from ..io import load_device_model
 
         return load_device_model(name)
     return PCMModel.preset(name)
 
 
-def _parse_times(text: str | None):
-    from ..pcm.campaign import DEFAULT_READ_TIMES
+def _plot_format(path: str) -> str:
+    """The figure format of ``path``'s extension (png without one), checked before a fit."""
+    from matplotlib.figure import Figure
 
-    if text is None:
-        return DEFAULT_READ_TIMES
-    try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--times {text!r}: give comma-separated numbers of seconds") from None
+    from . import UserError
 
-
-def _check_output(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"{path}: the folder {folder} does not exist")
+    ext = os.path.splitext(path)[1][1:].lower() or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if ext not in supported:
+        raise UserError(f"--plot {path}: unknown figure format {ext!r}; use one of "
+                        f"{', '.join(sorted(supported))}")
+    return ext
 
 
 def _campaign(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from ..io import write_measurements
+    from ..io import SIMULATED_CAMPAIGN, check_output, write_measurements
     from ..pcm import simulate_campaign
+    from ..pcm.campaign import DEFAULT_READ_TIMES
 
-    _check_output(args.output)
+    inputs = [args.preset] if _is_card_path(args.preset) else []
+    check_output(args.output, SIMULATED_CAMPAIGN, inputs=inputs, overwrite=args.force)
     model = _model(args.preset)
-    times = np.asarray(_parse_times(args.times))
-    if times.size == 0 or np.any(np.diff(times) <= 0) or np.any(times < 0):
-        raise ValueError(f"--times {args.times}: read times must be >= 0 and strictly "
-                         "increasing [s]")
-    for name in ("levels", "devices_per_level", "repeats"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    times = np.asarray(DEFAULT_READ_TIMES if args.times is None else args.times)
     with tqdm(total=2, desc="campaign", unit="step", disable=None) as bar:
         ds = simulate_campaign(model, args.levels, args.devices_per_level, times=times,
                                repeats=args.repeats, rng=args.seed,
                                name=f"aimc-device campaign --preset {args.preset} --seed "
                                     f"{args.seed}")
         bar.update()
-        write_measurements(ds, args.output)
+        write_measurements(ds, args.output, overwrite=args.force)
         bar.update()
     print(f"wrote {args.output}: {ds.sizes['device']} devices x {ds.sizes['time']} times x "
           f"{ds.sizes['repeat']} repeats")
@@ -97,28 +115,49 @@ def _campaign(args: argparse.Namespace) -> int:
 
 def _fit(args: argparse.Namespace) -> int:
     from ..fit import fit_pcm
-    from ..io import read_measurements, save_device_model
-    from ..io._atomic import atomic_output
+    from ..io import (CARD_SCHEMA, KIND_FIGURE, atomic_output, check_output, read_measurements,
+                      save_device_model)
+    from . import UserError
 
-    _check_output(args.output)
+    # Every output is checked before the fit: not an input, not a file of another kind (unless
+    # --force), in a writable folder.
+    inputs = [args.campaign] + ([args.prior] if _is_card_path(args.prior) else [])
+    check_output(args.output, CARD_SCHEMA, inputs=inputs, overwrite=args.force)
     if args.plot:
-        _check_output(args.plot)
+        fmt = _plot_format(args.plot)
+        if os.path.realpath(args.plot) == os.path.realpath(args.output):
+            raise UserError(f"--plot {args.plot}: the same file as --output; give two names")
+        check_output(args.plot, KIND_FIGURE, inputs=inputs, overwrite=args.force)
     prior = _model(args.prior)
     ds = read_measurements(args.campaign)
-    model, report = fit_pcm(ds, prior=prior, clip=args.clip, progress=not args.quiet)
+    model, report = fit_pcm(ds, prior=prior, clip=args.clip, exclude=args.exclude,
+                            activation_energy=args.activation_energy,
+                            reference_temperature=args.reference_temperature,
+                            progress=not args.quiet)
     fig = report.plot(reference=prior) if args.plot else None
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(args.campaign)
-    prov["command"] = f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} " \
-                      f"--prior {args.prior}"
+    command = [f"aimc-device fit {os.path.basename(args.campaign)} --clip {args.clip} "
+               f"--prior {args.prior}"]
+    for flag, value in (("--exclude", args.exclude), ("--activation-energy",
+                                                       args.activation_energy),
+                        ("--reference-temperature", args.reference_temperature)):
+        if value is not None:
+            command.append(f"{flag} {value}")
+    prov["command"] = " ".join(command)
     if fig is not None:
         # Both files or neither: the plot is renamed into place only once the card is written.
-        with atomic_output(args.plot) as tmp_plot:
-            fig.savefig(tmp_plot, format=os.path.splitext(args.plot)[1][1:] or "png", dpi=120)
-            written = save_device_model(model, args.output, provenance=prov)
+        with atomic_output(args.plot, KIND_FIGURE, inputs=inputs,
+                           overwrite=args.force) as tmp_plot:
+            fig.savefig(tmp_plot, format=fmt, dpi=120)
+            written = save_device_model(model, args.output, provenance=prov,
+                                        overwrite=args.force)
     else:
-        written = save_device_model(model, args.output, provenance=prov)
+        written = save_device_model(model, args.output, provenance=prov, overwrite=args.force)
     if not args.quiet:
         print(report.summary())
         print(f"wrote {args.output} (campaign sha256 {written['source_sha256'][:16]}...)")
+    for cf in report.components.values():
+        if not cf.identified:
+            print(f"aimc-device fit: note: {cf.name} {cf.source}", file=sys.stderr)
     return 0

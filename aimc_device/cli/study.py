@@ -3,6 +3,10 @@ from __future__ import annotations
 
 import argparse
 
+from ._types import FRACTION, LEVELS, POSITIVE_INT, SEED
+
+_FORCE_HELP = ("replace result files in --out even when they hold another kind of file (a "
+               "measurement campaign, a device card, ...); an input is never replaced")
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
     p.add_argument("--workload", choices=("cnn", "deepcnn", "lstm", "transformer"), default="cnn")
@@ -12,8 +16,9 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help=f"folder for checkpoints, results (.nc), table and plot; default "
                         f"{out_default}")
     p.add_argument("--quick", action="store_true", help="reduced settings (seconds)")
-    p.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
-    p.add_argument("--hwa-epochs", type=int, default=None, help="HWA fine-tuning epochs")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of everything (default 0)")
+    p.add_argument("--hwa-epochs", type=POSITIVE_INT, default=None,
+                   help="HWA fine-tuning epochs (>= 1)")
     p.add_argument("--distill", action="store_true", help="distil from the FP model in HWA")
     p.add_argument("--all-analog", action="store_true",
                    help="put every layer on analog tiles (default: the workload's first and last "
@@ -22,6 +27,7 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                    help="Dask scheduler address of an existing cluster, or 'synchronous'; "
                         "default a local cluster of 2 worker processes")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
 
 def register(subparsers) -> None:
@@ -32,7 +38,8 @@ def register(subparsers) -> None:
                     "fine-tuning, evaluation at 1 s, 1 h, 1 day, 1 year with repeats; writes "
                     "<workload>-study.nc/.txt/.png to --out and resumes from checkpoints there.")
     _common(p, "study-out")
-    p.add_argument("--repeats", type=int, default=25, help="evaluation repeats (default 25)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=25,
+                   help="evaluation repeats (default 25)")
     p.set_defaults(func=_study)
 
     p = subparsers.add_parser(
@@ -40,9 +47,12 @@ def register(subparsers) -> None:
         description="Scale each nonideality alone until the MVM error reaches --max-mvm-error "
                     "and measure the loss of A*(1 h) of the HWA-trained model.")
     _common(p, "study-out")
-    p.add_argument("--repeats", type=int, default=10, help="repeats per setting (default 10)")
-    p.add_argument("--levels", type=int, default=5, help="MVM-error levels (default 5)")
-    p.add_argument("--max-mvm-error", type=float, default=0.20, help="top of the sweep (0.20)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=10,
+                   help="repeats per setting (default 10)")
+    p.add_argument("--levels", type=LEVELS, default=5,
+                   help="MVM-error levels, the standard model included (>= 2, default 5)")
+    p.add_argument("--max-mvm-error", type=FRACTION, default=0.20,
+                   help="top of the sweep, a fraction in (0, 1] (default 0.20 = 20 %%)")
     p.add_argument("--nonidealities", default=None,
                    help="comma-separated subset, e.g. 'ADC,output noise'; default all")
     p.set_defaults(func=_sensitivity)
@@ -55,10 +65,11 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="small and fast (under a minute)")
     p.add_argument("--campaign", default=None, metavar="FILE.h5",
                    help="fit this campaign instead of simulating one")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=POSITIVE_INT, default=None)
+    p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--scheduler", default=None, metavar="ADDR")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--force", action="store_true", help=_FORCE_HELP)
     p.set_defaults(func=_demo)
 
 
@@ -69,12 +80,10 @@ def _device(arg):
 def _study(args: argparse.Namespace) -> int:
     from ..study import run_study
 
-    if args.repeats < 1:
-        raise ValueError("--repeats must be >= 1")
     run_study(args.workload, device=_device(args.device_model), repeats=args.repeats,
               out_dir=args.out, seed=args.seed, quick=args.quick, hwa_epochs=args.hwa_epochs,
               distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress,
-              digital_layers=() if args.all_analog else None)
+              digital_layers=() if args.all_analog else None, overwrite=args.force)
     print(f"wrote {args.out}/{args.workload}-study.nc, .txt and .png")
     return 0
 
@@ -89,7 +98,7 @@ def _sensitivity(args: argparse.Namespace) -> int:
                     repeats=args.repeats, out_dir=args.out, seed=args.seed, quick=args.quick,
                     hwa_epochs=args.hwa_epochs, distill=args.distill, scheduler=args.scheduler,
                     progress=not args.no_progress,
-                    digital_layers=() if args.all_analog else None)
+                    digital_layers=() if args.all_analog else None, overwrite=args.force)
     print(f"wrote {args.out}/{args.workload}-sensitivity.nc, .txt and .png")
     return 0
 
@@ -98,6 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
     from ..study import run_demo
 
     run_demo(args.out, quick=args.quick, campaign=args.campaign, seed=args.seed,
-             repeats=args.repeats, scheduler=args.scheduler, progress=not args.no_progress)
+             repeats=args.repeats, scheduler=args.scheduler, progress=not args.no_progress,
+             overwrite=args.force)
     print(f"wrote {args.out}/cnn-study.nc, .txt and .png")
     return 0

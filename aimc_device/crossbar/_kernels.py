@@ -6,9 +6,16 @@ straight-through backward and their serial/parallel dispatch follow. The single 
 each periphery element is in ``periphery.py`` (torch); these kernels restate the output-side
 elements in scalar form for speed on CPU (IR drop Eqs. 15-16 with the polynomial of
 ``periphery.IR_DROP_POLY``, short-term and output noise Eqs. 2 and 14, ADC Eq. 5, digital
-scales Eq. 1) in the precision of the arrays, and the tests compare them with the torch path. Normal variates come from the counter-based ziggurat of the PCM
-sampler, keyed by (key, element index, stream), so the same key gives the same numbers on any
-thread count.
+scales Eq. 1) in the precision of the arrays, and the tests compare them with the torch path.
+Normal variates come from the counter-based ziggurat of the PCM sampler, keyed by (key, element
+index, stream), so the same key gives the same numbers on any thread count.
+
+No kernel here is compiled with fast-math: LLVM vectorises these elementwise loops without it,
+and with it ("reassoc", "contract", "arcp", "afn") a loop's vectorised body and its scalar
+fallback, which LLVM picks at run time from the buffers' addresses (its overlap check), may round
+the same expression differently, so that the same inputs gave outputs one ulp apart from run to
+run. Without it every output is the IEEE evaluation of its expression in source order, whichever
+code path runs.
 
 References
 ----------
@@ -27,7 +34,7 @@ from .periphery import IR_DROP_POLY
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
 from ..pcm._kernels import FAST as _FAST
-from ..pcm._kernels import SIMD_FASTMATH, _hash, finish_variate, half_normal_rect, normals_block
+from ..pcm._kernels import _hash, finish_variate, half_normal_rect, normals_block
 
 #: Stream number of the per-MVM draws (the PCM sampler uses streams 0 and 2 of 4).
 STREAM_MVM = np.uint64(3)
@@ -39,7 +46,6 @@ _MASK32 = np.uint64(0xFFFFFFFF)
 #: Outputs per work item (rounded to whole rows, an even number of them): one scratch buffer
 #: each, long enough for SIMD loops even when rows are short (a 16-channel convolution).
 _ITEM_SIZE = 1024
-_STAGE_FASTMATH = SIMD_FASTMATH  # the NaN that marks a variate to finish survives
 #: Outputs per call above which the parallel kernel is used.
 PARALLEL_MIN_SIZE = 1 << 15
 #: The ``mask`` argument meaning "no mask".
@@ -59,7 +65,7 @@ def _normals(key, e0, m, noise):  # pragma: no cover - via tests
     normals_block(key, e0, m, noise, STREAM_MVM)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _ir_drop(abs_x, w_px, iru, unit, poly):  # pragma: no cover - via tests
     """IR-drop deviation of one output (Eqs. 15-16, 18): a = |W~||x~| g_ir n scaled by ``iru``,
     dy = c(a) (W~ o P) x~ with c(a) = a (c1 + a (c2 + c3 a)), ``poly`` = (c1, c2, c3) from
@@ -68,18 +74,19 @@ def _ir_drop(abs_x, w_px, iru, unit, poly):  # pragma: no cover - via tests
     return a * (poly[0] + a * (poly[1] + poly[2] * a)) * (w_px * unit)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _adc_level(v, s_out, levels):  # pragma: no cover - via tests
     """ADC level of the value v (Eq. 5): round(v s_out) clipped to [-levels, levels]."""
     return min(max(np.rint(v * s_out), -levels), levels)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_out,
          accumulate):  # pragma: no cover - via tests
     """Elements e0 .. e0 + m - 1 of the flat outputs from their pre-ADC values v[v0:v0 + m]:
-    the straight-through mask, the ADC (Eq. 5, its int8 level when asked), the digital factor
-    rf cf[e] (Eq. 1) and the digital term add[e] (a bias; None: none), written or added."""
+    the straight-through mask, the ADC (Eq. 5, its int8 level when asked; with no ADC,
+    s_out None, the clip to [-levels, levels]), the digital factor rf cf[e] (Eq. 1) and the
+    digital term add[e] (a bias; None: none), written or added."""
     for e in range(m):
         vi = v[v0 + e]
         if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
@@ -89,6 +96,8 @@ def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_
             if level_out is not None:
                 level_out[e0 + e] = np.int8(lev)
             vi = lev / s_out
+        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
+            vi = min(max(vi, -levels), levels)
         r_out = vi * rf * cf[e]  # Eq. 1
         if add is not None:
             r_out += add[e]
@@ -132,7 +141,7 @@ def _flat_impl(a):
 # Switched-off elements come as None: Numba compiles one version per set of present arguments,
 # with the dead branches removed, so that every loop is branch-free and vectorises (a run-time
 # switch per element cost 15-40 %). Cached on disk like any signature.
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
                  levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out, noise, noisy,
                  accumulate):  # pragma: no cover - via tests
@@ -165,7 +174,7 @@ def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k,
 _LONG_ROW = 32
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH, inline="always")
+@nb.njit(cache=True, inline="always")
 def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq, unit, on2, wn2,
                iru, poly, s_out, levels, rf, col_f, bias, out, mask, mask_bound, level_out,
                accumulate):  # pragma: no cover - via tests
@@ -191,6 +200,8 @@ def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq
             if level_out is not None:
                 level_out[b, i] = np.int8(lev)
             vi = lev / s_out
+        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
+            vi = min(max(vi, -levels), levels)
         r_out = vi * rf * col_f[i]  # Eq. 1
         if bias is not None:
             r_out += bias[i]
@@ -230,7 +241,7 @@ def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, 
 
 def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                  levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
-                 at=_AT0, parallel=None, level_out=None, bias=None):
+                 at=_AT0, parallel=None, level_out=None, bias=None, bound=math.inf):
     """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
     14-16), in one pass over blocks of rows (in parallel for large calls).
 
@@ -239,8 +250,10 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
         term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
         signal in one GEMM, or column blocks of one convolution's output); used only when
         has_ir (w_px, abs_x) and has_st (x2)
-    unit : u, normalised input per level; ir_k : ir_drop scale x g_ir x n_rows
+    unit : u, normalised input per level; ir_k : s g_ir n_rows, the wire-resistance scale s
+        (``CrossbarConfig.ir_drop``) times g_ir times the tile's rows (Eq. 18)
     s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
+    bound : with no ADC, the bound b_out the outputs are clipped to (inf: no clipping)
     row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
     mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's
         straight-through mask), or NO_MASK
@@ -257,7 +270,8 @@ def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, i
     ft = out.dtype.type  # scalars in the arrays' precision: float32 arithmetic for float32 data
     kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
            ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-           ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key, out,
+           ft(s_out) if s_out > 0.0 else None, ft(levels if s_out > 0.0 else bound), row_f,
+           col_f, bias, key, out,
            mask if mask.shape[0] > 0 else None, ft(mask_bound),
            level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
 
@@ -267,7 +281,7 @@ def _poly(dtype):
     return np.array(IR_DROP_POLY, dtype=dtype)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
     """pt[j, p] = input j of the patch of output pixel r0 + p (zero in the padding).
 
@@ -300,7 +314,7 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
         r += run
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
                 levels, rf, cf, bt, key, out, mask, mask_bound, level_out, noisy, pt, prod,
                 noise):  # pragma: no cover - via tests
@@ -382,7 +396,7 @@ def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
          mask_bound, _flat(level_out), False)
 
 
-@nb.njit(cache=True, fastmath=_STAGE_FASTMATH)
+@nb.njit(cache=True)
 def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
     """noise[i, p] = the standard normal of element (r0 + p) * nc + i, the same numbers as
     :func:`_normals` (r0 * nc even), laid out column by column."""
@@ -442,7 +456,7 @@ CONV_STAGE_MAX_ROWS = 32
 
 def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
                levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None,
-               bias=None):
+               bias=None, bound=math.inf):
     """The whole forward of a convolution tile with few rows, one pass per block of output
     pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
     |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
@@ -465,7 +479,8 @@ def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, 
     conv_stage_parallel(x, geom, w, wpx if has_ir else None,
                         wabs if (has_ir or has_st) else None, wabs if has_st else None,
                         ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-                        ft(s_out) if s_out > 0.0 else None, ft(levels), row_f, col_f, bias, key,
+                        ft(s_out) if s_out > 0.0 else None,
+                        ft(levels if s_out > 0.0 else bound), row_f, col_f, bias, key,
                         out, mask if mask.shape[0] > 0 else None, ft(mask_bound),
                         level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
 
@@ -494,11 +509,10 @@ def _dac_levels(x, start, row_inv, s_in, limit, out):  # pragma: no cover - via 
             dst[i] = -lim if v < -lim else v
 
 
-_DAC_FLAGS = {"cache": True, "fastmath": {"nsz", "arcp", "contract"}}
 # Rows split over both cores: each core then holds the levels its GEMM threads read next (a
 # single-threaded DAC made the following GEMM slower than it saved).
-dac_levels_parallel = nb.njit(_DAC_SIG, parallel=True, **_DAC_FLAGS)(_dac_levels)
-dac_levels_serial = nb.njit(_DAC_SIG, **_DAC_FLAGS)(_dac_levels)
+dac_levels_parallel = nb.njit(_DAC_SIG, cache=True, parallel=True)(_dac_levels)
+dac_levels_serial = nb.njit(_DAC_SIG, cache=True)(_dac_levels)
 
 
 def dac_levels(x, *args):

@@ -11,10 +11,19 @@ import numpy as np
 import torch
 
 from .._random import derive_key, torch_generator
-from ..pcm import PCMModel, program, read
+from ..pcm import PCMModel, draw_faults, program, read
 from ..pcm.torch_ops import program_torch, read_torch
 from .config import CrossbarConfig
-from .mapping import conductance_targets, map_weights, split_sizes, tile_slices
+from .mapping import (
+    conductance_targets,
+    device_targets,
+    map_weights,
+    pair_faults,
+    pair_partners,
+    split_sizes,
+    tile_slices,
+    weights_from_conductance,
+)
 from .mvm import analog_mvm
 from .periphery import draw_asymmetry, draw_zeta
 
@@ -40,6 +49,12 @@ def _to_tensor(a, name: str, dtype=None, device=None) -> torch.Tensor:
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name}: contains NaN or inf; give finite values")
     return t
+
+
+def _numba_sampler(t: torch.Tensor) -> bool:
+    """Whether devices held in ``t`` are sampled by the Numba kernels of :mod:`aimc_device.pcm`
+    (CPU tensors) or by its torch sampler (other devices)."""
+    return t.device.type == "cpu"
 
 
 _REF_SEED = 20230823  # fixed seed of the drift-compensation inputs (any fixed value)
@@ -69,7 +84,9 @@ class AnalogArray:
     device : PCMModel, preset name or None
         Device statistics for :meth:`program` and :meth:`drift`; default the "rasch2023" preset
         (MODEL.md sec. 4). None: ideal devices, the programmed weights equal their targets and
-        do not drift (only the periphery is non-ideal).
+        do not drift (only the periphery is non-ideal). Each weight is a differential pair,
+        w~ = (g+ - g-) / g_max; ``cfg.pair_devices`` says which devices are sampled (see
+        :mod:`aimc_device.crossbar.mapping`).
     bias : ndarray or torch.Tensor (out,) or None, digital bias beta (unit of the output)
     input_range : float or sequence (n_tiles,), alpha per tile (unit of the input)
     tile_sizes : list of int, optional; inputs per tile (default: near-equal parts of at most
@@ -117,6 +134,9 @@ class AnalogArray:
                                           self.cfg.columnwise_scaling)  # MODEL.md sec. 1
         self.w_target = torch.cat(w_tiles, dim=1)
         self._g_target, self._sign = conductance_targets(self.w_target, self.cfg.g_max)
+        # pairs whose other device is modelled (cfg.pair_devices; mapping module docstring)
+        self._pair_partners = pair_partners(self.w_target, self.cfg.pair_devices)
+        self._partners = self._pair_partners  # those of the current programming
         self.bias = None if bias is None else _to_tensor(bias, "bias", W.dtype, W.device)
         if self.bias is not None and self.bias.shape != (W.shape[0],):
             raise ValueError(f"bias: shape {tuple(self.bias.shape)}; expected ({W.shape[0]},)")
@@ -192,19 +212,31 @@ class AnalogArray:
         ----------
         rng : int, numpy.random.Generator or None
         """
-        s_prog, s_asym, s_zeta, s_mvm = self._streams(rng, 4)
+        s_prog, s_asym, s_zeta, s_mvm, s_fault = self._streams(rng, 5)
         model = self.device_model
-        g_t = self._g_target
-        if model is None:
-            g_prog = g_t.clone()
+        if model is None:  # ideal devices: the targets exactly, no drift
             self._state = None
-        elif g_t.device.type == "cpu":
-            self._state = program(g_t.numpy(), model, rng=s_prog)
-            g_prog = torch.from_numpy(self._state.g_prog)
+            self._set_weights(self.w_target.clone())
         else:
-            g_prog, nu = program_torch(g_t, model, generator=torch_generator(s_prog, g_t.device))
-            self._state = (g_prog, nu)
-        self._set_weights(self._sign * (g_prog / self.cfg.g_max))  # Eq. 12, w~ = sign g / g_max
+            partners, faults = self._pair_partners, None
+            if model.has_faults:  # per physical device: either device of a pair can be stuck
+                stuck, g_stuck = (torch.from_numpy(a).to(self._sign.device) for a in
+                                  draw_faults(2 * self._sign.numel(), model, rng=s_fault))
+                partners, *faults = pair_faults(self._sign, partners, stuck, g_stuck,
+                                                self.cfg.pair_devices)
+            g_dev = device_targets(self._g_target, partners)  # the modelled devices, flat
+            if _numba_sampler(g_dev):
+                self._state = program(g_dev.numpy(), model, rng=s_prog,
+                                      faults=None if faults is None else
+                                      [f.numpy() for f in faults])
+                g_prog = torch.from_numpy(self._state.g_prog)
+            else:  # the same faults as on CPU (drawn above), the torch sampler's noise
+                self._state = program_torch(g_dev, model, faults=faults,
+                                            generator=torch_generator(s_prog, g_dev.device))
+                g_prog = self._state.g_prog
+            self._partners = partners
+            self._set_weights(weights_from_conductance(g_prog, self._sign, self.cfg.g_max,
+                                                       partners))  # Eq. 12
         dev, dt = self._w.device, self._w.dtype
         self.asymmetry = None
         if self.cfg.asymmetry > 0:
@@ -240,14 +272,15 @@ class AnalogArray:
             raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 [s]")
         model = self.device_model
         if model is None:
-            g = self._g_target
-        elif isinstance(self._state, tuple):
-            g_prog, nu = self._state
-            g = read_torch(self._g_target, g_prog, nu, t, model,
-                           generator=torch_generator(rng, g_prog.device))
+            self._set_weights(self.w_target.clone())
         else:
-            g = torch.from_numpy(read(self._state, t, model, rng=rng))
-        self._set_weights(self._sign * (g / self.cfg.g_max))  # Eq. 12
+            if isinstance(self._state.g_prog, torch.Tensor):  # the torch sampler's state
+                g = read_torch(self._state, t, model,
+                               generator=torch_generator(rng, self._state.g_prog.device))
+            else:
+                g = torch.from_numpy(read(self._state, t, model, rng=rng))
+            self._set_weights(weights_from_conductance(g, self._sign, self.cfg.g_max,
+                                                       self._partners))  # Eq. 12
         self.t = t
         if self.cfg.drift_compensation is None:
             self.comp = torch.ones_like(self.gamma)

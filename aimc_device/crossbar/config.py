@@ -15,11 +15,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
+import os
+import shutil
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
+
 __all__ = ["CrossbarConfig", "DRIFT_COMPENSATION_CHOICES", "NOISE_MANAGEMENT_CHOICES",
-           "BOUND_MANAGEMENT_CHOICES"]
+           "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES", "S_ADC_GAIN_CHOICES"]
 
 #: Drift compensation (MODEL.md section 5): one digital factor per tile, one per column, or off.
 DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
@@ -27,6 +32,11 @@ DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
 NOISE_MANAGEMENT_CHOICES = ("none", "abs_max")
 #: Output saturation handling: none, or iterative (halve the input and repeat while saturated).
 BOUND_MANAGEMENT_CHOICES = ("none", "iterative")
+#: Which devices of each differential pair are programmed and modelled (see
+#: CrossbarConfig.pair_devices).
+PAIR_DEVICES_CHOICES = ("active", "both")
+#: Gain calibration of the S-shaped ADC (see CrossbarConfig.s_adc_gain).
+S_ADC_GAIN_CHOICES = ("column", "tile", "none")
 
 _CITE = "Rasch et al., Nat. Commun. 14, 5282 (2023)"
 
@@ -48,14 +58,17 @@ class CrossbarConfig:
         Most outputs (columns) per tile, 512 in [1]. Columns do not couple in this model, so the
         output dimension is never split for accuracy (MODEL.md sec. 1).
     inp_bits : int or None
-        DAC resolution q_in [bit], 2^q - 1 levels (Eq. 5). 8 in [1]. None or 0: no quantiser.
+        DAC resolution q_in [bit], 2^q - 1 levels (Eq. 5). 8 in [1]. None or 0: no rounding
+        (unlimited resolution); the inputs are still clipped to the bound.
     inp_bound : float
-        DAC bound b_in, normalised input units (Eq. 5). 1 in [1].
+        DAC bound b_in, normalised input units (Eq. 5). 1 in [1]. ``inf`` (only with no bits):
+        no clipping.
     out_bits : int or None
-        ADC resolution q_out [bit] (Eq. 5). 8 in [1]. None or 0: no quantiser.
+        ADC resolution q_out [bit] (Eq. 5). 8 in [1]. None or 0: no rounding; the outputs are
+        still clipped to the bound.
     out_bound : float
-        ADC bound b_out, normalised output units (Eq. 5). 10 in [1]. ``inf`` with no quantiser
-        means no clipping.
+        ADC bound b_out, normalised output units (Eq. 5). 10 in [1]. ``inf`` (only with no
+        bits): no clipping.
     out_noise : float
         Additive output noise sigma_out, normalised output units, new draw every MVM (Eq. 2).
         0.04 in [1] (about half an ADC bin).
@@ -63,7 +76,13 @@ class CrossbarConfig:
         Short-term weight (read) noise sigma_w0 referred to the output, relative to g_max, new
         draw every MVM (Eq. 14). 0.0175 in [1].
     ir_drop : float
-        Scale of the IR-drop term, dimensionless; 0 turns it off (Eqs. 15-18). 1 in [1].
+        Wire-resistance scale s of the IR drop, dimensionless: r_wire -> s r_wire, i.e.
+        g_ir -> s g_ir in the activity a_i = s g_ir n sum_j |w~_ij| |x~_j| (Eq. 18). The IR-drop
+        term dy_i = -c(a_i) sum_j w~_ij x~_j P_j (Eqs. 15-17) is cubic in s through c(a): it
+        grows as c(s a) / c(a), nearly linearly for small a and less where the a^2 term of c
+        matters (on the test case of Eq. 20, s = 10 gives 8.2 times the standard term, not
+        10). 0 turns IR drop off. 1 in [1]. (The widely used public implementation, IBM
+        aihwkit, multiplies the term itself by its ``ir_drop``.)
     ir_drop_g : float
         g_ir = r_wire * g_max_ir, dimensionless: 0.35 Ohm x 5 uS = 1.75e-6 in [1] (Eq. 18; note
         the 5 uS there, not the 25 uS g_max of the PCM model).
@@ -73,8 +92,16 @@ class CrossbarConfig:
         Mean saturation zeta of the S-shaped ADC, per unit of z / b_out, dimensionless (Eq. 19).
         1/4 in [1].
     sigma_zeta : float
-        Relative column-to-column spread of zeta, dimensionless (Eq. 19). 0.1 (check: the value
-        of [1]'s supplementary table was not available).
+        Relative column-to-column spread of zeta, dimensionless: zeta_i = mu_zeta (1 +
+        sigma_zeta xi_i), drawn once per column at programming (Eq. 19). 0.1, an assumption:
+        [1] gives no value for it in its main text.
+    s_adc_gain : str
+        Gain calibration of the S-shaped ADC, f_i(z) = g_i z / (1 + zeta_i |z| / b_out)
+        (Eq. 19; [1] states a gain correction in words only). "column" (default): g_i =
+        1 + zeta_i, each column calibrated so that f_i(+-b_out) = +-b_out, which also removes
+        most of the effect of the column-to-column spread sigma_zeta; "tile": one gain
+        g = 1 + mu_zeta for the tile, calibrated on the mean saturation, so that the spread
+        of the columns stays in the output; "none": g = 1, the bare saturating transfer.
     drift_compensation : str or None
         "global" (one factor s_ref / s_t per tile, [1] MODEL.md sec. 5), "column" (one per column)
         or None.
@@ -106,6 +133,16 @@ class CrossbarConfig:
         False: one scale per tile, its largest |w| (what IBM aihwkit calls
         ``weight_scaling_columnwise=False``): small columns then use a smaller part of the
         conductance range and see more relative device noise.
+    pair_devices : str
+        Which devices of the differential pair of each weight, w~ = (g+ - g-) / g_max, are
+        programmed and modelled (programming noise, drift, read noise, faults).
+        "active" (default): a non-zero weight programs only the device of its sign, the other
+        stays at exactly 0 S (the convention of [1], MODEL.md sec. 1); an exact-zero weight
+        programs both devices toward 0 S, each with its own noise, so that its error has zero
+        mean (one device alone, clipped at 0 S, would give every zero weight a positive error).
+        "both": the other device of every pair is programmed toward 0 S and noisy as well, as
+        in hardware; each non-zero weight then also carries the other device's (positive,
+        clipped) programming error with the opposite sign.
     """
 
     max_rows: int = 512
@@ -121,6 +158,7 @@ class CrossbarConfig:
     s_adc: bool = False
     mu_zeta: float = 0.25
     sigma_zeta: float = 0.1
+    s_adc_gain: str = "column"
     drift_compensation: str | None = "global"
     drift_comp_inputs: int = 64
     aux_bfloat16: bool = True
@@ -130,6 +168,7 @@ class CrossbarConfig:
     bound_management_iters: int = 3
     asymmetry: float = 0.0
     columnwise_scaling: bool = True
+    pair_devices: str = "active"
 
     #: Unit of each numeric field ("1": dimensionless or normalised units).
     UNITS: ClassVar[dict[str, str]] = {
@@ -148,32 +187,45 @@ class CrossbarConfig:
         "out_bound": f"{_CITE}, Eq. 5 (ADC bound 10)",
         "out_noise": f"{_CITE}, Eq. 2 (sigma_out = 0.04)",
         "w_noise": f"{_CITE}, Eq. 14 (sigma_w0 = 0.0175)",
-        "ir_drop": f"{_CITE}, Eqs. 15-18 (scale 1)",
+        "ir_drop": f"{_CITE}, Eqs. 15-18 (the wire resistance as given: scale 1)",
         "ir_drop_g": f"{_CITE}, Eq. 18 (0.35 Ohm x 5 uS)",
         "mu_zeta": f"{_CITE}, Eq. 19 (mu_zeta = 1/4)",
-        "sigma_zeta": "check: not available; a named, overridable guess",
+        "sigma_zeta": "assumed: Rasch et al. (2023) give no value in the main text; a named, "
+                      "overridable assumption",
+        "s_adc_gain": f"{_CITE}, Eq. 19 (gain correction stated in words); per-column "
+                      "calibration is the documented choice",
         "g_max": f"{_CITE}, Eq. 12 (g_max = 25 uS)",
         "drift_compensation": f"{_CITE}, Methods (global drift compensation)",
         "bound_management_iters": "common choice (IBM aihwkit); not used in the standard model",
         "drift_comp_inputs": "not given in Rasch et al. (2023); a named, overridable choice",
+        "pair_devices": f"{_CITE}, Methods (only the active device of a pair modelled); exact "
+                        "zeros: both devices (zero-mean error), a documented choice",
     }
     SCHEMA_VERSION: ClassVar[int] = 1
 
     def __post_init__(self) -> None:
+        def integral(v) -> bool:  # an int, or a float (numpy included) with an integer value
+            return (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+                    and math.isfinite(v) and float(v) == int(v))
+
         for name in ("inp_bits", "out_bits"):
             v = getattr(self, name)
-            if v is not None and not isinstance(v, bool) and float(v) == int(v):
+            if integral(v):
                 object.__setattr__(self, name, int(v) if int(v) > 0 else None)
         for name in ("max_rows", "max_cols", "bound_management_iters", "drift_comp_inputs"):
             v = getattr(self, name)
-            if isinstance(v, float) and v == int(v):
+            if integral(v):
                 object.__setattr__(self, name, int(v))
         for name in ("inp_bound", "out_bound", "out_noise", "w_noise", "ir_drop", "ir_drop_g",
                      "mu_zeta", "sigma_zeta", "g_max", "asymmetry"):
             v = getattr(self, name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)):
                 object.__setattr__(self, name, float(v))
-        if self.drift_compensation in ("none", "None", ""):
+        for name in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
+            if isinstance(getattr(self, name), np.bool_):
+                object.__setattr__(self, name, bool(getattr(self, name)))
+        if isinstance(self.drift_compensation, str) and \
+                self.drift_compensation in ("none", "None", ""):
             object.__setattr__(self, "drift_compensation", None)
         self._validate()
 
@@ -199,11 +251,14 @@ class CrossbarConfig:
         for name in ("inp_bound", "out_bound", "g_max"):
             if not getattr(self, name) > 0:
                 raise bad(name, "must be positive")
-        for name in ("inp_bound", "g_max"):
-            if math.isinf(getattr(self, name)):
-                raise bad(name, "must be finite")
+        if math.isinf(self.g_max):
+            raise bad("g_max", "must be finite")
+        if self.inp_bits is not None and math.isinf(self.inp_bound):
+            raise bad("inp_bound", "a DAC with bits needs a finite bound (or set inp_bits=None)")
         if self.out_bits is not None and math.isinf(self.out_bound):
             raise bad("out_bound", "an ADC with bits needs a finite bound (or set out_bits=None)")
+        if self.s_adc and math.isinf(self.out_bound):
+            raise bad("out_bound", "the S-shaped ADC saturates relative to a finite bound")
         for name in ("out_noise", "w_noise", "ir_drop", "ir_drop_g", "mu_zeta", "sigma_zeta",
                      "asymmetry"):
             v = getattr(self, name)
@@ -218,16 +273,21 @@ class CrossbarConfig:
             raise bad("noise_management", f"choose one of {NOISE_MANAGEMENT_CHOICES}")
         if self.bound_management not in BOUND_MANAGEMENT_CHOICES:
             raise bad("bound_management", f"choose one of {BOUND_MANAGEMENT_CHOICES}")
+        if self.s_adc_gain not in S_ADC_GAIN_CHOICES:
+            raise bad("s_adc_gain", f"choose one of {S_ADC_GAIN_CHOICES}")
+        if self.pair_devices not in PAIR_DEVICES_CHOICES:
+            raise bad("pair_devices", f"choose one of {PAIR_DEVICES_CHOICES}")
 
     # ------------------------------------------------------------------ variants
     @classmethod
     def ideal(cls, **changes) -> "CrossbarConfig":
-        """Every nonideality off: no quantisers, no noise, no IR drop, no nonlinearity, no faults.
+        """Every nonideality off: no quantisers or bounds, no noise, no IR drop, no nonlinearity.
 
         The tile size is kept, so mapping and tiling are still exercised.
         """
-        kw = dict(inp_bits=None, out_bits=None, out_bound=math.inf, out_noise=0.0, w_noise=0.0,
-                  ir_drop=0.0, s_adc=False, asymmetry=0.0, drift_compensation=None)
+        kw = dict(inp_bits=None, inp_bound=math.inf, out_bits=None, out_bound=math.inf,
+                  out_noise=0.0, w_noise=0.0, ir_drop=0.0, s_adc=False, asymmetry=0.0,
+                  drift_compensation=None)
         kw.update(changes)
         return cls(**kw)
 
@@ -304,19 +364,40 @@ class CrossbarConfig:
                 d[k] = bool(d[k])
         return cls(**d)
 
-    def save(self, path, group: str = "crossbar_config") -> None:
-        """Save to ``path``: JSON for a ``.json`` suffix, else an HDF5 group's attributes."""
-        path = str(path)
+    def save(self, path, group: str = "crossbar_config", overwrite: bool = False) -> None:
+        """Save to ``path``: JSON for a ``.json`` suffix, else an HDF5 group's attributes.
+
+        Written atomically (:func:`aimc_device.io.atomic_output`): the new file is complete
+        before it replaces ``path``. Into an existing HDF5 file that holds CrossbarConfig groups
+        only, ``group`` is added (or replaced) in a copy that then replaces the file. Any other
+        existing file (a measurement campaign, a device card, ...) is refused unless
+        ``overwrite``: then the group is added to a copy of an HDF5 file, and a file of another
+        format is replaced.
+
+        Parameters
+        ----------
+        path : str or os.PathLike
+        group : str, name of the HDF5 group
+        overwrite : bool
+        """
+        from ..io import KIND_CONFIG, KIND_CONFIG_JSON, atomic_output, write_text
+
+        path = os.fspath(path)
         if path.endswith(".json"):
-            with open(path, "w") as fh:
-                fh.write(self.to_json())
+            write_text(path, self.to_json(), KIND_CONFIG_JSON, overwrite=overwrite)
             return
+        if not isinstance(group, str) or not group.strip("/"):
+            raise ValueError(f"group = {group!r}: give the name of an HDF5 group")
         import h5py
 
-        with h5py.File(path, "a") as fh:
-            if group in fh:
-                del fh[group]
-            self.to_hdf5_attrs(fh.create_group(group).attrs)
+        with atomic_output(path, KIND_CONFIG, overwrite=overwrite) as tmp:
+            keep = os.path.isfile(path) and os.path.getsize(path) > 0 and h5py.is_hdf5(path)
+            if keep:
+                shutil.copyfile(path, tmp)
+            with h5py.File(tmp, "a" if keep else "w") as fh:
+                if group in fh:
+                    del fh[group]
+                self.to_hdf5_attrs(fh.create_group(group).attrs)
 
     @classmethod
     def load(cls, path, group: str = "crossbar_config") -> "CrossbarConfig":

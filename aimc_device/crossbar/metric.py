@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._checks import check_float, check_instance, check_int
 from .._random import as_generator
 from .array import AnalogArray, resolve_device
 from .config import CrossbarConfig
 
-__all__ = ["mvm_error", "test_case", "nonideality_configs", "mvm_error_breakdown",
+__all__ = ["mvm_error", "standard_test_case", "nonideality_configs", "mvm_error_breakdown",
            "TEST_CASE_SHAPE", "TEST_CASE_W_STD", "EVALUATION_TIMES"]
 
 #: The standard test case of [1]: a 512 x 512 tile (out, in).
@@ -24,15 +25,12 @@ TEST_CASE_W_STD = 0.246
 EVALUATION_TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 year": 365.25 * 86400.0}
 
 
-def test_case(rng=0, n_inputs: int = 1000, shape=TEST_CASE_SHAPE):
+def standard_test_case(rng=0, n_inputs: int = 1000, shape=TEST_CASE_SHAPE):
     """Weights (out, in) ~ Normal(0, 0.246) and inputs (n, in) ~ Uniform(-1, 1) of Eq. 20 [1]."""
     gen = as_generator(rng)
     w = gen.normal(0.0, TEST_CASE_W_STD, size=shape)
     x = gen.uniform(-1.0, 1.0, size=(n_inputs, shape[1]))
     return w, x
-
-
-test_case.__test__ = False  # not a pytest test
 
 
 def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = None,
@@ -55,10 +53,14 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     -------
     float, eps_M, dimensionless.
     """
+    check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
+    if t is not None:
+        t = check_float(t, "t", lo=0.0)
+    n_inputs = check_int(n_inputs, "n_inputs", lo=1)
     gen = as_generator(rng)
     if weights is None or inputs is None:
-        w0, x0 = test_case(gen, n_inputs,
-                           TEST_CASE_SHAPE if weights is None else np.shape(weights))
+        w0, x0 = standard_test_case(gen, n_inputs,
+                                    TEST_CASE_SHAPE if weights is None else np.shape(weights))
         weights = w0 if weights is None else weights
         inputs = x0 if inputs is None else inputs
     w = np.asarray(weights, dtype=np.float64)
@@ -73,14 +75,24 @@ def mvm_error(cfg: CrossbarConfig | None = None, device=None, t: float | None = 
     return float(np.linalg.norm(y - y_ref, axis=1).mean() / np.linalg.norm(y_ref, axis=1).mean())
 
 
+def _ideal_like(cfg: CrossbarConfig) -> CrossbarConfig:
+    """The ideal periphery with ``cfg``'s tiles and mapping conventions (tile size, g_max,
+    column-wise scales, devices of the differential pair)."""
+    return CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max,
+                                columnwise_scaling=cfg.columnwise_scaling,
+                                pair_devices=cfg.pair_devices)
+
+
 def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, CrossbarConfig]:
-    """Each nonideality of ``cfg`` alone on top of the ideal configuration, by name.
+    """Each nonideality of ``cfg`` alone on top of the ideal configuration (with ``cfg``'s tiles
+    and mapping conventions), by name.
 
     Names: "DAC", "ADC", "output noise", "short-term noise", "IR drop", "S-shaped ADC",
-    "read asymmetry" (only those that ``cfg`` switches on).
+    "read asymmetry" (only those that ``cfg`` switches on). The S-shaped ADC keeps the ADC's
+    bound (the range it saturates in, and clips at) but not its bits.
     """
     cfg = CrossbarConfig() if cfg is None else cfg
-    ideal = CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max)
+    ideal = _ideal_like(cfg)
     parts = {
         "DAC": dict(inp_bits=cfg.inp_bits, inp_bound=cfg.inp_bound),
         "ADC": dict(out_bits=cfg.out_bits, out_bound=cfg.out_bound),
@@ -88,7 +100,7 @@ def nonideality_configs(cfg: CrossbarConfig | None = None) -> dict[str, Crossbar
         "short-term noise": dict(w_noise=cfg.w_noise),
         "IR drop": dict(ir_drop=cfg.ir_drop, ir_drop_g=cfg.ir_drop_g),
         "S-shaped ADC": dict(s_adc=cfg.s_adc, mu_zeta=cfg.mu_zeta, sigma_zeta=cfg.sigma_zeta,
-                             out_bound=cfg.out_bound),
+                             s_adc_gain=cfg.s_adc_gain, out_bound=cfg.out_bound),
         "read asymmetry": dict(asymmetry=cfg.asymmetry),
     }
     on = {
@@ -107,12 +119,14 @@ def mvm_error_breakdown(cfg: CrossbarConfig | None = None, device="rasch2023", r
     (ideal periphery, the devices), "periphery (all)", "total" (periphery + devices, no drift),
     then "total @ <time>" for each of ``times`` with drift and drift compensation.
     """
+    check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
+    check_int(n_inputs, "n_inputs", lo=1)
     cfg = CrossbarConfig() if cfg is None else cfg
     model = resolve_device(device)
     out = {}
     for name, c in nonideality_configs(cfg).items():
         out[name] = mvm_error(c, device=None, rng=rng, n_inputs=n_inputs)
-    ideal = CrossbarConfig.ideal(max_rows=cfg.max_rows, max_cols=cfg.max_cols, g_max=cfg.g_max)
+    ideal = _ideal_like(cfg)
     if model is not None:
         out["PCM programming"] = mvm_error(ideal, device=model, rng=rng, n_inputs=n_inputs)
     out["periphery (all)"] = mvm_error(cfg, device=None, rng=rng, n_inputs=n_inputs)

@@ -21,6 +21,8 @@ References
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -34,6 +36,7 @@ from .periphery import (
     quantize,
     quantizer_levels,
     s_adc,
+    s_adc_gain,
     short_term_noise_std,
     straight_through_mask,
 )
@@ -316,7 +319,7 @@ def _tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, grad, fuse=True):
         a = torch.where(a > 0, a, torch.ones_like(a))  # (batch, 1)
     else:
         a = alpha_k
-    if cfg.bound_management == "iterative" and cfg.out_bits:
+    if cfg.bound_management == "iterative" and math.isfinite(cfg.out_bound):
         return _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad)
     if fuse and grad and cfg.noise_management == "none" and _fusable_grad(xk, cfg, asym):
         return _fused_tile(xk / a, w, cfg, a * scale_k, gen)  # training forward, fused
@@ -362,6 +365,8 @@ def _tile_fused(x, start, w, cfg, alpha_k, scale_k, gen, out, accumulate):
         unit = 1.0 / s_in
     else:
         torch.div(xk, torch.from_numpy(row_f)[:, None] if row_f.size > 1 else a, out=lev)
+        if math.isfinite(cfg.inp_bound):  # no quantiser: the DAC's bound alone (Eq. 5)
+            lev.clamp_(-cfg.inp_bound, cfg.inp_bound)
         unit = 1.0
     adt = torch.bfloat16 if aux16 else dt
     w_aux = _weight_form(w, "bf16") if aux16 else w
@@ -392,7 +397,7 @@ def _tile_fused(x, start, w, cfg, alpha_k, scale_k, gen, out, accumulate):
     key = _stage_key(gen)
     _K.output_stage(zn[:b], w_px.numpy() if need_ir else empty, abs_x, x2, need_ir, need_st, unit,
                     cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n, s_out, levels,
-                    row_f, col_f, key, bool(accumulate), out.numpy())
+                    row_f, col_f, key, bool(accumulate), out.numpy(), bound=cfg.out_bound)
 
 
 def _tile_bound_managed(xk, w, cfg, a, scale_k, gen, asym, zeta, grad):
@@ -473,7 +478,8 @@ class _StageBuffers:
         dt = _NP_DTYPE[dtype]
         self.bias = bias
         f = factor.detach().reshape(-1).to(dtype).contiguous().numpy()
-        self.mask = torch.empty(shape, dtype=torch.bool) if cfg.out_bits else None
+        clips = math.isfinite(cfg.out_bound)  # the ADC's bound, with or without its bits
+        self.mask = torch.empty(shape, dtype=torch.bool) if clips else None
         self.s_out, self.levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
         # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
         # (a quarter of the memory, and the factor applied in the same pass), else as values.
@@ -547,7 +553,8 @@ class _FusedStageSTE(torch.autograd.Function):
         _K.output_stage(zd.numpy(), w_px, abs_x, x2, aux[0] is not None, aux[2] is not None,
                         1.0, cfg.out_noise, cfg.w_noise, cfg.ir_drop * cfg.ir_drop_g * n_rows,
                         st.s_out, st.levels, st.row_f, st.col_f, key, False, st.out.numpy(),
-                        mask_bound=cfg.out_bound, at=at, **st.kernel_args())
+                        mask_bound=cfg.out_bound, at=at, bound=cfg.out_bound,
+                        **st.kernel_args())
         return st.finish(ctx, factor)
 
     @staticmethod
@@ -663,15 +670,16 @@ class _ConvTileSTE(torch.autograd.Function):
                           _abs_cached(wd).numpy() if need_ir or need_st else empty, need_ir,
                           need_st, 1.0, cfg.out_noise, cfg.w_noise, ir_k, stb.s_out, stb.levels,
                           stb.row_f, stb.col_f, key, stb.out.numpy(), mask_bound=cfg.out_bound,
-                          **stb.kernel_args())
+                          bound=cfg.out_bound, **stb.kernel_args())
         else:
             aux16 = cfg.aux_bfloat16 and wd.dtype == torch.float32 and (need_ir or need_st)
             (w_px, abs_x, x2, z), at = _conv_products(x4, wd, conv4, need_ir, need_st, aux16)
             _K.output_stage(z, w_px, abs_x, x2, need_ir, need_st, 1.0, cfg.out_noise,
                             cfg.w_noise, ir_k, stb.s_out, stb.levels, stb.row_f, stb.col_f, key,
                             False, stb.out.numpy(), mask_bound=cfg.out_bound, at=at,
-                            **stb.kernel_args())
-        ctx.conv, ctx.dac_bound = conv, (cfg.inp_bound if cfg.inp_bits else None)
+                            bound=cfg.out_bound, **stb.kernel_args())
+        ctx.conv = conv
+        ctx.dac_bound = cfg.inp_bound if math.isfinite(cfg.inp_bound) else None
         return stb.finish(ctx, factor, xt, xs, alpha, w)
 
     @staticmethod
@@ -810,7 +818,8 @@ def _analog(xs, w, cfg, gen, asym, zeta, grad, prod=_F):
         if extra is not None:
             z = z + extra if grad else z.add_(extra)
         zeta = cfg.mu_zeta if zeta is None else zeta
-        z = s_adc(z, zeta, cfg.out_bound)  # Eq. 19
+        gain = s_adc_gain(zeta, cfg.mu_zeta, cfg.s_adc_gain)
+        z = s_adc(z, zeta, cfg.out_bound, gain)  # Eq. 19
         if noise is not None:
             z = z + noise if grad else z.add_(noise)  # Eq. 2, output noise
         return z

@@ -11,12 +11,15 @@ References
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = [
     "quantize", "quantizer_step", "quantizer_levels", "straight_through_mask", "output_noise",
     "short_term_noise_std", "short_term_noise",
-    "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta", "s_adc",
+    "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta",
+    "s_adc_gain", "s_adc",
     "draw_asymmetry", "asymmetry_delta",
 ]
 
@@ -60,20 +63,23 @@ def quantize(z: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:
     """Uniform symmetric quantiser with 2^q - 1 levels (MODEL.md sec. 2, Eq. 5).
 
     Q(z) = clip(round((2^q - 2) z / (2 b)) 2 b / (2^q - 2), -b, b); the gradient is passed
-    straight through inside the bound and is 0 outside (clipped values do not move).
+    straight through inside the bound and is 0 outside (clipped values do not move). With no
+    bits the converter has unlimited resolution but keeps its range: Q(z) = clip(z, -b, b)
+    (no clipping for b = inf).
 
     Parameters
     ----------
     z : torch.Tensor, values in the units of ``bound`` (normalised input or output units)
-    bits : int or None, resolution q [bit]; None or 0: no quantiser (z returned unchanged)
-    bound : float, bound b, same units as z
+    bits : int or None, resolution q [bit]; None or 0: no rounding
+    bound : float, bound b, same units as z; inf (only without bits): no clipping
 
     Returns
     -------
     torch.Tensor like z.
     """
     if not bits:
-        return z
+        # clamp's gradient is 1 inside [-b, b] and 0 outside: the straight-through rule
+        return z if math.isinf(bound) else z.clamp(-bound, bound)
     scale, levels = quantizer_levels(bits, bound)  # Eq. 5
     if torch.is_grad_enabled() and z.requires_grad:
         return _QuantizeSTE.apply(z, scale, levels, bound)
@@ -154,14 +160,16 @@ def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, sc
                   g_ir: float) -> torch.Tensor:
     """IR-drop change of the outputs from its two GEMMs (MODEL.md sec. 6, Eqs. 15-18).
 
-    a_i = scale g_ir n sum_j |w~_ij||x~_j|,  dy_i = -c(a_i) sum_j w~_ij x~_j P_j.
+    a_i = s g_ir n sum_j |w~_ij||x~_j|,  dy_i = -c(a_i) sum_j w~_ij x~_j P_j: the wire
+    resistance scaled by s (r_wire -> s r_wire), so that dy is cubic in s through c(a).
 
     Parameters
     ----------
     abs_w_abs_x : torch.Tensor, sum_j |w~_ij| |x~_j| (batch, out)
     w_px : torch.Tensor, sum_j w~_ij x~_j P_j (batch, out)
     n_rows : int, occupied rows n of the tile
-    scale : float, IR-drop scale (1 in the standard model)
+    scale : float, wire-resistance scale s, dimensionless (``CrossbarConfig.ir_drop``, 1 in the
+        standard model)
     g_ir : float, r_wire g_max_ir, dimensionless
 
     Returns
@@ -173,7 +181,8 @@ def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, sc
 
 
 def ir_drop(x: torch.Tensor, w: torch.Tensor, scale: float, g_ir: float) -> torch.Tensor:
-    """IR-drop change dy of W~ x~ for one tile, reference form (Eqs. 15-18), (batch, out)."""
+    """IR-drop change dy of W~ x~ for one tile, reference form (Eqs. 15-18), (batch, out);
+    ``scale`` is the wire-resistance scale s (see :func:`ir_drop_delta`)."""
     p = ir_drop_profile(w.shape[1], w.dtype, w.device)
     f = torch.nn.functional.linear
     return ir_drop_delta(f(x.abs(), w.abs()), f(x * p, w), w.shape[1], scale, g_ir)
@@ -186,21 +195,44 @@ def draw_zeta(n_cols: int, mu: float, sigma: float, generator=None, dtype=torch.
     return (mu * (1.0 + sigma * xi)).clamp_(min=0.0)
 
 
-def s_adc(z: torch.Tensor, zeta, bound: float) -> torch.Tensor:
-    """S-shaped ADC transfer (MODEL.md sec. 6, Eq. 19), gain-corrected.
+def s_adc_gain(zeta, mu_zeta: float, calibration: str):
+    """Gain g_i of the S-shaped ADC per column (Eq. 19, ``CrossbarConfig.s_adc_gain``).
 
-    f_i(z) = (1 + zeta_i) z / (1 + zeta_i |z| / b_out): saturating, with zeta per unit of
-    z / b_out and the gain (1 + zeta_i) chosen so that f_i(+-b_out) = +-b_out, i.e. the mean
-    slope over the ADC range is kept at 1. (The gain correction of [1] is stated in words only;
-    this is the documented choice.)
+    "column": g_i = 1 + zeta_i, so that f_i(+-b_out) = +-b_out in every column; "tile":
+    g = 1 + mu_zeta, the same for every column (f(+-b_out) = +-b_out for the mean saturation);
+    "none": g = 1.
+
+    Parameters
+    ----------
+    zeta : float or torch.Tensor (out,), saturation per column, dimensionless
+    mu_zeta : float, mean saturation, dimensionless
+    calibration : str, "column", "tile" or "none"
+    """
+    if calibration == "column":
+        return 1.0 + zeta
+    if calibration == "tile":
+        return 1.0 + mu_zeta
+    if calibration == "none":
+        return 1.0
+    raise ValueError(f"S-ADC gain calibration {calibration!r}: choose 'column', 'tile' or 'none'")
+
+
+def s_adc(z: torch.Tensor, zeta, bound: float, gain=None) -> torch.Tensor:
+    """S-shaped ADC transfer (MODEL.md sec. 6, Eq. 19).
+
+    f_i(z) = g_i z / (1 + zeta_i |z| / b_out): saturating, with zeta per unit of z / b_out
+    and a gain g_i from :func:`s_adc_gain`.
 
     Parameters
     ----------
     z : torch.Tensor, (batch, out) [normalised output units]
     zeta : float or torch.Tensor (out,), dimensionless
     bound : float, b_out [normalised output units]
+    gain : float, torch.Tensor (out,) or None, dimensionless; None: 1 + zeta (the column
+        calibration, f_i(+-b_out) = +-b_out)
     """
-    return z * (1.0 + zeta) / (1.0 + (zeta / bound) * z.abs())  # Eq. 19
+    gain = 1.0 + zeta if gain is None else gain
+    return z * gain / (1.0 + (zeta / bound) * z.abs())  # Eq. 19
 
 
 def draw_asymmetry(shape, sigma: float, generator=None, dtype=torch.float32,

@@ -1,7 +1,8 @@
 """The programmed state of an :class:`AnalogArray` as a flat dict of tensors, and back.
 
 What a programmed array has drawn (programming error, drift exponents, faults, read asymmetry,
-S-ADC gains), where it stands in time (current weights, drift-compensation reference and
+S-ADC gains) for each modelled device (flat: the active devices, then the other device of each
+pair in ``partners``, see :mod:`aimc_device.crossbar.mapping`), where it stands in time (current weights, drift-compensation reference and
 factors) and its per-MVM random stream, so that a torch ``state_dict`` can carry it and a reload
 continues exactly where it left off. No pickle: tensors only.
 """
@@ -11,7 +12,9 @@ import torch
 
 from ..pcm import ProgrammedState
 from ..pcm.devices import read_noise_key
+from . import array as _array
 from .array import AnalogArray
+from .mapping import device_targets
 
 __all__ = ["export_state", "import_state"]
 
@@ -32,15 +35,13 @@ def export_state(array: AnalogArray) -> dict[str, torch.Tensor]:
         "mvm_rng": array._gen.get_state(),
     }
     st = array._state
-    if isinstance(st, ProgrammedState):
-        out["g_prog"] = torch.from_numpy(st.g_prog)
-        out["nu"] = torch.from_numpy(st.nu)
-        if st.stuck is not None:
-            out["stuck"] = torch.from_numpy(st.stuck)
-        if st.q_read is not None:
-            out["q_read"] = torch.from_numpy(st.q_read)
-    elif isinstance(st, tuple):
-        out["g_prog"], out["nu"] = (t.detach() for t in st)
+    if st is not None and array._partners.numel():
+        out["partners"] = array._partners.detach()
+    if st is not None:  # numpy arrays (Numba sampler) or tensors (torch sampler)
+        for key in ("g_prog", "nu", "stuck", "q_read"):
+            value = getattr(st, key)
+            if value is not None:
+                out[key] = torch.as_tensor(value)
     if array.asymmetry is not None:
         out["asymmetry"] = torch.cat(array.asymmetry, dim=1)
     if array.zeta is not None:
@@ -63,16 +64,27 @@ def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogAr
     gen = torch.Generator(device=w.device)
     gen.set_state(state["mvm_rng"].cpu())
     array._gen = gen
-    if "g_prog" in state and w.device.type == "cpu":
-        q_read = state["q_read"].numpy().copy() if "q_read" in state else None
+    # states saved before the other devices of pairs were modelled hold (out, in) arrays of the
+    # active devices: no partners, the same flat order
+    partners = state.get("partners", torch.zeros(0, dtype=torch.int64)).to(w.device)
+    array._partners = partners
+
+    def flat(key):
+        return state[key].reshape(-1)
+
+    if "g_prog" in state and _array._numba_sampler(w):
+        q_read = flat("q_read").numpy().copy() if "q_read" in state else None
         array._state = ProgrammedState(
-            g_target=array._g_target.numpy().copy(),
-            g_prog=state["g_prog"].numpy().copy(), nu=state["nu"].numpy().copy(),
-            stuck=state["stuck"].numpy().copy() if "stuck" in state else None,
+            g_target=device_targets(array._g_target, partners).numpy().copy(),
+            g_prog=flat("g_prog").numpy().copy(), nu=flat("nu").numpy().copy(),
+            stuck=flat("stuck").numpy().copy() if "stuck" in state else None,
             q_read=q_read,
             q_model=read_noise_key(array.device_model) if q_read is not None else None)
     elif "g_prog" in state:
-        array._state = (state["g_prog"].to(w.device), state["nu"].to(w.device))
+        array._state = ProgrammedState(
+            g_target=device_targets(array._g_target, partners),
+            g_prog=flat("g_prog").to(w.device).clone(), nu=flat("nu").to(w.device).clone(),
+            stuck=flat("stuck").to(w.device).clone() if "stuck" in state else None)
     else:
         array._state = None
     array.asymmetry = (list(torch.split(state["asymmetry"].to(w.device), array.tile_sizes, 1))

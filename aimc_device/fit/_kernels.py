@@ -13,6 +13,13 @@ touching a device's numbers once, around vectorised numpy calls:
    run of devices with the same target at a time (no lookup per device when devices are stored
    level by level, any order works).
 
+That fast path serves campaigns with R >= 2 reads at every (device, time) and one set of read
+times. Everything else (reads not taken, one read per time, per-device or temperature-mapped
+times) goes through ``cells_kernel`` (R >= 2: the moments of the reads taken in each cell), a
+vectorised numpy log, and ``general_kernel``, which fits each device's line with its own least-
+squares weights over the cells present; the two paths give the same sums where both apply
+(tested).
+
 The kernels release the GIL: the caller runs several device chunks at once in threads (no
 barrier per parallel region, so a busy core does not stall the others), and adds the chunk sums
 in chunk order, so results do not depend on the thread count. Devices are summed in blocks of
@@ -26,12 +33,11 @@ import functools
 import numba as nb
 import numpy as np
 
-__all__ = ["BLOCK", "N_LEVEL_SUMS", "moments_kernel", "sums_kernel"]
+__all__ = ["BLOCK", "N_LEVEL_SUMS", "N_LT_SUMS", "moments_kernel", "sums_kernel",
+           "cells_kernel", "general_kernel", "rn_columns", "distinct_values"]
 
 #: Devices per partial sum (fixed, so that sums are the same on any number of threads).
 BLOCK = 2048
-#: Per-level sums: n_total, n, nu, nu^2, var(nu), g_P, g_P^2, g_P^2 var(ln g_P).
-N_LEVEL_SUMS = 8
 #: Reassociation lets LLVM vectorise the repeat sums; no "nnan"/"ninf", the NaN checks stay.
 _FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 
@@ -80,16 +86,30 @@ def moments_kernel(r_n: int):
     return moments
 
 
+def rn_columns(t_n: int) -> int:
+    """Columns of the per-read-noise-group sums for T read times: n, sum x_ref, n_rss, sum rss,
+    then T each of sum s2, sum (m^2 - s2/r), sum (r - 1), sum (1 - h), sum (1 - h) f2."""
+    return 4 + 5 * t_n
+
+
+#: Per-level sums: n_total, n, nu, nu^2, var(nu), g_P, g_P^2, g_P^2 var(ln g_P), unusable devices
+#: (a read or repeat mean of 0 S, or fewer than two reads), excluded devices.
+N_LEVEL_SUMS = 10
+#: Per-level-and-time sums (general path): cells read, f2, w, w^2, v, v^2, reads not taken.
+N_LT_SUMS = 7
+
 _SUMS_SIG = [nb.void(nb.float32[:, ::1], nb.float32[:, ::1], nb.int64, gt[::1], gt[::1],
-                     nb.float32[:, ::1], nb.float32[:, ::1], nb.float64[::1], nb.boolean,
-                     nb.float64, nb.float64[::1], nb.float64[:, :, ::1], nb.float64[:, :, ::1])
+                     nb.float32[:, ::1], nb.float32[:, ::1], nb.float64[::1], nb.uint8[::1],
+                     nb.boolean, nb.float64, nb.float64[::1], nb.float64[:, :, ::1],
+                     nb.float64[:, :, ::1])
              for gt in (nb.float32, nb.float64)]
 
 
 @nb.njit(_SUMS_SIG, cache=True, nogil=True)
-def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, by_programmed, g_max, edges,
+def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, keep, by_programmed, g_max, edges,
                 out_level, out_rn):
-    """Add each device's drift-line results to per-level and per-read-noise-group sums.
+    """Add each device's drift-line results to per-level and per-read-noise-group sums (the fast
+    path: R >= 2 reads at every cell, one set of read times).
 
     Parameters
     ----------
@@ -98,27 +118,31 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, by_programmed, g_ma
     g_target is one of them);
     line : (2, n) slope (= -nu) and intercept (ln g_P / g_max) of each device's drift line;
     var : (2, n) their read-noise variances (all dimensionless);
-    gp : (n,) g_P [S] (NaN, 0 or inf: device not used);
+    gp : (n,) g_P [S] (NaN, 0 or inf: device not usable);
+    keep : (n,) uint8, 0 for a device kept, else its exclusion reason (not used);
     by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level;
-    g_max [S]; out_level : (n_blocks, K, 8) zeroed; out_rn : (n_blocks, G, 2 + 2T) zeroed,
-    columns n, sum x_ref, sum s2_k [S^2] (T), sum (m_k^2 - s2_k / R) [S^2] (T).
+    g_max [S]; out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed; out_rn : (n_blocks, G,
+    rn_columns(T)) zeroed.
     """
     n, t_n = m.shape
     n_blocks = out_level.shape[0]
     n_edges = edges.shape[0]
     inv_r = 1.0 / r_n
-    acc_rn = np.zeros(2 + 2 * t_n)
+    dof = r_n - 1.0
+    acc_rn = np.zeros(out_rn.shape[2])
     for b in range(n_blocks):
         stop = min(n, (b + 1) * BLOCK)
         i = b * BLOCK
         while i < stop:  # one run of devices with the same target
             target = g_target[i]
             lev = np.searchsorted(levels, target)
-            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = 0.0
+            c0 = c1 = c2 = c3 = c4 = c5 = c6 = c7 = c8 = c9 = 0.0
             while i < stop and g_target[i] == target:
                 c0 += 1.0
                 g = gp[i]
-                if g > 0.0 and g < np.inf:
+                if keep[i] != 0:
+                    c9 += 1.0
+                elif g > 0.0 and g < np.inf:
                     nu = -np.float64(line[0, i])  # Eq. 8: ln g = ln g_P - nu L
                     var_i = np.float64(var[1, i])
                     c1 += 1.0
@@ -137,15 +161,18 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, by_programmed, g_ma
                         for k in range(t_n):
                             sk = np.float64(s2[i, k])
                             mk = np.float64(m[i, k])
-                            out_rn[b, grp, 2 + k] += sk
-                            out_rn[b, grp, 2 + t_n + k] += mk * mk - sk * inv_r
+                            out_rn[b, grp, 4 + k] += sk
+                            out_rn[b, grp, 4 + t_n + k] += mk * mk - sk * inv_r
+                            out_rn[b, grp, 4 + 2 * t_n + k] += dof
                     else:  # x_ref: the caller uses the level's target
                         acc_rn[0] += 1.0
                         for k in range(t_n):
                             sk = np.float64(s2[i, k])
                             mk = np.float64(m[i, k])
-                            acc_rn[2 + k] += sk
-                            acc_rn[2 + t_n + k] += mk * mk - sk * inv_r
+                            acc_rn[4 + k] += sk
+                            acc_rn[4 + t_n + k] += mk * mk - sk * inv_r
+                else:
+                    c8 += 1.0
                 i += 1
             out_level[b, lev, 0] += c0
             out_level[b, lev, 1] += c1
@@ -155,6 +182,225 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, by_programmed, g_ma
             out_level[b, lev, 5] += c5
             out_level[b, lev, 6] += c6
             out_level[b, lev, 7] += c7
+            out_level[b, lev, 8] += c8
+            out_level[b, lev, 9] += c9
+            if not by_programmed:
+                for k in range(t_n):  # every device of the run has R - 1 at every time
+                    acc_rn[4 + 2 * t_n + k] = acc_rn[0] * dof
+                for q in range(acc_rn.size):
+                    out_rn[b, lev, q] += acc_rn[q]
+                    acc_rn[q] = 0.0
+
+
+_CELLS_SIG = [nb.void(g[:, :, ::1], nb.float64, nb.float32[:, ::1], nb.float32[:, ::1],
+                      nb.uint8[:, ::1], nb.float32[:, ::1]) for g in (nb.float32, nb.float64)]
+
+
+@nb.njit(_CELLS_SIG, cache=True, nogil=True, error_model="numpy")
+def cells_kernel(g, inv_gmax, m, s2, cnt, rel):
+    """Per (device, time) cell of R >= 2 reads, some of them NaN (not taken): the count r of
+    reads taken, their mean m [S] (NaN when r = 0), unbiased variance s2 [S^2] (0 when r < 2) and
+    rel = s2 / (r m^2) = Var(ln m) (delta method; 0 when r < 2). Sums run in float64, shifted
+    by the cell's first read taken (stable variance). ``inv_gmax`` [1/S] is unused but keeps the
+    signature of the caller's scaling explicit."""
+    n, t_n, r_n = g.shape
+    for i in range(n):
+        for k in range(t_n):
+            c = 0
+            g0 = 0.0
+            acc = 0.0
+            acc2 = 0.0
+            for r in range(r_n):
+                val = np.float64(g[i, k, r])
+                if val != val:
+                    continue
+                if c == 0:
+                    g0 = val
+                d = val - g0
+                acc += d
+                acc2 += d * d
+                c += 1
+            cnt[i, k] = c
+            if c == 0:
+                m[i, k] = np.nan
+                s2[i, k] = 0.0
+                rel[i, k] = 0.0
+                continue
+            mean = g0 + acc / c
+            var = (acc2 - acc * acc / c) / (c - 1) if c >= 2 else 0.0
+            m[i, k] = mean
+            s2[i, k] = var
+            rel[i, k] = var / (c * mean * mean) if c >= 2 and mean > 0.0 else 0.0
+
+
+_GENERAL_SIG = nb.void(nb.float32[:, ::1], nb.float32[:, ::1], nb.float32[:, ::1],
+                       nb.float32[:, ::1], nb.uint8[:, ::1], nb.int64, nb.float64[:, ::1],
+                       nb.float64[:, ::1], nb.uint8[::1], nb.float64[::1], nb.float64[::1],
+                       nb.boolean, nb.boolean, nb.float64, nb.float64[::1],
+                       nb.float64[:, :, ::1], nb.float64[:, :, :, ::1], nb.float64[:, :, ::1])
+
+
+@nb.njit(_GENERAL_SIG, cache=True, nogil=True, error_model="numpy")
+def general_kernel(y, rel, m, s2, cnt, r_n, L, f2, keep, g_target, levels, repeats_mode,
+                   by_programmed, g_max, edges, out_level, out_lt, out_rn):
+    """Per-device drift lines over the cells that exist, and their per-level, per-level-and-time
+    and per-read-noise-group sums (the general path: missing reads, per-device times, R >= 1).
+
+    Per device: an ordinary least-squares line of y_k against L_k over the cells present (y not
+    NaN): slope = sum w_k y_k, intercept = sum v_k y_k with w_k = (n L_k - S1) / D,
+    v_k = (S2 - S1 L_k) / D (S1 = sum L, S2 = sum L^2, D = n S2 - S1^2, n cells); the read-noise
+    variances of slope and intercept from the repeats, sum w_k^2 rel_k and sum v_k^2 rel_k; the
+    hat values h_k = v_k + w_k L_k and the residual sum of squares (devices with >= 3 cells) for
+    the read noise without repeats. A device with a cell of -inf (a mean read of 0 S) or fewer
+    than two cells has no usable line.
+
+    Parameters
+    ----------
+    y : (n, T) float32, ln(m_k / g_max) (+ rel_k / 2 with repeats: the bias of the log of a noisy
+        mean), NaN for a cell without reads
+    rel : (n, T) float32, Var(ln m_k) from the repeats, or (0, 0) without repeats
+    m, s2 : (n, T) float32, repeat mean [S] and variance [S^2], or (0, 0) without repeats
+    cnt : (n, T) uint8, reads taken per cell, or (0, 0) without repeats (then a NaN y is one
+        read not taken)
+    r_n : int, reads per cell R
+    L, f2 : (1 or n, T) float64, ln((t_eq + t0) / t0) and the read-noise time term
+        ln((t_eff + T_read) / (2 T_read)) (both dimensionless); one row for all devices or one
+        per device
+    keep : (n,) uint8, 0 for a device kept, else its exclusion reason
+    g_target : (n,) float64 target [S]; levels : (K,) float64 sorted distinct targets [S]
+    repeats_mode : bool, R >= 2 (read noise from the repeats)
+    by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level
+    g_max : float [S]
+    out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed
+    out_lt : (n_blocks, K, T, N_LT_SUMS) zeroed
+    out_rn : (n_blocks, G, rn_columns(T)) zeroed
+    """
+    n, t_n = y.shape
+    shared = L.shape[0] == 1
+    n_blocks = out_level.shape[0]
+    n_edges = edges.shape[0]
+    inv_gmax = 1.0 / g_max
+    n_lt = out_lt.shape[3]
+    ws = np.empty(t_n)
+    vs = np.empty(t_n)
+    acc_lv = np.zeros(out_level.shape[2])
+    acc_lt = np.zeros((t_n, n_lt))
+    acc_rn = np.zeros(out_rn.shape[2])
+    for b in range(n_blocks):
+        stop = min(n, (b + 1) * BLOCK)
+        i = b * BLOCK
+        while i < stop:  # one run of devices with the same target
+            target = g_target[i]
+            lev = np.searchsorted(levels, target)
+            while i < stop and g_target[i] == target:
+                row = 0 if shared else i
+                acc_lv[0] += 1.0
+                if keep[i] != 0:
+                    acc_lv[9] += 1.0
+                    i += 1
+                    continue
+                n_c = 0
+                s1 = 0.0
+                s2_ = 0.0
+                usable = True
+                for k in range(t_n):
+                    yk = y[i, k]
+                    if repeats_mode:
+                        acc_lt[k, 6] += r_n - cnt[i, k]
+                    if yk != yk:
+                        if not repeats_mode:
+                            acc_lt[k, 6] += 1.0
+                        continue
+                    if yk == -np.inf:
+                        usable = False
+                    lk = L[row, k]
+                    n_c += 1
+                    s1 += lk
+                    s2_ += lk * lk
+                den = n_c * s2_ - s1 * s1
+                if not usable or n_c < 2 or not den > 1e-12 * n_c * s2_:
+                    acc_lv[8] += 1.0  # a read of 0 S, or fewer than two times
+                    i += 1
+                    continue
+                slope = 0.0
+                inter = 0.0
+                var_s = 0.0
+                var_i = 0.0
+                inv_den = 1.0 / den
+                for k in range(t_n):
+                    yk = np.float64(y[i, k])
+                    if yk != yk:
+                        continue
+                    lk = L[row, k]
+                    wk = (n_c * lk - s1) * inv_den
+                    vk = (s2_ - s1 * lk) * inv_den
+                    ws[k] = wk
+                    vs[k] = vk
+                    slope += wk * yk
+                    inter += vk * yk
+                    if repeats_mode:
+                        rk = np.float64(rel[i, k])
+                        var_s += wk * wk * rk
+                        var_i += vk * vk * rk
+                gp = g_max * np.exp(inter - 0.5 * var_i)
+                if not (gp > 0.0 and gp < np.inf):
+                    acc_lv[8] += 1.0
+                    i += 1
+                    continue
+                nu = -slope  # Eq. 8: ln g = ln g_P - nu L
+                acc_lv[1] += 1.0
+                acc_lv[2] += nu
+                acc_lv[3] += nu * nu
+                acc_lv[4] += var_s
+                acc_lv[5] += gp
+                acc_lv[6] += gp * gp
+                acc_lv[7] += gp * gp * var_i
+                acc_rn[0] += 1.0
+                rss = 0.0
+                for k in range(t_n):
+                    yk = np.float64(y[i, k])
+                    if yk != yk:
+                        continue
+                    lk = L[row, k]
+                    wk = ws[k]
+                    vk = vs[k]
+                    fk = f2[row, k]
+                    e = yk - inter - slope * lk
+                    rss += e * e
+                    acc_lt[k, 0] += 1.0
+                    acc_lt[k, 1] += fk
+                    acc_lt[k, 2] += wk
+                    acc_lt[k, 3] += wk * wk
+                    acc_lt[k, 4] += vk
+                    acc_lt[k, 5] += vk * vk
+                    if repeats_mode and cnt[i, k] >= 2:
+                        sk = np.float64(s2[i, k])
+                        mk = np.float64(m[i, k])
+                        acc_rn[4 + k] += sk
+                        acc_rn[4 + t_n + k] += mk * mk - sk / cnt[i, k]
+                        acc_rn[4 + 2 * t_n + k] += cnt[i, k] - 1.0
+                    if n_c >= 3:
+                        h = vk + wk * lk
+                        acc_rn[4 + 3 * t_n + k] += 1.0 - h
+                        acc_rn[4 + 4 * t_n + k] += (1.0 - h) * fk
+                if n_c >= 3:
+                    acc_rn[2] += 1.0
+                    acc_rn[3] += rss
+                if by_programmed:  # group: the bin of x_P = g_P / g_max
+                    xref = gp * inv_gmax
+                    grp = min(max(np.searchsorted(edges, xref) - 1, 0), n_edges - 2)
+                    acc_rn[1] += xref
+                    for q in range(acc_rn.size):
+                        out_rn[b, grp, q] += acc_rn[q]
+                        acc_rn[q] = 0.0
+                i += 1
+            for q in range(acc_lv.size):
+                out_level[b, lev, q] += acc_lv[q]
+                acc_lv[q] = 0.0
+            for k in range(t_n):
+                for q in range(n_lt):
+                    out_lt[b, lev, k, q] += acc_lt[k, q]
+                    acc_lt[k, q] = 0.0
             if not by_programmed:
                 for q in range(acc_rn.size):
                     out_rn[b, lev, q] += acc_rn[q]

@@ -1,4 +1,12 @@
-"""Fit reports: coefficients with standard errors, residuals per level, goodness of fit, plots."""
+"""Fit reports: coefficients with standard errors, residuals per level, goodness of fit, plots.
+
+Goodness of fit of each component, from its weighted residuals z_i = (data_i - fitted_i) / se_i
+over its n points and k fitted parameters: chi2 = sum z_i^2; reduced chi2 = chi2 / (n - k);
+weighted R^2; AIC = chi2 + 2 k and BIC = chi2 + k ln n (the Gaussian log-likelihood with known
+standard errors, up to a constant shared by all models of the same data). A component the data
+do not identify (``identified`` False) carries its ``source`` ("from prior ..., not identified by
+these data") and no goodness of fit.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -27,8 +35,12 @@ class ComponentFit:
     fitted : ndarray (K,), the fitted form at x [units]
     chi2_reduced : float, sum(((data - fitted) / data_se)^2) / (K - fitted params), dimensionless
     r_squared : float, weighted coefficient of determination, dimensionless
+    aic, bic : float, Akaike and Bayesian information criteria from the weighted residuals
     n_devices : ndarray (K,), devices behind each point
+    n_params : int, parameters fitted to the points
     notes : str
+    identified : bool, False when the data do not determine the component (taken from a prior)
+    source : str, "fitted", or where the component comes from when not identified
     """
 
     name: str
@@ -45,6 +57,19 @@ class ComponentFit:
     n_devices: np.ndarray
     n_params: int
     notes: str = ""
+    identified: bool = True
+    source: str = "fitted"
+
+    @classmethod
+    def from_prior(cls, name: str, formula: str, units: str, coeff_names: tuple, coeffs,
+                   coeff_units: tuple, source: str, notes: str = "") -> "ComponentFit":
+        """A component not identified by the data: the prior's coefficients, no points."""
+        empty = np.zeros(0)
+        return cls(name=name, formula=formula, units=units, coeff_names=coeff_names,
+                   coeffs=np.asarray(coeffs, dtype=float),
+                   stderr=np.full(len(coeff_names), np.nan), coeff_units=coeff_units, x=empty,
+                   data=empty, data_se=empty, fitted=empty, n_devices=empty, n_params=0,
+                   notes=notes, identified=False, source=source)
 
     @property
     def residuals(self) -> np.ndarray:
@@ -58,14 +83,32 @@ class ComponentFit:
             return self.residuals / self.fitted
 
     @property
-    def chi2_reduced(self) -> float:
-        dof = max(1, self.x.size - self.n_params)
+    def chi2(self) -> float:
+        """sum of squared weighted residuals, dimensionless (nan without points)."""
+        if self.x.size == 0:
+            return float("nan")
         with np.errstate(divide="ignore", invalid="ignore"):
             z = self.residuals / self.data_se
-        return float(np.nansum(z * z) / dof)
+        return float(np.nansum(z * z))
+
+    @property
+    def chi2_reduced(self) -> float:
+        return self.chi2 / max(1, self.x.size - self.n_params)
+
+    @property
+    def aic(self) -> float:
+        """Akaike information criterion chi2 + 2 k."""
+        return self.chi2 + 2.0 * self.n_params
+
+    @property
+    def bic(self) -> float:
+        """Bayesian information criterion chi2 + k ln n."""
+        return self.chi2 + self.n_params * np.log(max(1, self.x.size))
 
     @property
     def r_squared(self) -> float:
+        if self.x.size == 0:
+            return float("nan")
         w = 1.0 / np.square(self.data_se)
         w = np.where(np.isfinite(w), w, 0.0)
         mean = np.sum(w * self.data) / np.sum(w)
@@ -81,10 +124,19 @@ class ComponentFit:
                        for n, c, s, u in zip(self.coeff_names, self.coeffs, self.stderr,
                                              self.coeff_units)},
             "chi2_reduced": self.chi2_reduced, "r_squared": self.r_squared,
+            "aic": self.aic, "bic": self.bic, "n_points": int(self.x.size),
+            "n_params": int(self.n_params), "identified": self.identified, "source": self.source,
             "x": self.x.tolist(), "data": self.data.tolist(), "data_se": self.data_se.tolist(),
             "fitted": self.fitted.tolist(), "residuals": self.residuals.tolist(),
             "notes": self.notes,
         }
+
+    def provenance_line(self) -> str:
+        """How the component was obtained, for a device card's provenance."""
+        if not self.identified:
+            return self.source
+        return (f"fitted: chi2_red = {self.chi2_reduced:.3g}, R^2 = {self.r_squared:.4f}, "
+                f"AIC = {self.aic:.4g}, BIC = {self.bic:.4g}, {self.x.size} points")
 
 
 @dataclass
@@ -94,17 +146,29 @@ class FitReport:
     Attributes
     ----------
     components : dict of str -> ComponentFit
-        "programming_noise", "drift_mean", "drift_std", "read_noise".
+        "programming_noise", "drift_mean", "drift_std", "read_noise", and "activation_energy"
+        when it was fitted.
     model : PCMModel or None, the fitted model
     n_devices : int, devices in the campaign
-    n_excluded : int, devices left out (a repeat-mean of 0 S at some time, or a target of 0 S)
-    provenance : dict, source file, fit function, package version, date
+    n_excluded : int, devices left out of the fit: dropped (``exclusions``), without a usable
+        drift line (a read of 0 S, read at fewer than two times) or with a target of 0 S
+    exclusions : dict, reason -> {"count", "devices"} of the devices dropped by ``valid`` or
+        ``exclude`` (see :class:`aimc_device.io.ExclusionRecord`)
+    missing_reads : ndarray (T,), reads not taken at each time among the kept devices
+    activation_energy : dict, E_a [eV], its standard error, T_ref [K] and where it came from
+    notes : list of str, what the fit did that a reader must know (levels left out, ...)
+    provenance : dict, source file, fit function, options, package version, date, and one line
+        per component saying whether it was fitted or taken from a prior
     """
 
     components: dict = field(default_factory=dict)
     model: object = None
     n_devices: int = 0
     n_excluded: int = 0
+    exclusions: dict = field(default_factory=dict)
+    missing_reads: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    activation_energy: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
     provenance: dict = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> ComponentFit:
@@ -114,9 +178,26 @@ class FitReport:
         """A plain-text table of coefficients, standard errors and goodness of fit."""
         lines = [f"fit of {self.provenance.get('source_file', '<Dataset>')}: "
                  f"{self.n_devices} devices ({self.n_excluded} excluded)"]
+        if self.exclusions:
+            lines.append("  dropped: " + "; ".join(f"{v['count']} {k} ({v['devices']})"
+                                                  for k, v in self.exclusions.items()))
+        if np.sum(self.missing_reads):
+            lines.append(f"  reads not taken per time: "
+                         f"{', '.join(str(int(v)) for v in self.missing_reads)}")
+        if self.activation_energy:
+            ea = self.activation_energy
+            se = "" if not np.isfinite(ea.get("stderr", np.nan)) else f" +- {ea['stderr']:.3g}"
+            lines.append(f"  activation energy {ea['value']:.4g}{se} eV at T_ref = "
+                         f"{ea['reference_temperature']:.2f} K: {ea['source']}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         for cf in self.components.values():
-            lines.append(f"  {cf.name}: {cf.formula}   chi2_red = {cf.chi2_reduced:.3g}, "
-                         f"R^2 = {cf.r_squared:.4f}")
+            if not cf.identified:
+                lines.append(f"  {cf.name}: {cf.formula}   {cf.source.upper()}")
+            else:
+                lines.append(f"  {cf.name}: {cf.formula}   chi2_red = {cf.chi2_reduced:.3g}, "
+                             f"R^2 = {cf.r_squared:.4f}, AIC = {cf.aic:.4g}, "
+                             f"BIC = {cf.bic:.4g}")
             for n, c, s, u in zip(cf.coeff_names, cf.coeffs, cf.stderr, cf.coeff_units):
                 se = "fixed" if not np.isfinite(s) else f"+- {s:.3g}"
                 lines.append(f"      {n:>10s} = {c:.6g} {se} [{u}]")
@@ -125,6 +206,9 @@ class FitReport:
     def to_dict(self) -> dict:
         """JSON-friendly summary of every component and the provenance."""
         return {"n_devices": self.n_devices, "n_excluded": self.n_excluded,
+                "exclusions": dict(self.exclusions),
+                "missing_reads": np.asarray(self.missing_reads).tolist(),
+                "activation_energy": dict(self.activation_energy), "notes": list(self.notes),
                 "provenance": dict(self.provenance),
                 "components": {k: v.to_dict() for k, v in self.components.items()}}
 
@@ -145,9 +229,13 @@ class FitReport:
 
         from ..pcm import drift_exponent_stats, programming_noise_std, read_noise_q
 
-        fig = Figure(figsize=(11, 8), layout="constrained")
+        n_panels = len(self.components)
+        rows = -(-n_panels // 2)
+        fig = Figure(figsize=(11, 4 * rows), layout="constrained")
         FigureCanvasAgg(fig)
-        axes = fig.subplots(2, 2).ravel()
+        axes = fig.subplots(rows, 2, squeeze=False).ravel()
+        for ax in axes[n_panels:]:
+            fig.delaxes(ax)
         scale = {"S": (1e6, "uS"), "1": (1.0, "")}
         ref_curves = {}
         if reference is not None:
@@ -159,18 +247,31 @@ class FitReport:
                           "read_noise": (xs, read_noise_q(xs, reference))}
         for ax, (name, cf) in zip(axes, self.components.items()):
             f, unit = scale[cf.units]
-            ax.errorbar(cf.x, cf.data * f, yerr=cf.data_se * f, fmt="o", ms=3, label="data")
-            xs = np.linspace(cf.x.min(), cf.x.max(), 200)
+            if name == "activation_energy":
+                ax.errorbar(cf.x, cf.data, yerr=cf.data_se, fmt="o", ms=3, label="level means")
+                ax.plot(cf.x, cf.fitted, "x", label="fitted lines")
+                ax.set_xlabel("L = ln((t_eq + t0)/t0) at the fitted E_a")
+                ax.set_ylabel("mean ln(g / g_max)")
+                ax.set_title(f"E_a = {cf.coeffs[0]:.3g} +- {cf.stderr[0]:.2g} eV\n"
+                             f"chi2_red = {cf.chi2_reduced:.2g}", fontsize=9)
+                ax.legend(fontsize=8)
+                continue
+            xs = np.linspace(0.01, 1.0, 200)
+            if cf.x.size:
+                ax.errorbar(cf.x, cf.data * f, yerr=cf.data_se * f, fmt="o", ms=3, label="data")
+                xs = np.linspace(cf.x.min(), cf.x.max(), 200)
             if self.model is not None:
                 curve = _model_curve(name, xs, self.model)
-                ax.plot(xs, curve * f, "-", label="fit")
+                ax.plot(xs, curve * f, "-", label="fit" if cf.identified else cf.source)
             if name in ref_curves:
                 rx, ry = ref_curves[name]
                 ax.plot(rx, np.asarray(ry) * f, "--", color="gray",
                         label=f"reference ({reference.name})")
             ax.set_xlabel("x = g_target / g_max")
             ax.set_ylabel(f"{name} [{unit or '1'}]")
-            ax.set_title(f"{cf.formula}\nchi2_red = {cf.chi2_reduced:.2g}", fontsize=9)
+            ax.set_title(f"{cf.formula}\n" + (f"chi2_red = {cf.chi2_reduced:.2g}" if cf.identified
+                                               else "not identified: from the prior"),
+                         fontsize=9)
             ax.legend(fontsize=8)
         return fig
 

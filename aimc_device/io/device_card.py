@@ -1,13 +1,23 @@
-"""Device cards: a :class:`~aimc_device.pcm.PCMModel` with its provenance in HDF5 (never pickle).
+"""Device cards: a device model of either family with its provenance in HDF5 (never pickle).
 
-Layout (schema ``aimc-device/pcm-device-card``, version 1):
+Layout (schema ``aimc-device/pcm-device-card``):
 
-- root attrs ``schema``, ``schema_version``, ``name``, ``citation``, ``read_noise_time``,
-  ``read_noise_reference`` (the string fields of the model);
-- ``/model/<field>``: one float64 dataset per numeric field of PCMModel (scalar or 1-D), with attr
-  ``units`` from ``PCMModel.UNITS``;
+- root attrs ``schema``, ``schema_version``, ``family`` ("pcm" or "empirical"; a card without it
+  is a PCM card) and the string fields of the model (PCM: ``name``, ``citation``,
+  ``read_noise_time``, ``read_noise_reference``; empirical: ``name``, ``citation``,
+  ``read_noise_source``);
+- ``/model/<field>``: one float64 dataset per numeric field of the model (scalar or array), with
+  attr ``units`` from the model class's ``UNITS``; an empirical card's optional fields
+  (``t_read``, ``activation_energy``) are absent when None; a PCM card without one of
+  ``PCMModel.OPTIONAL_FIELDS`` (``activation_energy``, ``reference_temperature``: written by
+  later versions) loads with the field's default;
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
-  ``package_version``, ``date`` and anything else passed in (strings or numbers).
+  ``package_version``, ``date`` (unless left out) and anything else passed in (strings or
+  numbers).
+
+Versions: 1, a PCM card (its layout unchanged; PCM cards are still written as version 1, so
+older readers load them); 2 adds the ``family`` attribute and the empirical family (an empirical
+card is version 2: older readers refuse it with "unsupported version").
 """
 from __future__ import annotations
 
@@ -18,17 +28,23 @@ import os
 import h5py
 import numpy as np
 
-from ..pcm import PCMModel
-from ._atomic import atomic_output
+from ..pcm import EmpiricalModel, PCMModel
+from ._atomic import atomic_output, check_output
 from ._errors import DeviceCardError
-from .measurements import _clean_attr, _open, file_sha256
+from .measurements import _clean_attr, _open, _schema_version, file_sha256
 
 __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "save_device_model", "load_device_model",
            "load_device_card"]
 
 CARD_SCHEMA = "aimc-device/pcm-device-card"
-CARD_SCHEMA_VERSION = 1
-_STRING_FIELDS = tuple(f.name for f in dataclasses.fields(PCMModel) if f.name not in PCMModel.UNITS)
+#: The newest card version this package reads (see the module docstring).
+CARD_SCHEMA_VERSION = 2
+#: family -> (model class, version written)
+_FAMILIES = {"pcm": (PCMModel, 1), "empirical": (EmpiricalModel, 2)}
+
+
+def _string_fields(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.UNITS)
 
 
 def _package_version() -> str:
@@ -37,41 +53,65 @@ def _package_version() -> str:
     return __version__
 
 
-def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> dict:
+def save_device_model(model, path, provenance: dict | None = None, *,
+                      overwrite: bool = False) -> dict:
     """Save a device model as an HDF5 device card, atomically.
 
     Parameters
     ----------
-    model : PCMModel
+    model : PCMModel or EmpiricalModel
     path : str or os.PathLike
-        Destination file; replaced only when complete.
+        Destination file; replaced only when complete. It may replace a device card; it is never
+        the campaign named by ``provenance["source_file"]`` and, unless ``overwrite``, never an
+        existing file of another kind (a campaign, a checkpoint, ...): see
+        :func:`aimc_device.io.check_output`.
     provenance : dict, optional
         ``source_file`` (the campaign fitted), ``source_sha256`` (computed from ``source_file``
         when missing and the file exists), ``fit_function``, and any other str/number entries.
-        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent.
+        ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent;
+        ``date=None`` writes no date (with the same model and provenance, the same file, byte
+        for byte: no HDF5 object carries a timestamp either).
+    overwrite : bool
+        Replace an existing file of another kind too.
 
     Returns
     -------
     dict, the provenance written.
+
+    Raises
+    ------
+    OutputRefusedError
+        When ``path`` is the source campaign or an existing file of another kind.
     """
-    if not isinstance(model, PCMModel):
-        raise TypeError(f"model: expected a PCMModel, got {type(model).__name__}")
+    family = next((k for k, (cls, _) in _FAMILIES.items() if isinstance(model, cls)), None)
+    if family is None:
+        raise TypeError(f"model: expected a PCMModel or an EmpiricalModel, got "
+                        f"{type(model).__name__}")
+    if provenance is not None and not isinstance(provenance, dict):
+        raise TypeError(f"provenance: expected a dict or None, got {type(provenance).__name__}")
+    cls, version = _FAMILIES[family]
     prov = {"source_file": "", "source_sha256": "", "fit_function": ""}
     prov.update({k: v for k, v in (provenance or {}).items() if v is not None})
     src = prov.get("source_file")
+    check_output(path, CARD_SCHEMA, inputs=src or None, overwrite=overwrite)  # before hashing
     if src and not prov.get("source_sha256") and os.path.isfile(src):
         prov["source_sha256"] = file_sha256(src)
     prov.setdefault("package_version", _package_version())
-    prov.setdefault("date", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
-    with atomic_output(path) as tmp, h5py.File(tmp, "w") as f:
+    if "date" not in (provenance or {}):
+        prov["date"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with atomic_output(path, CARD_SCHEMA, inputs=src or None,
+                       overwrite=overwrite) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["schema"] = CARD_SCHEMA
-        f.attrs["schema_version"] = CARD_SCHEMA_VERSION
-        for name in _STRING_FIELDS:
+        f.attrs["schema_version"] = version
+        f.attrs["family"] = family
+        for name in _string_fields(cls):
             f.attrs[name] = str(getattr(model, name))
         grp = f.create_group("model")
-        for name, unit in PCMModel.UNITS.items():
+        for name, unit in cls.UNITS.items():
+            if getattr(model, name) is None:  # an optional field (empirical family)
+                continue
             d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
-                                                         dtype=np.float64))
+                                                         dtype=np.float64), track_times=False)
             d.attrs["units"] = unit
         pg = f.create_group("provenance")
         for key, value in prov.items():
@@ -82,7 +122,7 @@ def save_device_model(model: PCMModel, path, provenance: dict | None = None) -> 
     return prov
 
 
-def load_device_card(path) -> tuple[PCMModel, dict]:
+def load_device_card(path) -> tuple[PCMModel | EmpiricalModel, dict]:
     """Load a device card: the model and its provenance.
 
     Parameters
@@ -91,8 +131,8 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
 
     Returns
     -------
-    (PCMModel, dict)
-        The model (bit-exact as saved) and the provenance attributes.
+    (PCMModel or EmpiricalModel, dict)
+        The model of the card's family (bit-exact as saved) and the provenance attributes.
 
     Raises
     ------
@@ -107,19 +147,33 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
             raise DeviceCardError(path, "attrs['schema']", f"not a device card (schema "
                                   f"{schema!r})", f"expected {CARD_SCHEMA!r}; write it with "
                                   "aimc_device.io.save_device_model")
-        version = int(_clean_attr(f.attrs.get("schema_version", 0)))
-        if version > CARD_SCHEMA_VERSION or version < 1:
-            raise DeviceCardError(path, "attrs['schema_version']", f"unsupported version "
-                                  f"{version}", f"this reader knows 1..{CARD_SCHEMA_VERSION}")
+        version = _schema_version(path, f.attrs.get("schema_version", 0), CARD_SCHEMA_VERSION,
+                                  DeviceCardError)
+        family = str(_clean_attr(f.attrs.get("family", "pcm")))
+        if family not in _FAMILIES:
+            raise DeviceCardError(path, "attrs['family']", f"unknown family {family!r}",
+                                  f"known families: {sorted(_FAMILIES)}")
+        cls, needs = _FAMILIES[family]
+        if version < needs:
+            raise DeviceCardError(path, "attrs['schema_version']", f"version {version} has no "
+                                  f"{family} family", "save the card again")
+        optional = getattr(cls, "OPTIONAL", ())
         kwargs = {}
-        for name in _STRING_FIELDS:
+        for name in _string_fields(cls):
             if name not in f.attrs:
                 raise DeviceCardError(path, f"attrs['{name}']", "missing", "save it again")
             kwargs[name] = str(_clean_attr(f.attrs[name]))
         if "model" not in f:
             raise DeviceCardError(path, "/model", "missing group", "save it again")
-        for name, unit in PCMModel.UNITS.items():
+        arrays = getattr(cls, "ARRAYS", ())
+        defaulted = getattr(cls, "OPTIONAL_FIELDS", ())
+        for name, unit in cls.UNITS.items():
             if name not in f["model"]:
+                if name in defaulted:
+                    continue  # a card written before the field existed: the default
+                if name in optional:
+                    kwargs[name] = None
+                    continue
                 raise DeviceCardError(path, f"/model/{name}", "missing field", "save it again")
             d = f["model"][name]
             got = _clean_attr(d.attrs.get("units"))
@@ -130,16 +184,21 @@ def load_device_card(path) -> tuple[PCMModel, dict]:
                 raise DeviceCardError(path, f"/model/{name}", f"units {got!r}",
                                       f"expected {unit!r} (SI)")
             value = d[()]
-            kwargs[name] = (tuple(float(v) for v in value) if np.ndim(value) else float(value))
+            if name in arrays:
+                kwargs[name] = np.asarray(value, dtype=np.float64)
+            else:
+                kwargs[name] = (tuple(float(v) for v in value) if np.ndim(value)
+                                else float(value))
         prov = ({k: _clean_attr(v) for k, v in f["provenance"].attrs.items()}
                 if "provenance" in f else {})
     try:
-        model = PCMModel(**kwargs)
-    except ValueError as exc:
+        model = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
         raise DeviceCardError(path, "/model", str(exc), "the card holds an invalid model")
     return model, prov
 
 
-def load_device_model(path) -> PCMModel:
-    """Load the :class:`PCMModel` of a device card (see :func:`load_device_card`)."""
+def load_device_model(path) -> PCMModel | EmpiricalModel:
+    """Load the model of a device card, whichever family it holds (see
+    :func:`load_device_card`)."""
     return load_device_card(path)[0]

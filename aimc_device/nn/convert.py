@@ -12,8 +12,10 @@ from collections.abc import Iterable
 import numpy as np
 from torch import nn
 
+from .._checks import check_bool, check_float, check_instance, check_int
 from .._random import as_generator
 from ..crossbar import CrossbarConfig
+from ..crossbar.array import resolve_device
 from ..pcm import PCMModel
 from .layers import (
     AnalogConv1d,
@@ -55,9 +57,9 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
         Any module tree (Sequential nesting, custom modules, transformer encoders).
     cfg : CrossbarConfig, optional
         Periphery and tiling; default the paper's standard model.
-    device : PCMModel, optional
+    device : PCMModel or preset name, optional
         Device statistics for the training noise and for programming; None: periphery only
-        (no weight noise, cannot be programmed).
+        (no weight noise; programming gives the exact weights, which do not drift).
     digital : iterable of str
         Qualified module names (as in ``model.named_modules()``) kept in floating point, with
         everything below them, e.g. ``("stem", "fc")`` for the first convolution and the last
@@ -70,7 +72,28 @@ def convert(model: nn.Module, cfg: CrossbarConfig | None = None, device: PCMMode
     Returns
     -------
     nn.Module, the analog model (in the same train/eval mode as ``model``).
+
+    Raises
+    ------
+    TypeError
+        ``model`` not a torch module, ``cfg`` not a CrossbarConfig (a dict: build one with
+        ``CrossbarConfig(**d)``), ``device`` not a PCMModel or preset name, ``digital`` not a
+        collection of names, ``rng`` not a seed.
     """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module")
+    if isinstance(cfg, dict):
+        raise TypeError("cfg: expected a CrossbarConfig, got dict; build one with "
+                        "CrossbarConfig(**settings) or CrossbarConfig.from_dict(settings)")
+    check_instance(cfg, "cfg", CrossbarConfig, "a CrossbarConfig", allow_none=True)
+    device = resolve_device(device)
+    if isinstance(digital, (str, bytes)) or not isinstance(digital, Iterable):
+        raise TypeError(f"digital = {digital!r}: give a collection of module names, e.g. "
+                        "('stem', 'fc')")
+    for name in digital:
+        check_instance(name, "digital[...]", str, "a module name (str)")
+    if not isinstance(rng, np.random.SeedSequence) and rng is not None:
+        check_int(rng, "rng", lo=0)
+    check_bool(inplace, "inplace")
     cfg = cfg if cfg is not None else CrossbarConfig()
     digital = set(digital)
     names = {n for n, _ in model.named_modules()}
@@ -128,6 +151,7 @@ def program(model: nn.Module, rng=None) -> nn.Module:
     model : nn.Module, an analog model from :func:`convert`
     rng : int, numpy.random.Generator or None; each tile gets its own child generator.
     """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
     tiles = analog_tiles(model)
     if not tiles:
         raise ValueError("program(): the model holds no analog layers; convert it first")
@@ -148,6 +172,8 @@ def drift(model: nn.Module, t: float, rng=None) -> nn.Module:
     t : float, time since the end of programming [s]
     rng : int, numpy.random.Generator or None
     """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
+    t = check_float(t, "t", lo=0.0)
     tiles = analog_tiles(model)
     for tile, gen in zip(tiles, _child_seeds(rng, len(tiles))):
         tile.drift(t, rng=gen)

@@ -6,6 +6,7 @@ device draws; the result is an xarray Dataset.
 """
 from __future__ import annotations
 
+import collections.abc
 import json
 from typing import Callable
 
@@ -15,6 +16,7 @@ import xarray as xr
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import check_instance, check_int
 from .._random import as_generator
 from .convert import analog_tiles, drift, forget_programming, program
 
@@ -25,17 +27,44 @@ __all__ = ["PAPER_TIMES", "classification_error", "normalized_accuracy", "standa
 PAPER_TIMES = (1.0, 3600.0, 86400.0, 31536000.0)
 
 
+_NO_BATCHES = ("data yielded no batches: an iterator that was already consumed? pass a list or "
+               "a DataLoader")
+
+
 @torch.no_grad()
 def classification_error(model: nn.Module, data) -> float:
-    """Fraction of misclassified samples over an iterable of (inputs, targets) batches."""
+    """Fraction of misclassified samples over an iterable of (inputs, targets) batches.
+
+    Raises
+    ------
+    TypeError
+        ``model`` not a torch module, ``data`` not an iterable, a batch not an (inputs, targets)
+        pair.
+    ValueError
+        ``data`` yielded no batches (an empty list, or an iterator already consumed) or no
+        samples.
+    """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module")
+    if data is None or isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise TypeError(f"data: expected an iterable of (inputs, targets) batches, got "
+                        f"{type(data).__name__}")
     model.eval()
-    wrong, total = 0, 0
-    for x, y in data:
+    wrong, total, batches = 0, 0, 0
+    for batch in data:
+        try:
+            x, y = batch
+        except (TypeError, ValueError):
+            raise TypeError(f"data: each batch must be an (inputs, targets) pair, got "
+                            f"{type(batch).__name__}") from None
+        batches += 1
         out = model(x)
         wrong += int((out.argmax(dim=-1) != y).sum())
         total += int(y.numel())
+    if batches == 0:
+        raise ValueError(f"classification_error: {_NO_BATCHES}")
     if total == 0:
-        raise ValueError("classification_error: the data yielded no samples")
+        raise ValueError("classification_error: data yielded batches with no samples (empty "
+                         "targets)")
     return wrong / total
 
 
@@ -80,14 +109,26 @@ def evaluate_over_time(model: nn.Module, data, metric: Callable = classification
     and, given fp/chance errors, ``normalized_accuracy(time)`` and its standard error; every
     setting (times, repeats, seed, crossbar config, device model) in attrs.
     """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
     tiles = analog_tiles(model)
     if not tiles:
         raise ValueError("evaluate_over_time: the model holds no analog layers; convert it first")
-    times = np.asarray(times, dtype=float)
-    if times.ndim != 1 or times.size == 0 or np.any(times < 0):
-        raise ValueError("times: give one or more non-negative times after programming [s]")
-    if repeats < 1:
-        raise ValueError("repeats must be >= 1")
+    if isinstance(data, collections.abc.Iterator):  # a generator: read once, then empty
+        raise TypeError(f"data: a one-shot iterator ({type(data).__name__}) can be read only "
+                        "once, but evaluate_over_time reads it once per repeat and time; pass a "
+                        "list or a DataLoader")
+    if not callable(metric):
+        raise TypeError(f"metric: expected a callable(model, data) -> float, got "
+                        f"{type(metric).__name__}")
+    try:
+        times = np.asarray(times, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"times = {times!r}: give a sequence of times after programming "
+                        "[s]") from None
+    if times.ndim != 1 or times.size == 0 or not np.all(np.isfinite(times)) or np.any(times < 0):
+        raise ValueError("times: give one or more finite, non-negative times after programming "
+                         "[s]")
+    repeats = check_int(repeats, "repeats", lo=1)
     seed_for_attrs = rng if isinstance(rng, (int, np.integer)) else -1
     gen = as_generator(rng)
     values = np.empty((repeats, times.size))

@@ -20,7 +20,7 @@ from torch import nn
 from ..crossbar import CrossbarConfig
 from ..crossbar.mvm import analog_conv, conv_channel_split
 from ..pcm import PCMModel
-from .tile import AnalogTile
+from .tile import AnalogTile, require_tensor
 
 __all__ = ["AnalogLinear", "AnalogConv1d", "AnalogConv2d", "AnalogLSTM",
            "AnalogMultiheadAttention", "AnalogLayer"]
@@ -65,6 +65,7 @@ class AnalogLinear(AnalogLayer):
         return new.to(module.weight.device, module.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_tensor(x, type(self).__name__)
         y = self.tile(x)
         return y if self.bias is None else y + self.bias
 
@@ -111,6 +112,7 @@ class _AnalogConvNd(AnalogLayer):
                                                                  self.channel_sizes, dim=1)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        require_tensor(x, type(self).__name__)
         unbatched = x.dim() == self._dims + 1
         if unbatched:
             x = x.unsqueeze(0)
@@ -225,6 +227,7 @@ class AnalogLSTM(AnalogLayer):
         return out, hn, cn
 
     def forward(self, x: torch.Tensor, hx=None):
+        require_tensor(x, type(self).__name__)
         unbatched = x.dim() == 2
         if unbatched:
             x = x.unsqueeze(0 if self.batch_first else 1)
@@ -290,6 +293,8 @@ class AnalogMultiheadAttention(AnalogLayer):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            require_tensor(t, type(self).__name__, name)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (t.unsqueeze(1) for t in (query, key, value))

@@ -32,7 +32,14 @@ from ..crossbar.state import export_state, import_state
 from ..pcm import PCMModel
 from ..pcm.torch_ops import perturb_tensor
 
-__all__ = ["AnalogTile"]
+__all__ = ["AnalogTile", "require_tensor"]
+
+
+def require_tensor(x, where: str, name: str = "input") -> None:
+    """Raise a TypeError naming ``where`` unless ``x`` is a torch.Tensor (an isinstance test)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{where}: the {name} must be a torch.Tensor, got {type(x).__name__}; "
+                        "convert it with torch.as_tensor(x, dtype=torch.float32)")
 
 
 class _NoisyWeight(torch.autograd.Function):
@@ -58,7 +65,8 @@ class AnalogTile(nn.Module):
     in_features, out_features : int
     cfg : CrossbarConfig
     device : PCMModel or None
-        Device statistics for the training noise and for programming; None: no device noise.
+        Device statistics for the training noise and for programming; None: no device noise
+        (programming then gives the exact weights, with no drift).
     weight : torch.Tensor, optional
         Floating-point weights (out, in) in the layer's units; mapped column-wise per tile.
     rng : numpy.random.SeedSequence, int or None
@@ -70,11 +78,26 @@ class AnalogTile(nn.Module):
     ----------
     weight : Parameter (out, in), normalised weights w~ in [-1, 1], dimensionless
     gamma : Parameter (n_tiles, out), column-wise output scales, units of the layer's weights
-    kappa : Parameter (n_tiles,), per-tile output scale, initialised to cfg.out_bound (1 when
-        the ADC is unbounded); the digital factor of tile k is gamma_k * kappa_k / kappa_init
+    kappa : Parameter (n_tiles,), per-tile output scale, initialised to kappa0 = cfg.out_bound
+        (1 when the ADC is unbounded); the digital factor of column i of tile k is
+        gamma_ki * kappa_k / kappa0 (see the parametrisation below)
     alpha : Parameter (n_tiles,), input range per tile, units of the layer's inputs
     noise_scale : float, scale of the training weight noise (ramped by the HWA callback)
     training_noise_time : float, read-noise time of the training noise [s]; 20 s in MODEL.md 8
+
+    Notes
+    -----
+    Output scales. The hardware applies one digital factor per column and tile,
+    s_ki = gamma_ki kappa_k / kappa0, after the ADC (Eq. 1). It is learned as two parameters,
+    as in the HWA training recipe of Rasch et al. (2023) (MODEL.md sec. 8): the column scales
+    gamma (set by the mapping, gamma_ki = max_j |w_ij|) and a per-tile scale kappa, written
+    relative to the ADC bound it starts at (kappa / kappa0 = 1 after mapping). The
+    parametrisation is redundant on purpose: kappa adds one common-mode direction per tile to
+    the per-column scales, so that plain SGD moves a tile's overall output scale with its own
+    step size; only the product s reaches the forward pass, the programmed array and the
+    checkpoints' effective weights. Where the loss does not depend on a tile's output scale
+    (a normalisation layer right after it, e.g. BatchNorm), the gradients of kappa and of gamma
+    vanish (up to its epsilon) and both stay at their initial values; that is expected.
     """
 
     def __init__(self, in_features: int, out_features: int, cfg: CrossbarConfig,
@@ -239,6 +262,7 @@ class AnalogTile(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = analog MVM of x (..., in) -> (..., out), without bias."""
+        require_tensor(x, type(self).__name__)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input: last dimension must be in_features = {self.in_features}, "
                              f"got shape {tuple(x.shape)}")
@@ -251,10 +275,9 @@ class AnalogTile(nn.Module):
     # --------------------------------------------------------------- programming and drift
     @torch.no_grad()
     def program(self, rng=None) -> None:
-        """Program the current weights onto a crossbar array (draws programming noise)."""
-        if self.device_model is None:
-            raise ValueError("program(): this analog layer has no device model; pass device= "
-                             "to nn.convert to program it")
+        """Program the current weights onto a crossbar array (draws programming noise; with no
+        device model the array holds the weights exactly and does not drift, as
+        :class:`aimc_device.crossbar.AnalogArray` with ``device=None``)."""
         self.forget_programming()
         self._array = self._new_array().program(rng=rng)
         self._save_state()

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._checks import check_bool, check_float, check_instance, check_int, check_reiterable
 from .convert import analog_tiles, set_noise_scale
 from .tile import AnalogTile
 
@@ -106,14 +107,18 @@ class HWAConfig:
         if self.batchnorm not in BATCHNORM_CHOICES:
             raise ValueError(f"HWAConfig.batchnorm = {self.batchnorm!r}: choose one of "
                              f"{BATCHNORM_CHOICES}")
-        for name in ("noise_scale", "ramp_epochs", "alpha_decay", "training_noise_time",
-                     "out_scale_lr", "input_range_lr"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"HWAConfig.{name} = {getattr(self, name)}: must be >= 0")
-        if not 0.0 <= self.distill_weight <= 1.0:
-            raise ValueError(f"HWAConfig.distill_weight = {self.distill_weight}: must be in [0, 1]")
-        if self.distill_temperature <= 0 or self.input_range_cap <= 0:
-            raise ValueError("HWAConfig.distill_temperature and input_range_cap must be > 0")
+        ranges = {  # name: keyword arguments of check_float
+            "noise_scale": dict(lo=0.0), "ramp_epochs": dict(lo=0.0),
+            "training_noise_time": dict(lo=0.0), "alpha_decay": dict(lo=0.0, hi=1.0, hi_open=True),
+            "alpha_min": dict(lo=0.0, lo_open=True), "input_range_cap": dict(lo=0.0, lo_open=True),
+            "distill_temperature": dict(lo=0.0, lo_open=True),
+            "distill_weight": dict(lo=0.0, hi=1.0), "out_scale_lr": dict(lo=0.0),
+            "input_range_lr": dict(lo=0.0)}
+        for name, kw in ranges.items():
+            check_float(getattr(self, name), f"HWAConfig.{name}", **kw)
+        for name in ("clip_weights", "remap_every_epoch"):
+            check_bool(getattr(self, name), f"HWAConfig.{name}")
+        check_int(self.init_batches, "HWAConfig.init_batches", lo=0)
 
 
 class AnalogOptimizer:
@@ -341,6 +346,13 @@ def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
     -------
     list of float, mean training loss per epoch.
     """
+    check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
+    check_reiterable(loader, "loader", "train_hwa reads it once per epoch")
+    epochs = check_int(epochs, "epochs", lo=1)
+    if optimizer is None:
+        check_float(lr, "lr", lo=0.0, lo_open=True)
+    check_instance(hwa, "hwa", HWAConfig, "an HWAConfig", allow_none=True)
+    check_instance(teacher, "teacher", nn.Module, "a torch.nn.Module", allow_none=True)
     hwa = hwa or HWAConfig()
     if hwa.init_batches:
         batches = []

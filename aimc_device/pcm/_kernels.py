@@ -10,6 +10,10 @@ draw number. A device's numbers therefore depend only on (seed, index), never on
 split among threads: same seed, same bits, on any thread count. Normal variates use the 256-layer
 ziggurat of Marsaglia & Tsang (2000), about one hash and one multiply per variate.
 
+No kernel is compiled with fast-math: with it, a loop's vectorised body and its scalar fallback
+(chosen by LLVM at run time from the buffers' addresses) may round differently, and the same seed
+would no longer give the same bits from run to run.
+
 References
 ----------
 .. [1] G. Marsaglia, W. W. Tsang, "The ziggurat method for generating random variables",
@@ -67,8 +71,9 @@ _STREAMS = np.uint64(4)
 _INV53 = 1.0 / float(2**53)
 
 #: Stream numbers: each kind of draw has its own counters (programming draws its pair of
-#: variates, programming error and drift exponent, from stream 0).
-STREAM_PROGRAM, STREAM_READ = 0, 2
+#: variates, programming error and drift exponent, from stream 0; a device's fault its two
+#: uniforms from stream 1).
+STREAM_PROGRAM, STREAM_FAULT, STREAM_READ = 0, 1, 2
 
 
 @nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
@@ -189,11 +194,15 @@ def normal_pair(key, index, stream):  # pragma: no cover - via tests
             half_normal(key, r >> _S32, c + _ONE, stream))
 
 
-@nb.njit("void(uint64, float64[::1])", cache=True, parallel=True)
-def fill_standard_normal(key, out):  # pragma: no cover - exercised via tests
-    """Fill ``out`` with N(0, 1) variates of :func:`normal` (the tests check the sampler)."""
-    for i in prange(out.shape[0]):
-        out[i] = normal(key, np.uint64(i), np.uint64(STREAM_READ))
+@nb.njit("void(uint64, float64[::1], float64[::1])", cache=True, parallel=True)
+def fault_uniforms(key, u_kind, u_value):  # pragma: no cover - exercised via tests
+    """The two uniform variates in [0, 1) of device i's fault (see
+    :func:`aimc_device.pcm.formulas.stuck_conductance`), counters of stream STREAM_FAULT: the
+    same numbers for device i on any thread count."""
+    for i in prange(u_kind.shape[0]):
+        base = (np.uint64(i) * _STREAMS + np.uint64(STREAM_FAULT)) * _DRAWS
+        u_kind[i] = _uniform(key, base)
+        u_value[i] = _uniform(key, base + _ONE)
 
 
 # The kernels compute in the precision of the arrays: every scalar parameter comes in that
@@ -251,11 +260,6 @@ def read_kernel(g_prog, nu, q, log_drift, time_factor, key, out):
         out[i] = max(gd + sig * normal(key, np.uint64(i), np.uint64(STREAM_READ)), 0.0)  # Eq. 12
 
 
-#: Fast-math of the SIMD sampling loops, without "nnan"/"ninf": the NaN that marks a variate
-#: outside its ziggurat rectangle must survive until it is completed.
-SIMD_FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
-
-
 @nb.njit(cache=True, inline="always")
 def finish_variate(key, base, j, e, stream):  # pragma: no cover - via tests
     """Variate j of a block whose pairs hash at base + j // 2 (the low 32 bits for even j, the
@@ -265,7 +269,7 @@ def finish_variate(key, base, j, e, stream):  # pragma: no cover - via tests
     return half_normal(key, half, np.uint64(e), stream)
 
 
-@nb.njit(cache=True, fastmath=SIMD_FASTMATH)
+@nb.njit(cache=True)
 def normals_block(key, e0, m, out, stream):  # pragma: no cover - via tests
     """out[:m] = standard normals of variates e0 .. e0 + m - 1 (e0 even): the pair (2h, 2h + 1)
     from the two halves of the one hash FAST + h, the rectangle step of :func:`half_normal` as a
@@ -310,9 +314,8 @@ def _perturb(g, table, inv_h, scale, key, out):  # pragma: no cover - via tests
             out[i] = g[i] + scale * std * z[k]
 
 
-_PERTURB_FLAGS = {"cache": True, "fastmath": SIMD_FASTMATH}
-_perturb_parallel = nb.njit(parallel=True, **_PERTURB_FLAGS)(_perturb)
-_perturb_serial = nb.njit(**_PERTURB_FLAGS)(_perturb)
+_perturb_parallel = nb.njit(cache=True, parallel=True)(_perturb)
+_perturb_serial = nb.njit(cache=True)(_perturb)
 #: Devices from which :func:`perturb_kernel` runs in parallel: below, waking the thread pool
 #: costs more than the work (about 0.2 ms per call inside a training step on the dev VM).
 PERTURB_PARALLEL_MIN = 1 << 15

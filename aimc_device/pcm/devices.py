@@ -18,10 +18,17 @@ import numpy as np
 
 from .._random import derive_key
 from . import _kernels as K
-from .formulas import X_FLOOR, read_noise_q, read_noise_time_factor, training_noise_std
+from .empirical import EmpiricalModel, EmpiricalState
+from .formulas import (
+    X_FLOOR,
+    read_noise_q,
+    read_noise_time_factor,
+    stuck_conductance,
+    training_noise_std,
+)
 from .params import PCMModel
 
-__all__ = ["ProgrammedState", "program", "read", "perturb", "check_conductance"]
+__all__ = ["ProgrammedState", "program", "read", "perturb", "draw_faults", "check_conductance"]
 
 
 def check_conductance(g, name: str = "g_target", model: PCMModel | None = None,
@@ -62,7 +69,8 @@ def _checked_range(g, name, model, signed, unit):
 
 @dataclass(frozen=True)
 class ProgrammedState:
-    """What is drawn once when devices are programmed.
+    """What is drawn once when devices are programmed: numpy arrays from :func:`program`, torch
+    tensors from :func:`aimc_device.pcm.torch_ops.program_torch`.
 
     Attributes
     ----------
@@ -103,12 +111,42 @@ def _flat(a: np.ndarray, dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype).reshape(-1)
 
 
-def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
+def draw_faults(n: int, model: PCMModel, rng=None):
+    """Which of ``n`` devices are stuck, and at what conductance (the fault model of
+    :func:`formulas.stuck_conductance`: stuck at 0 S, at g_max or at a uniform conductance in
+    [0, g_max], with the model's fractions).
+
+    Device i's fault depends on (seed, i) only: the same on any thread count, and the same for
+    device i whatever ``n`` is.
+
+    Parameters
+    ----------
+    n : int, number of devices
+    model : PCMModel
+    rng : int, numpy.random.Generator or None
+
+    Returns
+    -------
+    (stuck, g_stuck) : bool ndarray (n,) and float64 ndarray (n,) [S], or None when the model
+    has no faults.
+    """
+    if not model.has_faults:
+        return None
+    return _faults(int(n), model, derive_key(rng))
+
+
+def _faults(n: int, model: PCMModel, key):
+    u_kind, u_value = np.empty(n), np.empty(n)
+    K.fault_uniforms(key, u_kind, u_value)
+    return stuck_conductance(u_kind, u_value, model)
+
+
+def program(g_target, model: PCMModel, rng=None, faults=None) -> ProgrammedState:
     """Program devices to target conductances: draw the programming error and drift exponents.
 
     g_P = max(g^ + sigma_P(g^) xi, 0) (Eq. 7, clipped: a conductance is never negative);
-    nu ~ Normal(mu_nu(x), sigma_nu(x)) (Eq. 9), fixed for the life of the device. Devices named
-    by the model's stuck-at fractions are drawn next and held at 0, g_max or a uniform value.
+    nu ~ Normal(mu_nu(x), sigma_nu(x)) (Eq. 9), fixed for the life of the device. Stuck devices
+    (faults) hold their stuck conductance, and neither drift nor show read noise.
 
     Parameters
     ----------
@@ -116,11 +154,19 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
     model : PCMModel
     rng : int, numpy.random.Generator or None
         Seed or generator; the same seed gives the same bits on any number of threads.
+    faults : (stuck, g_stuck) or None
+        The devices' faults, bool and [S] arrays of g_target's size (e.g. a selection from
+        :func:`draw_faults` when the devices are part of a larger set); None: drawn here for
+        the devices in flat order (:func:`draw_faults` with this call's seed) when the model
+        has faults.
 
     Returns
     -------
-    ProgrammedState, arrays of g_target's shape and float dtype (float32 stays float32).
+    ProgrammedState, arrays of g_target's shape and float dtype (float32 stays float32);
+    an :class:`EmpiricalState` for an :class:`EmpiricalModel` (see its ``program``).
     """
+    if isinstance(model, EmpiricalModel):
+        return model.program(g_target, rng)
     g = check_conductance(g_target, "g_target", model)
     shape, dtype = g.shape, g.dtype
     key = derive_key(rng)
@@ -135,18 +181,16 @@ def program(g_target, model: PCMModel, rng=None) -> ProgrammedState:
     K.program_kernel(flat, model.g_max, c0, c1, c2, ma, mb, mlo, mhi, sa, sb, slo, shi,
                      model.read_noise_coeff, model.read_noise_exponent, model.read_noise_max,
                      model.read_noise_reference == "programmed", X_FLOOR, key, g_prog, nu, q)
+    if faults is None and model.has_faults:
+        faults = _faults(flat.size, model, key)  # stream STREAM_FAULT of the key
     stuck = None
-    if model.has_faults:
-        fgen = np.random.default_rng([int(key), 0xFA17])  # faults: their own stream of the key
-        u = fgen.random(flat.size)
-        f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
-        at0 = u < f0
-        atmax = (u >= f0) & (u < f0 + f1)
-        atrand = (u >= f0 + f1) & (u < f0 + f1 + f2)
-        g_prog[at0] = 0.0
-        g_prog[atmax] = model.g_max
-        g_prog[atrand] = fgen.uniform(0.0, model.g_max, int(atrand.sum()))
-        stuck_flat = at0 | atmax | atrand
+    if faults is not None:
+        stuck_flat, g_stuck = (np.asarray(a).reshape(-1) for a in faults)
+        if stuck_flat.size != flat.size or g_stuck.size != flat.size:
+            raise ValueError(f"faults: {stuck_flat.size} and {g_stuck.size} values for "
+                             f"{flat.size} devices; give one (stuck, g_stuck) pair per device")
+        stuck_flat = stuck_flat.astype(bool)
+        g_prog[stuck_flat] = g_stuck[stuck_flat]
         nu[stuck_flat] = 0.0
         stuck = stuck_flat.reshape(shape)
     return ProgrammedState(g_target=g_copy.reshape(shape),
@@ -171,7 +215,13 @@ def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndar
     Returns
     -------
     ndarray, conductance [S], same shape and dtype as ``state.g_prog``.
+    An :class:`EmpiricalModel` reads an :class:`EmpiricalState` (see its ``read``).
     """
+    if isinstance(model, EmpiricalModel) or isinstance(state, EmpiricalState):
+        if not isinstance(model, EmpiricalModel):
+            raise TypeError("model: the state was programmed with an EmpiricalModel; read it "
+                            "with that model")
+        return model.read(state, t, rng)
     t = float(t)
     if not np.isfinite(t) or t < 0:
         raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 [s]")
@@ -236,8 +286,11 @@ def _noise_std_table(model: PCMModel, t: float, dtype: str, top: float,
     10 g_max the input checks allow (spans of 4 to 16 g_max), largest at the clip (tested).
     """
     grid = np.linspace(0.0, top, NOISE_TABLE_SIZE + 1) * unit  # [S]
-    sig_p, sig_r = training_noise_std(grid, t, model)  # Eqs. 7, 10-11
-    table = (np.hypot(sig_p, sig_r) / unit).astype(dtype)
+    if isinstance(model, EmpiricalModel):  # its own Gaussian-equivalent std
+        std = model.training_noise_std(grid, t)
+    else:
+        std = np.hypot(*training_noise_std(grid, t, model))  # Eqs. 7, 10-11
+    table = (std / unit).astype(dtype)
     table.flags.writeable = False
     return table
 

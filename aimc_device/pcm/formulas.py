@@ -8,6 +8,12 @@ functions; the torch sampler (``torch_ops.py``) calls these directly.
 References
 ----------
 .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-11.
+.. [2] JEDEC JEP122, "Failure Mechanisms and Models for Semiconductor Devices" (Arrhenius
+   acceleration factor of a thermally activated mechanism).
+.. [3] D. Ielmini, S. Lavizzari, D. Sharma, A. L. Lacaita, Appl. Phys. Lett. 92(19) (2008),
+   doi:10.1063/1.2930680; D. Ielmini et al., IEEE Trans. Electron Devices 56(5), 1070-1077
+   (2009), doi:10.1109/TED.2009.2016397: temperature acceleration of the structural relaxation
+   (drift) of PCM.
 """
 from __future__ import annotations
 
@@ -24,7 +30,14 @@ __all__ = [
     "read_noise_time_factor",
     "read_noise_std",
     "training_noise_std",
+    "BOLTZMANN_EV",
+    "arrhenius_factor",
+    "equivalent_time",
+    "stuck_conductance",
 ]
+
+#: Boltzmann constant [eV/K] (CODATA, exact since the 2019 SI: k / e).
+BOLTZMANN_EV = 1.380649e-23 / 1.602176634e-19
 
 #: Smallest relative conductance put into a logarithm or a negative power, dimensionless; below
 #: it the clip bounds of the formulas are reached anyway (ln x -> -inf gives the upper clip of
@@ -205,3 +218,76 @@ def training_noise_std(g, t: float, model: PCMModel):
     sig_r = a * read_noise_q(a / model.g_max, model)
     sig_r *= read_noise_time_factor(t, model)  # Eq. 11
     return programming_noise_std(a, model), sig_r
+
+
+def arrhenius_factor(temperature, activation_energy: float, reference_temperature: float):
+    """Arrhenius acceleration factor AF = exp(E_a / k_B (1/T_ref - 1/T)) [2].
+
+    A time dt spent at temperature T ages a thermally activated process as much as AF dt at
+    T_ref; AF > 1 above T_ref, < 1 below it.
+
+    Parameters
+    ----------
+    temperature : array, temperature T [K], > 0
+    activation_energy : float, E_a [eV], >= 0
+    reference_temperature : float, T_ref [K], > 0
+
+    Returns
+    -------
+    array, AF, dimensionless
+    """
+    temperature = np.asarray(temperature, dtype=np.float64)
+    return np.exp(activation_energy / BOLTZMANN_EV
+                  * (1.0 / reference_temperature - 1.0 / temperature))
+
+
+def equivalent_time(t, temperature, activation_energy: float, reference_temperature: float):
+    """Equivalent times at T_ref of reads taken after intervals at other temperatures [2, 3].
+
+    t_eq,k = sum_{i <= k} (t_i - t_{i-1}) AF(T_i), with t_{-1} = 0 (the end of programming) and
+    T_i the temperature during the interval (t_{i-1}, t_i] that ends with read i.
+
+    Parameters
+    ----------
+    t : array (..., T), read times since the end of programming [s], increasing along the last
+        axis (one row per device, or one row for all)
+    temperature : array (T,) or None, temperature of each interval [K]; None: all at T_ref
+    activation_energy : float, E_a [eV]
+    reference_temperature : float, T_ref [K]
+
+    Returns
+    -------
+    ndarray (..., T) float64, equivalent times at T_ref [s]
+    """
+    t = np.asarray(t, dtype=np.float64)
+    if temperature is None:
+        return t.copy()
+    af = arrhenius_factor(temperature, activation_energy, reference_temperature)
+    dt = np.diff(t, axis=-1, prepend=0.0)
+    return np.cumsum(dt * af, axis=-1)
+
+
+def stuck_conductance(u_kind, u_value, model: PCMModel):
+    """The fault model of one device, from two uniform variates in [0, 1) per device.
+
+    With the model's fractions f0 (stuck at 0 S), f1 (at g_max) and f2 (at a uniform random
+    conductance): a device is stuck at 0 S when u_kind < f0, at g_max when f0 <= u_kind <
+    f0 + f1, at u_value g_max when f0 + f1 <= u_kind < f0 + f1 + f2, and healthy otherwise.
+
+    Parameters
+    ----------
+    u_kind, u_value : arrays (numpy or torch) of uniform variates in [0, 1), dimensionless
+    model : PCMModel
+
+    Returns
+    -------
+    (stuck, g_stuck) : bool array, and the stuck conductance [S] (0 where not stuck)
+    """
+    u_kind, u_value = _as_array(u_kind), _as_array(u_value)
+    xp = _xp(u_kind)
+    f0, f1, f2 = model.stuck_at_zero, model.stuck_at_gmax, model.stuck_at_random
+    stuck = u_kind < f0 + f1 + f2
+    at_max = (u_kind >= f0) & (u_kind < f0 + f1)
+    at_rand = (u_kind >= f0 + f1) & stuck
+    g = xp.where(at_rand, u_value * model.g_max, 0.0)  # at random; 0 S elsewhere
+    return stuck, xp.where(at_max, model.g_max, g)

@@ -1,8 +1,9 @@
 """Atomic training checkpoints (temp file + ``os.replace``), state dicts only (no pickled objects).
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, written with
-:func:`torch.save` and read back with ``weights_only=True``; a reader therefore never runs code
-from the file. A killed writer leaves the previous checkpoint intact.
+:func:`torch.save` through :func:`aimc_device.io.atomic_output` and read back with
+``weights_only=True``; a reader therefore never runs code from the file. A killed writer leaves
+the previous checkpoint intact (and its temporary file is removed by the next write).
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 
 import torch
+
+from ..io import KIND_CHECKPOINT, atomic_output
 
 __all__ = ["atomic_save", "atomic_path", "load_checkpoint", "fingerprint"]
 
@@ -23,7 +25,7 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def atomic_save(obj: dict, path) -> None:
+def atomic_save(obj: dict, path, overwrite: bool = False) -> None:
     """Write ``obj`` with :func:`torch.save` to a temp file beside ``path``, then rename it.
 
     Parameters
@@ -31,34 +33,27 @@ def atomic_save(obj: dict, path) -> None:
     obj : dict
         State dicts and plain values.
     path : str or os.PathLike
-        Destination; replaced only once the new file is complete.
+        Destination; replaced only once the new file is complete. An existing file of another
+        kind than a checkpoint is refused unless ``overwrite``.
+    overwrite : bool
     """
-    with atomic_path(path) as tmp:
+    with atomic_path(path, KIND_CHECKPOINT, overwrite=overwrite) as tmp:
         torch.save(obj, tmp)
 
 
 @contextlib.contextmanager
-def atomic_path(path):
-    """Yield a temp file name beside ``path``; on success it replaces ``path``, else vanishes.
+def atomic_path(path, kind: str, overwrite: bool = False):
+    """:func:`aimc_device.io.atomic_output` into a folder that is created when missing.
 
     Parameters
     ----------
-    path : str or os.PathLike, the destination (its folder is created)
+    path : str or os.PathLike, the destination
+    kind : str, what is written (``aimc_device.io.KIND_*``)
+    overwrite : bool, replace an existing file of another kind too
     """
-    path = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
-    os.close(fd)
-    try:
+    os.makedirs(os.path.dirname(os.path.abspath(os.fspath(path))), exist_ok=True)
+    with atomic_output(path, kind, overwrite=overwrite) as tmp:
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_checkpoint(path, settings: dict | None = None) -> dict | None:

@@ -74,7 +74,7 @@ def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool
         ``(index into shared, *args)`` per task.
     scheduler : None, str or distributed.Client
         None or "local": a LocalCluster of 2 worker processes (1 thread each);
-        "synchronous" (tests), "threads", "processes": dask's local schedulers; any other string
+        "synchronous" (in this process), "threads", "processes": dask's local schedulers; any other string
         is the address of an existing Dask scheduler; a Client is used as is.
     progress : bool
         Show a progress bar (tqdm) while the tasks run.

@@ -11,9 +11,12 @@ from __future__ import annotations
 import os
 import time
 
+from .._checks import check_bool, check_instance, check_int
 from ..fit import fit_pcm
-from ..io import read_measurements, save_device_model, write_measurements
+from ..io import (CARD_SCHEMA, SIMULATED_CAMPAIGN, check_folder, check_output,
+                  read_measurements, save_device_model, write_measurements)
 from ..pcm import PCMModel, simulate_campaign
+from .report import check_outputs
 from .study import run_study
 
 __all__ = ["run_demo"]
@@ -21,7 +24,7 @@ __all__ = ["run_demo"]
 
 def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int = 0,
              repeats: int | None = None, scheduler=None, progress: bool = True,
-             verbose: bool = True):
+             verbose: bool = True, overwrite: bool = False):
     """Run the demo end to end; returns the study Dataset.
 
     Parameters
@@ -38,12 +41,35 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
         Evaluation repeats (default 25, quick 3).
     scheduler : as in :func:`run_study` (default: a LocalCluster; quick: synchronous)
     progress, verbose : bool
+    overwrite : bool
+        Replace files of another kind at the demo's output names (``campaign.h5``,
+        ``device_model.h5``, ``cnn-study.*``); by default they are refused before anything runs.
 
     Returns
     -------
     xarray.Dataset, the study result.
     """
+    check_instance(out_dir, "out_dir", (str, os.PathLike), "a folder path (str or os.PathLike)")
+    check_bool(quick, "quick")
+    check_instance(campaign, "campaign", (str, os.PathLike), "the path of a campaign file",
+                   allow_none=True)
+    check_int(seed, "seed", lo=0)
+    if repeats is not None:
+        check_int(repeats, "repeats", lo=1)
+    check_bool(progress, "progress")
+    check_bool(verbose, "verbose")
     out_dir = os.fspath(out_dir)
+    inputs = [os.fspath(campaign)] if campaign is not None else []
+    if campaign is not None and not os.path.isfile(campaign):
+        raise FileNotFoundError(f"{os.fspath(campaign)}: no such file")
+    check_folder(out_dir, create=True)
+    if os.path.isdir(out_dir):  # every output, before anything is simulated or fitted
+        if campaign is None:
+            check_output(os.path.join(out_dir, "campaign.h5"), SIMULATED_CAMPAIGN,
+                         overwrite=overwrite)
+        check_output(os.path.join(out_dir, "device_model.h5"), CARD_SCHEMA, inputs=inputs,
+                     overwrite=overwrite)
+        check_outputs(os.path.join(out_dir, "cnn-study"), inputs=inputs, overwrite=overwrite)
     os.makedirs(out_dir, exist_ok=True)
     t0 = time.perf_counter()
     if campaign is None:
@@ -52,7 +78,7 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
         ds = simulate_campaign(ref, levels=10 if quick else 20,
                                devices_per_level=200 if quick else 2000, repeats=4 if quick else 8,
                                rng=seed, name=f"aimc-device demo campaign (rasch2023, seed {seed})")
-        write_measurements(ds, campaign)
+        write_measurements(ds, campaign, overwrite=overwrite)
         if verbose:
             print(f"simulated the reference campaign -> {campaign}")
     model, report = fit_pcm(read_measurements(campaign), prior=PCMModel.preset("rasch2023"),
@@ -61,7 +87,7 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(campaign)
     prov["command"] = f"aimc_device.study.run_demo(quick={quick}, seed={seed})"
-    save_device_model(model, card, provenance=prov)
+    save_device_model(model, card, provenance=prov, overwrite=overwrite)
     if verbose:
         print(report.summary())
         print(f"fitted device model -> {card} ({time.perf_counter() - t0:.1f} s)")
@@ -69,4 +95,4 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
         scheduler = "synchronous"
     return run_study("cnn", device=card, repeats=repeats or (3 if quick else 25),
                      out_dir=out_dir, seed=seed, quick=quick, scheduler=scheduler,
-                     progress=progress, verbose=verbose)
+                     progress=progress, verbose=verbose, overwrite=overwrite)

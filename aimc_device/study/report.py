@@ -5,16 +5,19 @@ programming (mean +- standard error over repeats) and A* at 1 h, 1 day and 1 yea
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import numpy as np
 import xarray as xr
 
+from ..io import (KIND_FIGURE, KIND_NETCDF, KIND_TEXT, atomic_output, check_folder, check_output,
+                  save_figure)
 from ._checkpoint import atomic_path
 
-__all__ = ["save_dataset", "load_dataset", "write_outputs", "format_table", "plot_study",
-           "plot_studies", "format_sensitivity_table", "plot_sensitivity"]
+__all__ = ["save_dataset", "load_dataset", "write_outputs", "check_outputs", "format_table",
+           "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity"]
 
 _NAMES = {"fp": "FP", "direct": "direct mapping", "hwa": "HWA-trained"}
 
@@ -36,39 +39,80 @@ def _clean_attrs(attrs: dict) -> dict:
     return out
 
 
-def save_dataset(ds: xr.Dataset, path) -> None:
+def _to_netcdf(ds: xr.Dataset, path: str) -> None:
+    ds = ds.copy()
+    ds.attrs = _clean_attrs(ds.attrs)
+    for name in list(ds.variables):
+        ds[name].attrs = _clean_attrs(ds[name].attrs)
+    ds.to_netcdf(path, engine="h5netcdf")
+
+
+def save_dataset(ds: xr.Dataset, path, overwrite: bool = False) -> None:
     """Write ``ds`` as NetCDF-4 through h5netcdf, atomically (temp file + rename).
 
     Parameters
     ----------
     ds : xarray.Dataset
     path : str or os.PathLike
+        Its folder is created when missing; an existing file other than NetCDF (a campaign, a
+        device card, ...) is not replaced unless ``overwrite``.
+    overwrite : bool
     """
-    path = os.path.abspath(os.fspath(path))
-    ds = ds.copy()
-    ds.attrs = _clean_attrs(ds.attrs)
-    for name in list(ds.variables):
-        ds[name].attrs = _clean_attrs(ds[name].attrs)
-    with atomic_path(path) as tmp:
-        ds.to_netcdf(tmp, engine="h5netcdf")
+    with atomic_path(path, KIND_NETCDF, overwrite=overwrite) as tmp:
+        _to_netcdf(ds, tmp)
+
+
+def _outputs(stem: str, plot: bool) -> list[tuple[str, str]]:
+    out = [(stem + ".nc", KIND_NETCDF), (stem + ".txt", KIND_TEXT)]
+    return out + [(stem + ".png", KIND_FIGURE)] if plot else out
+
+
+def check_outputs(stem, plot: bool = True, inputs=(), overwrite: bool = False) -> None:
+    """Check before a study runs that :func:`write_outputs` will be able to write ``stem.*``.
+
+    The folder may be absent (it is created) when its nearest existing parent is writable; an
+    existing ``stem.nc`` / ``.txt`` / ``.png`` must be a file of that kind (NetCDF, text, figure)
+    unless ``overwrite``, and none may be one of ``inputs``.
+
+    Raises
+    ------
+    aimc_device.io.OutputRefusedError, or an OSError naming the path and the reason.
+    """
+    stem = os.path.abspath(os.fspath(stem))
+    folder = check_folder(os.path.dirname(stem), create=True)
+    if os.path.isdir(folder):
+        for path, kind in _outputs(stem, plot):
+            check_output(path, kind, inputs=inputs, overwrite=overwrite)
 
 
 def write_outputs(ds: xr.Dataset, stem: str, table_fn, plot_fn=None,
-                  verbose: bool = True) -> str:
+                  verbose: bool = True, inputs=(), overwrite: bool = False) -> str:
     """Save ``stem.nc``, ``stem.txt`` (the table) and, with ``plot_fn``, ``stem.png``.
+
+    All of them or none: each is written to a temporary file, and they are renamed into place
+    once all are complete (see :func:`aimc_device.io.atomic_output`; ``inputs`` and
+    ``overwrite`` as there). ``plot_fn(ds, path)`` writes the figure.
 
     Returns the table text (also printed when ``verbose``).
     """
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
-    save_dataset(ds, stem + ".nc")
+    stem = os.path.abspath(os.fspath(stem))
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
     table = table_fn(ds)
-    with atomic_path(stem + ".txt") as tmp, open(tmp, "w") as fh:
-        fh.write(table + "\n")
-    if plot_fn is not None:
-        plot_fn(ds, stem + ".png")
+    writers = {KIND_NETCDF: lambda tmp: _to_netcdf(ds, tmp),
+               KIND_TEXT: lambda tmp: _write_text(tmp, table + "\n"),
+               KIND_FIGURE: lambda tmp: plot_fn(ds, tmp)}
+    with contextlib.ExitStack() as stack:
+        for path, kind in _outputs(stem, plot_fn is not None):
+            writers[kind](stack.enter_context(atomic_output(path, kind, inputs=inputs,
+                                                            overwrite=overwrite)))
     if verbose:
         print(table)
     return table
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
 def load_dataset(path) -> xr.Dataset:
@@ -109,14 +153,16 @@ def format_table(ds: xr.Dataset) -> str:
     return "\n".join(lines)
 
 
-def plot_study(ds: xr.Dataset, path, ax=None) -> None:
+def plot_study(ds: xr.Dataset, path, ax=None, overwrite: bool = False) -> None:
     """Plot test accuracy [%] against time after programming for each variant (PNG).
 
     Parameters
     ----------
     ds : xarray.Dataset from :func:`run_study`
-    path : str or None, where to write the figure (None with ``ax``: draw only)
+    path : str or None, where to write the figure (None with ``ax``: draw only); written
+        atomically, never over a file of another kind unless ``overwrite``
     ax : matplotlib Axes, optional
+    overwrite : bool
     """
     import matplotlib
 
@@ -148,9 +194,11 @@ def plot_study(ds: xr.Dataset, path, ax=None) -> None:
     ax.legend(fontsize=8)
     if own:
         fig.tight_layout()
-        if path is not None:
-            fig.savefig(os.fspath(path))
-        plt.close(fig)
+        try:
+            if path is not None:
+                save_figure(fig, path, overwrite=overwrite)
+        finally:
+            plt.close(fig)
 
 
 def format_sensitivity_table(ds: xr.Dataset) -> str:
@@ -197,8 +245,9 @@ def _loss(sub) -> str:
     return "n/r" if not np.isfinite(v) else f"{-100 * v:+.2f}%"
 
 
-def plot_sensitivity(ds: xr.Dataset, path) -> None:
-    """A* against the MVM error for each nonideality, in the manner of the paper's Fig. 4."""
+def plot_sensitivity(ds: xr.Dataset, path, overwrite: bool = False) -> None:
+    """A* against the MVM error for each nonideality, in the manner of the paper's Fig. 4
+    (written atomically; never over a file of another kind unless ``overwrite``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -239,17 +288,20 @@ def plot_sensitivity(ds: xr.Dataset, path) -> None:
     bx.set_xlabel(f"loss of A* at eps_M = {top:.0f} % [%]")
     bx.grid(alpha=0.3, axis="x")
     fig.tight_layout()
-    fig.savefig(os.fspath(path))
-    plt.close(fig)
+    try:
+        save_figure(fig, path, overwrite=overwrite)
+    finally:
+        plt.close(fig)
 
 
-def plot_studies(datasets, path) -> None:
+def plot_studies(datasets, path, overwrite: bool = False) -> None:
     """Side-by-side accuracy-vs-time panels for several :func:`run_study` results (PNG).
 
     Parameters
     ----------
     datasets : sequence of xarray.Dataset
-    path : str or os.PathLike
+    path : str or os.PathLike, written atomically (see :func:`plot_study`)
+    overwrite : bool
     """
     import matplotlib
 
@@ -262,5 +314,7 @@ def plot_studies(datasets, path) -> None:
     for ds, ax in zip(datasets, axes[0]):
         plot_study(ds, None, ax=ax)
     fig.tight_layout()
-    fig.savefig(os.fspath(path))
-    plt.close(fig)
+    try:
+        save_figure(fig, path, overwrite=overwrite)
+    finally:
+        plt.close(fig)

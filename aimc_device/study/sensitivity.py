@@ -14,6 +14,7 @@ References
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -27,12 +28,15 @@ from scipy.optimize import brentq
 from .. import __version__
 from .. import nn as ann
 from ..crossbar import CrossbarConfig, mvm_error
-from ..crossbar.metric import test_case
+from ..crossbar.metric import standard_test_case
 from ..pcm import PCMModel
+from .._checks import check_bool
 from . import _dask
 from ._tasks import evaluate_task
-from .report import format_sensitivity_table, plot_sensitivity, write_outputs
-from .study import TIME_LABELS, prepare_models
+from ._validate import (check_reachable, check_recipe, check_sensitivity, device_inputs,
+                        workload_name)
+from .report import check_outputs, format_sensitivity_table, plot_sensitivity, write_outputs
+from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Nonideality", "NONIDEALITIES", "find_scale", "knob_levels", "run_sensitivity"]
 
@@ -72,7 +76,9 @@ class Nonideality:
     upper: float = 1e3
 
 
-#: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone.
+#: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone. "IR drop" scales the
+#: wire resistance (``CrossbarConfig.ir_drop``: r_wire -> s r_wire; the IR-drop term grows as
+#: c(s a) / c(a), less than s-fold), "programming noise" and "drift" the device statistics.
 NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
     Nonideality("DAC", "input bits [bit]", lambda c, d: float(c.inp_bits or 0),
                 lambda c, d, v: (c.replace(inp_bits=int(v)), d), discrete=True),
@@ -86,7 +92,7 @@ NONIDEALITIES: dict[str, Nonideality] = {n.name: n for n in (
                 lambda c, d, v: (c, _scale_prog(d, v)), upper=100.0),
     Nonideality("drift", "x nu stats [1]", lambda c, d: 1.0,
                 lambda c, d, v: (c, _scale_drift(d, v)), upper=30.0),
-    Nonideality("IR drop", "x IR drop [1]", lambda c, d: c.ir_drop,
+    Nonideality("IR drop", "x r_wire [1]", lambda c, d: c.ir_drop,
                 lambda c, d, v: (c.replace(ir_drop=v), d), first=1.0, upper=1e4),
     Nonideality("S-shaped ADC", "mu_zeta [1]", lambda c, d: c.mu_zeta if c.s_adc else 0.0,
                 lambda c, d, v: (c.replace(s_adc=v > 0, mu_zeta=v if v > 0 else c.mu_zeta), d),
@@ -177,7 +183,7 @@ def knob_levels(nonideality: str | Nonideality, targets, cfg: CrossbarConfig, de
 
 
 def _levels_task(_shared, name, cfg_d, dev_d, targets, t, shape, n_inputs, seed):
-    w, x = test_case(seed, n_inputs, shape)
+    w, x = standard_test_case(seed, n_inputs, shape)
     return knob_levels(name, targets, CrossbarConfig.from_dict(cfg_d), PCMModel(**dev_d), t, w,
                        x, seed)
 
@@ -188,7 +194,8 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                     out_dir="study-out", seed: int = 0, quick: bool = False,
                     hwa_epochs: int | None = None, test_shape=None, n_inputs: int | None = None,
                     scheduler=None, progress: bool = True, plot: bool = True,
-                    verbose: bool = True, **study_kwargs) -> xr.Dataset:
+                    verbose: bool = True, overwrite: bool = False,
+                    **study_kwargs) -> xr.Dataset:
     """Scale each nonideality alone until eps_M = ``max_mvm_error``; measure the loss of A*(t).
 
     Parameters
@@ -211,7 +218,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     test_shape : (out, in), optional, the MVM-error test matrix (default 512 x 512, quick
         128 x 128)
     n_inputs : int, optional, inputs of the test case (default 1000, quick 200)
-    scheduler, progress, plot, verbose : as in :func:`run_study`
+    scheduler, progress, plot, verbose, overwrite : as in :func:`run_study`
     **study_kwargs : passed to :func:`aimc_device.study.prepare_models` (hwa_lr, distill, ...)
 
     Returns
@@ -223,21 +230,31 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
         ``threshold_value`` per nonideality (NaN: A* stays above the threshold up to the top
         of the sweep). Level 0 is the standard model.
     """
-    names = list(nonidealities) if nonidealities is not None else list(NONIDEALITIES)
-    unknown = [n for n in names if n not in NONIDEALITIES]
-    if unknown:
-        raise ValueError(f"unknown nonideality {unknown}; choose from {list(NONIDEALITIES)}")
-    if n_levels < 2:
-        raise ValueError("n_levels: give at least 2 (the standard model and the top)")
-    test_shape = tuple(test_shape) if test_shape is not None else (
+    names = check_sensitivity(nonidealities, NONIDEALITIES, max_mvm_error, n_levels, repeats,
+                              t, iso_accuracy, test_shape, n_inputs)
+    check_bool(plot, "plot")
+    check_bool(verbose, "verbose")
+    # The recipe as prepare_models will get it (an unknown keyword raises TypeError here).
+    recipe = inspect.signature(prepare_models).bind(workload, device, cfg, out_dir, seed, quick,
+                                                     hwa_epochs, progress=progress,
+                                                     **study_kwargs)
+    recipe.apply_defaults()
+    check_recipe(**recipe.arguments)
+    stem = os.path.join(os.fspath(out_dir), f"{workload_name(workload)}-sensitivity")
+    check_outputs(stem, plot, inputs=device_inputs(device), overwrite=overwrite)
+    test_shape = tuple(int(v) for v in test_shape) if test_shape is not None else (
         (128, 128) if quick else (512, 512))
     n_inputs = int(n_inputs) if n_inputs is not None else (200 if quick else 1000)
+    t = float(t)
+    # The standard model's MVM error first: a sweep top below it is refused before training.
+    cfg0 = cfg if cfg is not None else CrossbarConfig()
+    w, x = standard_test_case(seed, n_inputs, test_shape)
+    eps0 = mvm_error(cfg0, device=resolve_device(device)[0], t=t, weights=w, inputs=x, rng=seed)
+    check_reachable(max_mvm_error, eps0)
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs,
                           progress=progress, **study_kwargs)
     cfg, dev = prep.cfg, prep.device
     t0 = time.perf_counter()
-    w, x = test_case(seed, n_inputs, test_shape)
-    eps0 = mvm_error(cfg, device=dev, t=t, weights=w, inputs=x, rng=seed)
     targets = list(np.linspace(eps0, max_mvm_error, n_levels)[1:])
     level_calls = [(0, n, cfg.to_dict(), dev.to_dict(), targets, t, test_shape, n_inputs, seed)
                    for n in names]
@@ -246,8 +263,8 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                     progress, iso_accuracy, max_mvm_error, t0)
     ds.attrs.update(test_shape=list(test_shape), n_inputs=n_inputs,
                     scheduler=_dask.scheduler_label(scheduler))
-    write_outputs(ds, os.path.join(os.fspath(out_dir), f"{prep.workload.name}-sensitivity"),
-                  format_sensitivity_table, plot_sensitivity if plot else None, verbose)
+    write_outputs(ds, stem, format_sensitivity_table, plot_sensitivity if plot else None,
+                  verbose, inputs=device_inputs(device), overwrite=overwrite)
     return ds
 
 

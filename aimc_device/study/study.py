@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ import xarray as xr
 
 from .. import __version__
 from .. import nn as ann
+from .._checks import check_bool, check_int
 from ..crossbar import CrossbarConfig
 from ..io import file_sha256, load_device_card
 from ..pcm import PCMModel
@@ -33,7 +33,8 @@ from ..workloads import Workload, epoch_seed, get_workload, scoped_seed
 from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
 from ._tasks import ModelSpec, evaluate_task
-from .report import format_table, plot_study, write_outputs
+from ._validate import check_recipe, check_times, device_inputs, workload_name
+from .report import check_outputs, format_table, plot_study, write_outputs
 
 __all__ = ["run_study", "prepare_models", "PreparedModels", "resolve_device", "VARIANTS",
            "HWA_EPOCHS", "TIME_LABELS"]
@@ -217,6 +218,8 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
     under a name that carries a digest of the settings, so another recipe never resumes from
     them.
     """
+    check_recipe(workload, device, cfg, out_dir, seed, quick, hwa_epochs, hwa_lr, hwa, distill,
+                 calibration_batches, workload_kwargs, digital_layers, progress, on_epoch_end)
     t0 = time.perf_counter()
     if isinstance(workload, Workload):
         wl_name, wl_kwargs = workload.name, {"quick": workload.quick}
@@ -268,7 +271,7 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
               hwa: ann.HWAConfig | None = None, distill: bool = False,
               calibration_batches: int = 10, workload_kwargs: dict | None = None,
               digital_layers=None, scheduler=None, progress: bool = True, on_epoch_end: Callable | None = None,
-              plot: bool = True, verbose: bool = True) -> xr.Dataset:
+              plot: bool = True, verbose: bool = True, overwrite: bool = False) -> xr.Dataset:
     """Run the paper's study on one workload and return (and save) the results.
 
     Parameters
@@ -291,7 +294,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Seed of everything: model initialisation, FP and HWA training, calibration batches and
         each evaluation task (keyed by (seed, variant, repeat)).
     quick : bool
-        The workload's reduced settings (tests, ``--quick``).
+        The workload's quick demonstration settings (:data:`aimc_device.workloads.QUICK`,
+        the ``--quick`` option of the command line).
     hwa_epochs : int, optional
         HWA fine-tuning epochs; default :data:`HWA_EPOCHS` (2 when quick).
     hwa_lr : float
@@ -309,7 +313,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         first and the last); ``()`` puts every layer on analog tiles.
     scheduler : None, str or distributed.Client
         Where the evaluation tasks run: None, a LocalCluster of 2 processes; "synchronous"
-        (tests); an address "tcp://host:8786" of an existing Dask cluster; or a Client.
+        (in this process, one task after the other); an address "tcp://host:8786" of an
+        existing Dask cluster; or a Client.
     progress : bool
         Progress bars.
     on_epoch_end : callable(phase, epoch), optional
@@ -319,6 +324,10 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Write the PNG plot.
     verbose : bool
         Print the table.
+    overwrite : bool
+        Replace existing ``<workload>-study.*`` files even when they hold another kind of file
+        (a measurement campaign, a device card); by default such files are refused, before
+        anything is trained. Results of an earlier study are replaced either way.
 
     Returns
     -------
@@ -332,11 +341,14 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     ----------
     .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Table 3 and Methods.
     """
-    if repeats < 1:
-        raise ValueError(f"repeats = {repeats}: give at least 1")
-    times = tuple(float(t) for t in times)
-    if not times or any(not math.isfinite(t) or t < 0 for t in times):
-        raise ValueError("times: give one or more finite, non-negative times [s]")
+    check_int(repeats, "repeats", lo=1)
+    times = check_times(times)
+    check_bool(plot, "plot")
+    check_bool(verbose, "verbose")
+    check_recipe(workload, device, cfg, out_dir, seed, quick, hwa_epochs, hwa_lr, hwa, distill,
+                 calibration_batches, workload_kwargs, digital_layers, progress, on_epoch_end)
+    stem = os.path.join(os.fspath(out_dir), f"{workload_name(workload)}-study")
+    check_outputs(stem, plot, inputs=device_inputs(device), overwrite=overwrite)
     prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs, hwa_lr, hwa,
                           distill, calibration_batches, workload_kwargs, progress, on_epoch_end,
                           digital_layers)
@@ -351,8 +363,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     for (vi, (_, _, r), _), res in zip(calls, results):
         err[vi + 1, :, r] = res
     ds = _to_dataset(err, times, prep, repeats, seed, scheduler)
-    write_outputs(ds, os.path.join(os.fspath(out_dir), f"{prep.workload.name}-study"),
-                  format_table, plot_study if plot else None, verbose)
+    write_outputs(ds, stem, format_table, plot_study if plot else None, verbose,
+                  inputs=device_inputs(device), overwrite=overwrite)
     return ds
 
 

@@ -40,7 +40,9 @@ WORKLOADS: dict[str, type[Workload]] = {
     "transformer": TransformerWorkload,
 }
 
-#: Reduced settings for tests and ``--quick`` runs (a few seconds each on 2 CPU cores).
+#: The quick demonstration settings (``get_workload(name, quick=True)``, the ``--quick`` option of
+#: ``aimc-device study``, ``sensitivity`` and ``demo``): a smaller model and fewer epochs, so that
+#: a workload trains in seconds on a laptop CPU; not the recipe of the full study.
 QUICK: dict[str, dict] = {
     "cnn": dict(epochs=4, width=8),
     "deepcnn": dict(epochs=4, depth=4, width=16),
@@ -57,7 +59,7 @@ def get_workload(name: str, quick: bool = False, **kw) -> Workload:
     name : {"cnn", "deepcnn", "lstm", "transformer"}
         Registry name.
     quick : bool
-        Use the reduced settings of :data:`QUICK` (fewer epochs, a smaller model).
+        Use the quick demonstration settings of :data:`QUICK` (fewer epochs, a smaller model).
     **kw
         Overrides of the workload's fields (``epochs``, ``lr``, ``batch_size``, ``seed``,
         model sizes, ...); they win over the quick settings.

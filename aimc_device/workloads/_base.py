@@ -127,7 +127,7 @@ class Workload:
     seed : int
         Default seed for data split, model initialisation and training.
     quick : bool
-        Marks the reduced settings from ``get_workload(name, quick=True)`` (for tests).
+        Marks the quick demonstration settings of ``get_workload(name, quick=True)``.
 
     Attributes
     ----------

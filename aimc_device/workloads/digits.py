@@ -48,7 +48,7 @@ def load_digits_split(seed: int = 0, test_fraction: float = 0.25,
     test_fraction : float
         Fraction of the 1797 images held out for testing.
     n_train : int, optional
-        Keep only this many training images (stratified subsample), e.g. for quick tests.
+        Keep only this many training images (stratified subsample), e.g. for a quick trial.
 
     Returns
     -------
@@ -115,7 +115,7 @@ class DigitsWorkload(Workload):
     Parameters
     ----------
     n_train : int, optional
-        Subsample the training split (stratified), e.g. for quick tests.
+        Subsample the training split (stratified), e.g. for a quick trial.
     test_fraction : float
         Held-out fraction of the 1797 images.
     """

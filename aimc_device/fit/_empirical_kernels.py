@@ -1,0 +1,310 @@
+"""Numba kernels of the empirical fit's streaming pass over a device chunk.
+
+Per (level, time) a histogram of one read per device, d = g / g_max - x (the deviation from the
+target, relative to g_max), in bins of constant relative width: the bin of |d| is read from the
+float32 bits of |d| -- its exponent and the ``MANT_BITS`` leading mantissa bits -- so every bin
+is 2^-MANT_BITS (0.8 %) of |d| wide, from 2^-18 (~4e-6, below: one central bin) to 4 (above:
+the last bin), whatever the scale of the spread. Counts are integers and the extremes are kept
+as minima and maxima, so the merged histograms do not depend on how chunks are split among
+threads. The float sums (moments, repeat variances, trend residuals) are returned per chunk and
+added in chunk order by the caller.
+
+The plain numpy reference of the binning is in the tests.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+_FM1 = np.uint64(0xFF51AFD7ED558CCD)
+_FM2 = np.uint64(0xC4CEB9FE1A85EC53)
+_S33 = np.uint64(33)
+
+
+@nb.njit("uint64(uint64, uint64)", cache=True, inline="always")
+def device_hash(key, i):  # pragma: no cover - via tests
+    """A 64-bit hash of (key, device index): MurmurHash3's fmix64 finaliser of key ^ index
+    (A. Appleby, MurmurHash3, public domain), for order-independent device samples."""
+    z = key ^ (i * _FM2 + _FM1)
+    z = (z ^ (z >> _S33)) * _FM1
+    z = (z ^ (z >> _S33)) * _FM2
+    return z ^ (z >> _S33)
+
+
+#: Leading mantissa bits of |d| that select a bin within an octave.
+MANT_BITS = 7
+#: Biased float32 exponents of the smallest and the first excluded octave of |d|: 2^-18 .. 2^2.
+E_LO = 127 - 18
+E_HI = 127 + 2
+N_SIDE = (E_HI - E_LO) << MANT_BITS
+N_BINS = 2 * N_SIDE + 1
+CENTER = N_SIDE
+#: Float sums per (level, time) of one chunk: missing reads (devices without a read), the sum
+#: of squared deviations of repeated reads from their mean (sampled devices), its dof.
+N_CELL_SUMS = 3
+#: Sums per level: devices used, excluded, stuck, trend residual sum of squares, its dof.
+N_LEVEL_SUMS = 5
+_MASK = (1 << MANT_BITS) - 1
+
+
+def bin_edges() -> tuple[np.ndarray, np.ndarray]:
+    """Lower and upper edges of every bin of d (relative to g_max), in bin order."""
+    pos = np.arange(N_SIDE)
+    scale = np.ldexp(1.0, (pos >> MANT_BITS) + E_LO - 127)
+    lo = scale * (1.0 + (pos & _MASK) / (1 << MANT_BITS))
+    hi = scale * (1.0 + ((pos & _MASK) + 1) / (1 << MANT_BITS))
+    small = np.ldexp(1.0, E_LO - 127)
+    return (np.concatenate([-hi[::-1], [-small], lo]),
+            np.concatenate([-lo[::-1], [small], hi]))
+
+
+@nb.njit(cache=True, inline="always")
+def bin_of(d):  # pragma: no cover - via tests
+    """The bin of deviation d, from the bits of float32(|d|)."""
+    b = np.float32(abs(d)).view(np.uint32)
+    e = np.int64(b >> np.uint32(23)) - E_LO  # < 0: |d| below the first octave
+    pos = (e << MANT_BITS) | np.int64((b >> np.uint32(23 - MANT_BITS)) & np.uint32(_MASK))
+    pos = min(max(pos, -1), N_SIDE - 1)  # -1: the central bin
+    sign = 2 * np.int64(d > 0) - 1  # branch-free: the sign of d is unpredictable
+    return CENTER + sign * (pos + 1)
+
+
+@nb.njit(cache=True, inline="always")
+def _level(levels, v):  # pragma: no cover - via tests
+    k = np.searchsorted(levels, v)
+    if k < levels.shape[0] and levels[k] == v:
+        return k
+    return -1
+
+
+@nb.njit(cache=True, inline="always")
+def _first(g, i, m):  # pragma: no cover - via tests
+    """The first repeat of device i at time m that was read (NaN if none)."""
+    for r in range(g.shape[2]):
+        v = g[i, m, r]
+        if v == v:
+            return v
+    return g[i, m, 0]
+
+
+@nb.njit(cache=True, inline="always")
+def _is_stuck(g, i, inv_gmax, stuck_below):  # pragma: no cover - via tests
+    """All reads of device i below stuck_below (relative), and at least one read."""
+    top = -1.0
+    for m in range(g.shape[1]):
+        v = _first(g, i, m)
+        if v == v:
+            top = max(top, v * inv_gmax)
+    return top >= 0 and top < stuck_below
+
+
+# Reassociation lets LLVM vectorise the repeat sums; no "nnan"/"ninf", the NaN checks stay.
+_FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
+
+
+@nb.njit(cache=True, inline="always")
+def _repeats(g, i, m, v0):  # pragma: no cover - via tests
+    """(reads, sum and sum of squares of (read - v0)) of the repeats of device i at time m."""
+    k = 0
+    acc = 0.0
+    acc2 = 0.0
+    for r in range(g.shape[2]):
+        v = g[i, m, r]
+        if v == v:
+            dv = np.float64(v) - v0
+            acc += dv
+            acc2 += dv * dv
+            k += 1
+    return k, acc, acc2
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def first_bad_device(g):  # pragma: no cover - via tests
+    """The first device (index in the chunk) with a negative or infinite read, or -1: a
+    branch-free pass over all reads (NaN passes), then a search only when one is found."""
+    flat = g.reshape(-1)
+    bad = False
+    for j in range(flat.shape[0]):
+        v = flat[j]
+        bad |= (v < 0) | (v == np.inf)
+    if not bad:
+        return -1
+    per = g.shape[1] * g.shape[2]
+    for j in range(flat.shape[0]):
+        if flat[j] < 0 or flat[j] == np.inf:
+            return j // per
+    return -1
+
+
+@nb.njit(cache=True, nogil=True, fastmath=_FASTMATH)
+def chunk_kernel(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums,
+                 lvl, tsum, sel_pos, sel_row, sample):  # pragma: no cover - via tests
+    """Add one device chunk to the histograms and sums of the empirical fit.
+
+    Parameters
+    ----------
+    g : (n, T, R) reads [S], NaN = not read (checked for negative or infinite reads by
+    :func:`first_bad_device`); g_target : (n,) [S]; use : (n,) bool, False for devices left
+    out; levels : (K,) sorted distinct targets [S] (g_target's dtype); x_lv : (K,) relative
+    targets; inv_gmax : 1 / g_max [1/S]; s : (n or 1, T) log-times ln((t + t0) / t0) (NaN: that
+    read is taken as missing); stuck_below : a device whose reads all lie below this relative
+    conductance is stuck (<= 0: no rule);
+    hist : (K, T, N_BINS) int32 or int64, lohi : (K, T, 2) min and max of d -- both accumulated;
+    sums : (K, T, N_CELL_SUMS), lvl : (K, N_LEVEL_SUMS), tsum : (T, 2) sum of s and reads per
+    time (per-device times only) -- zeroed, this chunk's;
+    sel_pos, sel_row : positions in the chunk and rows in ``sample`` of the sampled devices;
+    sample : (rows, T) their first read per time relative to g_max (NaN if none or not used).
+
+    The histogram takes one read per device and time (the first repeat that was read); the
+    spread of repeated reads (columns 1, 2 of ``sums``) comes from the sampled devices; the
+    trend residuals (columns 3, 4 of ``lvl``) are summed for R = 1 only.
+    """
+    n, t_n, r_n = g.shape
+    per_device = s.shape[0] > 1
+    last = g_target[0] if n else g_target.dtype.type(0)
+    lev = _level(levels, last) if n else -1
+    for i in range(n):
+        if g_target[i] != last:  # devices of a level are usually stored together
+            last = g_target[i]
+            lev = _level(levels, last)
+        if lev < 0:
+            continue
+        if not use[i]:
+            lvl[lev, 1] += 1.0
+            continue
+        if stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below):
+            lvl[lev, 2] += 1.0
+            continue
+        lvl[lev, 0] += 1.0
+        si = i if per_device else 0
+        x = x_lv[lev]
+        cnt = 0
+        s_ref = 0.0
+        y_ref = 0.0
+        ax = 0.0
+        ay = 0.0
+        axx = 0.0
+        axy = 0.0
+        ayy = 0.0
+        for m in range(t_n):
+            sm = s[si, m]
+            v0 = g[i, m, 0]
+            if v0 != v0:
+                v0 = _first(g, i, m)
+            if v0 != v0 or sm != sm:
+                sums[lev, m, 0] += 1.0
+                continue
+            y = v0 * inv_gmax
+            d = y - x
+            hist[lev, m, bin_of(d)] += 1
+            lohi[lev, m, 0] = min(lohi[lev, m, 0], d)
+            lohi[lev, m, 1] = max(lohi[lev, m, 1], d)
+            if per_device:
+                tsum[m, 0] += sm
+                tsum[m, 1] += 1.0
+            if r_n == 1:  # one read per time: the device's line in log time (shifted sums)
+                if cnt == 0:
+                    s_ref = sm
+                    y_ref = y
+                dx = sm - s_ref
+                dy = y - y_ref
+                ax += dx
+                ay += dy
+                axx += dx * dx
+                axy += dx * dy
+                ayy += dy * dy
+            cnt += 1
+        if r_n == 1 and cnt >= 3:
+            sxx = axx - ax * ax / cnt
+            sxy = axy - ax * ay / cnt
+            syy = ayy - ay * ay / cnt
+            lvl[lev, 3] += max(syy - (sxy * sxy / sxx if sxx > 0 else 0.0), 0.0)
+            lvl[lev, 4] += cnt - 2
+    for p in range(sel_pos.shape[0]):
+        i = sel_pos[p]
+        row = sel_row[p]
+        si = i if per_device else 0
+        dropped = (not use[i]) or (stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below))
+        lev = _level(levels, g_target[i])
+        for m in range(t_n):
+            v0 = _first(g, i, m)
+            if dropped or s[si, m] != s[si, m] or v0 != v0:
+                sample[row, m] = np.nan
+                continue
+            sample[row, m] = v0 * inv_gmax
+            if r_n >= 2:  # repeated reads: spread around their mean (shifted by the first)
+                k, acc, acc2 = _repeats(g, i, m, v0)
+                if k >= 2:
+                    a = acc * inv_gmax
+                    sums[lev, m, 1] += acc2 * inv_gmax * inv_gmax - a * a / k
+                    sums[lev, m, 2] += k - 1
+
+
+@nb.njit(cache=True, inline="always")
+def _sift_down(hh, ii, lev, size):  # pragma: no cover - via tests
+    j = 0
+    while True:
+        c = 2 * j + 1
+        if c >= size:
+            return
+        if c + 1 < size and hh[lev, c + 1] > hh[lev, c]:
+            c += 1
+        if hh[lev, c] <= hh[lev, j]:
+            return
+        hh[lev, c], hh[lev, j] = hh[lev, j], hh[lev, c]
+        ii[lev, c], ii[lev, j] = ii[lev, j], ii[lev, c]
+        j = c
+
+
+@nb.njit(cache=True, nogil=True)
+def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
+    """Per level the ``k`` devices of smallest :func:`device_hash` (key, index) among those
+    with ``use`` (a uniform, order-independent sample), and the devices per level.
+
+    Returns
+    -------
+    (idx (K, k) int64 device indices, -1 padded; size (K,); counts (K,))
+    """
+    n_lv = levels.shape[0]
+    hh = np.zeros((n_lv, k), np.uint64)
+    ii = np.full((n_lv, k), -1, np.int64)
+    size = np.zeros(n_lv, np.int64)
+    counts = np.zeros(n_lv, np.int64)
+    last = g_target[0] if g_target.shape[0] else g_target.dtype.type(0)
+    lev = _level(levels, last)
+    for i in range(g_target.shape[0]):
+        if g_target[i] != last:  # devices of a level are usually stored together
+            last = g_target[i]
+            lev = _level(levels, last)
+        if lev < 0 or not use[i]:
+            continue
+        counts[lev] += 1
+        h = device_hash(key, np.uint64(i))
+        if size[lev] < k:  # max-heap: append and sift up
+            j = size[lev]
+            hh[lev, j] = h
+            ii[lev, j] = i
+            size[lev] += 1
+            while j > 0:
+                parent = (j - 1) // 2
+                if hh[lev, parent] >= hh[lev, j]:
+                    break
+                hh[lev, parent], hh[lev, j] = hh[lev, j], hh[lev, parent]
+                ii[lev, parent], ii[lev, j] = ii[lev, j], ii[lev, parent]
+                j = parent
+        elif h < hh[lev, 0]:
+            hh[lev, 0] = h
+            ii[lev, 0] = i
+            _sift_down(hh, ii, lev, size[lev])
+    return ii, size, counts
+
+
+@nb.njit(cache=True, nogil=True)
+def device_hashes(key, n):  # pragma: no cover - via tests
+    """device_hash(key, i) for i < n: a random order of the devices, for deterministic
+    splits."""
+    out = np.empty(n, np.uint64)
+    for i in range(n):
+        out[i] = device_hash(key, np.uint64(i))
+    return out
