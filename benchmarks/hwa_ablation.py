@@ -1,6 +1,6 @@
 """Ablation of the HWA recipe: each ingredient switched off in turn, A*(1 h) and A*(1 y).
 
-From the study's HWA recipe (:class:`aimc_device.nn.HWAConfig` defaults, distillation from the
+From the study's HWA recipe (:func:`aimc_device.study.study.hwa_recipe`, distillation from the
 floating-point model, the study's epochs and learning rate), one ingredient at a time is put
 back to what it is without it; every variant is fine-tuned from the same floating-point model
 (its checkpoint is shared) and programmed ``--repeats`` times with the same device draws
@@ -28,21 +28,21 @@ from aimc_device import nn as ann
 from aimc_device.study import _dask
 from aimc_device.study._tasks import evaluate_task
 from aimc_device.study.report import save_dataset
-from aimc_device.study.study import prepare_models
+from aimc_device.study.study import hwa_recipe, prepare_models
 
 TIMES = (3600.0, 31536000.0)
 LABELS = ("1 h", "1 y")
 
-#: name -> (HWAConfig changes, study changes), each switching one ingredient off.
+#: key -> (row name, HWAConfig changes, study changes), each switching one ingredient off.
 VARIANTS = {
-    "HWA recipe": ({}, {}),
-    "noise scale 1 (device noise)": (dict(noise_scale=1.0), {}),
-    "no weight noise": (dict(noise_scale=0.0), {}),
-    "no noise ramp": (dict(ramp_epochs=0.0), {}),
-    "BatchNorm batch statistics": (dict(batchnorm="batch"), {}),
-    "output scales at the weights' rate": (dict(out_scale_lr=1.0), {}),
-    "input ranges fixed": (dict(input_range_lr=0.0, alpha_decay=0.0), {}),
-    "no distillation": ({}, dict(distill=False)),
+    "recipe": ("HWA recipe", {}, {}),
+    "noise1": ("noise scale 1 (device noise)", dict(noise_scale=1.0), {}),
+    "noise0": ("no weight noise", dict(noise_scale=0.0), {}),
+    "noramp": ("no noise ramp", dict(ramp_epochs=0.0), {}),
+    "bnbatch": ("BatchNorm batch statistics", dict(batchnorm="batch"), {}),
+    "scales": ("output scales at the weights' rate", dict(out_scale_lr=1.0), {}),
+    "ranges": ("input ranges fixed", dict(input_range_lr=0.0, alpha_decay=0.0), {}),
+    "nodistill": ("no distillation", {}, dict(distill=False)),
 }
 
 
@@ -50,23 +50,26 @@ def run_ablation(workload: str = "deepcnn", repeats: int = 25, seed: int = 0,
                  out_dir: str = "ablation-out", variants=None, scheduler=None,
                  quick: bool = False, progress: bool = True) -> xr.Dataset:
     """Train every variant, evaluate it at 1 h and 1 y, return A* per (variant, time, repeat)."""
-    variants = VARIANTS if variants is None else variants
-    base = ann.HWAConfig()
-    specs, names, fp_error, chance = [], [], None, None
+    keys = list(VARIANTS) if variants is None else list(variants)
+    unknown = [k for k in keys if k not in VARIANTS]
+    if unknown:
+        raise ValueError(f"variants {unknown}: choose from {list(VARIANTS)}")
+    base = hwa_recipe(workload)
+    trained, fp_error, chance, direct = {}, None, None, None
     timings = {}
-    for i, (name, (hwa_changes, study_changes)) in enumerate(variants.items()):
+    for key in keys:  # trained in the order given
+        name, hwa_changes, study_changes = VARIANTS[key]
         t0 = time.perf_counter()
         kw = dict(distill=True, **study_changes)
         prep = prepare_models(workload, out_dir=out_dir, seed=seed, quick=quick,
                               hwa=dataclasses.replace(base, **hwa_changes), progress=progress,
                               **kw)
         timings[name] = time.perf_counter() - t0
-        fp_error, chance = prep.fp_error, prep.chance_error
-        if i == 0:
-            specs.append(prep.specs["direct"])
-            names.append("direct mapping")
-        specs.append(prep.specs["hwa"])
-        names.append(name)
+        fp_error, chance, direct = prep.fp_error, prep.chance_error, prep.specs["direct"]
+        trained[key] = prep.specs["hwa"]
+    order = [k for k in VARIANTS if k in trained]  # table order
+    specs = [direct] + [trained[k] for k in order]
+    names = ["direct mapping"] + [VARIANTS[k][0] for k in order]
     # the same task key for the same repeat in every variant: common device draws
     calls = [(v, (int(seed), 2, r), TIMES) for v in range(len(specs)) for r in range(repeats)]
     res = _dask.compute(evaluate_task, specs, calls, scheduler=scheduler, progress=progress,
@@ -110,10 +113,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="ablation-out")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--scheduler", default=None)
+    p.add_argument("--variants", default=None,
+                   help=f"comma-separated subset of {','.join(VARIANTS)}, trained in this "
+                        f"order; default all")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     ds = run_ablation(args.workload, args.repeats, args.seed, args.out, quick=args.quick,
-                      scheduler=args.scheduler, progress=not args.no_progress)
+                      scheduler=args.scheduler, progress=not args.no_progress,
+                      variants=None if args.variants is None else args.variants.split(","))
     stem = os.path.join(args.out, f"{args.workload}-ablation")
     save_dataset(ds, stem + ".nc")
     table = format_ablation(ds, "python benchmarks/hwa_ablation.py " + " ".join(

@@ -14,10 +14,14 @@ The forward pass of an analog model in training mode already injects the hardwar
 Two choices that the paper leaves open are made here, each measured on the deep plain CNN of
 :mod:`aimc_device.workloads.deepcnn` (see ``benchmarks/hwa_ablation.py``):
 
-- BatchNorm runs with its running statistics during HWA training (:func:`train_mode`), as it
-  does after programming. With batch statistics, each mini-batch re-normalises away the shift
+- BatchNorm stays a digital layer after its analog convolution and runs with its running
+  statistics during HWA training (:func:`train_mode`), as it does after programming; its affine
+  parameters still learn. With batch statistics, each mini-batch re-normalises away the shift
   and scale that the weight noise of that batch causes, so the network never learns to live
-  with them, and it meets them at inference, where the statistics are fixed.
+  with them, and it meets them at inference, where the statistics are fixed. Folding it into
+  the analog weights would map the same conductances (the column-wise output scale absorbs a
+  per-channel factor) and lose nothing else, so it is not done; recalibrating its statistics
+  after programming would need data and a pass on every programmed chip, and is not needed.
 - The output scales (column-wise gamma, per-tile kappa) learn 10x slower than the weights
   (:func:`hwa_param_groups`): they are products of the column's largest |w|, so a step of the
   weights' size moves every weight of a column at once, by a fraction that grows as gamma
