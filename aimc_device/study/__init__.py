@@ -22,6 +22,5 @@ from .study import (HWA_EPOCHS, HWA_NOISE_SCALE, VARIANTS, hwa_recipe, prepare_m
 
 __all__ = ["run_study", "prepare_models", "resolve_device", "run_sensitivity", "find_scale",
            "run_demo", "NONIDEALITIES", "VARIANTS", "HWA_EPOCHS", "HWA_NOISE_SCALE", "hwa_recipe",
-           "format_table",
-           "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity", "save_dataset",
-           "load_dataset"]
+           "format_table", "plot_study", "plot_studies", "format_sensitivity_table",
+           "plot_sensitivity", "save_dataset", "load_dataset"]

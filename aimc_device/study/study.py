@@ -44,9 +44,9 @@ VARIANTS = ("fp", "direct", "hwa")
 #: Default HWA fine-tuning epochs per workload (full recipe); ``quick`` runs use 2.
 HWA_EPOCHS = {"cnn": 10, "deepcnn": 10, "lstm": 10, "transformer": 6}
 #: Training-noise scale of the default HWA recipe per workload (1 elsewhere). The deep plain
-#: CNN's error compounds over 14 analog layers; it is trained with 3x the device's programming
-#: noise, as the paper scales its training noise per network (``benchmarks/hwa_ablation.py``
-#: measures the recipe with noise scale 1).
+#: CNN's error compounds over 15 analog convolutions; it is trained with 3x the device's
+#: programming noise, as the paper scales its training noise per network
+#: (``benchmarks/hwa_ablation.py`` measures the recipe with noise scale 1).
 HWA_NOISE_SCALE = {"deepcnn": 3.0}
 #: Labels of the paper's evaluation times (Table 3).
 TIME_LABELS = {1.0: "1 s", 3600.0: "1 h", 86400.0: "1 d", 31536000.0: "1 y"}
