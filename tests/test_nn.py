@@ -242,6 +242,77 @@ def test_analog_optimizer_clips_ramps_and_decays():
     assert tiles[0].alpha.item() == pytest.approx(alpha0 * 0.99 ** 5, rel=1e-6)
 
 
+def _bn_net():
+    torch.manual_seed(3)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    net[1].running_mean.uniform_(-1, 1)
+    net[1].running_var.uniform_(0.5, 2)
+    return net
+
+
+@pytest.mark.parametrize("mode", anl.training.BATCHNORM_CHOICES)
+def test_train_mode_batchnorm(mode):
+    """"frozen": a training step normalises with the running statistics and leaves them as
+    they were (the affine parameters learn); "batch": torch's training mode."""
+    a = anl.convert(_bn_net(), STD, DEV)
+    hwa = anl.HWAConfig(batchnorm=mode)
+    bn = a[1]
+    stats0 = (bn.running_mean.clone(), bn.running_var.clone())
+    assert anl.train_mode(a, hwa) is a and a.training and a[0].training
+    assert bn.training == (mode == "batch")
+    opt = anl.AnalogOptimizer(torch.optim.SGD(anl.hwa_param_groups(a, 0.1, hwa), lr=0.1), a,
+                              hwa)
+    x = torch.randn(16, 2, 5, 5) + 3.0   # far from the running mean: batch statistics differ
+    seen = []
+    h = bn.register_forward_hook(lambda m, i, o: seen.append((i[0].detach(), o.detach())))
+    opt.zero_grad()
+    F.cross_entropy(a(x), torch.randint(0, 3, (16,))).backward()
+    opt.step()
+    h.remove()
+    inp, out = seen[0]
+    w0 = bn.weight.detach() + 0.1 * bn.weight.grad   # the affine values before the SGD step
+    b0 = bn.bias.detach() + 0.1 * bn.bias.grad
+    running = F.batch_norm(inp, *stats0, w0, b0, training=False, eps=bn.eps)
+    batch = F.batch_norm(inp, None, None, w0, b0, training=True, eps=bn.eps)
+    assert bn.weight.grad.abs().sum() > 0                 # the affine parameters learn
+    if mode == "frozen":
+        _close(out, running)
+        torch.testing.assert_close(bn.running_mean, stats0[0], rtol=0, atol=0)
+    else:
+        _close(out, batch)
+        assert not torch.allclose(bn.running_mean, stats0[0])
+    assert not torch.allclose(running, batch, atol=0.1)
+
+
+def test_hwa_param_groups_learning_rates():
+    """One SGD step moves the output scales by out_scale_lr x, the input ranges by
+    input_range_lr x the weights' rate; a zero rate leaves a group out."""
+    a = anl.convert(_mlp(), STD, DEV)
+    hwa = anl.HWAConfig(out_scale_lr=0.1, input_range_lr=0.5, noise_scale=0.0)
+    groups = anl.hwa_param_groups(a, 0.2, hwa)
+    assert [g["name"] for g in groups] == ["weights", "output scales", "input ranges"]
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in a.parameters()) and len(set(ids)) == len(ids)
+    tile = anl.analog_tiles(a)[0]
+    before = {n: p.detach().clone() for n, p in
+              (("w", tile.weight), ("g", tile.gamma), ("k", tile.kappa), ("a", tile.alpha))}
+    opt = torch.optim.SGD(groups, lr=0.2)
+    x = torch.randn(32, 20) * 3
+    F.cross_entropy(a(x), torch.randint(0, 4, (32,))).backward()
+    grads = {n: p.grad.clone() for n, p in
+             (("w", tile.weight), ("g", tile.gamma), ("k", tile.kappa), ("a", tile.alpha))}
+    opt.step()
+    for name, p, rate in (("w", tile.weight, 0.2), ("g", tile.gamma, 0.02),
+                          ("k", tile.kappa, 0.02), ("a", tile.alpha, 0.1)):
+        assert grads[name].abs().sum() > 0, name
+        _close(p.detach(), before[name] - rate * grads[name])
+    frozen = anl.hwa_param_groups(a, 0.2, anl.HWAConfig(out_scale_lr=0.0))
+    assert [g["name"] for g in frozen] == ["weights", "input ranges"]
+    with pytest.raises(ValueError, match="batchnorm"):
+        anl.HWAConfig(batchnorm="recalibrate")
+
+
 def test_init_input_ranges_mean_absmax_capped():
     a = anl.convert(nn.Sequential(nn.Linear(4, 3)), STD, DEV)
     batches = [torch.tensor([[1.0, -3.0, 0.0, 0.0]]), torch.tensor([[0.5, 5.0, 0.0, 0.0]])]

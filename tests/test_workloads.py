@@ -14,8 +14,8 @@ from aimc_device.workloads.digits import as_patches, as_rows, load_digits_split
 
 from _quick_models import quick_fp
 
-NAMES = ["cnn", "lstm", "transformer"]
-SHAPES = {"cnn": (1, 8, 8), "lstm": (8, 8), "transformer": (16, 4)}
+NAMES = ["cnn", "deepcnn", "lstm", "transformer"]
+SHAPES = {"cnn": (1, 8, 8), "deepcnn": (1, 8, 8), "lstm": (8, 8), "transformer": (16, 4)}
 
 
 def test_registry():
@@ -112,6 +112,29 @@ def test_model_structure():
     assert len(layers) == 2 and all(m.self_attn.batch_first for m in layers)
     # odd head count keeps torch's fused inference path (which bypasses submodules) off
     assert all(m.self_attn.num_heads % 2 == 1 for m in layers)
+
+
+def test_deepcnn_structure():
+    """depth plain 3x3 convolutions of width channels at 8x8 (no shortcut), each with
+    BatchNorm and ReLU, global pooling, one linear layer; the digital layers are the first
+    convolution and the classifier."""
+    wl = get_workload("deepcnn", depth=5, width=12)
+    model = wl.build_model()
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 5 and all(c.kernel_size == (3, 3) and c.stride == (1, 1) for c in convs)
+    assert [c.in_channels for c in convs] == [1, 12, 12, 12, 12]
+    assert all(c.out_channels == 12 for c in convs)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == 5
+    assert [type(m) for m in model.features[:3]] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    names = dict(model.named_modules())
+    assert names[wl.digital_layers[0]] is convs[0] and names[wl.digital_layers[1]] is model.fc
+    x = torch.randn(3, 1, 8, 8)
+    feats = model.features.eval()(x)
+    assert feats.shape == (3, 12, 8, 8)                     # full resolution to the end
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), model.fc(feats.mean(dim=(2, 3))), atol=1e-6)
+    with pytest.raises(ValueError, match="depth"):
+        get_workload("deepcnn", depth=0).build_model()
 
 
 def test_transformer_eval_calls_submodules():

@@ -9,7 +9,8 @@ _FORCE_HELP = ("replace result files in --out even when they hold another kind o
                "measurement campaign, a device card, ...); an input is never replaced")
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
-    p.add_argument("--workload", choices=("cnn", "lstm", "transformer"), default="cnn")
+    p.add_argument("--workload", choices=("cnn", "deepcnn", "lstm", "transformer"),
+                   default="cnn")
     add_device_option(p, None, aliases=("--device-model",))
     p.add_argument("--out", default=out_default, metavar="DIR",
                    help=f"folder for checkpoints, results (.nc), table and plot; default "

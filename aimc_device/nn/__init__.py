@@ -47,8 +47,10 @@ from .training import (
     HWAConfig,
     distillation_loss,
     hwa_loss,
+    hwa_param_groups,
     init_input_ranges,
     train_hwa,
+    train_mode,
 )
 
 __all__ = [
@@ -57,7 +59,8 @@ __all__ = [
     "ConversionSummary", "AnalogConversionError", "AnalogTile", "AnalogLayer", "AnalogLinear",
     "AnalogConv1d", "AnalogConv2d", "AnalogConvTranspose1d", "AnalogConvTranspose2d",
     "AnalogLSTM", "AnalogGRU", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
-    "init_input_ranges", "distillation_loss", "hwa_loss", "train_hwa", "evaluate_over_time",
+    "init_input_ranges", "distillation_loss", "hwa_loss", "hwa_param_groups", "train_mode",
+    "train_hwa", "evaluate_over_time",
     "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
     "perturb_tensor",
 ]

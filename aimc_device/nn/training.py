@@ -11,7 +11,24 @@ The forward pass of an analog model in training mode already injects the hardwar
 - optional distillation from the floating-point model (temperature 10, 0.75 distillation +
   0.25 task loss).
 
-Use :class:`AnalogOptimizer` around any torch optimiser, or :func:`train_hwa` for one call.
+Two choices that the paper leaves open are made here, each measured on the deep plain CNN of
+:mod:`aimc_device.workloads.deepcnn` (see ``benchmarks/hwa_ablation.py``):
+
+- BatchNorm stays a digital layer after its analog convolution and runs with its running
+  statistics during HWA training (:func:`train_mode`), as it does after programming; its affine
+  parameters still learn. With batch statistics, each mini-batch re-normalises away the shift
+  and scale that the weight noise of that batch causes, so the network never learns to live
+  with them, and it meets them at inference, where the statistics are fixed. Folding it into
+  the analog weights would map the same conductances (the column-wise output scale absorbs a
+  per-channel factor) and lose nothing else, so it is not done; recalibrating its statistics
+  after programming would need data and a pass on every programmed chip, and is not needed.
+- The output scales (column-wise gamma, per-tile kappa) learn 10x slower than the weights
+  (:func:`hwa_param_groups`): they are products of the column's largest |w|, so a step of the
+  weights' size moves every weight of a column at once, by a fraction that grows as gamma
+  shrinks; with BatchNorm in running-statistics mode that makes a 16-layer network diverge.
+
+Use :class:`AnalogOptimizer` around any torch optimiser built on :func:`hwa_param_groups`, with
+the model in :func:`train_mode`, or :func:`train_hwa` for one call.
 """
 from __future__ import annotations
 
@@ -29,7 +46,11 @@ from .convert import analog_tiles, set_noise_scale
 from .tile import AnalogTile
 
 __all__ = ["HWAConfig", "AnalogOptimizer", "init_input_ranges", "distillation_loss",
-           "hwa_loss", "train_hwa"]
+           "hwa_loss", "hwa_param_groups", "train_mode", "train_hwa", "BATCHNORM_CHOICES"]
+
+#: How BatchNorm layers run during HWA training: with their running statistics (as after
+#: programming; the affine parameters still learn) or with the statistics of each mini-batch.
+BATCHNORM_CHOICES = ("frozen", "batch")
 
 
 @dataclass(frozen=True)
@@ -60,6 +81,15 @@ class HWAConfig:
         Temperature of the distillation softmax; 10 in the paper.
     distill_weight : float
         Weight of the distillation loss (the task loss gets 1 - weight); 0.75 in the paper.
+    batchnorm : {"frozen", "batch"}
+        BatchNorm during HWA training (:func:`train_mode`): "frozen" uses the running statistics
+        (inference behaviour; affine parameters still learn), "batch" torch's training mode.
+    out_scale_lr : float
+        Learning rate of the output scales (gamma, kappa) relative to the weights', dimensionless
+        (:func:`hwa_param_groups`); 0 keeps them at their mapped values.
+    input_range_lr : float
+        Learning rate of the input ranges alpha relative to the weights', dimensionless; 0
+        keeps them at their initial values (and ``alpha_decay`` alone moves them).
     """
 
     noise_scale: float = 1.0
@@ -73,14 +103,21 @@ class HWAConfig:
     input_range_cap: float = 10.0
     distill_temperature: float = 10.0
     distill_weight: float = 0.75
+    batchnorm: str = "frozen"
+    out_scale_lr: float = 0.1
+    input_range_lr: float = 1.0
 
     def __post_init__(self):
+        if self.batchnorm not in BATCHNORM_CHOICES:
+            raise ValueError(f"HWAConfig.batchnorm = {self.batchnorm!r}: choose one of "
+                             f"{BATCHNORM_CHOICES}")
         ranges = {  # name: keyword arguments of check_float
             "noise_scale": dict(lo=0.0), "ramp_epochs": dict(lo=0.0),
             "training_noise_time": dict(lo=0.0), "alpha_decay": dict(lo=0.0, hi=1.0, hi_open=True),
             "alpha_min": dict(lo=0.0, lo_open=True), "input_range_cap": dict(lo=0.0, lo_open=True),
             "distill_temperature": dict(lo=0.0, lo_open=True),
-            "distill_weight": dict(lo=0.0, hi=1.0)}
+            "distill_weight": dict(lo=0.0, hi=1.0), "out_scale_lr": dict(lo=0.0),
+            "input_range_lr": dict(lo=0.0)}
         for name, kw in ranges.items():
             check_float(getattr(self, name), f"HWAConfig.{name}", **kw)
         for name in ("clip_weights", "remap_every_epoch"):
@@ -217,6 +254,54 @@ def init_input_ranges(model: nn.Module, batches, cap: float = 10.0,
             tile.alpha.copy_(alpha.to(tile.alpha.device, tile.alpha.dtype))
 
 
+_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def train_mode(model: nn.Module, hwa: HWAConfig | None = None) -> nn.Module:
+    """Put ``model`` in training mode for HWA training: ``model.train()``, with its BatchNorm
+    layers in eval mode when ``hwa.batchnorm == "frozen"`` (see the module docstring).
+
+    Call it where an ordinary loop calls ``model.train()``. Returns ``model``.
+    """
+    hwa = hwa or HWAConfig()
+    model.train()
+    if hwa.batchnorm == "frozen":
+        for m in model.modules():
+            if isinstance(m, _BATCHNORMS):
+                m.eval()
+    return model
+
+
+def hwa_param_groups(model: nn.Module, lr: float, hwa: HWAConfig | None = None) -> list[dict]:
+    """Parameter groups for a torch optimiser of HWA training, with their learning rates.
+
+    The analog tiles' output scales (gamma, kappa) get ``lr * hwa.out_scale_lr``, their input
+    ranges (alpha) ``lr * hwa.input_range_lr``, every other trainable parameter (normalised
+    weights, biases, digital layers) ``lr``. A group whose rate is 0 is left out, so that its
+    parameters keep their values.
+
+    Parameters
+    ----------
+    model : nn.Module, analog model
+    lr : float, learning rate of the weights
+    hwa : HWAConfig
+
+    Returns
+    -------
+    list of dict, for ``torch.optim.SGD(groups, lr=lr, ...)`` or any other optimiser.
+    """
+    hwa = hwa or HWAConfig()
+    tiles = analog_tiles(model)
+    scales = [p for t in tiles for p in (t.gamma, t.kappa) if p.requires_grad]
+    ranges = [t.alpha for t in tiles if t.alpha.requires_grad]
+    special = {id(p) for p in scales + ranges}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+    groups = [dict(params=rest, lr=float(lr), name="weights"),
+              dict(params=scales, lr=float(lr) * hwa.out_scale_lr, name="output scales"),
+              dict(params=ranges, lr=float(lr) * hwa.input_range_lr, name="input ranges")]
+    return [g for g in groups if g["params"] and g["lr"] > 0]
+
+
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                       targets: torch.Tensor, task_loss: Callable = F.cross_entropy,
                       temperature: float = 10.0, weight: float = 0.75) -> torch.Tensor:
@@ -245,7 +330,8 @@ def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
               loss_fn: Callable = F.cross_entropy, teacher: nn.Module | None = None,
               hwa: HWAConfig | None = None, progress: bool = True,
               on_epoch_end: Callable | None = None) -> list[float]:
-    """Hardware-aware fine-tuning in one call (SGD with momentum unless an optimiser is given).
+    """Hardware-aware fine-tuning in one call (SGD with momentum on :func:`hwa_param_groups`
+    unless an optimiser is given; the model in :func:`train_mode` during each epoch).
 
     Parameters
     ----------
@@ -279,13 +365,13 @@ def train_hwa(model: nn.Module, loader, epochs: int = 1, lr: float = 0.01,
                 break
             batches.append(b)
         init_input_ranges(model, batches, cap=hwa.input_range_cap)
-    opt = optimizer or torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    opt = optimizer or torch.optim.SGD(hwa_param_groups(model, lr, hwa), lr=lr, momentum=0.9)
     aopt = AnalogOptimizer(opt, model, hwa, steps_per_epoch=len(loader))
     if teacher is not None:
         teacher = copy.deepcopy(teacher).eval()
     history = []
     for epoch in range(epochs):
-        model.train()
+        train_mode(model, hwa)
         total, n = 0.0, 0
         bar = tqdm(loader, desc=f"HWA epoch {epoch + 1}/{epochs}", disable=not progress,
                    leave=False)

@@ -17,9 +17,10 @@ from .demo import run_demo
 from .report import (format_sensitivity_table, format_table, load_dataset, plot_sensitivity,
                      plot_studies, plot_study, save_dataset)
 from .sensitivity import NONIDEALITIES, find_scale, run_sensitivity
-from .study import HWA_EPOCHS, VARIANTS, prepare_models, resolve_device, run_study
+from .study import (HWA_EPOCHS, HWA_NOISE_SCALE, VARIANTS, hwa_recipe, prepare_models,
+                    resolve_device, run_study)
 
 __all__ = ["run_study", "prepare_models", "resolve_device", "run_sensitivity", "find_scale",
-           "run_demo", "NONIDEALITIES", "VARIANTS", "HWA_EPOCHS", "format_table",
-           "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity", "save_dataset",
-           "load_dataset"]
+           "run_demo", "NONIDEALITIES", "VARIANTS", "HWA_EPOCHS", "HWA_NOISE_SCALE", "hwa_recipe",
+           "format_table", "plot_study", "plot_studies", "format_sensitivity_table",
+           "plot_sensitivity", "save_dataset", "load_dataset"]

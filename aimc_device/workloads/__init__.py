@@ -1,15 +1,16 @@
 """Small networks and data sets that need no download.
 
-Three topologies, as in the paper's study, all on scikit-learn's handwritten digits (shipped
-with the package):
+The topologies of the paper's study, all on scikit-learn's handwritten digits (shipped with
+the package):
 
-========== ============================================== ====================
-name       model                                          input
-========== ============================================== ====================
-cnn        ResNet-style CNN (3 stages of basic blocks)    1x8x8 image
-lstm       ``nn.LSTM`` + ``fc`` on the last hidden state  8 rows of 8 pixels
-transformer ``nn.TransformerEncoder`` (2 layers, d=48)    16 patches of 2x2
-========== ============================================== ====================
+=========== ============================================== ====================
+name        model                                          input
+=========== ============================================== ====================
+cnn         ResNet-style CNN (3 stages of basic blocks)    1x8x8 image
+deepcnn     plain CNN, 16 x (3x3 conv, BatchNorm, ReLU)    1x8x8 image
+lstm        ``nn.LSTM`` + ``fc`` on the last hidden state  8 rows of 8 pixels
+transformer ``nn.TransformerEncoder`` (2 layers, d=48)     16 patches of 2x2
+=========== ============================================== ====================
 
 Examples
 --------
@@ -23,16 +24,18 @@ from __future__ import annotations
 
 from ._base import Workload, chance_error, epoch_seed, scoped_seed
 from .cnn import CNNWorkload, ResNetDigits
+from .deepcnn import DeepCNNWorkload, PlainCNN
 from .lstm import LSTMClassifier, LSTMWorkload
 from .transformer import PatchTransformer, TransformerWorkload
 
-__all__ = ["WORKLOADS", "QUICK", "get_workload", "Workload", "CNNWorkload", "LSTMWorkload",
-           "TransformerWorkload", "ResNetDigits", "LSTMClassifier", "PatchTransformer",
-           "chance_error", "epoch_seed", "scoped_seed"]
+__all__ = ["WORKLOADS", "QUICK", "get_workload", "Workload", "CNNWorkload", "DeepCNNWorkload",
+           "LSTMWorkload", "TransformerWorkload", "ResNetDigits", "PlainCNN", "LSTMClassifier",
+           "PatchTransformer", "chance_error", "epoch_seed", "scoped_seed"]
 
 #: Registry: name -> workload class.
 WORKLOADS: dict[str, type[Workload]] = {
     "cnn": CNNWorkload,
+    "deepcnn": DeepCNNWorkload,
     "lstm": LSTMWorkload,
     "transformer": TransformerWorkload,
 }
@@ -42,6 +45,7 @@ WORKLOADS: dict[str, type[Workload]] = {
 #: a workload trains in seconds on a laptop CPU; not the recipe of the full study.
 QUICK: dict[str, dict] = {
     "cnn": dict(epochs=4, width=8),
+    "deepcnn": dict(epochs=4, depth=4, width=16),
     "lstm": dict(epochs=8, hidden=32),
     "transformer": dict(epochs=8, d_model=24, dim_ff=48),
 }
@@ -52,7 +56,7 @@ def get_workload(name: str, quick: bool = False, **kw) -> Workload:
 
     Parameters
     ----------
-    name : {"cnn", "lstm", "transformer"}
+    name : {"cnn", "deepcnn", "lstm", "transformer"}
         Registry name.
     quick : bool
         Use the quick demonstration settings of :data:`QUICK` (fewer epochs, a smaller model).
