@@ -46,8 +46,9 @@ from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE,
                                check_conductances, check_campaign, check_read_times,
                                root_quantity, field_name)
 from ..pcm import PCMModel, equivalent_time
-from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel, distinct_values,
-                       general_kernel, moments_kernel, rn_columns, sums_kernel)
+from ._kernels import (BLOCK, MAX_PATTERN_TIMES, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel,
+                       distinct_values, general_kernel, lines_kernel, moments_kernel, rn_columns,
+                       sums_kernel)
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS",
            "campaign_temperatures", "log_time", "read_noise_log_time", "CampaignChunk",
@@ -284,11 +285,24 @@ def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: n
 
 
 def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
-                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray):
-    """Per-level, per-level-and-time and per-group sums of any chunk (cells_kernel with repeats,
-    a numpy log, general_kernel)."""
+                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray, lines: bool = True):
+    """Per-level, per-level-and-time and per-group sums of any chunk: lines_kernel for one read
+    per time at shared read times (``lines``), else cells_kernel with repeats, a numpy log and
+    general_kernel."""
     n, t_n, r_n = g.shape
     g = np.ascontiguousarray(g)
+    if lines and r_n == 1 and L.shape[0] == 1 and t_n <= MAX_PATTERN_TIMES:
+        n_blocks = -(-n // BLOCK)
+        out_level = np.zeros((n_blocks, st.x.size, N_LEVEL_SUMS))
+        out_lt = np.zeros((st.x.size, t_n, N_LT_SUMS))
+        out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
+        g2 = g.reshape(n, t_n)
+        bits = g2.reshape(-1).view(np.int32) if g.dtype == np.float32 else np.zeros(0, np.int32)
+        if lines_kernel(g2, bits, np.ascontiguousarray(L[0]), np.ascontiguousarray(f2[0]), keep,
+                        np.ascontiguousarray(g_target, dtype=np.float64), levels,
+                        st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level, out_lt,
+                        out_rn):
+            return out_level.sum(axis=0), out_lt, out_rn.sum(axis=0)
     inv_gmax = 1.0 / st.g_max
     none32 = np.zeros((0, 0), np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -557,7 +571,8 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         t_eq = src.equivalent_times(start, stop, ws.t)
         L = log_time(t_eq, t0)
         f2 = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)
-        return _general_sums(st, g_target[start:stop], levels64, g, L, f2, keep), keep, False
+        return (_general_sums(st, g_target[start:stop], levels64, g, L, f2, keep, not general),
+                keep, False)
 
     def collect(result, start):
         sums, keep, was_fast = result
