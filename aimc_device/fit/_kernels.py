@@ -418,36 +418,43 @@ _FLT_MIN = 1.1754943508222875e-38  # smallest normal float32
 _FLT_MAX = 3.4028234663852886e+38
 
 
-@nb.njit(nogil=True, error_model="numpy")
-def _log_normal_f32(x, bits, ln_gmax):
-    """ln(x) - ln_gmax for a normal, finite float32 x > 0 whose bits are ``bits`` (int32), in
-    float64 arithmetic only (so that LLVM vectorises a loop of it: no call into libm).
+_I1, _I23, _I127, _MANT = np.int32(1), np.int32(23), np.int32(127), np.int32(0x7FFFFF)
+_F = np.float32
 
-    x = m 2^e, m in [sqrt(1/2), sqrt(2)), and ln m = 2 atanh(s), s = (m - 1) / (m + 1),
-    |s| <= 0.172, by its series to s^13: truncation error < 2 |s|^15 / 15 < 5e-13.
+
+@nb.njit(nogil=True, error_model="numpy")
+def _log_normal_f32(bits, ln_gmax):
+    """ln(x) - ln_gmax as float32 for a normal, finite float32 x > 0 whose bits are ``bits``
+    (int32), without a call into libm (so that LLVM vectorises a loop of it, 8 reads at once).
+
+    x = m 2^e, m in [sqrt(1/2), sqrt(2)): e ln 2 - ln_gmax in float64 (exact to 1e-16) plus
+    ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^9 in float32
+    (truncation < 2 |s|^11 / 11 < 6e-10; rounding ~3e-8): the result is within about one
+    float32 rounding of the exact ln(x / g_max). All integer steps stay int32 (AVX2 converts
+    int32, not int64, to floating point in SIMD).
     """
-    e = (bits >> 23) - 127
-    m = 1.0 + np.float64(bits & 0x7FFFFF) * 1.1920928955078125e-07  # exact
-    big = m > _SQRT2
-    m = m * 0.5 if big else m
-    e = e + 1 if big else e
-    s = (m - 1.0) / (m + 1.0)
+    e = (bits >> _I23) - _I127
+    m = _F(1.0) + _F(bits & _MANT) * _F(1.1920928955078125e-07)  # exact
+    big = m > _F(_SQRT2)
+    m = m * _F(0.5) if big else m
+    e = e + _I1 if big else e
+    s = (m - _F(1.0)) / (m + _F(1.0))
     z = s * s
-    p = 1.0 + z * (1.0 / 3.0 + z * (1.0 / 5.0 + z * (1.0 / 7.0 + z * (
-        1.0 / 9.0 + z * (1.0 / 11.0 + z * (1.0 / 13.0))))))
-    return (np.float64(e) * _LN2 - ln_gmax) + 2.0 * s * p
+    ln_m = _F(2.0) * s * (_F(1.0) + z * (_F(1.0 / 3.0) + z * (_F(1.0 / 5.0) + z * (
+        _F(1.0 / 7.0) + z * _F(1.0 / 9.0)))))
+    return _F(np.float64(e) * _LN2 - ln_gmax) + ln_m
 
 
 @nb.njit(nogil=True, error_model="numpy")
-def _log_subnormals(g, start, count, ln_gmax, out):
-    """out[j] = ln(g[start + j]) - ln_gmax where g[start + j] is a subnormal float32."""
+def _log_rare(g, start, count, ln_gmax, out):
+    """out[j] = ln(g[start + j]) - ln_gmax where g[start + j] is subnormal or infinite."""
     for j in range(count):
         x = np.float64(g[start + j])
-        if x > 0.0 and x < _FLT_MIN:
+        if x > 0.0 and x < _FLT_MIN or x > _FLT_MAX:
             out[j] = np.log(x) - ln_gmax
 
 
-_LOG_SIG = [nb.void(g[::1], nb.int32[::1], nb.int64, nb.int64, nb.float64, nb.float64[::1])
+_LOG_SIG = [nb.void(g[::1], nb.int32[::1], nb.int64, nb.int64, nb.float64, nb.float32[::1])
             for g in (nb.float32, nb.float64)]
 
 
@@ -456,25 +463,24 @@ def log_cells(g, bits, start, count, ln_gmax, out):
     """out[j] = ln(g[start + j]) - ln_gmax for j < count: ln(g / g_max) of reads [S] (NaN for a
     read not taken, -inf for a read of 0 S), ``ln_gmax`` = ln(g_max / 1 S).
 
-    For float32 reads, ``bits`` is ``g.view(np.int32)`` and the logs are computed in float64
-    arithmetic by :func:`_log_normal_f32` (SIMD across reads; within 1e-12 of the exact log);
-    subnormal reads then take np.log. For float64 reads (``bits`` empty) np.log. Reads are >= 0
+    ``out`` is float32 (the fits need ln g to ~1e-7). For float32 reads, ``bits`` is
+    ``g.view(np.int32)`` and the logs come from :func:`_log_normal_f32` (SIMD across reads),
+    subnormal or infinite ones from np.log; for float64 reads (``bits`` empty) from np.log. Reads are >= 0
     or NaN (checked by the caller).
     """
     if bits.size == 0:
         for j in range(count):
             out[j] = np.log(np.float64(g[start + j])) - ln_gmax
         return
-    subnormal = 0
+    rare = np.int32(0)  # subnormal or infinite reads
     for j in range(count):
         x = g[start + j]
-        y = _log_normal_f32(x, bits[start + j], ln_gmax)
-        if not (x >= _FLT_MIN and x <= _FLT_MAX):
-            y = -np.inf if x == 0.0 else (np.inf if x > 0.0 else np.nan)
-        subnormal += (x > 0.0) & (x < _FLT_MIN)
+        y = _log_normal_f32(bits[start + j], ln_gmax)
+        y = y if x >= _F(_FLT_MIN) else (_F(-np.inf) if x == 0.0 else _F(np.nan))
+        rare += np.int32((x > _F(0.0)) & (x < _F(_FLT_MIN)) | (x > _F(_FLT_MAX)))
         out[j] = y
-    if subnormal:
-        _log_subnormals(g, start, count, ln_gmax, out)
+    if rare:
+        _log_rare(g, start, count, ln_gmax, out)
 
 
 @nb.njit(nogil=True, error_model="numpy")
@@ -508,190 +514,196 @@ def _pattern_weights(mask, L, w, v, one_minus_h):
             one_minus_h[k] = 1.0 - (v[k] + w[k] * L[k])
 
 
-_LINES_SIG = [nb.boolean(g[:, ::1], nb.int32[::1], nb.float64[::1], nb.float64[::1],
-                         nb.uint8[::1], nb.float64[::1], nb.float64[::1], nb.boolean, nb.float64,
-                         nb.float64[::1], nb.float64[:, :, ::1], nb.float64[:, :, ::1],
-                         nb.float64[:, :, ::1])
-              for g in (nb.float32, nb.float64)]
+@functools.lru_cache(maxsize=None)
+def lines_kernel(t_n: int):
+    """The lines kernel compiled for ``t_n`` read times (cached in memory and on disk; LLVM
+    unrolls the loops over times and keeps a device's numbers in registers).
 
-
-@nb.njit(_LINES_SIG, cache=True, nogil=True, error_model="numpy")
-def lines_kernel(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges,
-                 out_level, out_lt, out_rn):
-    """The sums of :func:`general_kernel` for one read per time (R = 1) and read times shared by
-    all devices, in one pass over the reads.
-
-    A device's least-squares weights w_k, v_k and hat values h_k = v_k + w_k L_k depend only on
-    which of its T reads were taken (a bit pattern); they are computed once per pattern seen in
-    the chunk (as in general_kernel) and kept in a table. Per device: the logs of its reads
-    (:func:`log_cells`, per BLOCK of devices), slope and intercept = (w, v) . y over the reads
-    taken, g_P, the residual sum of squares (>= 3 reads); the device is counted per (level,
-    pattern) and, for the "programmed" read-noise groups, per (group, pattern). The sums per
-    level and time (cells, f2, w, w^2, v, v^2, reads not taken) and per group and time
-    (1 - h, (1 - h) f2) are these counts times the pattern's values, added at the end.
-
-    Parameters
-    ----------
-    g : (n, T) reads [S] (float32 or float64, C order), NaN for a read not taken, else >= 0
-    bits : (n * T,) int32, ``g.view(np.int32)`` for float32 reads, else empty
-    L, f2 : (T,) float64, ln((t_eq + t0) / t0) and the read-noise time term (dimensionless)
-    keep : (n,) uint8, 0 for a device kept, else its exclusion reason
-    g_target : (n,) float64 target [S]; levels : (K,) float64 sorted distinct targets [S]
-    by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level
-    g_max : float [S]
-    out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed
-    out_lt : (K, T, N_LT_SUMS) zeroed
-    out_rn : (n_blocks, G, rn_columns(T)) zeroed
-
-    Returns
-    -------
-    bool
-        False when the chunk holds more than MAX_PATTERNS patterns (nothing is complete: the
-        caller runs general_kernel instead).
+    The kernel ``lines(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges,
+    out_level, out_lt, out_rn) -> bool`` is described below.
     """
-    n, t_n = g.shape
-    n_blocks = out_level.shape[0]
-    n_lev = levels.shape[0]
-    n_grp = out_rn.shape[1]
-    n_edges = edges.shape[0]
-    inv_gmax = 1.0 / g_max
-    ln_gmax = np.log(g_max)
-    g_flat = g.reshape(n * t_n)
-    slot_of = np.full(1 << t_n, -1, np.int64)
-    cap = min(1 << t_n, MAX_PATTERNS)
-    pat_w = np.zeros((cap, t_n))
-    pat_v = np.zeros((cap, t_n))
-    pat_h = np.zeros((cap, t_n))  # 1 - h_k for a read taken, else 0
-    pat_nc = np.zeros(cap, np.int64)
-    pat_ok = np.zeros(cap, np.bool_)
-    masks = np.zeros(cap, np.int64)
-    n_slots = 0
-    kept = np.zeros((cap, n_lev))  # kept devices per pattern and level
-    used = np.zeros((cap, n_lev))  # devices with a line per pattern and level
-    used_grp = np.zeros((cap, n_grp)) if by_programmed else np.zeros((0, 0))
-    y = np.empty(BLOCK * t_n)
-    y0 = np.empty(t_n)
-    for b in range(n_blocks):
-        first = b * BLOCK
-        stop = min(n, first + BLOCK)
-        log_cells(g_flat, bits, first * t_n, (stop - first) * t_n, ln_gmax, y)
-        i = first
-        while i < stop:  # one run of devices with the same target
-            target = g_target[i]
-            lev = np.searchsorted(levels, target)
-            c0 = c1 = c2 = c3 = c5 = c6 = c8 = c9 = 0.0
-            r0 = r2 = r3 = 0.0
-            while i < stop and g_target[i] == target:
-                c0 += 1.0
-                if keep[i] != 0:
-                    c9 += 1.0
-                    i += 1
-                    continue
-                base = (i - first) * t_n
-                mask = 0
-                for k in range(t_n):
-                    yk = y[base + k]
-                    taken = yk == yk
-                    mask |= np.int64(taken) << k
-                    y0[k] = yk if taken else 0.0
-                slot = slot_of[mask]
-                if slot < 0:
-                    if n_slots == cap:
-                        return False
-                    slot = n_slots
-                    n_slots += 1
-                    slot_of[mask] = slot
-                    masks[slot] = mask
-                    _pattern_weights(mask, L, pat_w[slot], pat_v[slot], pat_h[slot])
-                    nc = 0
+    if not 2 <= t_n <= MAX_PATTERN_TIMES:
+        raise ValueError(f"lines_kernel: t_n = {t_n}; 2 to {MAX_PATTERN_TIMES} read times")
+
+    @nb.njit(cache=True, nogil=True, error_model="numpy")
+    def lines(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges,
+                     out_level, out_lt, out_rn):
+        """The sums of :func:`general_kernel` for one read per time (R = 1) and read times shared by
+        all devices, in one pass over the reads.
+
+        A device's least-squares weights w_k, v_k and hat values h_k = v_k + w_k L_k depend only on
+        which of its T reads were taken (a bit pattern); they are computed once per pattern seen in
+        the chunk (as in general_kernel) and kept in a table. Per device: the logs of its reads
+        (:func:`log_cells`, per BLOCK of devices), slope and intercept = (w, v) . y over the reads
+        taken, g_P, the residual sum of squares (>= 3 reads); the device is counted per (level,
+        pattern) and, for the "programmed" read-noise groups, per (group, pattern). The sums per
+        level and time (cells, f2, w, w^2, v, v^2, reads not taken) and per group and time
+        (1 - h, (1 - h) f2) are these counts times the pattern's values, added at the end.
+
+        Parameters
+        ----------
+        g : (n, T) reads [S] (float32 or float64, C order), NaN for a read not taken, else >= 0
+        bits : (n * T,) int32, ``g.view(np.int32)`` for float32 reads, else empty
+        L, f2 : (T,) float64, ln((t_eq + t0) / t0) and the read-noise time term (dimensionless)
+        keep : (n,) uint8, 0 for a device kept, else its exclusion reason
+        g_target : (n,) float64 target [S]; levels : (K,) float64 sorted distinct targets [S]
+        by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level
+        g_max : float [S]
+        out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed
+        out_lt : (K, T, N_LT_SUMS) zeroed
+        out_rn : (n_blocks, G, rn_columns(T)) zeroed
+
+        Returns
+        -------
+        bool
+            False when the chunk holds more than MAX_PATTERNS patterns (nothing is complete: the
+            caller runs general_kernel instead).
+        """
+        n = g.shape[0]
+        n_blocks = out_level.shape[0]
+        n_lev = levels.shape[0]
+        n_grp = out_rn.shape[1]
+        n_edges = edges.shape[0]
+        inv_gmax = 1.0 / g_max
+        ln_gmax = np.log(g_max)
+        g_flat = g.reshape(n * t_n)
+        slot_of = np.full(1 << t_n, -1, np.int64)
+        cap = min(1 << t_n, MAX_PATTERNS)
+        pat_w = np.zeros((cap, t_n))
+        pat_v = np.zeros((cap, t_n))
+        pat_h = np.zeros((cap, t_n))  # 1 - h_k for a read taken, else 0
+        pat_nc = np.zeros(cap, np.int64)
+        pat_ok = np.zeros(cap, np.bool_)
+        masks = np.zeros(cap, np.int64)
+        n_slots = 0
+        kept = np.zeros((cap, n_lev))  # kept devices per pattern and level
+        used = np.zeros((cap, n_lev))  # devices with a line per pattern and level
+        used_grp = np.zeros((cap, n_grp)) if by_programmed else np.zeros((0, 0))
+        y = np.empty(BLOCK * t_n, np.float32)
+        y0 = np.empty(t_n)
+        for b in range(n_blocks):
+            first = b * BLOCK
+            stop = min(n, first + BLOCK)
+            log_cells(g_flat, bits, first * t_n, (stop - first) * t_n, ln_gmax, y)
+            i = first
+            while i < stop:  # one run of devices with the same target
+                target = g_target[i]
+                lev = np.searchsorted(levels, target)
+                c0 = c1 = c2 = c3 = c5 = c6 = c8 = c9 = 0.0
+                r0 = r2 = r3 = 0.0
+                while i < stop and g_target[i] == target:
+                    c0 += 1.0
+                    if keep[i] != 0:
+                        c9 += 1.0
+                        i += 1
+                        continue
+                    base = (i - first) * t_n
+                    mask = 0
                     for k in range(t_n):
-                        nc += (mask >> k) & 1
-                    pat_nc[slot] = nc
-                    pat_ok[slot] = pat_w[slot, 0] == pat_w[slot, 0]  # NaN: no line
-                kept[slot, lev] += 1.0
-                if not pat_ok[slot]:
-                    c8 += 1.0  # fewer than two reads
-                    i += 1
-                    continue
-                slope = 0.0
-                inter = 0.0
-                for k in range(t_n):
-                    slope += pat_w[slot, k] * y0[k]
-                    inter += pat_v[slot, k] * y0[k]
-                gp = g_max * np.exp(inter)
-                if not (gp > 0.0 and gp < np.inf):
-                    c8 += 1.0  # a read of 0 S
-                    i += 1
-                    continue
-                nu = -slope  # Eq. 8: ln g = ln g_P - nu L
-                c1 += 1.0
-                c2 += nu
-                c3 += nu * nu
-                c5 += gp
-                c6 += gp * gp
-                used[slot, lev] += 1.0
-                rss = 0.0
-                three = pat_nc[slot] >= 3
-                if three:
+                        yk = np.float64(y[base + k])
+                        taken = yk == yk
+                        mask |= np.int64(taken) << k
+                        y0[k] = yk if taken else 0.0
+                    slot = slot_of[mask]
+                    if slot < 0:
+                        if n_slots == cap:
+                            return False
+                        slot = n_slots
+                        n_slots += 1
+                        slot_of[mask] = slot
+                        masks[slot] = mask
+                        _pattern_weights(mask, L, pat_w[slot], pat_v[slot], pat_h[slot])
+                        nc = 0
+                        for k in range(t_n):
+                            nc += (mask >> k) & 1
+                        pat_nc[slot] = nc
+                        pat_ok[slot] = pat_w[slot, 0] == pat_w[slot, 0]  # NaN: no line
+                    kept[slot, lev] += 1.0
+                    if not pat_ok[slot]:
+                        c8 += 1.0  # fewer than two reads
+                        i += 1
+                        continue
+                    slope = 0.0
+                    inter = 0.0
                     for k in range(t_n):
-                        e = y0[k] - inter - slope * L[k]
-                        e = e if (mask >> k) & 1 else 0.0
-                        rss += e * e
-                if by_programmed:  # group: the bin of x_P = g_P / g_max
-                    xref = gp * inv_gmax
-                    grp = min(max(np.searchsorted(edges, xref) - 1, 0), n_edges - 2)
-                    out_rn[b, grp, 0] += 1.0
-                    out_rn[b, grp, 1] += xref
+                        slope += pat_w[slot, k] * y0[k]
+                        inter += pat_v[slot, k] * y0[k]
+                    gp = g_max * np.exp(inter)
+                    if not (gp > 0.0 and gp < np.inf):
+                        c8 += 1.0  # a read of 0 S
+                        i += 1
+                        continue
+                    nu = -slope  # Eq. 8: ln g = ln g_P - nu L
+                    c1 += 1.0
+                    c2 += nu
+                    c3 += nu * nu
+                    c5 += gp
+                    c6 += gp * gp
+                    used[slot, lev] += 1.0
+                    rss = 0.0
+                    three = pat_nc[slot] >= 3
                     if three:
-                        out_rn[b, grp, 2] += 1.0
-                        out_rn[b, grp, 3] += rss
-                        used_grp[slot, grp] += 1.0
-                else:
-                    r0 += 1.0
-                    if three:
-                        r2 += 1.0
-                        r3 += rss
-                i += 1
-            out_level[b, lev, 0] += c0
-            out_level[b, lev, 1] += c1
-            out_level[b, lev, 2] += c2
-            out_level[b, lev, 3] += c3
-            out_level[b, lev, 5] += c5
-            out_level[b, lev, 6] += c6
-            out_level[b, lev, 8] += c8
-            out_level[b, lev, 9] += c9
-            if not by_programmed:
-                out_rn[b, lev, 0] += r0
-                out_rn[b, lev, 2] += r2
-                out_rn[b, lev, 3] += r3
-    # per (level or group, time): counts per pattern times the pattern's values
-    for s in range(n_slots):
-        mask = masks[s]
-        for lev in range(n_lev):
-            ck = kept[s, lev]
-            cu = used[s, lev]
-            for k in range(t_n):
-                if not (mask >> k) & 1:
-                    out_lt[lev, k, 6] += ck
-                elif cu > 0.0:
-                    wk = pat_w[s, k]
-                    vk = pat_v[s, k]
-                    out_lt[lev, k, 0] += cu
-                    out_lt[lev, k, 1] += cu * f2[k]
-                    out_lt[lev, k, 2] += cu * wk
-                    out_lt[lev, k, 3] += cu * (wk * wk)
-                    out_lt[lev, k, 4] += cu * vk
-                    out_lt[lev, k, 5] += cu * (vk * vk)
-        if pat_nc[s] < 3:
-            continue
-        for grp in range(n_grp):
-            c = used_grp[s, grp] if by_programmed else used[s, grp]
-            if c > 0.0:
+                        for k in range(t_n):
+                            e = y0[k] - inter - slope * L[k]
+                            e = e if (mask >> k) & 1 else 0.0
+                            rss += e * e
+                    if by_programmed:  # group: the bin of x_P = g_P / g_max
+                        xref = gp * inv_gmax
+                        grp = min(max(np.searchsorted(edges, xref) - 1, 0), n_edges - 2)
+                        out_rn[b, grp, 0] += 1.0
+                        out_rn[b, grp, 1] += xref
+                        if three:
+                            out_rn[b, grp, 2] += 1.0
+                            out_rn[b, grp, 3] += rss
+                            used_grp[slot, grp] += 1.0
+                    else:
+                        r0 += 1.0
+                        if three:
+                            r2 += 1.0
+                            r3 += rss
+                    i += 1
+                out_level[b, lev, 0] += c0
+                out_level[b, lev, 1] += c1
+                out_level[b, lev, 2] += c2
+                out_level[b, lev, 3] += c3
+                out_level[b, lev, 5] += c5
+                out_level[b, lev, 6] += c6
+                out_level[b, lev, 8] += c8
+                out_level[b, lev, 9] += c9
+                if not by_programmed:
+                    out_rn[b, lev, 0] += r0
+                    out_rn[b, lev, 2] += r2
+                    out_rn[b, lev, 3] += r3
+        # per (level or group, time): counts per pattern times the pattern's values
+        for s in range(n_slots):
+            mask = masks[s]
+            for lev in range(n_lev):
+                ck = kept[s, lev]
+                cu = used[s, lev]
                 for k in range(t_n):
-                    if (mask >> k) & 1:
-                        out_rn[0, grp, 4 + 3 * t_n + k] += c * pat_h[s, k]
-                        out_rn[0, grp, 4 + 4 * t_n + k] += c * (pat_h[s, k] * f2[k])
-    return True
+                    if not (mask >> k) & 1:
+                        out_lt[lev, k, 6] += ck
+                    elif cu > 0.0:
+                        wk = pat_w[s, k]
+                        vk = pat_v[s, k]
+                        out_lt[lev, k, 0] += cu
+                        out_lt[lev, k, 1] += cu * f2[k]
+                        out_lt[lev, k, 2] += cu * wk
+                        out_lt[lev, k, 3] += cu * (wk * wk)
+                        out_lt[lev, k, 4] += cu * vk
+                        out_lt[lev, k, 5] += cu * (vk * vk)
+            if pat_nc[s] < 3:
+                continue
+            for grp in range(n_grp):
+                c = used_grp[s, grp] if by_programmed else used[s, grp]
+                if c > 0.0:
+                    for k in range(t_n):
+                        if (mask >> k) & 1:
+                            out_rn[0, grp, 4 + 3 * t_n + k] += c * pat_h[s, k]
+                            out_rn[0, grp, 4 + 4 * t_n + k] += c * (pat_h[s, k] * f2[k])
+        return True
+
+    return lines
 
 
 @nb.njit([nb.float32[::1](nb.float32[::1]), nb.float64[::1](nb.float64[::1])], cache=True,

@@ -298,10 +298,10 @@ def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g
         out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
         g2 = g.reshape(n, t_n)
         bits = g2.reshape(-1).view(np.int32) if g.dtype == np.float32 else np.zeros(0, np.int32)
-        if lines_kernel(g2, bits, np.ascontiguousarray(L[0]), np.ascontiguousarray(f2[0]), keep,
-                        np.ascontiguousarray(g_target, dtype=np.float64), levels,
-                        st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level, out_lt,
-                        out_rn):
+        if lines_kernel(t_n)(g2, bits, np.ascontiguousarray(L[0]), np.ascontiguousarray(f2[0]),
+                             keep, np.ascontiguousarray(g_target, dtype=np.float64), levels,
+                             st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level,
+                             out_lt, out_rn):
             return out_level.sum(axis=0), out_lt, out_rn.sum(axis=0)
     inv_gmax = 1.0 / st.g_max
     none32 = np.zeros((0, 0), np.float32)
