@@ -14,17 +14,21 @@ touching a device's numbers once, around vectorised numpy calls:
    level by level, any order works).
 
 That fast path serves campaigns with R >= 2 reads at every (device, time) and one set of read
-times. Everything else (reads not taken, one read per time, per-device or temperature-mapped
+times. One read per time at read times shared by all devices (T <= MAX_PATTERN_TIMES) goes
+through ``lines_kernel(T)``: SIMD logs of the reads (``log_cells``), each device's line from
+the least-squares weights of its pattern of reads taken (computed once per pattern), SIMD
+exponentials (``exp_cells``), residual sums, and the per-level-and-time sums as counts per
+pattern times the pattern's weights. Everything else (reads not taken with repeats, per-device
 times) goes through ``cells_kernel`` (R >= 2: the moments of the reads taken in each cell), a
 vectorised numpy log, and ``general_kernel``, which fits each device's line with its own least-
-squares weights over the cells present; the two paths give the same sums where both apply
+squares weights over the cells present; the paths give the same sums where they overlap
 (tested).
 
 The kernels release the GIL: the caller runs several device chunks at once in threads (no
 barrier per parallel region, so a busy core does not stall the others), and adds the chunk sums
 in chunk order, so results do not depend on the thread count. Devices are summed in blocks of
-``BLOCK`` to limit rounding. The plain numpy reference of the same sums lives in
-tests/test_fit.py; the two are compared.
+``BLOCK`` to limit rounding. The plain numpy references of the same sums live in
+tests/test_fit.py and tests/test_campaign_v2.py; the kernels are compared with them.
 """
 from __future__ import annotations
 

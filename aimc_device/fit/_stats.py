@@ -20,10 +20,12 @@ variance s2_k [S^2]. Then
   read at >= 3 times) and, per time, the sums of (1 - h_k) and (1 - h_k) f2_k, h_k the hat value
   of the cell: E[RSS] = sum_k (1 - h_k) Var(ln g_k) for a line with independent errors.
 
-Two paths compute the same sums: a fast one for campaigns with R >= 2 reads at every cell and
-one set of read times (one least-squares weight vector for all devices, SIMD over the chunk) and
-a general one, one device at a time, for everything else (:mod:`._kernels`); a chunk with a
-missing read takes the general path.
+Three paths compute the same sums (:mod:`._kernels`): a fast one for campaigns with R >= 2
+reads at every cell and one set of read times (one least-squares weight vector for all devices,
+SIMD over the chunk); for one read per time at shared read times, one pass that keeps the
+least-squares weights per pattern of reads taken (lines_kernel); and a general one, one device
+at a time, for everything else (general_kernel). A chunk with a missing read leaves the fast
+path.
 
 Only sums are kept (a few arrays of length levels x times); besides them and one chunk, only
 ``g_target`` (one number per device, 1/(T R) of the reads) is held in memory.
@@ -121,7 +123,7 @@ class CampaignStats:
         sums of squares of ln g around their lines
     rn_h1, rn_hf : ndarray (G, T), sums of (1 - h_k) and (1 - h_k) f2_k over those devices
     exclusion : ExclusionRecord, devices dropped and why
-    chunks_fast, chunks_general : int, chunks that took each path
+    chunks_fast, chunks_general : int, chunks that took the fast path, and the others
     """
 
     x: np.ndarray
@@ -504,7 +506,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     reference_temperature : float, optional
         T_ref [K] of the equivalent times; default the campaign's ``reference_temperature``.
     general : bool
-        Run every chunk through the general path (for tests of the fast one).
+        Run every chunk through general_kernel (for tests of the faster paths).
 
     Returns
     -------
