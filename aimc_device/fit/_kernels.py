@@ -104,6 +104,21 @@ N_LEVEL_SUMS = 10
 #: Per-level-and-time sums (general path): cells read, f2, w, w^2, v, v^2, reads not taken.
 N_LT_SUMS = 7
 
+@nb.njit(nogil=True, inline="always")
+def _add_level(out_level, b, lev, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9):
+    """Add one run's per-level sums (the N_LEVEL_SUMS columns, in order) to block b, level lev."""
+    out_level[b, lev, 0] += c0
+    out_level[b, lev, 1] += c1
+    out_level[b, lev, 2] += c2
+    out_level[b, lev, 3] += c3
+    out_level[b, lev, 4] += c4
+    out_level[b, lev, 5] += c5
+    out_level[b, lev, 6] += c6
+    out_level[b, lev, 7] += c7
+    out_level[b, lev, 8] += c8
+    out_level[b, lev, 9] += c9
+
+
 _SUMS_SIG = [nb.void(nb.float32[:, ::1], nb.float32[:, ::1], nb.int64, gt[::1], gt[::1],
                      nb.float32[:, ::1], nb.float32[:, ::1], nb.float64[::1], nb.uint8[::1],
                      nb.boolean, nb.float64, nb.float64[::1], nb.float64[:, :, ::1],
@@ -180,16 +195,7 @@ def sums_kernel(m, s2, r_n, g_target, levels, line, var, gp, keep, by_programmed
                 else:
                     c8 += 1.0
                 i += 1
-            out_level[b, lev, 0] += c0
-            out_level[b, lev, 1] += c1
-            out_level[b, lev, 2] += c2
-            out_level[b, lev, 3] += c3
-            out_level[b, lev, 4] += c4
-            out_level[b, lev, 5] += c5
-            out_level[b, lev, 6] += c6
-            out_level[b, lev, 7] += c7
-            out_level[b, lev, 8] += c8
-            out_level[b, lev, 9] += c9
+            _add_level(out_level, b, lev, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9)
             if not by_programmed:
                 for k in range(t_n):  # every device of the run has R - 1 at every time
                     acc_rn[4 + 2 * t_n + k] = acc_rn[0] * dof
@@ -741,14 +747,7 @@ def lines_kernel(t_n: int):
                         if three:
                             r2 += 1.0
                             r3 += rss_a[j]
-                out_level[b, lev, 0] += c0
-                out_level[b, lev, 1] += c1
-                out_level[b, lev, 2] += c2
-                out_level[b, lev, 3] += c3
-                out_level[b, lev, 5] += c5
-                out_level[b, lev, 6] += c6
-                out_level[b, lev, 8] += c8
-                out_level[b, lev, 9] += c9
+                _add_level(out_level, b, lev, c0, c1, c2, c3, 0.0, c5, c6, 0.0, c8, c9)
                 if not by_programmed:
                     out_rn[b, lev, 0] += r0
                     out_rn[b, lev, 2] += r2
