@@ -444,6 +444,14 @@ def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monk
     np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
 
 
+def test_lines_kernel_same_result_on_any_thread_count():
+    ds = pcm.simulate_campaign(PRESET, 4, 500, times=NOMINAL[:6], repeats=1, rng=9, missing=0.1)
+    one = fit.campaign_statistics(ds, chunk_devices=300, n_workers=1)
+    three = fit.campaign_statistics(ds, chunk_devices=300, n_workers=3)
+    for key in ("sum_nu", "sum_nu2", "sum_gp2", "lt", "rn_rss", "rn_h1", "rn_hf"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(three, key), err_msg=key)
+
+
 def test_log_and_exp_cells_match_numpy():
     from aimc_device.fit._kernels import exp_cells, log_cells
 
