@@ -452,6 +452,19 @@ def test_lines_kernel_same_result_on_any_thread_count():
         np.testing.assert_array_equal(getattr(one, key), getattr(three, key), err_msg=key)
 
 
+def test_lines_kernel_hands_a_chunk_with_too_many_patterns_to_general_kernel():
+    from aimc_device.fit._kernels import MAX_PATTERNS
+
+    times = np.geomspace(1.0, 1e5, 11)
+    ds = pcm.simulate_campaign(PRESET, 2, 1500, times=times, repeats=1, rng=2, missing=0.5)
+    g = ds["g"].values[:, :, 0]
+    assert np.unique(np.isnan(g) @ (1 << np.arange(11))).size > MAX_PATTERNS
+    st = fit.campaign_statistics(ds, chunk_devices=3000)
+    general = fit.campaign_statistics(ds, chunk_devices=3000, general=True)
+    for key in ("n", "sum_nu", "lt", "rn_rss", "rn_h1"):
+        np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
+
+
 def test_log_and_exp_cells_match_numpy():
     from aimc_device.fit._kernels import exp_cells, log_cells
 

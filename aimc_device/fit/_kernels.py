@@ -575,49 +575,50 @@ def _pattern_weights(mask, L, w, v, one_minus_h):
 
 @functools.lru_cache(maxsize=None)
 def lines_kernel(t_n: int):
-    """The lines kernel compiled for ``t_n`` read times (cached in memory and on disk; LLVM
-    unrolls the loops over times and keeps a device's numbers in registers).
+    """The kernel for one read per time (R = 1) at read times shared by all devices, compiled
+    for ``t_n`` read times (cached in memory and on disk; LLVM unrolls the loops over times).
 
-    The kernel ``lines(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges,
-    out_level, out_lt, out_rn) -> bool`` is described below.
+    ``lines(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges, out_level,
+    out_lt, out_rn) -> bool`` adds the sums of :func:`general_kernel` (without repeats) of one
+    chunk.
+
+    A device's least-squares weights w_k, v_k and hat values h_k = v_k + w_k L_k depend only on
+    which of its T reads were taken (a bit pattern); they are computed once per pattern seen in
+    the chunk (as in general_kernel) and kept in a table. Per BLOCK of devices, in short passes
+    whose iterations are independent (so that the CPU overlaps devices): the logs of the reads
+    (:func:`log_cells`), each device's pattern, its slope and intercept = (w, v) . y over the
+    reads taken, g_P (:func:`exp_cells`), the residual sum of squares (>= 3 reads), then the
+    per-level sums over the runs of equal targets. The device is counted per (level, pattern)
+    and, for the "programmed" read-noise groups, per (group, pattern); the sums per level and
+    time (cells, f2, w, w^2, v, v^2, reads not taken) and per group and time (1 - h,
+    (1 - h) f2) are these counts times the pattern's values, added at the end (exact counts:
+    no rounding grows with the devices).
+
+    Parameters
+    ----------
+    g : (n, T) reads [S] (float32 or float64, C order), NaN for a read not taken, else >= 0
+    bits : (n * T,) int32, ``g.view(np.int32)`` for float32 reads, else empty
+    L, f2 : (T,) float64, ln((t_eq + t0) / t0) and the read-noise time term (dimensionless)
+    keep : (n,) uint8, 0 for a device kept, else its exclusion reason
+    g_target : (n,) float64 target [S]; levels : (K,) float64 sorted distinct targets [S]
+    by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level
+    g_max : float [S]
+    out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed
+    out_lt : (K, T, N_LT_SUMS) zeroed
+    out_rn : (n_blocks, G, rn_columns(T)) zeroed
+
+    Returns
+    -------
+    bool
+        False when the chunk holds more than MAX_PATTERNS patterns (the sums are incomplete: the
+        caller runs general_kernel instead).
     """
     if not 2 <= t_n <= MAX_PATTERN_TIMES:
         raise ValueError(f"lines_kernel: t_n = {t_n}; 2 to {MAX_PATTERN_TIMES} read times")
 
     @nb.njit(cache=True, nogil=True, error_model="numpy")
     def lines(g, bits, L, f2, keep, g_target, levels, by_programmed, g_max, edges,
-                     out_level, out_lt, out_rn):
-        """The sums of :func:`general_kernel` for one read per time (R = 1) and read times shared by
-        all devices, in one pass over the reads.
-
-        A device's least-squares weights w_k, v_k and hat values h_k = v_k + w_k L_k depend only on
-        which of its T reads were taken (a bit pattern); they are computed once per pattern seen in
-        the chunk (as in general_kernel) and kept in a table. Per device: the logs of its reads
-        (:func:`log_cells`, per BLOCK of devices), slope and intercept = (w, v) . y over the reads
-        taken, g_P, the residual sum of squares (>= 3 reads); the device is counted per (level,
-        pattern) and, for the "programmed" read-noise groups, per (group, pattern). The sums per
-        level and time (cells, f2, w, w^2, v, v^2, reads not taken) and per group and time
-        (1 - h, (1 - h) f2) are these counts times the pattern's values, added at the end.
-
-        Parameters
-        ----------
-        g : (n, T) reads [S] (float32 or float64, C order), NaN for a read not taken, else >= 0
-        bits : (n * T,) int32, ``g.view(np.int32)`` for float32 reads, else empty
-        L, f2 : (T,) float64, ln((t_eq + t0) / t0) and the read-noise time term (dimensionless)
-        keep : (n,) uint8, 0 for a device kept, else its exclusion reason
-        g_target : (n,) float64 target [S]; levels : (K,) float64 sorted distinct targets [S]
-        by_programmed : group read noise by bins ``edges`` of g_P / g_max instead of by level
-        g_max : float [S]
-        out_level : (n_blocks, K, N_LEVEL_SUMS) zeroed
-        out_lt : (K, T, N_LT_SUMS) zeroed
-        out_rn : (n_blocks, G, rn_columns(T)) zeroed
-
-        Returns
-        -------
-        bool
-            False when the chunk holds more than MAX_PATTERNS patterns (nothing is complete: the
-            caller runs general_kernel instead).
-        """
+              out_level, out_lt, out_rn):
         n = g.shape[0]
         n_blocks = out_level.shape[0]
         n_lev = levels.shape[0]
