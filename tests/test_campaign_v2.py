@@ -396,6 +396,103 @@ def test_general_kernel_matches_numpy_reference(repeats):
     assert st.chunks_fast == 0 and st.chunks_general == 4
 
 
+@pytest.mark.parametrize("reference", ["target", "programmed"])
+def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monkeypatch):
+    """One read per time at shared read times (lines_kernel): reads not taken, a device read at
+    two times, one read once, a read of 0 S, excluded devices."""
+    ds = pcm.simulate_campaign(PRESET, 4, 60, times=NOMINAL[:6], repeats=1, rng=8, missing=0.15)
+    g = ds["g"].values
+    g[3, :4, 0] = np.nan   # two reads: a line, no residuals
+    g[5, 1:, 0] = np.nan   # one read: no line
+    g[7, 2, 0] = 0.0       # a read of 0 S: no line
+    prior = PRESET.replace(read_noise_reference=reference)
+    calls = []
+    real = fit._stats.lines_kernel
+    monkeypatch.setattr(fit._stats, "lines_kernel",
+                        lambda t_n: calls.append(t_n) or real(t_n))
+    st = fit.campaign_statistics(ds, prior, chunk_devices=70)
+    assert calls == [6] * 4
+    general = fit.campaign_statistics(ds, prior, chunk_devices=70, general=True)
+    # general_kernel rounds ln g to float32 too, but each in its own way: ~1e-7 on each log,
+    # up to ~1e-6 on an intercept extrapolated to t = 0
+    for key in ("n_total", "n", "n_unusable", "n_excluded", "rn_n", "rn_nrss", "rn_dof"):
+        np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
+    for key in ("sum_nu", "sum_nu2", "sum_gp", "sum_gp2", "rn_x", "lt", "rn_h1", "rn_hf"):
+        np.testing.assert_allclose(getattr(st, key), getattr(general, key), rtol=1e-5,
+                                   atol=1e-12 * np.abs(getattr(general, key)).max(),
+                                   err_msg=key)
+    np.testing.assert_allclose(st.rn_rss, general.rn_rss, rtol=1e-4)
+    if reference == "target":
+        ref = _reference_sums(ds, ds["time"].values, False)
+        for key in ("n", "sum_nu", "sum_nu2", "sum_gp", "sum_gp2"):
+            np.testing.assert_allclose(getattr(st, key), ref[key], rtol=1e-5, err_msg=key)
+        np.testing.assert_allclose(st.rn_rss, ref["rss"], rtol=1e-4)
+        np.testing.assert_allclose(st.lt, ref["lt"], rtol=1e-12, atol=1e-12)
+        for key in ("h1", "hf"):
+            np.testing.assert_allclose(getattr(st, f"rn_{key}"), ref[key], rtol=1e-12,
+                                       atol=1e-12, err_msg=key)
+    # devices dropped by `valid`: counted, not fitted, their missing reads still counted
+    valid = np.ones(ds.sizes["device"], bool)
+    valid[[3, 10, 11, 100]] = False
+    ds["valid"] = ("device", valid)
+    dropped = fit.campaign_statistics(ds, prior, chunk_devices=70)
+    general = fit.campaign_statistics(ds, prior, chunk_devices=70, general=True)
+    assert dropped.n_excluded.sum() == 4
+    for key in ("n", "n_excluded", "n_unusable", "rn_n"):
+        np.testing.assert_array_equal(getattr(dropped, key), getattr(general, key), err_msg=key)
+    np.testing.assert_allclose(dropped.lt, general.lt, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
+
+
+def test_lines_kernel_same_result_on_any_thread_count():
+    ds = pcm.simulate_campaign(PRESET, 4, 500, times=NOMINAL[:6], repeats=1, rng=9, missing=0.1)
+    one = fit.campaign_statistics(ds, chunk_devices=300, n_workers=1)
+    three = fit.campaign_statistics(ds, chunk_devices=300, n_workers=3)
+    for key in ("sum_nu", "sum_nu2", "sum_gp2", "lt", "rn_rss", "rn_h1", "rn_hf"):
+        np.testing.assert_array_equal(getattr(one, key), getattr(three, key), err_msg=key)
+
+
+def test_lines_kernel_hands_a_chunk_with_too_many_patterns_to_general_kernel():
+    from aimc_device.fit._kernels import MAX_PATTERNS
+
+    times = np.geomspace(1.0, 1e5, 11)
+    ds = pcm.simulate_campaign(PRESET, 2, 1500, times=times, repeats=1, rng=2, missing=0.5)
+    g = ds["g"].values[:, :, 0]
+    assert np.unique(np.isnan(g) @ (1 << np.arange(11))).size > MAX_PATTERNS
+    st = fit.campaign_statistics(ds, chunk_devices=3000)
+    general = fit.campaign_statistics(ds, chunk_devices=3000, general=True)
+    for key in ("n", "sum_nu", "lt", "rn_rss", "rn_h1"):
+        np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
+
+
+def test_log_and_exp_cells_match_numpy():
+    from aimc_device.fit._kernels import exp_cells, log_cells
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.uniform(1e-7, 3e-5, 5000), 10.0 ** rng.uniform(-37, 38, 5000),
+                        [np.nan, 0.0, 1e-40, 1.2e-38, np.float32(3.4e38), np.inf]])
+    x = x.astype(np.float32)
+    ln_gmax = np.log(25e-6)
+    with np.errstate(divide="ignore"):
+        ref = np.log(x.astype(np.float64)) - ln_gmax
+    for g, bits in ((x, x.view(np.int32)), (x.astype(np.float64), np.zeros(0, np.int32))):
+        out = np.empty(x.size, np.float32)
+        log_cells(g, bits, 0, x.size, ln_gmax, out)
+        np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
+        np.testing.assert_array_equal(out[~np.isfinite(ref)], ref[~np.isfinite(ref)])
+        ok = np.isfinite(ref)
+        # within about one float32 rounding of the exact value
+        np.testing.assert_array_less(np.abs(out[ok] - ref[ok]), 1.5e-7 * np.maximum(1.0,
+                                                                                    np.abs(ref[ok])))
+    v = np.concatenate([rng.uniform(-30.0, 2.0, 5000), rng.uniform(-760.0, 720.0, 5000),
+                        [np.nan, -np.inf, np.inf, 0.0, -700.0, 700.0]])
+    out = np.empty_like(v)
+    exp_cells(v, out, np.empty(v.size, np.int64))
+    with np.errstate(over="ignore"):
+        want = np.exp(v)
+    np.testing.assert_allclose(out, want, rtol=1e-15, atol=0)
+
+
 def test_fast_path_matches_general_path():
     ds = pcm.simulate_campaign(PRESET, 5, 300, repeats=3, rng=10)
     fast = fit.campaign_statistics(ds, chunk_devices=256)

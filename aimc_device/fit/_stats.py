@@ -20,10 +20,12 @@ variance s2_k [S^2]. Then
   read at >= 3 times) and, per time, the sums of (1 - h_k) and (1 - h_k) f2_k, h_k the hat value
   of the cell: E[RSS] = sum_k (1 - h_k) Var(ln g_k) for a line with independent errors.
 
-Two paths compute the same sums: a fast one for campaigns with R >= 2 reads at every cell and
-one set of read times (one least-squares weight vector for all devices, SIMD over the chunk) and
-a general one, one device at a time, for everything else (:mod:`._kernels`); a chunk with a
-missing read takes the general path.
+Three paths compute the same sums (:mod:`._kernels`): a fast one for campaigns with R >= 2
+reads at every cell and one set of read times (one least-squares weight vector for all devices,
+SIMD over the chunk); for one read per time at shared read times, one pass that keeps the
+least-squares weights per pattern of reads taken (lines_kernel); and a general one, one device
+at a time, for everything else (general_kernel). A chunk with a missing read leaves the fast
+path.
 
 Only sums are kept (a few arrays of length levels x times); besides them and one chunk, only
 ``g_target`` (one number per device, 1/(T R) of the reads) is held in memory.
@@ -46,8 +48,9 @@ from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE,
                                check_conductances, check_campaign, check_read_times,
                                root_quantity, field_name)
 from ..pcm import PCMModel, equivalent_time
-from ._kernels import (BLOCK, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel, distinct_values,
-                       general_kernel, moments_kernel, rn_columns, sums_kernel)
+from ._kernels import (BLOCK, MAX_PATTERN_TIMES, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel,
+                       distinct_values, general_kernel, lines_kernel, moments_kernel, rn_columns,
+                       sums_kernel)
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS",
            "campaign_temperatures", "log_time", "read_noise_log_time", "CampaignChunk",
@@ -115,7 +118,7 @@ class CampaignStats:
         sums of squares of ln g around their lines
     rn_h1, rn_hf : ndarray (G, T), sums of (1 - h_k) and (1 - h_k) f2_k over those devices
     exclusion : ExclusionRecord, devices dropped and why
-    chunks_fast, chunks_general : int, chunks that took each path
+    chunks_fast, chunks_general : int, chunks that took the fast path, and the others
     """
 
     x: np.ndarray
@@ -279,11 +282,24 @@ def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: n
 
 
 def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
-                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray):
-    """Per-level, per-level-and-time and per-group sums of any chunk (cells_kernel with repeats,
-    a numpy log, general_kernel)."""
+                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray, lines: bool = True):
+    """Per-level, per-level-and-time and per-group sums of any chunk: lines_kernel for one read
+    per time at shared read times (``lines``), else cells_kernel with repeats, a numpy log and
+    general_kernel."""
     n, t_n, r_n = g.shape
     g = np.ascontiguousarray(g)
+    if lines and r_n == 1 and L.shape[0] == 1 and t_n <= MAX_PATTERN_TIMES:
+        n_blocks = -(-n // BLOCK)
+        out_level = np.zeros((n_blocks, st.x.size, N_LEVEL_SUMS))
+        out_lt = np.zeros((st.x.size, t_n, N_LT_SUMS))
+        out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
+        g2 = g.reshape(n, t_n)
+        bits = g2.reshape(-1).view(np.int32) if g.dtype == np.float32 else np.zeros(0, np.int32)
+        if lines_kernel(t_n)(g2, bits, np.ascontiguousarray(L[0]), np.ascontiguousarray(f2[0]),
+                             keep, np.ascontiguousarray(g_target, dtype=np.float64), levels,
+                             st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level,
+                             out_lt, out_rn):
+            return out_level.sum(axis=0), out_lt, out_rn.sum(axis=0)
     inv_gmax = 1.0 / st.g_max
     none32 = np.zeros((0, 0), np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -485,7 +501,7 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
     reference_temperature : float, optional
         T_ref [K] of the equivalent times; default the campaign's ``reference_temperature``.
     general : bool
-        Run every chunk through the general path (for tests of the fast one).
+        Run every chunk through general_kernel (for tests of the faster paths).
 
     Returns
     -------
@@ -552,7 +568,8 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         t_eq = src.equivalent_times(start, stop, ws.t)
         L = log_time(t_eq, t0)
         f2 = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)
-        return _general_sums(st, g_target[start:stop], levels64, g, L, f2, keep), keep, False
+        return (_general_sums(st, g_target[start:stop], levels64, g, L, f2, keep, not general),
+                keep, False)
 
     def collect(result, start):
         sums, keep, was_fast = result
