@@ -202,7 +202,7 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     alpha : torch.Tensor (n_tiles,), input range per tile
     out_scale : torch.Tensor (n_tiles, out), digital factor per tile and column
     channel_sizes : list of int, input channels per tile (:func:`conv_channel_split`)
-    kernel_size, stride, padding, dilation : tuples (one entry per spatial dimension)
+    kernel_size, stride, padding, dilation : int or tuple (one entry per spatial dimension)
     generator : torch.Generator or None, per-MVM draws
     zeta : S-shaped ADC gains, as in :func:`analog_mvm`
     bias : torch.Tensor (out,) or None, the layer's digital bias (added once)
@@ -217,6 +217,9 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
                          "analog_mvm on unfolded inputs for them")
     dims = x.dim() - 2
     conv = _CONV[dims]
+    kernel_size, stride, padding, dilation = (
+        tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+        for v in (kernel_size, stride, padding, dilation))
     w0 = w_tiles[0]
     n_out = w0.shape[0]
     x = x.to(w0.dtype)
