@@ -173,9 +173,14 @@ def network_cases(quick: bool):
 
 
 def _analog(fp, cfg, device):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        analog = anl.convert(copy.deepcopy(fp), cfg, pcm.PCMModel.preset("rasch2023"), rng=0)
+    """The converted model on ``device``, or None where nn.convert leaves it digital (or
+    refuses it)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            analog = anl.convert(copy.deepcopy(fp), cfg, pcm.PCMModel.preset("rasch2023"), rng=0)
+    except ValueError:
+        return None
     if not list(anl.analog_tiles(analog)):
         return None
     return analog.to(device)

@@ -65,7 +65,7 @@ def _aux_products(xd, w, cfg, options, z):
     its signal z = W~ xd (rows, out): (W~ o P) xd and [|xd|; xd^2] against |W~| (Eqs. 14-18),
     in bfloat16 under ``options.aux_bfloat16`` (float32 only), read back in z's precision."""
     dt = z.dtype
-    adt = torch.bfloat16 if options.aux_bfloat16 and dt == torch.float32 else dt
+    adt = torch.bfloat16 if options.bfloat16_products and dt == torch.float32 else dt
     n, b = w.shape[1], xd.shape[0]
     w_px = ss = None
     at = np.zeros(6, dtype=np.intp)
@@ -242,7 +242,7 @@ def _conv_tile_products(x4, w, conv4, cfg, options):
     conv2d = torch.nn.functional.conv2d
     has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
     nonneg = has_ir and bool(x4.min() >= 0)  # then |x~| = x~: one input for three products
-    adt = torch.bfloat16 if options.aux_bfloat16 and x4.dtype == torch.float32 else x4.dtype
+    adt = torch.bfloat16 if options.bfloat16_products and x4.dtype == torch.float32 else x4.dtype
 
     def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last
         y = y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)

@@ -26,6 +26,7 @@ References
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import namedtuple
 
@@ -88,7 +89,13 @@ activity (None: no IR drop); |W~| for the short-term noise (None: none)."""
 
 def stage(cfg, n_rows, dtype, key, *, unit=1.0, row_f=1.0, accumulate=False) -> Stage:
     """The :class:`Stage` record of a tile of ``n_rows`` rows under ``cfg`` in ``dtype``."""
-    ft = np.dtype(dtype).type  # scalars in the arrays' precision
+    return _stage(cfg, n_rows, np.dtype(dtype), float(unit), float(row_f), bool(accumulate)
+                  )._replace(key=np.uint64(key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage(cfg, n_rows, dtype, unit, row_f, accumulate) -> Stage:
+    ft = dtype.type  # scalars in the arrays' precision
     s_out, levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
     return Stage(unit=ft(unit), on2=ft(cfg.out_noise) * ft(cfg.out_noise),
                  wn2=ft(cfg.w_noise * unit) * ft(cfg.w_noise * unit),
@@ -96,8 +103,8 @@ def stage(cfg, n_rows, dtype, key, *, unit=1.0, row_f=1.0, accumulate=False) -> 
                  c1=ft(IR_DROP_POLY[0]), c2=ft(IR_DROP_POLY[1]), c3=ft(IR_DROP_POLY[2]),
                  s_out=ft(s_out) if s_out > 0.0 else None,
                  levels=ft(levels if s_out > 0.0 else cfg.out_bound), row_f=ft(row_f),
-                 mask_bound=ft(cfg.out_bound), key=np.uint64(key), noisy=cfg.has_noise,
-                 accumulate=bool(accumulate))
+                 mask_bound=ft(cfg.out_bound), key=np.uint64(0), noisy=cfg.has_noise,
+                 accumulate=accumulate)
 
 
 # Element access that maps a switched-off term (None) to zero or to nothing at compile time: a

@@ -302,7 +302,7 @@ class AnalogArray:
         s = []
         # bfloat16 GEMM (float32 accumulation) under EngineOptions.aux_bfloat16: +-1 inputs are
         # exact, the rounding of weights and outputs is unbiased and averages out over the sum.
-        low = current_options().aux_bfloat16 and self._w.dtype == torch.float32
+        low = current_options().bfloat16_products and self._w.dtype == torch.float32
         for w in self.w_tiles:
             dt = torch.bfloat16 if low else w.dtype
             x_ref = _reference_inputs(self.cfg.drift_comp_inputs, w.shape[1], dt, w.device)
