@@ -14,7 +14,7 @@ Measured on 2 CPU cores of an x86-64 machine with AVX-512 (shared with other wor
 2.13 CPU, 2 torch / 2 Numba threads (median paired ratio over three runs):
 
     periphery only     1.26x-1.28x  (target 1.3)
-    standard model     2.35x-2.6x   (target 4.5; auxiliary GEMMs in bfloat16, cfg.aux_bfloat16)
+    standard model     2.35x-2.6x   (target 4.5; auxiliary GEMMs in bfloat16, EngineOptions.aux_bfloat16)
     program + drift    4.4x-4.8x    (target 5; the PCM sampler's Numba kernels are 2.2 ms of it)
 """
 from __future__ import annotations

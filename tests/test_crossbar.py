@@ -11,6 +11,7 @@ from scipy import stats
 from aimc_device.crossbar import (
     AnalogArray,
     CrossbarConfig,
+    EngineOptions,
     analog_mvm,
     map_weights,
     mvm_error,
@@ -22,6 +23,11 @@ from aimc_device.crossbar import (
 from aimc_device.crossbar.metric import standard_test_case
 
 F = torch.nn.functional.linear
+
+
+def _opts(fast):
+    """The engine options of the fast backend (where it applies) or of the torch reference."""
+    return EngineOptions(backend="auto" if fast else "reference")
 
 
 def _gen(seed=0):
@@ -178,7 +184,7 @@ def test_ideal_reproduces_exact_product(shape, fused):
     bias = torch.linspace(-1, 1, shape[0], dtype=w.dtype)
     arr = AnalogArray(w, CrossbarConfig.ideal(), device=None, bias=bias)
     assert arr.n_tiles == math.ceil(shape[1] / 512)
-    y = analog_mvm(x, arr.w_tiles, arr.cfg, arr.alpha, arr.out_scale, fused=fused) + bias
+    y = analog_mvm(x, arr.w_tiles, arr.cfg, arr.alpha, arr.out_scale, options=_opts(fused)) + bias
     torch.testing.assert_close(y, x @ w.T + bias, rtol=1e-10, atol=1e-10)
     # numpy in -> numpy out, after programming ideal devices and drifting them
     arr.program(rng=0).drift(3600.0, rng=1)
@@ -194,8 +200,8 @@ def test_fused_path_matches_torch_path():
     alpha = torch.ones(2)
     for cfg in (CrossbarConfig(out_noise=0.0, w_noise=0.0), CrossbarConfig(out_noise=0.0,
                 w_noise=0.0, noise_management="abs_max")):
-        a = analog_mvm(x, tiles, cfg, alpha, gamma, fused=True)
-        b = analog_mvm(x, tiles, cfg, alpha, gamma, fused=False)
+        a = analog_mvm(x, tiles, cfg, alpha, gamma, options=_opts(True))
+        b = analog_mvm(x, tiles, cfg, alpha, gamma, options=_opts(False))
         # rounding may flip an ADC level on a handful of outputs, never more than one level
         step = periphery.quantizer_step(8, 10.0) * gamma.max() * 1.001
         diff = (a - b).abs()
@@ -203,8 +209,8 @@ def test_fused_path_matches_torch_path():
     # with noise: same distribution of the error
     cfg = CrossbarConfig(ir_drop=0.0, out_bits=None, out_bound=math.inf)
     ideal = analog_mvm(x, tiles, CrossbarConfig.ideal(), alpha, gamma)
-    ea = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), fused=True) - ideal)
-    eb = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), fused=False) - ideal)
+    ea = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), options=_opts(True)) - ideal)
+    eb = (analog_mvm(x, tiles, cfg, alpha, gamma, generator=_gen(1), options=_opts(False)) - ideal)
     assert abs(ea.std() / eb.std() - 1) < 0.03 and abs(ea.mean()) < 0.01
 
 
@@ -227,7 +233,7 @@ def test_output_stage_equals_the_periphery_reference(fused):
         return alpha * scale[0] * periphery.quantize(z, cfg.out_bits, cfg.out_bound)  # ADC
 
     cfg = CrossbarConfig(out_bound=20.0, out_noise=0.0, w_noise=0.0, ir_drop=3.0)
-    y = analog_mvm(x, [w], cfg, alpha, scale, fused=fused)
+    y = analog_mvm(x, [w], cfg, alpha, scale, options=_opts(fused))
     ref = reference(x, cfg)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     no_ir = reference(x, cfg.replace(ir_drop=0.0))
@@ -238,7 +244,7 @@ def test_output_stage_equals_the_periphery_reference(fused):
                         w_noise=0.05)
     clean = reference(x[:1], noisy)
     xr = x[:1].expand(5000, -1)
-    err = (analog_mvm(xr, [w], noisy, alpha, scale, generator=_gen(5), fused=fused)
+    err = (analog_mvm(xr, [w], noisy, alpha, scale, generator=_gen(5), options=_opts(fused))
            - clean) / (alpha * scale[0])
     ref_err = (reference(xr, noisy, _gen(6)) - clean) / (alpha * scale[0])
     assert stats.ks_2samp(err.ravel().numpy(), ref_err.ravel().numpy()).pvalue > 1e-3
@@ -255,7 +261,7 @@ def test_output_noise_has_its_std_on_zero_input(fused):
     w = torch.randn(256, 128, generator=_gen(0))
     x = torch.zeros(400, 128)
     y = analog_mvm(x, [w.clamp(-1, 1)], cfg, torch.ones(1), torch.ones(1, 256),
-                   generator=_gen(3), fused=fused)
+                   generator=_gen(3), options=_opts(fused))
     assert abs(float(y.std()) / 0.04 - 1) < 0.02 and abs(float(y.mean())) < 0.001
 
 
@@ -265,7 +271,7 @@ def test_short_term_noise_std_follows_eq14(fused):
     tiles, _ = map_weights(torch.randn(64, 256, generator=_gen(0)), [256])
     x = torch.rand(1, 256, generator=_gen(1)).expand(4000, 256).contiguous()
     y = analog_mvm(x, tiles, cfg, torch.ones(1), torch.ones(1, 64), generator=_gen(2),
-                   fused=fused)
+                   options=_opts(fused))
     want = 0.0175 * torch.sqrt(F(x[:1] ** 2, tiles[0].abs()))[0]  # Eq. 14
     ratio = y.std(dim=0) / want
     assert abs(float(ratio.mean()) - 1) < 0.02
@@ -282,8 +288,8 @@ def test_ir_drop_lowers_far_rows_more():
     far[0, -128:] = 1.0
     one = (torch.ones(1, dtype=torch.float64), torch.ones(1, 4, dtype=torch.float64))
     for fused in (True, False):
-        y_near = analog_mvm(near, [w], cfg, *one, fused=fused)
-        y_far = analog_mvm(far, [w], cfg, *one, fused=fused)
+        y_near = analog_mvm(near, [w], cfg, *one, options=_opts(fused))
+        y_far = analog_mvm(far, [w], cfg, *one, options=_opts(fused))
         exact = 0.8 * 128
         d_near, d_far = exact - y_near[0, 0].item(), exact - y_far[0, 0].item()
         assert 0 <= d_near < d_far
@@ -341,7 +347,7 @@ def test_each_nonideality_alone_matches_its_closed_form():
             if name == "IR drop":
                 z = z + _ir_term(xs, wt, cfg.ir_drop, cfg.ir_drop_g)
             y = alpha * gamma * _q(z, cfg.out_bits, cfg.out_bound)
-        # float32 arrays; the IR-drop products run in bfloat16 (CrossbarConfig.aux_bfloat16)
+        # float32 arrays; the IR-drop products run in bfloat16 (EngineOptions.aux_bfloat16)
         assert eps == pytest.approx(_eps(y, y_ref), rel=0.01 if name == "IR drop" else 1e-3), name
 
 
@@ -564,12 +570,13 @@ def test_fused_kernel_normals_are_standard_and_thread_independent():
     from aimc_device.crossbar import _kernels as K
 
     z = np.zeros((400, 501))
-    e = np.empty((0, 0))
-    args = (e, e, e, False, False, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, np.ones(1), np.ones(501),
-            np.uint64(11), False)
+    cfg = CrossbarConfig(out_noise=1.0, w_noise=0.0, ir_drop=0.0, out_bits=None,
+                         out_bound=math.inf)
+    products = K.Products(z, None, None, None, np.zeros(6, np.intp))
+    stage = K.stage(cfg, 501, z.dtype, 11)
     a, b = np.empty_like(z), np.empty_like(z)
-    K.output_stage(z, *args, a, parallel=True)
-    K.output_stage(z, *args, b, parallel=False)
+    K.output_stage(products, stage, K.Outputs(a, np.ones(501), None, None, None), parallel=True)
+    K.output_stage(products, stage, K.Outputs(b, np.ones(501), None, None, None), parallel=False)
     np.testing.assert_array_equal(a, b)
     assert np.isfinite(a).all()  # every variate outside its rectangle was completed
     assert stats.kstest(a.ravel(), "norm").pvalue > 1e-3

@@ -9,9 +9,14 @@ import torch
 from scipy import stats
 
 from aimc_device import pcm
-from aimc_device.crossbar import AnalogArray, CrossbarConfig
+from aimc_device.crossbar import AnalogArray, CrossbarConfig, EngineOptions
 from aimc_device.crossbar import array as array_mod
 from aimc_device.crossbar.state import export_state, import_state
+
+
+def _opts(fast):
+    """The engine options of the fast backend (where it applies) or of the torch reference."""
+    return EngineOptions(backend="auto" if fast else "reference")
 
 MODEL = pcm.PCMModel.preset("rasch2023")
 G_MAX = MODEL.g_max
@@ -334,8 +339,8 @@ def test_ir_drop_scale_is_the_wire_resistance(s):
     same = CrossbarConfig.ideal(ir_drop=1.0, ir_drop_g=s * 1.75e-6)
     one, scale = torch.ones(1, dtype=torch.float64), torch.ones((1, 48), dtype=torch.float64)
     for fused in (True, False):
-        y = analog_mvm(xt, [wt], cfg, one, scale, fused=fused)
-        torch.testing.assert_close(y, analog_mvm(xt, [wt], same, one, scale, fused=fused))
+        y = analog_mvm(xt, [wt], cfg, one, scale, options=_opts(fused))
+        torch.testing.assert_close(y, analog_mvm(xt, [wt], same, one, scale, options=_opts(fused)))
         torch.testing.assert_close(y, torch.from_numpy(x @ w.T + ref), rtol=1e-10, atol=1e-10)
 
 
@@ -412,7 +417,7 @@ def test_mvm_without_bits_clips_inputs_and_outputs(fused):
     alpha, scale = 1.5, g.uniform(0.5, 2.0, 24)
     y = analog_mvm(torch.from_numpy(x), [torch.from_numpy(w)], cfg,
                    torch.tensor([alpha], dtype=torch.float64),
-                   torch.from_numpy(scale)[None], fused=fused)
+                   torch.from_numpy(scale)[None], options=_opts(fused))
     z = np.clip(x / alpha, -0.5, 0.5) @ w.T
     assert 0.05 < np.mean(np.abs(z) > 3.0) < 0.9  # the output bound matters here
     np.testing.assert_allclose(y.numpy(), np.clip(z, -3.0, 3.0) * alpha * scale, rtol=1e-12,

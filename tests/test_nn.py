@@ -17,6 +17,8 @@ from aimc_device import nn as anl
 from _ddp_worker import ddp_worker
 from _quick_models import quick_fp
 
+#: The torch reference of the analog MVM (crossbar.EngineOptions).
+REFERENCE = crossbar.EngineOptions(backend="reference")
 DEV = pcm.PCMModel.preset("rasch2023")
 STD = crossbar.CrossbarConfig()
 # Small tiles so that modest layers span several of them.
@@ -138,7 +140,7 @@ def test_gradients_reach_weights_ranges_and_scales(monkeypatch):
         p.detach().clone().requires_grad_() for p in leaves[1:]]
     w, alpha, gamma, kappa, b = ref_leaves
     y_ref = crossbar.analog_mvm(x, list(torch.split(w, tile.tile_sizes, 1)), cfg, alpha,
-                                gamma * (kappa / cfg.out_bound)[:, None], fused=False) + b
+                                gamma * (kappa / cfg.out_bound)[:, None], options=REFERENCE) + b
     grads_ref = torch.autograd.grad((y_ref * up).sum(), ref_leaves)
     torch.testing.assert_close(y.detach(), y_ref.detach(), rtol=1e-10, atol=1e-10)
     for g, g_ref in zip(grads, grads_ref):
@@ -423,7 +425,7 @@ def test_conv_path_equals_unfolded_mvm(conv, shape, input_grad):  # gradient by 
     # Analog convolutions run every term as a convolution (crossbar.analog_conv). With the noise
     # off they must give the numbers of analog_mvm on the unfolded patches (im2col), IR drop,
     # DAC and ADC included, over several channel-group tiles, in training and evaluation.
-    cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=32, aux_bfloat16=False)
+    cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=32)
     torch.manual_seed(4)
     a = anl.convert(nn.Sequential(conv), cfg, device=None).double()
     layer, tile = a[0], a[0].tile
@@ -445,7 +447,7 @@ def test_conv_path_equals_unfolded_mvm(conv, shape, input_grad):  # gradient by 
                                        padding=pd, stride=st).transpose(1, 2).reshape(
                                            rows.shape),
                               list(torch.split(tile.weight, tile.tile_sizes, 1)), cfg,
-                              tile.alpha, tile._digital_scale(), fused=False)
+                              tile.alpha, tile._digital_scale(), options=REFERENCE)
     ref = ref.reshape(x.shape[0], -1, conv.out_channels).transpose(1, 2) + layer.bias[:, None]
     up = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(6))
     g_ref = torch.autograd.grad((ref * up).sum(), leaves)
@@ -492,7 +494,7 @@ def test_programmed_asymmetry_and_s_adc_survive_state_dict():
 
 
 @pytest.mark.parametrize("out_bits", [8, 10, None])  # int8 ADC levels kept, or values
-@pytest.mark.parametrize("sizes", [(24, 16), (20, 20)])  # equal tiles: batched in one stage
+@pytest.mark.parametrize("sizes", [(24, 16), (20, 20)])
 def test_fused_training_stage_matches_torch_path(out_bits, sizes):
     # The CPU training forward fuses the output stage (Numba) with a straight-through backward;
     # with the noise off it must give the torch path's values and gradients.
@@ -505,8 +507,8 @@ def test_fused_training_stage_matches_torch_path(out_bits, sizes):
     scale = torch.rand(2, 6, dtype=torch.float64).add_(0.5).requires_grad_()
     leaves = [x, alpha, scale, *w_tiles]
     outs, grads = [], []
-    for fused in (None, False):
-        y = crossbar.analog_mvm(x, w_tiles, cfg, alpha, scale, fused=fused)
+    for options in (None, REFERENCE):
+        y = crossbar.analog_mvm(x, w_tiles, cfg, alpha, scale, options=options)
         g = torch.autograd.grad((y * torch.linspace(-1, 1, 6, dtype=y.dtype)).sum(), leaves)
         outs.append(y.detach())
         grads.append(g)
@@ -533,7 +535,7 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu
     # place by the output stage (the path of larger tiles): the same draws (same key, same
     # element index), values and gradients.
     from aimc_device.crossbar import _kernels
-    cfg = STD.replace(aux_bfloat16=False, out_bound=3.0, out_bits=out_bits)
+    cfg = STD.replace(out_bound=3.0, out_bits=out_bits)
     torch.manual_seed(5)
     conv = make_conv()
     a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).double().train()
@@ -560,32 +562,39 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu
         torch.testing.assert_close(g_direct, g_conv, rtol=1e-10, atol=1e-10)
 
 
+def ctypes_libc():
+    import ctypes
+    import ctypes.util
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+
+
 def test_freed_heap_memory_is_kept_between_steps():
-    # Importing aimc_device.nn keeps freed heap memory (glibc): buffers freed and allocated again
-    # every training step are not faulted back in page by page (see nn/_memory.py). Five 20 MB
-    # blocks freed together exceed glibc's default trim threshold (at most 64 MB), so a process
-    # with the default policy gives them back and faults ~25000 pages to take them again.
+    # nn.retain_freed_memory() (opt-in; importing the package leaves the allocator alone) keeps
+    # freed heap memory (glibc): buffers freed and allocated again every training step are not
+    # faulted back in page by page (see nn/_memory.py). Five 20 MB blocks freed together exceed
+    # glibc's default trim threshold (at most 64 MB), so a process with the default policy
+    # gives them back and faults ~25000 pages to take them again.
     import subprocess
     import sys
     from aimc_device.nn import _memory
-    if not _memory.APPLIED:
+    if not hasattr(ctypes_libc(), "gnu_get_libc_version"):
         pytest.skip("not glibc: the allocator is left alone")
-    code = (f"import ctypes, resource, runpy; runpy.run_path({_memory.__file__!r})\n"
-            "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
-            "libc.free.argtypes = [ctypes.c_void_p]\n"
-            "def churn():\n"
-            "    blocks = [libc.malloc(20 << 20) for _ in range(5)]\n"
-            "    for p in blocks: ctypes.memset(p, 1, 20 << 20)\n"
-            "    for p in reversed(blocks): libc.free(p)\n"
-            "churn()\n"
-            "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-            "for _ in range(3): churn()\n"
-            "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3)\n")
     faults = {}
     for keep in ("1", "0"):
-        env = {**__import__("os").environ, "AIMC_DEVICE_KEEP_HEAP": keep}
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                             text=True, check=True)
+        code = (f"import ctypes, resource, runpy; m = runpy.run_path({_memory.__file__!r})\n"
+                f"if {keep}: assert m['retain_freed_memory']()\n"
+                "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p\n"
+                "libc.free.argtypes = [ctypes.c_void_p]\n"
+                "def churn():\n"
+                "    blocks = [libc.malloc(20 << 20) for _ in range(5)]\n"
+                "    for p in blocks: ctypes.memset(p, 1, 20 << 20)\n"
+                "    for p in reversed(blocks): libc.free(p)\n"
+                "churn()\n"
+                "r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+                "for _ in range(3): churn()\n"
+                "print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0) / 3)\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
         faults[keep] = float(out.stdout.split()[-1])
     assert faults["1"] < 100 and faults["0"] > 10000, faults
 
@@ -645,7 +654,7 @@ def test_lstm_draws_its_weight_noise_once_per_call(monkeypatch):
 
 
 def test_conv_auxiliary_products_in_bfloat16_stay_close():
-    # CrossbarConfig.aux_bfloat16 (default): on CPU in float32 a convolution tile's auxiliary
+    # EngineOptions.aux_bfloat16 (default): on CPU in float32 a convolution tile's auxiliary
     # products (IR drop, short-term noise variance) run in bfloat16, the signal in float32. With
     # the same draws the outputs must stay within a small fraction of the noise they model:
     # the terms are a few % of the output and bfloat16 keeps them to < 0.4 %.
@@ -654,10 +663,11 @@ def test_conv_auxiliary_products_in_bfloat16_stay_close():
     x = torch.rand(4, 16, 10, 10)  # >= 0, as after a ReLU
     outs = {}
     for aux16 in (True, False):
-        cfg = STD.replace(aux_bfloat16=aux16, out_bits=None, ir_drop=3.0)
+        cfg = STD.replace(out_bits=None, ir_drop=3.0)
         a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).train()
         a[0].tile.reseed(np.random.SeedSequence(4))
-        outs[aux16] = a(x).detach()
+        with crossbar.engine_options(aux_bfloat16=aux16):
+            outs[aux16] = a(x).detach()
         scale = a[0].tile._digital_scale().abs().max().item()
     diff = (outs[True] - outs[False]).abs()
     assert 0 < diff.max().item() < 0.01 * cfg.out_noise * scale * 10

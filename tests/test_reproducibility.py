@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from aimc_device import io
+from aimc_device.crossbar import CrossbarConfig
 from aimc_device.crossbar import _kernels as crossbar_kernels
 from aimc_device.pcm import _kernels as pcm_kernels
 from aimc_device.study import load_dataset, run_study
@@ -132,12 +133,14 @@ def _conv_stage(mask, level_out):
     geom = np.array([3, 3, 1, 1, 1, 1, 1, 1, 6, 6], dtype=np.intp)
     w = rng.uniform(-1, 1, (16, 27)).astype(f32)
     row_f, col_f = np.array([0.7], f32), rng.uniform(0.5, 1.0, 16).astype(f32)
-    s_out = 12.7
     out = np.empty((4 * 36, 16), f32)
-    crossbar_kernels.conv_stage(x, geom, w, w * f32(0.5), np.abs(w), True, True, 1.0, 0.04,
-                                0.0175, 1e-3, s_out, 127.0, row_f, col_f, np.uint64(5), out,
-                                mask=mask, mask_bound=10.0, level_out=level_out)
-    return out, level_out.astype(f32) / f32(s_out) * row_f[0] * col_f
+    cfg = CrossbarConfig(out_bits=8, out_bound=10.0, ir_drop_g=1e-3 / 27)
+    s_out = f32(crossbar_kernels.quantizer_levels(8, 10.0)[0])
+    stage = crossbar_kernels.stage(cfg, 27, f32, 5, row_f=row_f[0])
+    weights = crossbar_kernels.ConvWeights(w, w * f32(0.5), np.abs(w), np.abs(w))
+    crossbar_kernels.conv_stage(x, geom, weights, stage,
+                                crossbar_kernels.Outputs(out, col_f, None, mask, level_out))
+    return out, level_out.astype(f32) / s_out * row_f[0] * col_f
 
 
 def test_conv_stage_same_bits_on_vectorised_and_scalar_paths():

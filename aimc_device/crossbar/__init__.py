@@ -9,10 +9,12 @@ References
 from . import periphery
 from .config import CrossbarConfig
 from .mapping import conductance_targets, map_weights, split_sizes, tile_slices
-from .mvm import analog_mvm
+from .mvm import analog_conv, analog_mvm
+from .options import EngineOptions, engine_options
 from .array import AnalogArray
 from .metric import EVALUATION_TIMES, mvm_error, mvm_error_breakdown, nonideality_configs
 
 __all__ = ["CrossbarConfig", "periphery", "split_sizes", "tile_slices", "map_weights",
-           "conductance_targets", "analog_mvm", "AnalogArray", "mvm_error",
-           "mvm_error_breakdown", "nonideality_configs", "EVALUATION_TIMES"]
+           "conductance_targets", "analog_mvm", "analog_conv", "EngineOptions", "engine_options",
+           "AnalogArray", "mvm_error", "mvm_error_breakdown", "nonideality_configs",
+           "EVALUATION_TIMES"]

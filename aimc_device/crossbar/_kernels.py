@@ -1,21 +1,24 @@
-"""Numba kernels of the crossbar's output stage: one fused, parallel pass per tile. Private.
+"""Numba kernels of the crossbar's fast CPU backend: the output stage of a tile. Private.
 
-:func:`output_stage` takes a tile's products (GEMMs or convolutions); :func:`conv_stage` runs a
-convolution tile of few rows whole, forming the products from the image itself; the DAC, the
-straight-through backward and their serial/parallel dispatch follow. The single definition of
-each periphery element is in ``periphery.py`` (torch); these kernels restate the output-side
-elements in scalar form for speed on CPU (IR drop Eqs. 15-16 with the polynomial of
-``periphery.IR_DROP_POLY``, short-term and output noise Eqs. 2 and 14, ADC Eq. 5, digital
-scales Eq. 1) in the precision of the arrays, and the tests compare them with the torch path.
-Normal variates come from the counter-based ziggurat of the PCM sampler, keyed by (key, element
-index, stream), so the same key gives the same numbers on any thread count.
+:func:`output_stage` takes a tile's products (GEMMs or convolutions) and applies the rest of the
+MVM in one pass; :func:`conv_stage` runs a convolution tile of few rows whole, forming the
+products from the image itself. Both take three records: the products (:class:`Products`) or a
+convolution's weights (:class:`ConvWeights`), the per-call scalars (:class:`Stage`, made by
+:func:`stage`) and the outputs (:class:`Outputs`); a switched-off term is None, and Numba
+compiles one version per set of present terms, with the dead code removed, so that every loop
+is branch-free and vectorises. Each element is written once, in scalar form: the pre-ADC value
+(:func:`_pre_adc`: IR drop Eqs. 15-16, 18 with ``periphery.IR_DROP_POLY``, short-term and
+output noise Eqs. 2 and 14) and the ADC with the digital factors (:func:`_adc_out`: Eqs. 1,
+5). They restate the torch reference (``periphery.py``, :mod:`aimc_device.crossbar.mvm`), and
+the tests compare the two. Normal variates come from the counter-based ziggurat of the PCM
+sampler, keyed by (key, element index, stream), so the same key gives the same numbers on any
+thread count. The DAC (Eq. 5) and the straight-through backward of the stage follow.
 
-No kernel here is compiled with fast-math: LLVM vectorises these elementwise loops without it,
-and with it ("reassoc", "contract", "arcp", "afn") a loop's vectorised body and its scalar
-fallback, which LLVM picks at run time from the buffers' addresses (its overlap check), may round
-the same expression differently, so that the same inputs gave outputs one ulp apart from run to
-run. Without it every output is the IEEE evaluation of its expression in source order, whichever
-code path runs.
+No kernel here is compiled with fast-math: with it ("reassoc", "contract", "arcp", "afn") a
+loop's vectorised body and its scalar fallback, which LLVM picks at run time from the buffers'
+addresses, may round the same expression differently, so that the same inputs gave outputs one
+ulp apart from run to run. Without it every output is the IEEE evaluation of its expression in
+source order, whichever code path runs.
 
 References
 ----------
@@ -23,39 +26,168 @@ References
 """
 from __future__ import annotations
 
+import functools
 import math
+from collections import namedtuple
 
 import numba as nb
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
 
-from .periphery import IR_DROP_POLY
+from .periphery import IR_DROP_POLY, quantizer_levels
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
 from ..pcm._kernels import FAST as _FAST
 from ..pcm._kernels import _hash, finish_variate, half_normal_rect, normals_block
 
-#: Stream number of the per-MVM draws (the PCM sampler uses streams 0 and 2 of 4).
+#: Stream number of the per-MVM draws (the PCM sampler uses streams 0 to 2 of 4).
 STREAM_MVM = np.uint64(3)
+#: Outputs per call above which the parallel kernels are used (the same numbers either way).
+PARALLEL_MIN_SIZE = 1 << 15
+#: Outputs per work item of :func:`output_stage` (whole rows, an even number of them).
+_ITEM_SIZE = 1024
+#: Output elements per work item of :func:`conv_stage` (whole pixels, an even number).
+_CONV_ITEM_SIZE = 4096
+#: Most tile rows for which :func:`conv_stage` computes a convolution's products itself: below
+#: it the convolution is bound by its outputs (each is a few multiply-adds), and writing the four
+#: products to memory and reading them back costs more than computing them in place.
+CONV_STAGE_MAX_ROWS = 32
 
 _S32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
+Stage = namedtuple("Stage", "unit on2 wn2 iru c1 c2 c3 s_out levels row_f mask_bound key "
+                            "noisy accumulate")
+Stage.__doc__ = """Per-call scalars of an output stage, in the arrays' precision (see :func:`stage`).
 
-#: Outputs per work item (rounded to whole rows, an even number of them): one scratch buffer
-#: each, long enough for SIMD loops even when rows are short (a 16-channel convolution).
-_ITEM_SIZE = 1024
-#: Outputs per call above which the parallel kernel is used.
-PARALLEL_MIN_SIZE = 1 << 15
-#: The ``mask`` argument meaning "no mask".
-NO_MASK = np.zeros((0, 0), dtype=np.bool_)
-_AT0 = np.zeros(6, dtype=np.intp)
+unit: normalised input per unit of the products' inputs (the DAC level size, or 1); on2:
+sigma_out^2; wn2: (sigma_w0 unit)^2; iru: unit s g_ir n (Eq. 18); c1, c2, c3: the IR-drop
+polynomial (``periphery.IR_DROP_POLY``, Eq. 16);
+s_out: ADC levels per output unit, None for no ADC; levels: the largest ADC level (with no ADC:
+the bound b_out the outputs are clipped to, inf for none); row_f: the digital factor common to
+all outputs; mask_bound: bound of the straight-through mask; key: the draws' key; noisy: whether
+any noise is drawn; accumulate: add to the outputs instead of writing them."""
+
+Products = namedtuple("Products", "z w_px abs_x x2 at")
+Products.__doc__ = """A tile's products, C-ordered (rows, >= cols) arrays: z = W~ x~ in its first
+columns; w_px = (W~ o P) x~, abs_x = |W~| |x~| (None: no IR drop), x2 = |W~| x~^2 (None: no
+short-term noise), each term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows
+stacked under another product, or column blocks of one convolution's output)."""
+
+Outputs = namedtuple("Outputs", "out col_f bias mask level_out")
+Outputs.__doc__ = """Where a stage writes: out (rows, cols); col_f (cols,), the digital factor of
+each column (Eq. 1); bias (cols,) or None, added after the factors; mask (rows, cols) bool or
+None, filled with |pre-ADC value| <= mask_bound (training's straight-through mask); level_out
+(rows, cols) int8 or None, the ADC level of each output (needs an ADC of at most 8 bits)."""
+
+ConvWeights = namedtuple("ConvWeights", "w wpx wabs wsq")
+ConvWeights.__doc__ = """A convolution tile's weights, (cols, rows) C order, rows in the order
+(channel, kernel row, kernel column): W~; W~ o P (None: no IR drop); |W~| for the IR-drop
+activity (None: no IR drop); |W~| for the short-term noise (None: none)."""
 
 
-@nb.njit("intp(intp)", cache=True)
-def _rows_per_item(nc):  # pragma: no cover - via tests
-    return max(2, (_ITEM_SIZE // max(nc, 1)) // 2 * 2)
+def stage(cfg, n_rows, dtype, key, *, unit=1.0, row_f=1.0, accumulate=False) -> Stage:
+    """The :class:`Stage` record of a tile of ``n_rows`` rows under ``cfg`` in ``dtype``."""
+    return _stage(cfg, n_rows, np.dtype(dtype), float(unit), float(row_f), bool(accumulate)
+                  )._replace(key=np.uint64(key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage(cfg, n_rows, dtype, unit, row_f, accumulate) -> Stage:
+    ft = dtype.type  # scalars in the arrays' precision
+    s_out, levels = quantizer_levels(cfg.out_bits, cfg.out_bound)  # ADC (Eq. 5)
+    return Stage(unit=ft(unit), on2=ft(cfg.out_noise) * ft(cfg.out_noise),
+                 wn2=ft(cfg.w_noise * unit) * ft(cfg.w_noise * unit),
+                 iru=ft(unit * cfg.ir_drop * cfg.ir_drop_g * n_rows),
+                 c1=ft(IR_DROP_POLY[0]), c2=ft(IR_DROP_POLY[1]), c3=ft(IR_DROP_POLY[2]),
+                 s_out=ft(s_out) if s_out > 0.0 else None,
+                 levels=ft(levels if s_out > 0.0 else cfg.out_bound), row_f=ft(row_f),
+                 mask_bound=ft(cfg.out_bound), key=np.uint64(0), noisy=cfg.has_noise,
+                 accumulate=accumulate)
+
+
+# Element access that maps a switched-off term (None) to zero or to nothing at compile time: a
+# plain `if a is None` on a record's field does not compile, and a run-time switch per element
+# cost 15-40 %.
+def _at(a, b, i, zero):
+    """a[b, i], or ``zero`` when a is None."""
+
+
+def _at1(a, i, zero):
+    """a[i], or ``zero`` when a is None."""
+
+
+def _put(a, b, i, v):
+    """a[b, i] = v, nothing when a is None."""
+
+
+def _adc(v, s_out, levels):
+    """(level, value) of the ADC for the pre-ADC value v (Eq. 5): round(v s_out) clipped to
+    [-levels, levels] and that level / s_out; with no ADC (s_out None) v clipped to the bound
+    ``levels``, twice."""
+
+
+@overload(_at)
+def _at_impl(a, b, i, zero):
+    if isinstance(a, types.NoneType):
+        return lambda a, b, i, zero: zero
+    return lambda a, b, i, zero: a[b, i]
+
+
+@overload(_at1)
+def _at1_impl(a, i, zero):
+    if isinstance(a, types.NoneType):
+        return lambda a, i, zero: zero
+    return lambda a, i, zero: a[i]
+
+
+@overload(_put)
+def _put_impl(a, b, i, v):
+    if isinstance(a, types.NoneType):
+        return lambda a, b, i, v: None
+
+    def impl(a, b, i, v):
+        a[b, i] = v
+    return impl
+
+
+@overload(_adc)
+def _adc_impl(v, s_out, levels):
+    if isinstance(s_out, types.NoneType):
+        def clip(v, s_out, levels):
+            c = min(max(v, -levels), levels)
+            return c, c
+        return clip
+
+    def adc(v, s_out, levels):
+        lev = min(max(np.rint(v * s_out), -levels), levels)
+        return lev, lev / s_out
+    return adc
+
+
+@nb.njit(cache=True)
+def _pre_adc(z, w_px, abs_x, x2, xi, s):  # pragma: no cover - via tests
+    """Pre-ADC value of one output from its products (a switched-off term 0) and its standard
+    normal xi (Eqs. 2, 14-16, 18): z u + sqrt(sigma_out^2 + sigma_w0^2 u^2 x2) xi - c(a) u w_px,
+    a = u s g_ir n abs_x, c(a) = a (c1 + a (c2 + c3 a))."""
+    a = abs_x * s.iru  # Eq. 18
+    c = a * (s.c1 + a * (s.c2 + s.c3 * a))  # Eq. 16
+    return z * s.unit + math.sqrt(s.on2 + s.wn2 * x2) * xi - c * (w_px * s.unit)  # Eqs. 2, 14, 15
+
+
+@nb.njit(cache=True)
+def _adc_out(b, i, v, s, o):  # pragma: no cover - via tests
+    """Output (b, i) from its pre-ADC value v: the straight-through mask (MODEL.md sec. 8), the
+    ADC (Eq. 5, its level kept when asked), the digital factors and the bias (Eq. 1)."""
+    _put(o.mask, b, i, abs(v) <= s.mask_bound)
+    lev, q = _adc(v, s.s_out, s.levels)
+    _put(o.level_out, b, i, np.int8(lev))
+    r = q * s.row_f * o.col_f[i] + _at1(o.bias, i, o.col_f.dtype.type(0.0))
+    if s.accumulate:
+        o.out[b, i] += r
+    else:
+        o.out[b, i] = r
 
 
 @nb.njit(cache=True)
@@ -65,220 +197,49 @@ def _normals(key, e0, m, noise):  # pragma: no cover - via tests
     normals_block(key, e0, m, noise, STREAM_MVM)
 
 
-@nb.njit(cache=True)
-def _ir_drop(abs_x, w_px, iru, unit, poly):  # pragma: no cover - via tests
-    """IR-drop deviation of one output (Eqs. 15-16, 18): a = |W~||x~| g_ir n scaled by ``iru``,
-    dy = c(a) (W~ o P) x~ with c(a) = a (c1 + a (c2 + c3 a)), ``poly`` = (c1, c2, c3) from
-    :data:`periphery.IR_DROP_POLY`; subtracted from the output."""
-    a = abs_x * iru
-    return a * (poly[0] + a * (poly[1] + poly[2] * a)) * (w_px * unit)
+@nb.njit("intp(intp)", cache=True)
+def _rows_per_item(nc):  # pragma: no cover - via tests
+    return max(2, (_ITEM_SIZE // max(nc, 1)) // 2 * 2)
 
 
-@nb.njit(cache=True)
-def _adc_level(v, s_out, levels):  # pragma: no cover - via tests
-    """ADC level of the value v (Eq. 5): round(v s_out) clipped to [-levels, levels]."""
-    return min(max(np.rint(v * s_out), -levels), levels)
-
-
-@nb.njit(cache=True)
-def _adc(e0, m, v, v0, s_out, levels, rf, cf, add, out, mask, mask_bound, level_out,
-         accumulate):  # pragma: no cover - via tests
-    """Elements e0 .. e0 + m - 1 of the flat outputs from their pre-ADC values v[v0:v0 + m]:
-    the straight-through mask, the ADC (Eq. 5, its int8 level when asked; with no ADC,
-    s_out None, the clip to [-levels, levels]), the digital factor rf cf[e] (Eq. 1) and the
-    digital term add[e] (a bias; None: none), written or added."""
-    for e in range(m):
-        vi = v[v0 + e]
-        if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-            mask[e0 + e] = abs(vi) <= mask_bound
-        if s_out is not None:
-            lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
-            if level_out is not None:
-                level_out[e0 + e] = np.int8(lev)
-            vi = lev / s_out
-        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
-            vi = min(max(vi, -levels), levels)
-        r_out = vi * rf * cf[e]  # Eq. 1
-        if add is not None:
-            r_out += add[e]
-        if accumulate:
-            out[e0 + e] += r_out
-        else:
-            out[e0 + e] = r_out
-
-
-# Helpers that map a switched-off term (None) to None at compile time: a plain `if a is None`
-# returning either would give an Optional type, checked at every access (no SIMD).
-def _flat(a):
-    """A C-ordered array as 1-d (None stays None)."""
-
-
-def _tiled(a, n, nc):
-    """(n * nc,) with a (nc,) repeated n times (None stays None)."""
-
-
-@overload(_tiled)
-def _tiled_impl(a, n, nc):
-    if isinstance(a, types.NoneType):
-        return lambda a, n, nc: None
-
-    def impl(a, n, nc):
-        t = np.empty(n * nc, dtype=a.dtype)
-        for p in range(n):
-            for i in range(nc):
-                t[p * nc + i] = a[i]
-        return t
-    return impl
-
-
-@overload(_flat)
-def _flat_impl(a):
-    if isinstance(a, types.NoneType):
-        return lambda a: None
-    return lambda a: a.reshape(-1)
-
-
-# Switched-off elements come as None: Numba compiles one version per set of present arguments,
-# with the dead branches removed, so that every loop is branch-free and vectorises (a run-time
-# switch per element cost 15-40 %). Cached on disk like any signature.
-@nb.njit(cache=True)
-def _stage_block(b0, b1, z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                 levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out, noise, noisy,
-                 accumulate):  # pragma: no cover - via tests
-    """Rows b0:b1 of :func:`output_stage`; ``noise`` is a scratch buffer (z's dtype) of at least
-    (b1 - b0) * cols + 1 elements; b0 * cols is even."""
-    nc = out.shape[1]
-    on2 = out_noise * out_noise
-    wn2 = w_noise * w_noise * unit * unit
-    iru = unit * ir_k
-    m = (b1 - b0) * nc
-    if noisy:  # standard normals, element e = row * cols + col
-        _normals(key, b0 * nc, m, noise)
-    else:
-        noise[:m] = 0.0
-    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = at[0], at[1], at[2], at[3], at[4], at[5]
-    for b in range(b0, b1):  # then two branch-free (vectorised) passes per row, each over few
-        rf = row_f[0] if row_f.shape[0] == 1 else row_f[b]  # arrays (few alias checks)
-        o = (b - b0) * nc
-        if nc >= _LONG_ROW:  # a row view: faster loops, one reference count per row
-            _stage_row(b, noise[o:o + nc], 0, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq,
-                       c_sq, unit, on2, wn2, iru, poly, s_out, levels, rf, col_f, bias, out,
-                       mask, mask_bound, level_out, accumulate)
-        else:
-            _stage_row(b, noise, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq,
-                       unit, on2, wn2, iru, poly, s_out, levels, rf, col_f, bias, out, mask,
-                       mask_bound, level_out, accumulate)
-
-
-#: Columns from which the output stage passes each row's noise as a view (see _stage_block).
-_LONG_ROW = 32
-
-
-@nb.njit(cache=True, inline="always")
-def _stage_row(b, v, o, z, w_px, abs_x, x2, r_ir, c_ir, r_abs, c_abs, r_sq, c_sq, unit, on2, wn2,
-               iru, poly, s_out, levels, rf, col_f, bias, out, mask, mask_bound, level_out,
-               accumulate):  # pragma: no cover - via tests
-    """Output row b of :func:`output_stage` from its standard normals v[o:o + cols]: the
-    pre-ADC values in place of the normals, then mask, ADC, digital factors and bias."""
-    nc = out.shape[1]
-    for i in range(nc):  # pre-ADC value, in place of the noise
-        var = on2
-        if x2 is not None:
-            var += wn2 * x2[b + r_sq, c_sq + i]  # Eq. 14
-        vi = z[b, i] * unit + math.sqrt(var) * v[o + i]  # Eq. 2, signal and noise
-        if w_px is not None:
-            vi -= _ir_drop(abs_x[b + r_abs, c_abs + i], w_px[b + r_ir, c_ir + i], iru, unit,
-                           poly)  # Eqs. 15-16, 18
-        v[o + i] = vi
-    # The steps of _adc on 2-d rows: calling _adc on flat views here ran 1.4-1.6x slower.
-    for i in range(nc):
-        vi = v[o + i]
-        if mask is not None:  # straight-through mask of the ADC (MODEL.md sec. 8)
-            mask[b, i] = abs(vi) <= mask_bound
-        if s_out is not None:
-            lev = _adc_level(vi, s_out, levels)  # Eq. 5, ADC
-            if level_out is not None:
-                level_out[b, i] = np.int8(lev)
-            vi = lev / s_out
-        else:  # no quantiser: the bound alone (levels = b_out, inf for none)
-            vi = min(max(vi, -levels), levels)
-        r_out = vi * rf * col_f[i]  # Eq. 1
-        if bias is not None:
-            r_out += bias[i]
-        if accumulate:
-            out[b, i] += r_out
-        else:
-            out[b, i] = r_out
-
-
-@nb.njit(cache=True, parallel=True)
-def output_stage_parallel(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                          levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out,
-                          noisy, accumulate):  # pragma: no cover - via tests
-    """:func:`output_stage`, blocks of rows in parallel."""
-    n_rows, nc = out.shape
+def _output_stage(p, s, o):  # pragma: no cover - via tests
+    """:func:`output_stage`, blocks of rows (in parallel in the parallel build)."""
+    n_rows, nc = o.out.shape
     rows = _rows_per_item(nc)
+    zero = o.out.dtype.type(0.0)
+    r_ir, c_ir, r_abs, c_abs, r_sq, c_sq = p.at[0], p.at[1], p.at[2], p.at[3], p.at[4], p.at[5]
     for item in prange((n_rows + rows - 1) // rows):
-        noise = np.empty(rows * nc + 1, dtype=out.dtype)
-        _stage_block(item * rows, min(n_rows, (item + 1) * rows), z, w_px, abs_x, x2, at, unit,
-                     out_noise, w_noise, ir_k, poly, s_out, levels, row_f, col_f, bias, key, out,
-                     mask, mask_bound, level_out, noise, noisy, accumulate)
+        b0 = item * rows
+        b1 = min(n_rows, b0 + rows)
+        v = np.empty(rows * nc + 1, dtype=o.out.dtype)
+        if s.noisy:  # standard normals, element e = row * cols + col
+            _normals(s.key, b0 * nc, (b1 - b0) * nc, v)
+        else:
+            v[:] = zero
+        for b in range(b0, b1):  # two branch-free (vectorised) passes per row
+            r = v[(b - b0) * nc:(b - b0 + 1) * nc]
+            for i in range(nc):  # the pre-ADC values, in place of the normals
+                r[i] = _pre_adc(p.z[b, i], _at(p.w_px, b + r_ir, c_ir + i, zero),
+                                _at(p.abs_x, b + r_abs, c_abs + i, zero),
+                                _at(p.x2, b + r_sq, c_sq + i, zero), r[i], s)
+            for i in range(nc):
+                _adc_out(b, i, r[i], s, o)
 
 
-@nb.njit(cache=True)
-def output_stage_serial(z, w_px, abs_x, x2, at, unit, out_noise, w_noise, ir_k, poly, s_out,
-                        levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out, noisy,
-                        accumulate):  # pragma: no cover - via tests
-    """:func:`output_stage` on one thread (small calls: no thread start-up)."""
-    n_rows, nc = out.shape
-    rows = _rows_per_item(nc)
-    noise = np.empty(rows * nc + 1, dtype=out.dtype)
-    for b0 in range(0, n_rows, rows):
-        _stage_block(b0, min(n_rows, b0 + rows), z, w_px, abs_x, x2, at, unit, out_noise,
-                     w_noise, ir_k, poly, s_out, levels, row_f, col_f, bias, key, out, mask,
-                     mask_bound, level_out, noise, noisy, accumulate)
+_output_stage_parallel = nb.njit(cache=True, parallel=True)(_output_stage)
+_output_stage_serial = nb.njit(cache=True)(_output_stage)
 
 
-def output_stage(z, w_px, abs_x, x2, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-                 levels, row_f, col_f, key, accumulate, out, mask=NO_MASK, mask_bound=0.0,
-                 at=_AT0, parallel=None, level_out=None, bias=None, bound=math.inf):
-    """out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (Eqs. 1, 2, 5,
-    14-16), in one pass over blocks of rows (in parallel for large calls).
+def output_stage(products: Products, s: Stage, o: Outputs, parallel=None) -> None:
+    """o.out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (+ bias)
+    (Eqs. 1, 2, 5, 14-16), one pass over blocks of rows, in parallel for large calls.
 
-    z : (batch, >= cols) W~ lev in its first columns, C order, input-level units (x~ = u lev)
-    w_px, abs_x, x2 : C-ordered arrays holding W~ (P o lev), |W~| |lev|, |W~| lev^2 as blocks:
-        term[b, i] = array[b + at[2k], at[2k + 1] + i] for k = 0, 1, 2 (rows stacked under the
-        signal in one GEMM, or column blocks of one convolution's output); used only when
-        has_ir (w_px, abs_x) and has_st (x2)
-    unit : u, normalised input per level; ir_k : s g_ir n_rows, the wire-resistance scale s
-        (``CrossbarConfig.ir_drop``) times g_ir times the tile's rows (Eq. 18)
-    s_out : ADC levels per output unit (0: no ADC); levels : 2^(q-1) - 1
-    bound : with no ADC, the bound b_out the outputs are clipped to (inf: no clipping)
-    row_f : (batch,) or (1,), col_f : (cols,), digital factors of Eq. 1
-    mask : (batch, cols) bool, filled with |pre-ADC value| <= mask_bound (training's
-        straight-through mask), or NO_MASK
-    level_out : (batch, cols) int8 or None, filled with the ADC level of each output (needs
-        the ADC and at most 8 bits), which training keeps for its backward pass
-    parallel : None (by size), True or False (the same numbers either way)
-    bias : (cols,) or None, a digital term added to every row after the factors (a layer's
-        bias; pass it to one call only when tiles accumulate)
-    The draws depend on (key, row, column) only: same key, same numbers on any thread count.
+    The draws depend on (key, row, column) only: the same key gives the same numbers on any
+    thread count. ``parallel``: None (by size), True or False.
     """
     if parallel is None:
-        parallel = out.size >= PARALLEL_MIN_SIZE
-    kernel = output_stage_parallel if parallel else output_stage_serial
-    ft = out.dtype.type  # scalars in the arrays' precision: float32 arithmetic for float32 data
-    kernel(z, w_px if has_ir else None, abs_x if has_ir else None, x2 if has_st else None, at,
-           ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-           ft(s_out) if s_out > 0.0 else None, ft(levels if s_out > 0.0 else bound), row_f,
-           col_f, bias, key, out,
-           mask if mask.shape[0] > 0 else None, ft(mask_bound),
-           level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st), bool(accumulate))
-
-
-def _poly(dtype):
-    """The IR-drop polynomial's coefficients (periphery.IR_DROP_POLY) in ``dtype``."""
-    return np.array(IR_DROP_POLY, dtype=dtype)
+        parallel = o.out.size >= PARALLEL_MIN_SIZE
+    (_output_stage_parallel if parallel else _output_stage_serial)(products, s, o)
 
 
 @nb.njit(cache=True)
@@ -315,28 +276,15 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True)
-def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
-                levels, rf, cf, bt, key, out, mask, mask_bound, level_out, noisy, pt, prod,
-                noise):  # pragma: no cover - via tests
-    """Output pixels r0:r1 of :func:`conv_stage`. Scratch: pt (rows, P) patches, prod
-    (4, cols, P) products, noise (cols, P), P >= r1 - r0; r0 * cols even; rf the row factor and
-    cf (P * cols,) the column factor of each output of a block (in output order), bt the
-    same for the bias (or None)."""
+def _conv_products(npx, pt, w, wpx, wabs, wsq, prod):  # pragma: no cover - via tests
+    """prod[k, i, :npx] for k = W~ x~, (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14;
+    0 for a switched-off term) from the patches pt (rows, P): pixels along the vector, four tile
+    rows per pass (each pass reads and writes its accumulators once for four rows), then the
+    rows left over."""
     n_rows, nc = w.shape[1], w.shape[0]
-    npx = r1 - r0
-    zero = x.dtype.type(0.0)
-    _gather_patches(r0, r1, x, geom, pt)
-    # The products, pixels along the vector: prod[k, i, p] for k = W~ x~, (W~ o P) x~,
-    # |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14), four tile rows per pass (each pass reads and
-    # writes its accumulators once for four rows), then the rows left over.
+    prod[:, :, :npx] = 0.0
     for i in range(nc):
         z, px, ab, sq = prod[0, i], prod[1, i], prod[2, i], prod[3, i]
-        z[:npx] = zero
-        if wpx is not None:
-            px[:npx] = zero
-            ab[:npx] = zero
-        if wsq is not None:
-            sq[:npx] = zero
         j = 0
         while j < n_rows:
             if j + 4 <= n_rows:
@@ -372,28 +320,6 @@ def _conv_block(r0, r1, x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir
                     for p in range(npx):
                         sq[p] += c0 * t0[p] * t0[p]
                 j += 1
-    if noisy:
-        _normals_by_column(key, r0, npx, nc, noise)
-    else:
-        noise[:, :npx] = 0.0
-    on2 = out_noise * out_noise
-    wn2 = w_noise * w_noise * unit * unit
-    iru = unit * ir_k
-    for i in range(nc):  # pre-ADC values column by column, pixels along the vector
-        for p in range(npx):
-            var = on2
-            if wsq is not None:
-                var += wn2 * prod[3, i, p]  # Eq. 14
-            vi = prod[0, i, p] * unit + math.sqrt(var) * noise[i, p]  # Eq. 2
-            if wpx is not None:
-                vi -= _ir_drop(prod[2, i, p], prod[1, i, p], iru, unit, poly)  # Eqs. 15-16
-            noise[i, p] = vi
-    v = prod[0].reshape(-1)  # the pre-ADC values in output order, in place of the signal
-    for p in range(npx):
-        for i in range(nc):
-            v[p * nc + i] = noise[i, p]
-    _adc(r0 * nc, npx * nc, v, 0, s_out, levels, rf, cf, bt, out.reshape(-1), _flat(mask),
-         mask_bound, _flat(level_out), False)
 
 
 @nb.njit(cache=True)
@@ -424,65 +350,46 @@ def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
                 noise[i, p] = flat[p * nc + i]
 
 
-#: Output elements per work item of :func:`conv_stage` (whole pixels, an even number).
-_CONV_ITEM_SIZE = 4096
-
-
 @nb.njit(cache=True, parallel=True)
-def conv_stage_parallel(x, geom, w, wpx, wabs, wsq, unit, out_noise, w_noise, ir_k, poly, s_out,
-                        levels, row_f, col_f, bias, key, out, mask, mask_bound, level_out,
-                        noisy):  # pragma: no cover - via tests
+def _conv_stage(x, geom, cw, s, o):  # pragma: no cover - via tests
     """:func:`conv_stage`, blocks of output pixels in parallel."""
-    n_px, nc = out.shape
-    n_rows = w.shape[1]
+    n_px, nc = o.out.shape
+    n_rows = cw.w.shape[1]
     per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
-    cf = _tiled(col_f, per, nc)  # the column factors (Eq. 1) of a block's outputs in order
-    bt = _tiled(bias, per, nc)  # and the bias
     for item in prange((n_px + per - 1) // per):
         r0 = item * per
+        npx = min(n_px, r0 + per) - r0
         pt = np.empty((n_rows, per), dtype=x.dtype)
-        prod = np.empty((4, nc, per), dtype=out.dtype)
-        noise = np.empty((nc, per), dtype=out.dtype)
-        _conv_block(r0, min(n_px, r0 + per), x, geom, w, wpx, wabs, wsq, unit, out_noise,
-                    w_noise, ir_k, poly, s_out, levels, row_f[0], cf, bt, key, out, mask,
-                    mask_bound, level_out, noisy, pt, prod, noise)
+        prod = np.empty((4, nc, per), dtype=o.out.dtype)
+        noise = np.empty((nc, per), dtype=o.out.dtype)
+        _gather_patches(r0, r0 + npx, x, geom, pt)
+        _conv_products(npx, pt, cw.w, cw.wpx, cw.wabs, cw.wsq, prod)
+        if s.noisy:
+            _normals_by_column(s.key, r0, npx, nc, noise)
+        else:
+            noise[:, :npx] = 0.0
+        for i in range(nc):  # pre-ADC values column by column, pixels along the vector
+            for p in range(npx):
+                noise[i, p] = _pre_adc(prod[0, i, p], prod[1, i, p], prod[2, i, p],
+                                       prod[3, i, p], noise[i, p], s)
+        for p in range(npx):
+            for i in range(nc):
+                _adc_out(r0 + p, i, noise[i, p], s, o)
 
 
-#: Most tile rows for which :func:`conv_stage` computes a convolution's products itself: below
-#: it the convolution is bound by its outputs (each is a few multiply-adds), and writing the four
-#: products to memory and reading them back costs more than computing them in place.
-CONV_STAGE_MAX_ROWS = 32
-
-
-def conv_stage(x, geom, w, wpx, wabs, has_ir, has_st, unit, out_noise, w_noise, ir_k, s_out,
-               levels, row_f, col_f, key, out, mask=NO_MASK, mask_bound=0.0, level_out=None,
-               bias=None, bound=math.inf):
+def conv_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
     """The whole forward of a convolution tile with few rows, one pass per block of output
     pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
     |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
 
-    x : (batch, height, width, channels) C order, normalised inputs x~ (units of ``unit``)
+    x : (batch, height, width, channels) C order, normalised inputs x~ (units of ``s.unit``)
     geom : intp (10,), kernel height and width, strides, paddings, dilations, output height and
         width
-    w, wpx, wabs : (cols, rows) C order, W~, W~ o P and |W~| (rows in the order channel, kernel
-        row, kernel column); wpx used only when has_ir, wabs when has_ir or has_st
-    out : (batch * out_h * out_w, cols), the output pixels in C order, channels last
-    row_f : (1,), one factor for all pixels (no per-vector input range on this path)
-    bias : (cols,) or None, as in :func:`output_stage`
-    The other arguments are those of :func:`output_stage`, and so are the draws (element index
-    pixel * cols + col): the same key gives the numbers of the output stage applied to the
-    products computed as convolutions.
+    o.out : (batch * out_h * out_w, cols), the output pixels in C order, channels last
+    The draws are those of :func:`output_stage` (element index pixel * cols + col): the same key
+    gives the numbers of the output stage applied to the products computed as convolutions.
     """
-    if row_f.shape[0] != 1:
-        raise ValueError("conv_stage: row_f must hold one factor (no per-vector scales here)")
-    ft = out.dtype.type
-    conv_stage_parallel(x, geom, w, wpx if has_ir else None,
-                        wabs if (has_ir or has_st) else None, wabs if has_st else None,
-                        ft(unit), ft(out_noise), ft(w_noise), ft(ir_k), _poly(out.dtype),
-                        ft(s_out) if s_out > 0.0 else None,
-                        ft(levels if s_out > 0.0 else bound), row_f, col_f, bias, key,
-                        out, mask if mask.shape[0] > 0 else None, ft(mask_bound),
-                        level_out if s_out > 0.0 else None, bool(out_noise > 0.0 or has_st))
+    _conv_stage(x, geom, cw, s, o)
 
 
 _DAC_SIG = ["void({t}[:, ::1], intp, {t}[::1], float64, float64, {t}[:, ::1])".format(t=t)

@@ -27,6 +27,7 @@ from .mapping import (
     weights_from_conductance,
 )
 from .mvm import analog_mvm
+from .options import current_options
 from .periphery import draw_asymmetry, draw_zeta
 
 __all__ = ["AnalogArray"]
@@ -296,9 +297,9 @@ class AnalogArray:
         restored even though small conductances drift faster than large ones.
         """
         s = []
-        # bfloat16 GEMM (float32 accumulation) under cfg.aux_bfloat16: +-1 inputs are exact,
-        # the rounding of weights and outputs is unbiased and averages out over the sum.
-        low = self.cfg.aux_bfloat16 and self._w.dtype == torch.float32
+        # bfloat16 GEMM (float32 accumulation) under EngineOptions.aux_bfloat16: +-1 inputs are
+        # exact, the rounding of weights and outputs is unbiased and averages out over the sum.
+        low = current_options().bfloat16_products and self._w.dtype == torch.float32
         for w in self.w_tiles:
             dt = torch.bfloat16 if low else w.dtype
             x_ref = _reference_inputs(self.cfg.drift_comp_inputs, w.shape[1], dt, w.device)

@@ -38,6 +38,10 @@ PAIR_DEVICES_CHOICES = ("active", "both")
 #: Gain calibration of the S-shaped ADC (see CrossbarConfig.s_adc_gain).
 S_ADC_GAIN_CHOICES = ("column", "tile", "none")
 
+#: Former fields that are simulator options (crossbar.EngineOptions), not physics: ignored when
+#: a saved config holds them.
+_SIMULATOR_OPTIONS = {"aux_bfloat16": "crossbar.EngineOptions(aux_bfloat16=...)"}
+
 _CITE = "Rasch et al., Nat. Commun. 14, 5282 (2023)"
 
 
@@ -108,13 +112,6 @@ class CrossbarConfig:
     drift_comp_inputs : int
         Number of known +-1 input vectors fed for the drift-compensation readout s = sum |y|
         (MODEL.md sec. 5). 64 (not given in [1]; enough that s varies < 1 % between draws).
-    aux_bfloat16 : bool
-        Simulator precision, not physics: on the fused CPU path in float32, compute the
-        auxiliary GEMMs (short-term noise variance, IR-drop activity and shape, Eqs. 14-18) in
-        bfloat16 with float32 accumulation, about 4x faster on CPUs with AVX512-BF16/AMX. Their
-        relative
-        error (< 0.4 %) enters only terms that are themselves a few % of the output; the signal
-        W~ x~ always runs in the working precision. False: everything in the working precision.
     g_max : float
         Conductance of a full-scale weight |w~| = 1 [S]. 25 uS in [1] (MODEL.md sec. 1).
     noise_management : str
@@ -161,7 +158,6 @@ class CrossbarConfig:
     s_adc_gain: str = "column"
     drift_compensation: str | None = "global"
     drift_comp_inputs: int = 64
-    aux_bfloat16: bool = True
     g_max: float = 25e-6
     noise_management: str = "none"
     bound_management: str = "none"
@@ -221,7 +217,7 @@ class CrossbarConfig:
             v = getattr(self, name)
             if isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)):
                 object.__setattr__(self, name, float(v))
-        for name in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
+        for name in ("s_adc", "columnwise_scaling"):
             if isinstance(getattr(self, name), np.bool_):
                 object.__setattr__(self, name, bool(getattr(self, name)))
         if isinstance(self.drift_compensation, str) and \
@@ -264,7 +260,7 @@ class CrossbarConfig:
             v = getattr(self, name)
             if v < 0 or math.isinf(v):
                 raise bad(name, "must be finite and >= 0")
-        for name in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
+        for name in ("s_adc", "columnwise_scaling"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be True or False")
         if self.drift_compensation not in DRIFT_COMPENSATION_CHOICES:
@@ -277,6 +273,23 @@ class CrossbarConfig:
             raise bad("s_adc_gain", f"choose one of {S_ADC_GAIN_CHOICES}")
         if self.pair_devices not in PAIR_DEVICES_CHOICES:
             raise bad("pair_devices", f"choose one of {PAIR_DEVICES_CHOICES}")
+
+    # ------------------------------------------------------------------ derived conditions
+    @property
+    def has_ir_drop(self) -> bool:
+        """Whether the IR-drop term of Eqs. 15-18 is on (a non-zero wire-resistance scale and
+        g_ir)."""
+        return self.ir_drop > 0 and self.ir_drop_g > 0
+
+    @property
+    def has_short_term_noise(self) -> bool:
+        """Whether the short-term read noise of Eq. 14 is on."""
+        return self.w_noise > 0
+
+    @property
+    def has_noise(self) -> bool:
+        """Whether any per-MVM draw is made (output noise, Eq. 2, or short-term noise, Eq. 14)."""
+        return self.out_noise > 0 or self.w_noise > 0
 
     # ------------------------------------------------------------------ variants
     @classmethod
@@ -295,6 +308,9 @@ class CrossbarConfig:
         """A copy with some fields changed (validated again)."""
         names = {f.name for f in dataclasses.fields(self)}
         for k in changes:
+            if k in _SIMULATOR_OPTIONS:
+                raise ValueError(f"CrossbarConfig.{k}: a simulator option, not physics; set "
+                                 f"{_SIMULATOR_OPTIONS[k]} instead")
             if k not in names:
                 raise ValueError(f"CrossbarConfig has no field {k!r}; fields: {sorted(names)}")
         return dataclasses.replace(self, **changes)
@@ -310,6 +326,8 @@ class CrossbarConfig:
         d = dict(d)
         d.pop("schema_version", None)
         d.pop("kind", None)
+        for k in _SIMULATOR_OPTIONS:  # written by earlier versions; not part of the physics
+            d.pop(k, None)
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -359,7 +377,7 @@ class CrossbarConfig:
             if v == "none" and k in ("inp_bits", "out_bits", "drift_compensation"):
                 v = None
             d[k] = v
-        for k in ("s_adc", "aux_bfloat16", "columnwise_scaling"):
+        for k in ("s_adc", "columnwise_scaling"):
             if k in d:
                 d[k] = bool(d[k])
         return cls(**d)

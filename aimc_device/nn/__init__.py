@@ -8,7 +8,7 @@ References
 .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), doi:10.1038/s41467-023-40770-4.
 """
 from ..pcm.torch_ops import perturb_tensor
-from . import _memory  # noqa: F401  (keeps freed heap memory: see its docstring)
+from ._memory import retain_freed_memory
 from .convert import (
     AnalogConversionError,
     ConversionSummary,
@@ -62,5 +62,5 @@ __all__ = [
     "init_input_ranges", "distillation_loss", "hwa_loss", "hwa_param_groups", "train_mode",
     "train_hwa", "evaluate_over_time",
     "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
-    "perturb_tensor",
+    "perturb_tensor", "retain_freed_memory",
 ]

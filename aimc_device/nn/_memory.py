@@ -9,15 +9,15 @@ in the same process afterwards paid them too. Keeping up to ``trim_threshold`` o
 (and serving blocks up to ``mmap_threshold`` from the heap, glibc's own ceiling for its dynamic
 threshold) brings that to a few dozen faults per step.
 
-Applied once when :mod:`aimc_device.nn` is imported; set the environment variable
-``AIMC_DEVICE_KEEP_HEAP=0`` before the import to leave the allocator alone. Elsewhere than
-glibc (macOS, Windows, musl) it does nothing.
+It changes the allocator of the whole process, so it is an opt-in call,
+:func:`aimc_device.nn.retain_freed_memory`, for a script that trains (the benchmarks call it);
+importing the package leaves the allocator alone. Elsewhere than glibc (macOS, Windows, musl)
+it does nothing.
 """
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 
 __all__ = ["retain_freed_memory"]
 
@@ -49,12 +49,3 @@ def retain_freed_memory(trim_threshold: int = 128 << 20, mmap_threshold: int = 3
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_MMAP_THRESHOLD, int(mmap_threshold))) and bool(
         mallopt(_M_TRIM_THRESHOLD, int(trim_threshold)))
-
-
-def _apply_at_import() -> bool:
-    if os.environ.get("AIMC_DEVICE_KEEP_HEAP", "1") == "0":
-        return False
-    return retain_freed_memory()
-
-
-APPLIED = _apply_at_import()

@@ -1,0 +1,359 @@
+"""The fast CPU backend of the analog MVM: products in torch (BLAS, oneDNN), the rest in Numba.
+
+Serves :mod:`aimc_device.crossbar.mvm` where its dispatch rule allows (CPU, float32/float64, the
+elements of the standard model). Per tile: the DAC (Eq. 5), the signal W~ x~ (Eq. 2) and the
+auxiliary products (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 14-18) as GEMMs or convolutions,
+then one Numba pass for the rest (:func:`_kernels.output_stage`). Training: the same forward,
+with the straight-through backward of the ADC (MODEL.md sec. 8) in :class:`_StageSTE` and
+:class:`_ConvTileSTE`; only the signal carries a gradient. Private; the tests compare it with
+the torch reference.
+
+References
+----------
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 1, 2, 5, 14-19.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import _kernels as _K
+from .periphery import ir_drop_profile, quantize, quantizer_levels, straight_through_mask
+
+_F = torch.nn.functional.linear
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
+
+_WEIGHT_FORMS = {
+    "abs": lambda w: w.abs(),
+    "px": lambda w: w * ir_drop_profile(w.shape[1], w.dtype, w.device),
+}
+
+
+def weight_form(w: torch.Tensor, kind: str, dtype=None) -> torch.Tensor:
+    """|W~| ("abs") or W~ o P ("px") in ``dtype`` (None: w's), cached on the tensor until any
+    in-place change of it (the weights of a programmed array are read many times)."""
+    dtype = dtype or w.dtype
+    if w.requires_grad:
+        return _WEIGHT_FORMS[kind](w.detach()).to(dtype)
+    cache = getattr(w, "_aimc_forms", None)
+    if cache is None or cache[0] != w._version:
+        cache = (w._version, {})
+        try:
+            w._aimc_forms = cache
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+            pass
+    form = cache[1].get((kind, dtype))
+    if form is None:
+        form = cache[1][(kind, dtype)] = _WEIGHT_FORMS[kind](w).to(dtype)
+    return form
+
+
+def stage_key(gen) -> np.uint64:
+    """The key of one tile's draws, taken from the generator (one draw of it)."""
+    return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
+
+
+def _np(t: torch.Tensor | None):
+    return None if t is None else t.numpy()
+
+
+# ---------------------------------------------------------------------------- dense tiles
+def _aux_products(xd, w, cfg, options, z):
+    """The kernel's :class:`_K.Products` of one tile from its DAC outputs xd (no gradient) and
+    its signal z = W~ xd (rows, out): (W~ o P) xd and [|xd|; xd^2] against |W~| (Eqs. 14-18),
+    in bfloat16 under ``options.aux_bfloat16`` (float32 only), read back in z's precision."""
+    dt = z.dtype
+    adt = torch.bfloat16 if options.bfloat16_products and dt == torch.float32 else dt
+    n, b = w.shape[1], xd.shape[0]
+    w_px = ss = None
+    at = np.zeros(6, dtype=np.intp)
+    with torch.no_grad():
+        if cfg.has_ir_drop:  # IR-drop shape (Eq. 15)
+            w_px = _F(xd.to(adt), weight_form(w, "px", adt)).to(dt)
+        parts = ([xd.abs()] if cfg.has_ir_drop else []) + ([xd * xd] if cfg.has_short_term_noise
+                                                            else [])
+        if parts:  # one GEMM: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
+            stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
+            ss = _F(stacked.to(adt), weight_form(w, "abs", adt)).to(dt).numpy()
+            at[4] = (len(parts) - 1) * b  # x2's first row
+    return _K.Products(z=z.numpy(), w_px=_np(w_px), abs_x=ss if cfg.has_ir_drop else None,
+                       x2=ss if cfg.has_short_term_noise else None, at=at)
+
+
+def _dac_levels(x: torch.Tensor, start: int, n: int, alpha: float, cfg):
+    """The DAC (Eq. 5) of columns ``start:start + n`` of x (C order) without gradient, in
+    integer levels: (levels, unit) with x~ = unit * levels (one Numba pass; with no DAC bits the
+    bound alone and unit 1)."""
+    lev = torch.empty((x.shape[0], n), dtype=x.dtype)
+    if cfg.inp_bits:
+        s_in, in_levels = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
+        row_inv = np.array((1.0 / alpha,), dtype=_NP_DTYPE[x.dtype])
+        _K.dac_levels(x.numpy(), start, row_inv, s_in, in_levels, lev.numpy())
+        return lev, 1.0 / s_in
+    torch.div(x[:, start:start + n], alpha, out=lev)
+    if math.isfinite(cfg.inp_bound):  # no quantiser: the DAC's bound alone
+        lev.clamp_(-cfg.inp_bound, cfg.inp_bound)
+    return lev, 1.0
+
+
+def linear_tile(x, start, w, cfg, alpha_k, scale_k, key, options, out=None):
+    """alpha out_scale Q_out(F(Q_in(x_k / alpha))) of one tile (Eq. 1) on the fast backend,
+    x_k = x[:, start:start + w.shape[1]] (x C-ordered).
+
+    With a gradient to take, returns the tile's output (rows, out); without, adds it to ``out``
+    (or writes it when ``out`` is None) and returns that.
+    """
+    n = w.shape[1]
+    xk = x[:, start:start + n]
+    if torch.is_grad_enabled() and (xk.requires_grad or w.requires_grad
+                                    or alpha_k.requires_grad or scale_k.requires_grad):
+        xt = quantize(xk / alpha_k, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5 (STE)
+        z = _F(xt, w)  # Eq. 2, signal (the only term with a gradient)
+        return _StageSTE.apply(z, alpha_k * scale_k, xt.detach(), w.detach(), cfg, options, n,
+                               key)
+    alpha = float(alpha_k)
+    lev, unit = _dac_levels(x.detach(), start, n, alpha, cfg)
+    z = _F(lev, w.detach())  # Eq. 2, signal, in DAC levels
+    products = _aux_products(lev, w.detach(), cfg, options, z)
+    accumulate = out is not None
+    if out is None:
+        out = torch.empty(z.shape, dtype=z.dtype)
+    stage = _K.stage(cfg, n, z.numpy().dtype, key, unit=unit, row_f=alpha, accumulate=accumulate)
+    col_f = scale_k.detach().to(z.dtype).contiguous().numpy()
+    _K.output_stage(products, stage, _K.Outputs(out.numpy(), col_f, None, None, None))
+    return out
+
+
+# ---------------------------------------------------------------------------- training stage
+class _StageBuffers:
+    """Outputs of a training output stage of shape (rows, cols): the result, the ADC levels or
+    values its backward needs, the straight-through mask, and the digital factor as the kernel
+    takes it (``row_f``, a scalar, and ``outputs.col_f``)."""
+
+    def __init__(self, shape, dtype, factor, cfg, bias=None):
+        dt = _NP_DTYPE[dtype]
+        f = factor.detach().reshape(-1).to(dtype).contiguous().numpy()
+        clips = math.isfinite(cfg.out_bound)  # the ADC's bound, with or without its bits
+        self.bias = bias
+        self.mask = torch.empty(shape, dtype=torch.bool) if clips else None
+        self.s_out = quantizer_levels(cfg.out_bits, cfg.out_bound)[0]  # ADC (Eq. 5)
+        # The backward needs Q_out before the digital factor: as int8 ADC levels when they fit
+        # (a quarter of the memory, and the factor and bias applied in the same pass), else as
+        # values.
+        self.int_levels = bool(cfg.out_bits) and cfg.out_bits <= 8
+        self.out = torch.empty(shape, dtype=dtype)
+        self.q = torch.empty(shape, dtype=torch.int8) if self.int_levels else self.out
+        self.row_f, col_f, b = 1.0, np.ones(shape[1], dt), None
+        if self.int_levels:
+            if f.size == 1:
+                self.row_f = float(f[0])
+            else:
+                col_f = f
+            if bias is not None:
+                b = bias.detach().to(dtype).contiguous().numpy()
+        self.outputs = _K.Outputs(self.out.numpy(), col_f, b, _np(self.mask),
+                                  self.q.numpy() if self.int_levels else None)
+
+    def finish(self, ctx, factor, *saved):
+        """Save what the backward needs; the result with the digital factor applied."""
+        ctx.q_scale = 1.0 / self.s_out if self.int_levels else 1.0
+        ctx.save_for_backward(self.q, factor, self.mask, *saved)
+        if self.int_levels:
+            return self.out
+        y = self.out * factor
+        return y if self.bias is None else y.add_(self.bias.detach())
+
+
+def _stage_grads(ctx, grad, q, factor, mask, need_f, need_b=False):
+    """Backward of a training output stage (straight-through ADC): the gradients of its
+    pre-ADC signal (rows, cols), of the digital factor and of the bias (None when not
+    needed)."""
+    grad = grad.contiguous()
+    grad_z = torch.empty_like(grad)
+    n_blocks = -(-grad.shape[0] // _K._BWD_ROWS)
+    partial = np.empty((n_blocks, grad.shape[1]))
+    partial_b = np.empty((n_blocks, grad.shape[1])) if need_b else None
+    f = factor.detach().reshape(-1).to(grad.dtype).contiguous()
+    _K.stage_backward(grad.numpy(), q.numpy(), ctx.q_scale, _np(mask), f.numpy(),
+                      grad_z.numpy(), partial, partial_b)
+    grad_f = grad_b = None
+    if need_f:
+        grad_f = torch.from_numpy(partial.sum(axis=0)).to(factor.dtype)
+        if factor.dim() == 0:
+            grad_f = grad_f.sum()
+    if need_b:
+        grad_b = torch.from_numpy(partial_b.sum(axis=0)).to(grad.dtype)
+    return grad_z, grad_f, grad_b
+
+
+class _StageSTE(torch.autograd.Function):
+    """factor * Q_out(z + dy_IR + noise) in one Numba pass (Eqs. 1, 2, 5, 14-16), with the
+    straight-through backward of :func:`periphery.quantize`: identity inside the ADC bound, 0
+    outside; the noise and IR-drop terms carry no gradient (MODEL.md sec. 8).
+
+    ``z`` (rows, out) = W~ x~ has the gradient; ``factor`` is the digital scale, (out,) or
+    scalar; ``xt``, ``w`` the tile's DAC outputs and weights for the auxiliary products.
+    """
+
+    @staticmethod
+    def forward(ctx, z, factor, xt, w, cfg, options, n_rows, key):
+        zd = z.detach().contiguous()
+        st = _StageBuffers(zd.shape, zd.dtype, factor, cfg)
+        products = _aux_products(xt, w, cfg, options, zd)
+        _K.output_stage(products, _K.stage(cfg, n_rows, products.z.dtype, key, row_f=st.row_f),
+                        st.outputs)
+        return st.finish(ctx, factor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, factor, mask = ctx.saved_tensors
+        grad_z, grad_f, _ = _stage_grads(ctx, grad, q, factor, mask, ctx.needs_input_grad[1])
+        return grad_z, grad_f, None, None, None, None, None, None
+
+
+# ---------------------------------------------------------------------------- convolutions
+def one_channel_last(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous one-channel image batch marked channels-last (a stride-only view): oneDNN
+    otherwise takes the NCHW path, 5-10x slower forward and backward, and the output needs a
+    copy. Elementwise ops on such a tensor may return NCHW strides again, so each product
+    applies it to its own input."""
+    if x.dim() != 4 or x.shape[1] != 1 or not x.is_contiguous():
+        return x
+    _, _, h, w = x.shape
+    return x.as_strided(x.shape, (h * w, 1, w, 1))
+
+
+def _conv_tile_products(x4, w, conv4, cfg, options):
+    """The four products of a convolution tile (Eqs. 2, 14, 15, 18) as convolutions, as the
+    kernel's :class:`_K.Products`: W~ x~ (the signal), (W~ o P) x~, |W~| |x~|, |W~| x~^2.
+
+    x4 : (batch, C, H, W) channels-last inputs x~; w : (out, C * kh * kw) weights W~;
+    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial). The signal runs alone in the
+    working precision; one convolution takes x~ against W~ o P, and also |W~| when x~ >= 0
+    (inputs after a ReLU, where |x~| = x~); another takes |W~| against [|x~|; x~^2] stacked
+    along the batch (no grouped convolution: oneDNN's grouped kernels ran 3x slower in half the
+    calls here); both in bfloat16 under ``options.aux_bfloat16`` (float32 only).
+    """
+    ks, st, pd, dl, _ = conv4
+    n_out = w.shape[0]
+    shape = (n_out, x4.shape[1], *ks)
+    conv2d = torch.nn.functional.conv2d
+    has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
+    nonneg = has_ir and bool(x4.min() >= 0)  # then |x~| = x~: one input for three products
+    adt = torch.bfloat16 if options.bfloat16_products and x4.dtype == torch.float32 else x4.dtype
+
+    def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last
+        y = y.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+        return y.reshape(-1, y.shape[3]).to(x4.dtype).numpy()
+
+    z = rows(conv2d(x4, w.reshape(shape), None, st, pd, dl))  # Eq. 2, the signal
+    n_rows = z.shape[0]
+    xa = x4.to(adt)  # the inputs of the auxiliary products
+    at = np.zeros(6, dtype=np.intp)  # (row, column) of w_px, abs_x, x2 in their arrays
+    w_px = abs_x = x2 = None
+    if has_ir:
+        first = [weight_form(w, "px", adt)] + ([weight_form(w, "abs", adt)] if nonneg else [])
+        w_px = rows(conv2d(xa, torch.cat(first).reshape(-1, *shape[1:]), None, st, pd, dl))
+        if nonneg:
+            abs_x, at[3] = w_px, n_out
+    second = ([xa.abs()] if has_ir and not nonneg else []) + ([xa * xa] if has_st else [])
+    if second:
+        x2in = second[0] if len(second) == 1 else torch.cat(second)
+        a2 = rows(conv2d(one_channel_last(x2in.contiguous(memory_format=torch.channels_last)),
+                         weight_form(w, "abs", adt).reshape(shape), None, st, pd, dl))
+        if has_ir and not nonneg:
+            abs_x = a2
+        if has_st:
+            x2, at[4] = a2, (len(second) - 1) * n_rows
+    return _K.Products(z=z, w_px=w_px, abs_x=abs_x, x2=x2, at=at)
+
+
+class ConvTileSTE(torch.autograd.Function):
+    """One convolution tile on CPU, training or evaluation: factor * Q_out(W~ * x~ + dy_IR +
+    noise) (Eqs. 1, 2, 5, 14-16), with the gradients of :class:`_StageSTE` (straight-through
+    ADC) and then those of the convolution W~ * x~ and of the DAC to ``x``, ``alpha`` and ``w``.
+
+    The products come from the image itself inside :func:`_K.conv_stage` for tiles of few rows
+    (at most ``_K.CONV_STAGE_MAX_ROWS``: there the work scales with the outputs, and the
+    products are cheaper computed than read back from memory), else from oneDNN convolutions
+    (:func:`_conv_tile_products`) read in place by :func:`_K.output_stage`.
+
+    ``x`` is the tile's input (batch, C, H, W) (or (batch, C, L)) and ``alpha`` its input range:
+    the DAC x~ = Q_in(x / alpha) (Eq. 5, straight-through inside its bound) runs here, so that
+    when x needs no gradient (a network's first layer) alpha's gradient through the DAC comes
+    from one weight-gradient call instead of the input gradient. ``w`` (out, C * kernel
+    elements); ``bias`` (out,) or None, added after the digital factor; returns the output
+    pixels as rows (batch * out_h * out_w, out), channels last.
+    """
+
+    @staticmethod
+    def forward(ctx, x, alpha, w, factor, bias, cfg, options, conv, key):
+        kernel_size, stride, padding, dilation, spatial = conv
+        with torch.no_grad():
+            xs = x.detach() / alpha.detach()
+            xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
+        if xt.dim() == 3:  # 1-d: a 2-d convolution of height 1
+            x4, conv4 = xt.detach().unsqueeze(2), (
+                (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
+        else:
+            x4, conv4 = xt.detach(), conv
+        x4 = one_channel_last(x4.contiguous(memory_format=torch.channels_last))
+        wd = w.detach().contiguous()
+        n_out, n_rows = wd.shape
+        stb = _StageBuffers((x4.shape[0] * int(np.prod(conv4[4])), n_out), wd.dtype, factor, cfg,
+                            bias)
+        stage = _K.stage(cfg, n_rows, _NP_DTYPE[wd.dtype], key, row_f=stb.row_f)
+        if n_rows <= _K.CONV_STAGE_MAX_ROWS:
+            has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
+            wabs = weight_form(wd, "abs").numpy()
+            cw = _K.ConvWeights(wd.numpy(), weight_form(wd, "px").numpy() if has_ir else None,
+                                wabs if has_ir else None, wabs if has_st else None)
+            geom = np.array([v for part in conv4 for v in part], dtype=np.intp)
+            _K.conv_stage(x4.permute(0, 2, 3, 1).numpy(), geom, cw, stage, stb.outputs)
+        else:
+            _K.output_stage(_conv_tile_products(x4, wd, conv4, cfg, options), stage, stb.outputs)
+        ctx.conv = conv
+        ctx.dac_bound = cfg.inp_bound if math.isfinite(cfg.inp_bound) else None
+        return stb.finish(ctx, factor, xt, xs, alpha, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, factor, mask, xt, xs, alpha, w = ctx.saved_tensors
+        grad_z, grad_f, grad_b = _stage_grads(ctx, grad, q, factor, mask,
+                                              ctx.needs_input_grad[3], ctx.needs_input_grad[4])
+        kernel_size, stride, padding, dilation, spatial = ctx.conv
+        need_x, need_a, need_w = ctx.needs_input_grad[:3]
+        grad_x = grad_a = grad_w = None
+        nones = (None, None, None, None)
+        if not (need_x or need_a or need_w):
+            return None, None, None, grad_f, grad_b, *nones
+        n_out, n_ch = w.shape[0], xt.shape[1]
+        # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
+        g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
+        # the DAC's straight-through rule (periphery.quantize): identity inside its bound
+        inside = None if ctx.dac_bound is None else straight_through_mask(xs, ctx.dac_bound)
+        v = xs if inside is None else xs * inside
+        conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), 1)
+        w4 = w.reshape(n_out, n_ch, *kernel_size)
+        if need_x:  # the full input gradient: x~ = Q(x / alpha)
+            grad_xt, grad_w, _ = torch.ops.aten.convolution_backward(
+                g, one_channel_last(xt), w4, None, *conv_args, [True, need_w, False])
+            grad_x = (grad_xt if inside is None else grad_xt * inside) / alpha
+            if need_a:  # d x~ / d alpha = -(x / alpha^2) inside the bound
+                grad_a = -(grad_xt * v).sum() / alpha
+        else:
+            # Only alpha needs the DAC's gradient: sum(grad_x~ * v) = <W~, dL/dW~ with input v>
+            # (the adjoint of the convolution), one weight-gradient call on [x~, v] stacked as
+            # channels instead of the (for one channel, 7x dearer) input gradient.
+            inp = torch.cat([xt, v], 1) if need_a else xt
+            inp = inp.contiguous(memory_format=torch.channels_last) if inp.dim() == 4 else inp
+            w_in = torch.cat([w4, w4], 1) if need_a else w4
+            _, gw, _ = torch.ops.aten.convolution_backward(
+                g, one_channel_last(inp), w_in, None, *conv_args, [False, True, False])
+            grad_w = gw[:, :n_ch] if need_w else None
+            if need_a:
+                grad_a = -(gw[:, n_ch:] * w4).sum() / alpha
+        grad_w = None if grad_w is None or not need_w else grad_w.reshape(w.shape)
+        return grad_x, grad_a, grad_w, grad_f, grad_b, *nones

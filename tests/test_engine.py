@@ -1,0 +1,287 @@
+"""The analog MVM engine: the fast CPU backend (Numba) against the torch reference, drawn over
+shapes, tilings and configurations (hypothesis); noise independent of grad mode; the precision
+options with their tolerance; the CUDA path (tests marked ``cuda``, skipped without a GPU)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from aimc_device import crossbar
+from aimc_device.crossbar import CrossbarConfig, EngineOptions, analog_conv, analog_mvm
+from aimc_device.crossbar.mvm import _fast_backend
+
+FAST = EngineOptions(aux_bfloat16=False)  # the fast backend, everything in the working dtype
+REFERENCE = EngineOptions(backend="reference")
+PROPERTY = settings(max_examples=12, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+CUDA = [pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@st.composite
+def tiled_layers(draw, max_tile=48):
+    """(x, w_tiles, alpha, out_scale) of a random layer: 1-3 tiles of 1-48 rows, 1-20 outputs,
+    1-40 input vectors, inputs partly beyond the input range."""
+    sizes = draw(st.lists(st.integers(1, max_tile), min_size=1, max_size=3))
+    n_out = draw(st.integers(1, 20))
+    batch = draw(st.integers(1, 40))
+    g = _gen(draw(st.integers(0, 2 ** 31)))
+    w = [torch.rand(n_out, n, generator=g, dtype=torch.float64) * 2 - 1 for n in sizes]
+    x = torch.randn(batch, sum(sizes), generator=g, dtype=torch.float64) * 1.5
+    alpha = torch.rand(len(sizes), generator=g, dtype=torch.float64) + 0.5
+    scale = torch.rand(len(sizes), n_out, generator=g, dtype=torch.float64) + 0.5
+    return x, w, alpha, scale
+
+
+def _configs(noise: bool):
+    """Configurations of the elements the fast backend implements (noise on or off)."""
+    return st.builds(
+        CrossbarConfig, inp_bits=st.sampled_from([None, 4, 8]),
+        inp_bound=st.sampled_from([1.0, 0.5]), out_bits=st.sampled_from([None, 6, 8]),
+        out_bound=st.sampled_from([2.0, 10.0]), ir_drop=st.sampled_from([0.0, 1.0, 3e3]),
+        out_noise=st.just(0.04) if noise else st.just(0.0),
+        w_noise=st.sampled_from([0.0, 0.05]) if noise else st.just(0.0))
+
+
+def _assert_close_up_to_adc_ties(a, b, cfg, factor, rtol):
+    """a == b to ``rtol``, but for outputs where the two backends' rounding of the products
+    put a pre-ADC value on either side of an ADC decision: those differ by one ADC level (at
+    most 1 % of the outputs, and at least one allowed)."""
+    diff = (a - b).abs()
+    off = diff > rtol * (1.0 + b.abs())
+    if cfg.out_bits:
+        level = crossbar.periphery.quantizer_step(cfg.out_bits, cfg.out_bound) * factor
+        assert bool((diff <= 1.001 * level.expand_as(diff)).all())
+        assert int(off.sum()) <= max(1, 0.01 * off.numel())
+    else:
+        assert not bool(off.any()), float(diff.max())
+
+
+@PROPERTY
+@given(layer=tiled_layers(), cfg=_configs(noise=False), dtype=st.sampled_from(["f32", "f64"]))
+def test_fast_backend_equals_reference_without_noise(layer, cfg, dtype):
+    # With the noise off the two backends compute the same function: outputs (to rounding, an
+    # ADC decision apart where rounding tips it) and gradients.
+    dt = torch.float32 if dtype == "f32" else torch.float64
+    x, w, alpha, scale = (t.to(dt) if isinstance(t, torch.Tensor) else [u.to(dt) for u in t]
+                          for t in layer)
+    assert _fast_backend(x, cfg, None, FAST) and not _fast_backend(x, cfg, None, REFERENCE)
+    rtol = 1e-4 if dt == torch.float32 else 1e-9
+    factor = (alpha[:, None] * scale).max()
+    outs, grads = [], []
+    for options in (FAST, REFERENCE):
+        with torch.no_grad():
+            outs.append(analog_mvm(x, w, cfg, alpha, scale, options=options))
+        leaves = [x.clone().requires_grad_(), *(u.clone().requires_grad_() for u in w)]
+        y = analog_mvm(leaves[0], leaves[1:], cfg, alpha, scale, options=options)
+        _assert_close_up_to_adc_ties(y.detach(), outs[-1], cfg, factor, rtol)  # grad mode
+        grads.append(torch.autograd.grad(y.sum(), leaves))
+    _assert_close_up_to_adc_ties(outs[0], outs[1], cfg, factor, rtol)
+    if dt == torch.float64 and not torch.equal(outs[0], outs[1]):
+        return  # an ADC decision apart: the straight-through masks differ there
+    for g_fast, g_ref in zip(*grads):
+        torch.testing.assert_close(g_fast, g_ref, rtol=rtol, atol=rtol)
+
+
+@PROPERTY
+@given(layer=tiled_layers(max_tile=64), cfg=_configs(noise=True), seed=st.integers(0, 1000))
+def test_fast_backend_noise_has_the_reference_distribution(layer, cfg, seed):
+    # With noise, the outputs minus the noiseless outputs, divided by their standard deviation
+    # f_i sqrt(sigma_out^2 + sigma_w0^2 sum_j |w~_ij| x~_j^2) per tile (Eqs. 2, 14; no ADC
+    # here), are N(0, 1) on both backends (KS), and the two samples agree with each other.
+    cfg = cfg.replace(out_bits=None, out_bound=math.inf)
+    x, w, alpha, scale = layer
+    clean = analog_mvm(x, w, cfg.replace(out_noise=0.0, w_noise=0.0), alpha, scale,
+                       options=REFERENCE)
+    var = torch.zeros_like(clean)
+    start = 0
+    for k, wk in enumerate(w):
+        xt = crossbar.periphery.quantize(x[:, start:start + wk.shape[1]] / alpha[k],
+                                         cfg.inp_bits, cfg.inp_bound)
+        start += wk.shape[1]
+        var += (alpha[k] * scale[k]) ** 2 * (cfg.out_noise ** 2
+                                             + cfg.w_noise ** 2 * (xt * xt) @ wk.abs().T)
+    reps = max(1, 2000 // clean.numel())
+    samples = {}
+    for name, options in (("fast", FAST), ("reference", REFERENCE)):
+        gen = _gen(seed)
+        z = [(analog_mvm(x, w, cfg, alpha, scale, generator=gen, options=options) - clean)
+             / var.sqrt() for _ in range(reps)]
+        samples[name] = torch.cat([t.reshape(-1) for t in z]).numpy()
+        assert stats.kstest(samples[name], "norm").pvalue > 1e-4, name
+        assert samples[name].std() == pytest.approx(1.0, abs=6 / math.sqrt(samples[name].size))
+    assert stats.ks_2samp(samples["fast"], samples["reference"]).pvalue > 1e-4
+
+
+@PROPERTY
+@given(seed=st.integers(0, 2 ** 31), c_in=st.integers(1, 6), c_out=st.integers(1, 7),
+       k=st.sampled_from([(1, 1), (3, 3), (3, 2)]), stride=st.sampled_from([1, 2]),
+       max_rows=st.sampled_from([9, 18, 512]), cfg=_configs(noise=False))
+def test_fast_convolution_equals_reference_without_noise(seed, c_in, c_out, k, stride, max_rows,
+                                                         cfg):
+    # The convolution tiles of the fast backend (the Numba stage on the image for few rows,
+    # oneDNN products otherwise) against the reference convolution path.
+    g = _gen(seed)
+    n_k = k[0] * k[1]
+    sizes = crossbar.mvm.conv_channel_split(c_in, n_k, max(max_rows, n_k))
+    w = [torch.rand(c_out, c * n_k, generator=g, dtype=torch.float64) * 2 - 1 for c in sizes]
+    x = torch.randn(2, c_in, 7, 6, generator=g, dtype=torch.float64) * 1.5
+    alpha = torch.rand(len(sizes), generator=g, dtype=torch.float64) + 0.5
+    scale = torch.rand(len(sizes), c_out, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(c_out, generator=g, dtype=torch.float64)
+    kw = dict(channel_sizes=sizes, kernel_size=k, stride=(stride, stride),
+              padding=(k[0] // 2, k[1] // 2), dilation=(1, 1), bias=bias)
+    y_fast = analog_conv(x, w, cfg, alpha, scale, options=FAST, **kw)
+    y_ref = analog_conv(x, w, cfg, alpha, scale, options=REFERENCE, **kw)
+    _assert_close_up_to_adc_ties(y_fast, y_ref, cfg, (alpha[:, None] * scale).max(), 1e-9)
+
+
+@pytest.mark.parametrize("options", [FAST, REFERENCE], ids=["fast", "reference"])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):
+    # The same generator state gives the same draw whether a gradient is taken or not.
+    g = _gen(0)
+    cfg = CrossbarConfig(max_rows=40)
+    w = [torch.rand(6, 36, generator=g) * 2 - 1 for _ in range(2)]
+    alpha, scale = torch.ones(2), torch.rand(2, 6, generator=g) + 0.5
+    if layer == "linear":
+        x = torch.randn(5, 72, generator=g)
+
+        def run(inp, gen):
+            return analog_mvm(inp, w, cfg, alpha, scale, generator=gen, options=options)
+    else:
+        x = torch.randn(2, 8, 5, 5, generator=g)
+
+        def run(inp, gen):
+            return analog_conv(inp, w, cfg, alpha, scale, channel_sizes=[4, 4],
+                               kernel_size=(3, 3), padding=(1, 1), generator=gen,
+                               options=options)
+    with torch.no_grad():
+        y0 = run(x, _gen(7))
+    y1 = run(x.clone().requires_grad_(), _gen(7))
+    assert y1.requires_grad
+    torch.testing.assert_close(y1.detach(), y0, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(run(x, _gen(8)).detach(), y0)  # a new state, a new draw
+
+
+def test_aux_bfloat16_moves_outputs_by_little():
+    # EngineOptions.aux_bfloat16: the auxiliary products (IR drop, short-term noise variance) in
+    # bfloat16. With the same draws, the outputs move by a small fraction of the output noise
+    # they sit in (documented: std of the change < 5 % of sigma_out; 2.6 % here), IR drop at 3x
+    # its standard size so that the term matters.
+    g = _gen(3)
+    cfg = CrossbarConfig(out_bits=None, out_bound=math.inf, ir_drop=3.0)
+    w = [torch.randn(256, 512, generator=g).clamp(-2.5, 2.5) / 2.5]
+    x = torch.rand(256, 512, generator=g)
+    one, scale = torch.ones(1), torch.ones(1, 256)
+    y = {aux: analog_mvm(x, w, cfg, one, scale, generator=_gen(1),
+                         options=EngineOptions(aux_bfloat16=aux)) for aux in (True, False)}
+    change = (y[True] - y[False]).std().item()
+    assert 0 < change < 0.05 * cfg.out_noise
+
+
+def test_options_and_their_context():
+    with pytest.raises(ValueError, match="EngineOptions.backend"):
+        EngineOptions(backend="gpu")
+    with pytest.raises(ValueError, match="EngineOptions"):
+        CrossbarConfig().replace(aux_bfloat16=False)
+    assert "aux_bfloat16" not in CrossbarConfig().to_dict()
+    old = dict(CrossbarConfig().to_dict(), aux_bfloat16=True)  # a config saved by 0.1
+    assert CrossbarConfig.from_dict(old) == CrossbarConfig()
+    x = torch.randn(3, 8)
+    cfg = CrossbarConfig()
+    assert _fast_backend(x, cfg, None, crossbar.options.current_options())
+    with crossbar.engine_options(backend="reference"):
+        assert not _fast_backend(x, cfg, None, crossbar.options.current_options())
+    assert _fast_backend(x, cfg, None, crossbar.options.current_options())
+    for other in (cfg.replace(s_adc=True), cfg.replace(noise_management="abs_max"),
+                  cfg.replace(bound_management="iterative")):
+        assert not _fast_backend(x, other, None, FAST)
+    assert not _fast_backend(x.to(torch.bfloat16), cfg, None, FAST)
+
+
+def test_config_derived_conditions():
+    cfg = CrossbarConfig()
+    assert cfg.has_ir_drop and cfg.has_short_term_noise and cfg.has_noise
+    assert not cfg.replace(ir_drop_g=0.0).has_ir_drop
+    assert not CrossbarConfig.ideal().has_noise
+    assert CrossbarConfig.ideal(w_noise=0.01).has_noise
+
+
+# ------------------------------------------------------------------------------ CUDA
+def cuda(test):
+    """Mark a test ``cuda`` and skip it where no CUDA device exists."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device")(test))
+
+
+@cuda
+@pytest.mark.parametrize("extra", [{}, {"s_adc": True}, {"noise_management": "abs_max"},
+                                   {"bound_management": "iterative"}])
+def test_cuda_mvm_and_conv_match_the_cpu_reference(extra):
+    # Every path runs on CUDA tensors through the torch reference, with the numbers of the CPU.
+    g = _gen(2)
+    cfg = CrossbarConfig(out_noise=0.0, w_noise=0.0, max_rows=64, **extra)
+    w = [torch.rand(16, 36, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2)]
+    x = torch.randn(20, 72, generator=g, dtype=torch.float64) * 2
+    alpha, scale = torch.ones(2, dtype=torch.float64), torch.ones(2, 16, dtype=torch.float64)
+    dev = torch.device("cuda")
+    on = [x.to(dev), [t.to(dev) for t in w], cfg, alpha.to(dev), scale.to(dev)]
+    y_gpu = analog_mvm(*on)
+    assert y_gpu.device.type == "cuda"
+    _assert_close_up_to_adc_ties(y_gpu.cpu(), analog_mvm(x, w, cfg, alpha, scale,
+                                                         options=REFERENCE), cfg, 1.0, 1e-9)
+    if extra and "s_adc" not in extra:
+        return  # per-vector management: analog_mvm on unfolded inputs only
+    img = torch.randn(2, 8, 6, 6, generator=g, dtype=torch.float64)
+    kw = dict(channel_sizes=[4, 4], kernel_size=(3, 3), padding=(1, 1))
+    y_gpu = analog_conv(img.to(dev), *on[1:], **kw)
+    _assert_close_up_to_adc_ties(y_gpu.cpu(), analog_conv(img, w, cfg, alpha, scale,
+                                                          options=REFERENCE, **kw),
+                                 cfg, 1.0, 1e-9)
+    noisy = CrossbarConfig(max_rows=64, **extra)  # and with noise, from a CUDA generator
+    y = analog_mvm(on[0], on[1], noisy, on[3], on[4],
+                   generator=torch.Generator(dev).manual_seed(0))
+    assert y.device.type == "cuda" and bool(torch.isfinite(y).all())
+
+
+@cuda
+def test_cuda_networks_train_program_and_evaluate():
+    # An analog CNN and LSTM on CUDA: a hardware-aware training step (device noise from the
+    # torch sampler), programming, drift and an evaluation forward, all on the GPU tensors.
+    from torch import nn
+
+    from aimc_device import nn as anl
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    models = {
+        "cnn": (nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(8 * 8 * 8, 10)), torch.randn(4, 3, 8, 8)),
+        "lstm": (nn.LSTM(6, 8, batch_first=True), torch.randn(4, 5, 6)),
+    }
+    for name, (fp, x) in models.items():
+        a = anl.convert(fp, CrossbarConfig(), "rasch2023", rng=0).to(dev)
+        x = x.to(dev)
+        a.train()
+        out = a(x)
+        out = out[0] if isinstance(out, tuple) else out
+        assert out.device.type == "cuda", name
+        out.square().mean().backward()
+        assert all(p.grad is None or p.grad.device.type == "cuda" for p in a.parameters())
+        anl.program(a, rng=0)
+        anl.drift(a, 3600.0, rng=1)
+        a.eval()
+        with torch.no_grad():
+            y = a(x)
+        y = y[0] if isinstance(y, tuple) else y
+        assert y.device.type == "cuda" and bool(torch.isfinite(y).all()), name
