@@ -87,7 +87,8 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(campaign)
     prov["command"] = f"aimc_device.study.run_demo(quick={quick}, seed={seed})"
-    save_device_model(model, card, provenance=prov, overwrite=overwrite)
+    save_device_model(model, card, provenance=prov, uncertainty=report.parameter_covariance(),
+                      overwrite=overwrite)
     if verbose:
         print(report.summary())
         print(f"fitted device model -> {card} ({time.perf_counter() - t0:.1f} s)")
