@@ -115,6 +115,13 @@ def test_monotonicity_violation_reported():
     assert res.limit <= 2.0 <= res.failing and res.failing / res.limit <= 1.02 + 1e-9
 
 
+def test_knob_that_cannot_reach_the_target_alone_stops_early():
+    flat = _synthetic(lambda v: 0.97 - 1e-4 * v)                   # other nonidealities dominate
+    res = search_limit(flat, 1.0, KNOBS["drift spread"], SearchSettings())
+    assert res.status == "below range" and "not met by this knob alone" in res.message
+    assert len(res.values) == 3 and not np.isfinite(res.limit)
+
+
 def test_repeats_added_only_near_the_decision():
     st = SearchSettings(min_repeats=4, max_repeats=32, coverage=0.5)
     for seed in range(3):

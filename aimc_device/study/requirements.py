@@ -70,7 +70,7 @@ from ..pcm import ParameterCovariance
 from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
 from ._tasks import evaluate_task
-from ._validate import check_recipe, check_times, device_inputs, workload_name
+from ._validate import check_times, device_inputs, workload_name
 from .report import check_outputs, write_outputs
 from .study import TIME_LABELS, prepare_models, resolve_device
 
@@ -124,7 +124,7 @@ class Knob:
     apply: Callable
     integer: bool = False
     first: float = 1.0
-    lower: float = 1e-3
+    lower: float = 1.0 / 64
     upper: float = 64.0
 
 
@@ -272,6 +272,13 @@ def _check_monotone(values, q, se, worse_up: bool, settings: SearchSettings):
                    "(max_repeats) or a finer grid")
 
 
+def _improves(points, worse: float, better: float, st: SearchSettings) -> bool:
+    """Does the statistic rise, beyond noise, from ``worse`` to ``better`` (two steps)?"""
+    qw, sw = st.statistic(points[worse])
+    qb, sb = st.statistic(points[better])
+    return qb - qw > max(2.0 * math.hypot(sw, sb), 0.1 * (1.0 - st.target))
+
+
 def search_limit(evaluate: Callable, card: float, knob: Knob,
                  settings: SearchSettings | None = None) -> SearchResult:
     """Search the limit of one knob (bracketing, then bisection on a log scale or over
@@ -343,7 +350,15 @@ def search_limit(evaluate: Callable, card: float, knob: Knob,
                 res.status, hi = "above range", float("nan")
         else:
             hi, lo = v0, max(v0 / step, knob.lower)
+            tried = [v0]
             while hi > knob.lower and not decide(lo):
+                tried.append(lo)
+                if len(tried) >= 3 and not _improves(points, tried[-3], tried[-1], st):
+                    res.message = (f"the target is not met by this knob alone: A* does not "
+                                   f"rise from {tried[-3]:.3g} to {tried[-1]:.3g} (other "
+                                   "nonidealities dominate)")
+                    hi = knob.lower
+                    break
                 hi, lo = lo, max(lo / step, knob.lower)
             if hi <= knob.lower:
                 res.status, lo = "below range", float("nan")
@@ -365,7 +380,8 @@ def search_limit(evaluate: Callable, card: float, knob: Knob,
         res.n.append(int(points[v].size))
     if np.isfinite(res.limit) and res.limit in points:
         res.fraction_at_limit = float(np.mean(points[res.limit] >= st.target))
-    res.monotone, res.message = _check_monotone(res.values, res.q, res.se, not knob.integer, st)
+    res.monotone, note = _check_monotone(res.values, res.q, res.se, not knob.integer, st)
+    res.message = "; ".join(m for m in (res.message, note) if m)
     return res
 
 
@@ -624,12 +640,6 @@ def requirements(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
         recipe = {"model": type(model).__name__}
         timings = {}
     else:
-        check_recipe(workload, device, cfg, out_dir, seed, quick, hwa_epochs,
-                     study_kwargs.get("hwa_lr", 0.01), study_kwargs.get("hwa"),
-                     study_kwargs.get("distill", False),
-                     study_kwargs.get("calibration_batches", 10),
-                     study_kwargs.get("workload_kwargs"), study_kwargs.get("digital_layers"),
-                     progress, study_kwargs.get("on_epoch_end"))
         prep = prepare_models(workload, device, cfg, out_dir, seed, quick, hwa_epochs,
                               progress=progress, **study_kwargs)
         again = ({"workload": workload, "out_dir": out_dir, "seed": seed, "quick": quick,
