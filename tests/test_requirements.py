@@ -186,6 +186,12 @@ def test_calibration_draws_in_requirements(regression, tmp_path):
                             plot=False, verbose=False, progress=False)
     assert ds["a_star_calibration"].shape == (3, 1, 2)
     assert np.all(np.isfinite(ds["calibration_spread"])) and float(ds["repeat_spread"][0]) > 0
+    analog = ann.convert(lin, QUIET.replace(drift_compensation="global"), model)
+    ev = study.evaluate_calibration(analog, data, model, unc, n_models=3, metric=mse,
+                                    times=(3600.0,), repeats=2, fp_error=0.0,
+                                    chance_error=chance)
+    assert ev["mse"].shape == (3, 2, 1) and float(ev["repeat_spread"][0]) > 0
+    assert float(ev["calibration_spread"][0]) >= 0
     with pytest.raises(ValueError, match="no fit covariance"):
         study.requirements(model=lin, test_data=data, metric=mse, fp_error=0.0,
                            chance_error=chance, device=model, calibration_samples=2,

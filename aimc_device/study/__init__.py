@@ -16,11 +16,12 @@ References
 from .demo import run_demo
 from .report import (format_sensitivity_table, format_table, load_dataset, plot_sensitivity,
                      plot_studies, plot_study, save_dataset)
-from .requirements import KNOBS, calibration_spread, requirements
+from .requirements import KNOBS, calibration_spread, evaluate_calibration, requirements
 from .sensitivity import NONIDEALITIES, find_scale, run_sensitivity
 from .study import HWA_EPOCHS, VARIANTS, prepare_models, resolve_device, run_study
 
 __all__ = ["run_study", "prepare_models", "resolve_device", "run_sensitivity", "find_scale",
            "run_demo", "NONIDEALITIES", "VARIANTS", "HWA_EPOCHS", "format_table",
            "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity", "save_dataset",
-           "load_dataset", "requirements", "KNOBS", "calibration_spread"]
+           "load_dataset", "requirements", "KNOBS", "calibration_spread",
+           "evaluate_calibration"]

@@ -75,7 +75,8 @@ from .report import check_outputs, write_outputs
 from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Knob", "KNOBS", "SearchSettings", "SearchResult", "search_limit", "requirements",
-           "calibration_spread", "format_requirements_table", "plot_requirements",
+           "calibration_spread", "evaluate_calibration", "format_requirements_table",
+           "plot_requirements",
            "REQUIREMENT_TIMES"]
 
 #: Default times after programming of a requirements run: 1 h, 1 day, 1 year [s].
@@ -386,12 +387,12 @@ def search_limit(evaluate: Callable, card: float, knob: Knob,
 
 
 # ------------------------------------------------------------------------------- evaluators
-def _with_hardware(analog: torch.nn.Module, cfg: CrossbarConfig, device) -> torch.nn.Module:
-    """A copy of an analog model whose tiles use ``cfg`` and ``device`` when programmed and
-    read (the knobs change neither the tiling nor the trained parameters)."""
+def _with_hardware(analog: torch.nn.Module, cfg: CrossbarConfig | None, device) -> torch.nn.Module:
+    """A copy of an analog model whose tiles use ``cfg`` (None: their own) and ``device`` when
+    programmed and read (the knobs change neither the tiling nor the trained parameters)."""
     out = copy.deepcopy(analog)
     for tile in ann.analog_tiles(out):
-        tile.cfg = cfg
+        tile.cfg = cfg if cfg is not None else tile.cfg
         tile.device_model = device
     return out
 
@@ -517,6 +518,59 @@ def calibration_spread(a_star) -> dict:
     rep = np.sqrt(within)
     return {"calibration": cal, "repeat": rep, "total": np.hypot(cal, rep),
             "mean": a.mean(axis=(-1, -2))}
+
+
+def evaluate_calibration(analog: torch.nn.Module, data, device, uncertainty=None,
+                         n_models: int = 8, metric: Callable = ann.classification_error,
+                         times=ann.PAPER_TIMES, repeats: int = 5, rng=0,
+                         fp_error: float | None = None, chance_error: float | None = None,
+                         progress: bool = False) -> xr.Dataset:
+    """:func:`aimc_device.nn.evaluate_over_time` on plausible device models drawn from a fit's
+    covariance, with the spread split into calibration and programming parts.
+
+    Parameters
+    ----------
+    analog : nn.Module, an analog model (HWA-trained); not modified
+    data : evaluation data, passed to ``metric``
+    device : PCMModel or device card path (a card keeps its covariance)
+    uncertainty : ParameterCovariance, optional; default the card's
+    n_models : int, plausible device models (>= 2)
+    metric, times, repeats, fp_error, chance_error, progress : as in ``evaluate_over_time``
+        (``repeats`` >= 2 per model)
+    rng : int, seeds the draws of the models and the programming repeats
+
+    Returns
+    -------
+    xarray.Dataset: ``{metric}(draw, repeat, time)``; with ``fp_error`` and ``chance_error``
+    also ``normalized_accuracy(draw, repeat, time)``, ``calibration_spread(time)`` and
+    ``repeat_spread(time)`` (standard deviations of A*, :func:`calibration_spread`).
+    """
+    check_int(n_models, "n_models", lo=2)
+    check_int(repeats, "repeats", lo=2)
+    dev, _ = resolve_device(device)
+    if uncertainty is None and device_inputs(device):
+        uncertainty = load_device_uncertainty(os.fspath(device))
+    if uncertainty is None:
+        raise ValueError("evaluate_calibration: the device keeps no fit covariance; pass "
+                         "uncertainty= or a card fitted by this version")
+    seed = int(rng) if rng is not None else 0
+    draws = uncertainty.sample_models(dev, n_models, rng=[seed, 501])
+    name = getattr(metric, "__name__", "error")
+    runs = [ann.evaluate_over_time(_with_hardware(analog, None, d), data, metric, times,
+                                   repeats, rng=[seed, 502 + k], progress=progress, name=name)
+            for k, d in enumerate(draws)]
+    values = np.stack([r[name].values for r in runs])           # (draw, repeat, time)
+    ds = xr.Dataset({name: (("draw", "repeat", "time"), values)},
+                    coords={"draw": np.arange(n_models), "repeat": np.arange(repeats),
+                            "time": ("time", runs[0]["time"].values, {"units": "s"})},
+                    attrs={"device_model": dev.name, "parameters": list(uncertainty.parameters)})
+    if fp_error is not None and chance_error is not None:
+        a = ann.normalized_accuracy(values, fp_error, chance_error)
+        sp = calibration_spread(np.moveaxis(a, -1, 0))
+        ds["normalized_accuracy"] = (("draw", "repeat", "time"), a)
+        ds["calibration_spread"] = (("time",), sp["calibration"])
+        ds["repeat_spread"] = (("time",), sp["repeat"])
+    return ds
 
 
 # ------------------------------------------------------------------------------- the run
