@@ -9,6 +9,7 @@ sigma* = sqrt((1 - target) MSE_chance / K), which the search must bracket.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -142,6 +143,7 @@ def test_calibration_spread_recovers_variance_components():
     assert float(sp["repeat"]) == pytest.approx(0.04, rel=0.05)
 
 
+@functools.lru_cache(maxsize=None)
 def _fitted(devices_per_level):
     m = pcm.PCMModel.preset("rasch2023")
     ds = pcm.simulate_campaign(m, levels=8, devices_per_level=devices_per_level, repeats=2,
