@@ -19,8 +19,9 @@ passes when q(v) >= target. The search
   and return the fewest bits that pass, with one bit fewer evaluated and failing;
 - starts each value with ``min_repeats`` repeats and doubles them, up to ``max_repeats``, only
   while the decision is close (|q - target| <= ``z_decision`` se);
-- uses the same programming draws at every value (common random numbers: repeat r of knob k
-  draws from ``SeedSequence([seed, 300 + k, r])``), so that A* along the knob is smooth;
+- uses the same programming draws at every value of every knob and for the card itself
+  (common random numbers: repeat r draws from ``SeedSequence([seed, 300, r])``), so that A*
+  along a knob is smooth and the card passes or fails alike in every search;
 - checks that q falls monotonically along the knob over all values it evaluated: a rise by
   more than 3 standard errors (and more than a quarter of 1 - target) is reported, with the
   values, in the result and as a warning.
@@ -469,13 +470,12 @@ def _a_star(evaluator, err):
 def _search_task(evaluator, knob_name: str, t: float, seed: int, settings: dict) -> dict:
     """One (knob, time) search; a plain function of its arguments (a Dask task)."""
     knob = KNOBS[knob_name]
-    ki = list(KNOBS).index(knob_name)
     st = SearchSettings(**settings)
     cfg0, dev0 = evaluator.cfg, evaluator.device
 
     def evaluate(v, repeats):
         c, d = knob.apply(cfg0, dev0, v)
-        err = evaluator.errors(c, d, [(seed, 300 + ki, r) for r in repeats], t)
+        err = evaluator.errors(c, d, [(seed, 300, r) for r in repeats], t)
         return _a_star(evaluator, err)
 
     t0 = time.perf_counter()
@@ -485,8 +485,9 @@ def _search_task(evaluator, knob_name: str, t: float, seed: int, settings: dict)
 
 
 def _card_task(evaluator, device, draw: int, t: float, seed: int, repeats: int) -> list:
-    """A* of ``repeats`` programming repeats of the card (draw -1) or of a calibration draw."""
-    keys = [(seed, 500 + draw + 1, r) for r in range(repeats)]
+    """A* of ``repeats`` programming repeats of the card (draw -1, the draws of the searches)
+    or of calibration draw ``draw``."""
+    keys = [(seed, 300, r) if draw < 0 else (seed, 501 + draw, r) for r in range(repeats)]
     dev = evaluator.device if device is None else device
     return _a_star(evaluator, evaluator.errors(evaluator.cfg, dev, keys, t)).tolist()
 
@@ -833,8 +834,8 @@ def _to_dataset(done, names, times, ev, st: SearchSettings, draws, cal_repeats, 
                       f"repeats (normal model) is >= {st.target:g}, i.e. about "
                       f"{100 * (1 - st.coverage):.0f} % of repeats may fall below the target",
         "search": json.dumps(st.__dict__), "retrain": int(retrain), "seed": int(seed),
-        "seed_scheme": "repeat r of knob k: SeedSequence([seed, 300 + k, r]) at every value; "
-                       "card: [seed, 500, r]; calibration draw d: [seed, 501 + d, r]",
+        "seed_scheme": "repeat r: SeedSequence([seed, 300, r]) at every value of every knob "
+                       "and for the card; calibration draw d: [seed, 501 + d, r]",
         "fp_error": float(ev.fp_error), "chance_error": float(ev.chance_error),
         "search_points": json.dumps(points, default=float),
         "settings": json.dumps(recipe, sort_keys=True, default=str),
