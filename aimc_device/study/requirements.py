@@ -920,13 +920,15 @@ def plot_requirements(ds: xr.Dataset, path, overwrite: bool = False) -> None:
                 left, right = lo, 2.0 ** (knob.upper - ref)
                 color = "tab:blue"
             else:
-                ref = card if card > 0 else knob.first
+                ref = card if card > 0 else knob.first  # a card without it: vs knob.first
                 left = knob.lower / ref
                 right = lim / ref if np.isfinite(lim) else (
                     knob.upper / ref if s == "above range" else np.nan)
                 color = "tab:green" if s != "above range" else "tab:olive"
             if np.isfinite(left) and np.isfinite(right):
                 ax.barh(i, right - left, left=left, height=0.6, color=color, alpha=0.7)
+            elif s == "below range":
+                ax.text(1.3, i, "not met", va="center", fontsize=7, color="tab:red")
             ax.plot([1.0], [i], marker="|", ms=14, mew=2.5, color="k")
             if not bool(sub["monotone"]):
                 ax.text(right if np.isfinite(right) else 1.0, i, " !", va="center",
