@@ -16,7 +16,7 @@ import sys
 import threading
 
 # Modules that each define ``register(subparsers)``.
-_COMMAND_MODULES = ("device", "crossbar", "study")
+_COMMAND_MODULES = ("device", "crossbar", "study", "requirements")
 
 
 class UserError(Exception):

@@ -150,9 +150,12 @@ def _fit(args: argparse.Namespace) -> int:
                            overwrite=args.force) as tmp_plot:
             fig.savefig(tmp_plot, format=fmt, dpi=100)
             written = save_device_model(model, args.output, provenance=prov,
+                                        uncertainty=report.parameter_covariance(),
                                         overwrite=args.force)
     else:
-        written = save_device_model(model, args.output, provenance=prov, overwrite=args.force)
+        written = save_device_model(model, args.output, provenance=prov,
+                                    uncertainty=report.parameter_covariance(),
+                                    overwrite=args.force)
     if not args.quiet:
         print(report.summary())
         print(f"wrote {args.output}: {report.family} family (campaign sha256 "

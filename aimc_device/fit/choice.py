@@ -139,6 +139,12 @@ class DeviceFitReport:
         """The empirical fit's report (None when not fitted or refused)."""
         return self.reports.get("empirical")
 
+    def parameter_covariance(self):
+        """The chosen model's calibration uncertainty for its device card: the PCM fit's
+        :meth:`FitReport.parameter_covariance` when the PCM family was chosen, else None (the
+        empirical family keeps no parameter covariance)."""
+        return self.pcm.parameter_covariance() if self.family == "pcm" and self.pcm else None
+
     def failing(self, family: str) -> tuple[int, int]:
         """(failing cells, tested cells) of a family's hold-out test."""
         res = self.holdout[family]

@@ -160,9 +160,9 @@ def _usable_levels(st: CampaignStats, what: str, need: int) -> np.ndarray:
     return use
 
 
-def _cov_se(jac: np.ndarray) -> np.ndarray:
-    cov = np.linalg.pinv(jac.T @ jac)
-    return np.sqrt(np.clip(np.diag(cov), 0.0, None))
+def _cov(jac: np.ndarray) -> np.ndarray:
+    """Covariance of a least-squares estimate from the Jacobian of its weighted residuals."""
+    return np.linalg.pinv(jac.T @ jac)
 
 
 # ------------------------------------------------------------------ the log of a noisy read
@@ -326,6 +326,7 @@ def fit_programming_noise(ds: xr.Dataset | None = None, prior: PCMModel | None =
     cf = ComponentFit(
         name="programming_noise", formula="sigma_P = c0 + c1 x + c2 x^2", units="S",
         coeff_names=("c0", "c1", "c2"), coeffs=popt, stderr=np.sqrt(np.diag(pcov)),
+        covariance=pcov,
         coeff_units=("S", "S", "S"), x=x, data=sigma, data_se=se, fitted=poly(x, *popt),
         n_devices=n, n_params=3, notes="; ".join(notes))
     return {"prog_coeffs": tuple(float(c) for c in popt)}, {"programming_noise": cf}
@@ -360,7 +361,8 @@ def _fit_clipped_log(x, y, se, prior_coeffs, prior_bounds, clip: str, lo_min: fl
         res = optimize.least_squares(resid, p0, bounds=(lb, np.inf), x_scale="jac")
         if best is None or res.cost < best.cost:
             best = res
-    se_p = _cov_se(best.jac)
+    cov_p = _cov(best.jac)
+    se_p = np.sqrt(np.clip(np.diag(cov_p), 0.0, None))
     a, b = best.x[:2]
     line = a * lnx + b
     notes = []
@@ -378,7 +380,11 @@ def _fit_clipped_log(x, y, se, prior_coeffs, prior_bounds, clip: str, lo_min: fl
         if hi > prior_bounds[1]:
             notes.append("upper clip raised to the largest fitted value")
         se_b = (se_lo, np.nan)
-    return (float(a), float(b)), (max(lo, lo_min), hi), np.array([*se_p[:2], *se_b]), notes
+    cov = np.full((4, 4), np.nan)
+    k = 2 if clip == "fixed" else 3
+    cov[:k, :k] = cov_p[:k, :k]
+    return ((float(a), float(b)), (max(lo, lo_min), hi), np.array([*se_p[:2], *se_b]), cov,
+            notes)
 
 
 def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
@@ -444,7 +450,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
     sd_se = var_tot / (np.maximum(sd, 1e-12) * np.sqrt(2.0 * (n - 1)))
     out, comps = {}, {}
     for key, y, se, lo_min in (("drift_mean", mu, mu_se, -np.inf), ("drift_std", sd, sd_se, 0.0)):
-        coeffs, bounds, stderr, notes = _fit_clipped_log(
+        coeffs, bounds, stderr, cov, notes = _fit_clipped_log(
             x, y, se, getattr(prior, f"{key}_coeffs"), getattr(prior, f"{key}_bounds"), clip,
             lo_min)
         out[f"{key}_coeffs"], out[f"{key}_bounds"] = coeffs, bounds
@@ -452,7 +458,7 @@ def fit_drift(ds: xr.Dataset | None = None, prior: PCMModel | None = None, *,
         comps[key] = ComponentFit(
             name=key, formula=f"{sym} = clip(a ln x + b, lo, hi)", units="1",
             coeff_names=("a", "b", "lo", "hi"), coeffs=np.array([*coeffs, *bounds]),
-            stderr=stderr, coeff_units=("1",) * 4, x=x, data=y, data_se=se,
+            stderr=stderr, covariance=cov, coeff_units=("1",) * 4, x=x, data=y, data_se=se,
             fitted=np.clip(coeffs[0] * np.log(x) + coeffs[1], *bounds), n_devices=n,
             n_params=2 if clip == "fixed" else 3,
             notes="; ".join([f"clip={clip}", *notes, *([q_note] if q_note else [])]))
@@ -612,7 +618,9 @@ def fit_read_noise(ds: xr.Dataset | None = None, prior: PCMModel | None = None, 
     cf = ComponentFit(
         name="read_noise", formula="Q_s = min(coeff x^exponent, cap)", units="1",
         coeff_names=("coeff", "exponent", "cap"), coeffs=np.array([c, p, cap]),
-        stderr=np.array([*np.sqrt(np.diag(pcov)), np.nan]), coeff_units=("1", "1", "1"),
+        stderr=np.array([*np.sqrt(np.diag(pcov)), np.nan]),
+        covariance=np.pad(pcov, ((0, 1), (0, 1)), constant_values=np.nan),
+        coeff_units=("1", "1", "1"),
         x=x, data=q, data_se=q_se, fitted=np.minimum(c * x**p, cap), n_devices=n_g, n_params=2,
         notes=f"{how}; {conv}")
     return {"read_noise_coeff": c, "read_noise_exponent": p}, {"read_noise": cf}

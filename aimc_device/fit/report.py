@@ -13,7 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["ComponentFit", "FitReport"]
+__all__ = ["ComponentFit", "FitReport", "PCM_PARAMETERS"]
+
+#: The PCMModel parameter behind each coefficient of each component of a PCM fit (names as in
+#: :class:`aimc_device.pcm.ParameterCovariance`).
+PCM_PARAMETERS = {
+    "programming_noise": ("prog_coeffs[0]", "prog_coeffs[1]", "prog_coeffs[2]"),
+    "drift_mean": ("drift_mean_coeffs[0]", "drift_mean_coeffs[1]", "drift_mean_bounds[0]",
+                   "drift_mean_bounds[1]"),
+    "drift_std": ("drift_std_coeffs[0]", "drift_std_coeffs[1]", "drift_std_bounds[0]",
+                  "drift_std_bounds[1]"),
+    "read_noise": ("read_noise_coeff", "read_noise_exponent", "read_noise_max"),
+    "activation_energy": ("activation_energy",),
+}
 
 
 @dataclass
@@ -41,6 +53,8 @@ class ComponentFit:
     notes : str
     identified : bool, False when the data do not determine the component (taken from a prior)
     source : str, "fitted", or where the component comes from when not identified
+    covariance : ndarray (C, C) or None, covariance of ``coeffs`` (NaN rows and columns for
+        coefficients not fitted); None: only the standard errors are known
     """
 
     name: str
@@ -59,6 +73,7 @@ class ComponentFit:
     notes: str = ""
     identified: bool = True
     source: str = "fitted"
+    covariance: np.ndarray | None = None
 
     @classmethod
     def from_prior(cls, name: str, formula: str, units: str, coeff_names: tuple, coeffs,
@@ -203,6 +218,49 @@ class FitReport:
                 lines.append(f"      {n:>10s} = {c:.6g} {se} [{u}]")
         return "\n".join(lines)
 
+    def parameter_covariance(self):
+        """The covariance of the fitted model's parameters (a calibration uncertainty to keep
+        in the device card and to draw plausible models from).
+
+        Block-diagonal over the components (each is fitted to its own per-level estimates);
+        within a component, the covariance of its least-squares fit. Coefficients not fitted
+        (from a prior, a clip not reached by the data, a cap kept) are left out and stay fixed.
+        Values are those of the fitted model.
+
+        Returns
+        -------
+        aimc_device.pcm.ParameterCovariance or None (no model, or nothing fitted)
+        """
+        from ..pcm import ParameterCovariance
+
+        if self.model is None:
+            return None
+        names, blocks = [], []
+        for key, cf in self.components.items():
+            fields = PCM_PARAMETERS.get(key)
+            if fields is None or not cf.identified:
+                continue
+            se = np.asarray(cf.stderr, dtype=float)
+            cov = (np.diag(se**2) if cf.covariance is None
+                   else np.asarray(cf.covariance, dtype=float))
+            keep = [i for i in range(len(fields))
+                    if i < se.size and np.isfinite(se[i]) and np.isfinite(cov[i, i])]
+            if not keep:
+                continue
+            names += [fields[i] for i in keep]
+            blocks.append(cov[np.ix_(keep, keep)])
+        if not names:
+            return None
+        full = np.zeros((len(names), len(names)))
+        k = 0
+        for b in blocks:
+            full[k:k + len(b), k:k + len(b)] = 0.5 * (b + b.T)
+            k += len(b)
+        probe = ParameterCovariance(names, np.zeros(len(names)), full)
+        probe.check_model(self.model)
+        values = [_field_value(self.model, n) for n in names]
+        return ParameterCovariance(names, values, full)
+
     def to_dict(self) -> dict:
         """JSON-friendly summary of every component and the provenance."""
         return {"n_devices": self.n_devices, "n_excluded": self.n_excluded,
@@ -290,3 +348,10 @@ def _model_curve(name: str, x: np.ndarray, model) -> np.ndarray:
         mu, sd = drift_exponent_stats(g, model)
         return np.asarray(mu if name == "drift_mean" else sd)
     return np.asarray(read_noise_q(x, model))
+
+
+def _field_value(model, name: str) -> float:
+    """The value of parameter ``field`` or ``field[i]`` of ``model``."""
+    field_name, _, idx = name.partition("[")
+    v = getattr(model, field_name)
+    return float(v[int(idx.rstrip("]"))] if idx else v)

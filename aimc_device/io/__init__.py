@@ -10,8 +10,9 @@ from ._atomic import (KIND_CHECKPOINT, KIND_CONFIG, KIND_CONFIG_JSON, KIND_FIGUR
                       file_kind, remove_stale_temporaries, save_figure, write_text)
 from ._errors import DeviceCardError, MeasurementFormatError
 from .device_card import (CARD_SCHEMA, CARD_SCHEMA_VERSION, DEVICE_MODELS, is_card_path,
-                          load_device_card, load_device_model, model_family, model_from_dict,
-                          model_to_dict, resolve_device_model, save_device_model)
+                          load_device_card, load_device_model, load_device_uncertainty,
+                          model_family, model_from_dict, model_to_dict, resolve_device_model,
+                          save_device_model)
 from .measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE, SCHEMA,
                            SCHEMA_VERSION, SIMULATED_CAMPAIGN, TEMPERATURE_UNITS, TIME_UNITS,
                            DeviceExclusion, ExclusionRecord, ReadCounts, campaign_chunk_devices,
@@ -23,8 +24,9 @@ __all__ = [
     "MeasurementFormatError", "DeviceCardError", "read_measurements", "write_measurements",
     "iter_device_chunks", "iter_device_arrays", "device_chunk_reader", "file_sha256",
     "default_chunk_devices", "campaign_chunk_devices", "save_device_model",
-    "load_device_model", "load_device_card", "resolve_device_model", "is_card_path",
-    "model_family", "model_to_dict", "model_from_dict", "DEVICE_MODELS", "SCHEMA", "SCHEMA_VERSION", "CARD_SCHEMA",
+    "load_device_model", "load_device_card", "load_device_uncertainty", "resolve_device_model",
+    "is_card_path", "model_family", "model_to_dict", "model_from_dict", "DEVICE_MODELS", "SCHEMA",
+    "SCHEMA_VERSION", "CARD_SCHEMA",
     "CARD_SCHEMA_VERSION", "CONDUCTANCE_UNITS", "TIME_UNITS", "TEMPERATURE_UNITS",
     "DEFAULT_REFERENCE_TEMPERATURE", "read_counts", "ReadCounts", "DeviceExclusion",
     "ExclusionRecord",

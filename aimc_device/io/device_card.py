@@ -11,6 +11,11 @@ Layout (schema ``aimc-device/pcm-device-card``):
   (``t_read``, ``activation_energy``) are absent when None; a PCM card without one of
   ``PCMModel.OPTIONAL_FIELDS`` (``activation_energy``, ``reference_temperature``: written by
   later versions) loads with the field's default;
+- ``/uncertainty`` (optional; a fitted PCM card): dataset ``covariance`` (P, P) of the fitted
+  parameters with attr ``parameters`` (their names, ``field`` or ``field[i]``) and dataset
+  ``values`` (P,), the fitted values (see :class:`aimc_device.pcm.ParameterCovariance`); a
+  card without it loads as before and has no calibration uncertainty (readers of older
+  versions ignore the group);
 - ``/provenance`` attrs: ``source_file``, ``source_sha256``, ``fit_function``,
   ``package_version``, ``date`` (unless left out) and anything else passed in (strings or
   numbers).
@@ -28,14 +33,14 @@ import os
 import h5py
 import numpy as np
 
-from ..pcm import EmpiricalModel, PCMModel
+from ..pcm import EmpiricalModel, ParameterCovariance, PCMModel
 from ._atomic import atomic_output, check_output
 from ._errors import DeviceCardError
 from .measurements import _clean_attr, _open, _schema_version, file_sha256
 
 __all__ = ["CARD_SCHEMA", "CARD_SCHEMA_VERSION", "save_device_model", "load_device_model",
-           "load_device_card", "resolve_device_model", "is_card_path", "model_family",
-           "model_to_dict", "model_from_dict", "DEVICE_MODELS"]
+           "load_device_card", "load_device_uncertainty", "resolve_device_model", "is_card_path",
+           "model_family", "model_to_dict", "model_from_dict", "DEVICE_MODELS"]
 
 CARD_SCHEMA = "aimc-device/pcm-device-card"
 #: The newest card version this package reads (see the module docstring).
@@ -57,6 +62,7 @@ def _package_version() -> str:
 
 
 def save_device_model(model, path, provenance: dict | None = None, *,
+                      uncertainty: ParameterCovariance | None = None,
                       overwrite: bool = False) -> dict:
     """Save a device model as an HDF5 device card, atomically.
 
@@ -74,6 +80,10 @@ def save_device_model(model, path, provenance: dict | None = None, *,
         ``package_version`` and ``date`` (ISO 8601, UTC) are filled in when absent;
         ``date=None`` writes no date (with the same model and provenance, the same file, byte
         for byte: no HDF5 object carries a timestamp either).
+    uncertainty : ParameterCovariance, optional
+        The covariance of the fitted parameters (from
+        :meth:`aimc_device.fit.FitReport.parameter_covariance`), written to ``/uncertainty``;
+        its parameters must be fields of ``model``.
     overwrite : bool
         Replace an existing file of another kind too.
 
@@ -89,6 +99,11 @@ def save_device_model(model, path, provenance: dict | None = None, *,
     family = model_family(model)
     if provenance is not None and not isinstance(provenance, dict):
         raise TypeError(f"provenance: expected a dict or None, got {type(provenance).__name__}")
+    if uncertainty is not None:
+        if not isinstance(uncertainty, ParameterCovariance):
+            raise TypeError(f"uncertainty: expected an aimc_device.pcm.ParameterCovariance or "
+                            f"None, got {type(uncertainty).__name__}")
+        uncertainty.check_model(model)
     cls, version = _FAMILIES[family]
     prov = {"source_file": "", "source_sha256": "", "fit_function": ""}
     prov.update({k: v for k, v in (provenance or {}).items() if v is not None})
@@ -113,6 +128,12 @@ def save_device_model(model, path, provenance: dict | None = None, *,
             d = grp.create_dataset(name, data=np.asarray(getattr(model, name),
                                                          dtype=np.float64), track_times=False)
             d.attrs["units"] = unit
+        if uncertainty is not None:
+            ug = f.create_group("uncertainty")
+            d = ug.create_dataset("covariance", data=uncertainty.covariance, track_times=False)
+            d.attrs["parameters"] = np.array(uncertainty.parameters, dtype=h5py.string_dtype())
+            d.attrs["units"] = "product of the parameters' units"
+            ug.create_dataset("values", data=uncertainty.values, track_times=False)
         pg = f.create_group("provenance")
         for key, value in prov.items():
             if isinstance(value, (str, int, float, bool, np.generic)):
@@ -304,3 +325,41 @@ def resolve_device_model(device, *, default=None, what: str = "device",
         return model
     prov.update(name=model.name, citation=model.citation, family=model_family(model))
     return model, prov
+
+
+def load_device_uncertainty(path) -> ParameterCovariance | None:
+    """The calibration uncertainty a device card keeps, or None (a preset's card, an empirical
+    card, a card written before cards kept it).
+
+    Parameters
+    ----------
+    path : str or os.PathLike, a device card
+
+    Returns
+    -------
+    aimc_device.pcm.ParameterCovariance or None
+
+    Raises
+    ------
+    DeviceCardError
+        The card is not readable (see :func:`load_device_card`) or its ``/uncertainty`` group
+        is malformed (names, shapes, a covariance that is not one).
+    """
+    model, _ = load_device_card(path)
+    path = os.path.abspath(os.fspath(path))
+    with _open(path) as f:
+        if "uncertainty" not in f:
+            return None
+        g = f["uncertainty"]
+        try:
+            cov = g["covariance"]
+            names = [_clean_attr(v) for v in cov.attrs["parameters"]]
+            unc = ParameterCovariance(tuple(str(n) for n in names), g["values"][()], cov[()])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DeviceCardError(path, "/uncertainty", f"malformed ({exc})",
+                                  "save the card again") from None
+    try:
+        unc.check_model(model)
+    except ValueError as exc:
+        raise DeviceCardError(path, "/uncertainty", str(exc), "save the card again") from None
+    return unc

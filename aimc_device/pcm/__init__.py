@@ -23,6 +23,7 @@ from .formulas import (
 )
 from .params import PCMModel
 from .rram import RRAMCampaignParams, simulate_rram_campaign
+from .uncertainty import ParameterCovariance
 
 __all__ = [
     "PCMModel", "ProgrammedState", "program", "read", "perturb", "draw_faults",
@@ -31,4 +32,5 @@ __all__ = [
     "RRAMCampaignParams", "programming_noise_std", "drift_exponent_stats", "drift_factor",
     "read_noise_q", "read_noise_std", "read_noise_time_factor", "relative_conductance",
     "stuck_conductance", "check_conductance", "arrhenius_factor", "equivalent_time",
+    "ParameterCovariance",
 ]

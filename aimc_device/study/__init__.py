@@ -16,6 +16,7 @@ References
 from .demo import run_demo
 from .report import (format_sensitivity_table, format_table, load_dataset, plot_sensitivity,
                      plot_studies, plot_study, save_dataset)
+from .requirements import KNOBS, calibration_spread, evaluate_calibration, requirements
 from .sensitivity import NONIDEALITIES, find_scale, run_sensitivity
 from .study import (HWA_EPOCHS, HWA_NOISE_SCALE, VARIANTS, hwa_recipe, prepare_models,
                     resolve_device, run_study)
@@ -23,4 +24,5 @@ from .study import (HWA_EPOCHS, HWA_NOISE_SCALE, VARIANTS, hwa_recipe, prepare_m
 __all__ = ["run_study", "prepare_models", "resolve_device", "run_sensitivity", "find_scale",
            "run_demo", "NONIDEALITIES", "VARIANTS", "HWA_EPOCHS", "HWA_NOISE_SCALE", "hwa_recipe",
            "format_table", "plot_study", "plot_studies", "format_sensitivity_table",
-           "plot_sensitivity", "save_dataset", "load_dataset"]
+           "plot_sensitivity", "save_dataset", "load_dataset", "requirements", "KNOBS",
+           "calibration_spread", "evaluate_calibration"]

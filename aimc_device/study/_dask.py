@@ -61,7 +61,7 @@ def session(scheduler):
 
 
 def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool = False,
-            desc: str = "tasks") -> list:
+            desc: str = "tasks", on_result=None) -> list:
     """``[func(shared[i], *args) for (i, *args) in calls]`` as Dask tasks.
 
     Parameters
@@ -80,6 +80,9 @@ def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool
         Show a progress bar (tqdm) while the tasks run.
     desc : str
         Label of the progress bar.
+    on_result : callable(i, result), optional
+        Called in this process as each task ends (in the order they end), e.g. to checkpoint;
+        on a dask local scheduler the tasks then run one after the other.
 
     Returns
     -------
@@ -90,6 +93,17 @@ def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool
     if not calls:
         return []
     with _client(scheduler) as (sched, client):
+        if client is None and on_result is not None:
+            from tqdm.auto import tqdm
+
+            out = []
+            for i, (si, *args) in enumerate(tqdm(calls, desc=desc, leave=False,
+                                                 disable=not progress)):
+                (res,) = dask.compute(dask.delayed(func, pure=True)(shared[si], *args),
+                                      scheduler=sched)
+                on_result(i, res)
+                out.append(res)
+            return out
         if client is None:
             shared_d = [dask.delayed(s, pure=True) for s in shared]
             tasks = [dask.delayed(func, pure=True)(shared_d[i], *args) for i, *args in calls]
@@ -101,11 +115,14 @@ def compute(func, shared, calls: Sequence[tuple], scheduler=None, progress: bool
             return list(dask.compute(*tasks, scheduler=sched))
         shared_f = [client.scatter(s, broadcast=True, hash=False) for s in shared]
         futures = [client.submit(func, shared_f[i], *args, pure=False) for i, *args in calls]
-        if progress:
+        if progress or on_result is not None:
             from distributed import as_completed
             from tqdm.auto import tqdm
 
-            with tqdm(total=len(futures), desc=desc, leave=False) as bar:
-                for _ in as_completed(futures):
+            index = {f.key: i for i, f in enumerate(futures)}
+            with tqdm(total=len(futures), desc=desc, leave=False, disable=not progress) as bar:
+                for fut in as_completed(futures):
+                    if on_result is not None:
+                        on_result(index[fut.key], fut.result())
                     bar.update(1)
         return client.gather(futures)

@@ -125,7 +125,8 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
     prov["source_file"] = os.path.abspath(campaign)
     prov["command"] = (f"aimc_device.study.run_demo(quick={quick}, seed={seed}, "
                        f"technology={technology!r}, family={family!r})")
-    save_device_model(model, card, provenance=prov, overwrite=overwrite)
+    save_device_model(model, card, provenance=prov, uncertainty=report.parameter_covariance(),
+                      overwrite=overwrite)
     if verbose:
         print(report.summary())
         print(f"fitted device model ({report.family} family) -> {card} "
