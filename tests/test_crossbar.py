@@ -531,9 +531,10 @@ def test_mvm_error_of_the_standard_model():
 
 
 def test_paper_mvm_error_with_aihwkit_conventions():
-    # MODEL.md 7 quotes about 15 % for the standard model without drift. The faithful model of
-    # MODEL.md (column scales, read noise from t = 0) gives about 11 %; the paper's figure is met
-    # with the conventions of its public implementation: devices read right after programming
+    # The paper quotes about 15 % for the standard model without drift (docs/model.md 7). The
+    # model as specified (column scales, read noise from t = 0) gives about 11 %; the paper's
+    # figure is met with the conventions of its public implementation: devices read right after
+    # programming
     # carry t0 = 20 s of 1/f noise with Q_s from g_P, and one weight scale per tile.
     # (14.4 % over seeds 0-5, scatter 0.3 points: the tolerance is 4 times that)
     cfg = CrossbarConfig(columnwise_scaling=False)

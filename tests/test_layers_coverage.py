@@ -136,7 +136,7 @@ def test_ideal_attention_with_kdim_vdim_and_transformer_decoder():
 
 # -------------------------------------------------------------- one weight-noise draw per call
 def test_gru_and_attention_draw_their_weight_noise_once_per_call(count_draws):
-    # MODEL.md sec. 8: one draw per mini-batch. A GRU reads W_hh once per time step; cross-
+    # docs/model.md sec. 8: one draw per mini-batch. A GRU reads W_hh once per time step; cross-
     # attention reads the in-projection once per input: one draw per crossbar per call.
     torch.manual_seed(4)
     gru = anl.convert(nn.GRU(3, 4, num_layers=2), STD, DEV, rng=0).train()

@@ -117,7 +117,7 @@ def _mlp(seed=0):
 def test_gradients_reach_weights_ranges_and_scales(monkeypatch):
     # A training forward of an analog layer (device weight noise, DAC, ADC, IR drop, three
     # tiles) and its gradients to w~, alpha, gamma, kappa and the bias equal those of the torch
-    # reference path (crossbar.analog_mvm, fused=False) on the same noisy weights with the
+    # reference path (crossbar.analog_mvm with EngineOptions(backend="reference")) on the same noisy weights with the
     # digital factor gamma kappa / kappa_0 (kappa_0 = b_out): the noise passes the gradient
     # straight through to the clean weights.
     from aimc_device.nn import tile as tile_mod
@@ -627,7 +627,7 @@ def test_training_short_term_noise_variance_follows_eq14(sizes):
 
 
 def test_lstm_draws_its_weight_noise_once_per_call(monkeypatch):
-    # MODEL.md sec. 8: a new weight-noise draw every mini-batch. A recurrent layer calls its
+    # docs/model.md sec. 8: a new weight-noise draw every mini-batch. A recurrent layer calls its
     # tile once per time step; those calls must share one draw, and the next call draws anew.
     from aimc_device.nn import tile as tile_mod
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ LEVELS = np.array([0.05, 0.1, 0.25, 0.5, 0.75, 1.0]) * G_MAX
 
 
 # --------------------------------------------------------------------------- plain numpy reference
-# MODEL.md section 4, written out independently of aimc_device.pcm.formulas.
+# docs/model.md section 4, written out independently of aimc_device.pcm.formulas.
 def ref_sigma_p(g):
     x = g / G_MAX
     return 0.26348e-6 + 1.9650e-6 * x - 1.1731e-6 * x**2
@@ -42,7 +42,7 @@ def ref_read_std(g_d, g_target, t):
 
 # --------------------------------------------------------------------------------- parameters
 def test_preset_pins_published_values():
-    # Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-11 (MODEL.md section 4)
+    # Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-11 (docs/model.md section 4)
     m = MODEL
     assert m.g_max == 25e-6 and m.t0 == 20.0 and m.t_read == 250e-9
     assert m.prog_coeffs == (0.26348e-6, 1.9650e-6, -1.1731e-6)

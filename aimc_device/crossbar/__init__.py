@@ -1,6 +1,6 @@
 """The crossbar simulator: mapping, tiles, periphery, drift compensation, MVM error.
 
-Implements MODEL.md sections 1, 2, 3, 5, 6 and 7 on top of :mod:`aimc_device.pcm`.
+Implements docs/model.md sections 1, 2, 3, 5, 6 and 7 on top of :mod:`aimc_device.pcm`.
 
 References
 ----------

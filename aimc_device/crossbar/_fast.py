@@ -4,7 +4,7 @@ Serves :mod:`aimc_device.crossbar.mvm` where its dispatch rule allows (CPU, floa
 elements of the standard model). Per tile: the DAC (Eq. 5), the signal W~ x~ (Eq. 2) and the
 auxiliary products (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 14-18) as GEMMs or convolutions,
 then one Numba pass for the rest (:func:`_kernels.output_stage`). Training: the same forward,
-with the straight-through backward of the ADC (MODEL.md sec. 8) in :class:`_StageSTE` and
+with the straight-through backward of the ADC (docs/model.md sec. 8) in :class:`_StageSTE` and
 :class:`_ConvTileSTE`; only the signal carries a gradient. Private; the tests compare it with
 the torch reference.
 
@@ -191,7 +191,7 @@ def _stage_grads(ctx, grad, q, factor, mask, need_f, need_b=False):
 class _StageSTE(torch.autograd.Function):
     """factor * Q_out(z + dy_IR + noise) in one Numba pass (Eqs. 1, 2, 5, 14-16), with the
     straight-through backward of :func:`periphery.quantize`: identity inside the ADC bound, 0
-    outside; the noise and IR-drop terms carry no gradient (MODEL.md sec. 8).
+    outside; the noise and IR-drop terms carry no gradient (docs/model.md sec. 8).
 
     ``z`` (rows, out) = W~ x~ has the gradient; ``factor`` is the digital scale, (out,) or
     scalar; ``xt``, ``w`` the tile's DAC outputs and weights for the auxiliary products.

@@ -178,7 +178,7 @@ def _pre_adc(z, w_px, abs_x, x2, xi, s):  # pragma: no cover - via tests
 
 @nb.njit(cache=True)
 def _adc_out(b, i, v, s, o):  # pragma: no cover - via tests
-    """Output (b, i) from its pre-ADC value v: the straight-through mask (MODEL.md sec. 8), the
+    """Output (b, i) from its pre-ADC value v: the straight-through mask (docs/model.md sec. 8), the
     ADC (Eq. 5, its level kept when asked), the digital factors and the bias (Eq. 1)."""
     _put(o.mask, b, i, abs(v) <= s.mask_bound)
     lev, q = _adc(v, s.s_out, s.levels)
@@ -435,7 +435,7 @@ _BWD_ROWS = 256
 
 def _stage_backward(grad, q, q_scale, mask, factor, grad_z, partial,
                     partial_b):  # pragma: no cover - via tests
-    """Backward of the training output stage, one pass (MODEL.md sec. 8, straight-through ADC).
+    """Backward of the training output stage, one pass (docs/model.md sec. 8, straight-through ADC).
 
     grad, q : (rows, cols) upstream gradient and the stage's quantised output before the
     digital factor, as values (q_scale 1) or as int8 ADC levels (q_scale the level size);

@@ -1,4 +1,4 @@
-"""An analog array and its life cycle: map -> program -> drift to t -> MVM (MODEL.md sections 1-5).
+"""An analog array and its life cycle: map -> program -> drift to t -> MVM (docs/model.md, 1-5).
 
 References
 ----------
@@ -77,7 +77,7 @@ class AnalogArray:
     device : PCMModel, EmpiricalModel, preset name, device card path or None
         Device statistics for :meth:`program` and :meth:`drift` (either family, see
         :func:`aimc_device.io.resolve_device_model`); default the "rasch2023" preset
-        (MODEL.md sec. 4). None: ideal devices, the programmed weights equal their targets and
+        (docs/model.md sec. 4). None: ideal devices, the programmed weights equal their targets and
         do not drift (only the periphery is non-ideal). Each weight is a differential pair,
         w~ = (g+ - g-) / g_max; ``cfg.pair_devices`` says which devices are sampled (see
         :mod:`aimc_device.crossbar.mapping`).
@@ -125,7 +125,7 @@ class AnalogArray:
                                  f"{W.shape[1]} inputs, each in [1, max_rows={self.cfg.max_rows}]")
         self.slices = tile_slices(self.tile_sizes)
         w_tiles, self.gamma = map_weights(W, self.tile_sizes,
-                                          self.cfg.columnwise_scaling)  # MODEL.md sec. 1
+                                          self.cfg.columnwise_scaling)  # docs/model.md sec. 1
         self.w_target = torch.cat(w_tiles, dim=1)
         self._g_target, self._sign = conductance_targets(self.w_target, self.cfg.g_max)
         # pairs whose other device is modelled (cfg.pair_devices; mapping module docstring)
@@ -177,7 +177,7 @@ class AnalogArray:
     def calibrate_input_range(self, x_samples, quantile: float = 1.0) -> torch.Tensor:
         """Set alpha per tile from sample inputs: the ``quantile`` of |x| on each tile's inputs.
 
-        quantile = 1 is the abs-max (the paper's direct-mapping calibration, MODEL.md sec. 9).
+        quantile = 1 is the abs-max (the paper's direct-mapping calibration, docs/model.md sec. 9).
         """
         x = self._input(x_samples)[0]
         if not 0.0 < quantile <= 1.0:
@@ -198,7 +198,7 @@ class AnalogArray:
 
     def program(self, rng=None) -> "AnalogArray":
         """Program the devices: draw what the device model fixes at programming (PCM: programming
-        error and drift exponents, MODEL.md Eqs. 7, 9; empirical: each device's rank) and set
+        error and drift exponents, docs/model.md Eqs. 7, 9; empirical: each device's rank) and set
         the weights to the conductances right after programming
         (:func:`aimc_device.pcm.programmed_conductance`).
 
@@ -253,7 +253,7 @@ class AnalogArray:
         return self
 
     def drift(self, t: float, rng=None) -> "AnalogArray":
-        """Move every device to t seconds after programming and compensate (MODEL.md secs. 4, 5).
+        """Move every device to t seconds after programming and compensate (docs/model.md, 4-5).
 
         Drift and 1/f read noise are drawn once here and held until the next call; the drift
         compensation factor per tile (or column) is s_ref / s_t.
@@ -288,7 +288,7 @@ class AnalogArray:
         return self
 
     def _readout(self) -> torch.Tensor:
-        """Drift-compensation readout s per tile, broadcast to (n_tiles, out) (MODEL.md sec. 5).
+        """Drift-compensation readout s per tile, broadcast to (n_tiles, out) (docs/model.md, 5).
 
         The known inputs are a fixed set of ``cfg.drift_comp_inputs`` random +-1 vectors (the
         same for every array and every call), read without per-MVM noise; s = sum over inputs
@@ -330,7 +330,7 @@ class AnalogArray:
         return self.gamma * self.comp
 
     def mvm(self, x, rng=None):
-        """The analog product y = W x (+ bias) with the full periphery (MODEL.md Eqs. 1, 2).
+        """The analog product y = W x (+ bias) with the full periphery (docs/model.md Eqs. 1, 2).
 
         Parameters
         ----------

@@ -1,14 +1,14 @@
 """The crossbar configuration: tile size, periphery, nonidealities, drift compensation.
 
 Every published number of the crossbar model lives in :class:`CrossbarConfig`, with its unit and
-the equation of MODEL.md that uses it; functions of :mod:`aimc_device.crossbar` take a config and
+the equation (docs/model.md) using it; functions of :mod:`aimc_device.crossbar` take a config and
 hold no constant of their own.
 
 References
 ----------
 .. [1] M. J. Rasch et al., "Hardware-aware training for large-scale and diverse deep learning
    inference workloads using in-memory computing-based accelerators", Nat. Commun. 14, 5282
-   (2023), doi:10.1038/s41467-023-40770-4, Eqs. 1, 2, 5, 14-20 (MODEL.md sections 1-3, 5-7).
+   (2023), doi:10.1038/s41467-023-40770-4, Eqs. 1, 2, 5, 14-20 (docs/model.md sections 1-3, 5-7).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import numpy as np
 __all__ = ["CrossbarConfig", "DRIFT_COMPENSATION_CHOICES", "NOISE_MANAGEMENT_CHOICES",
            "BOUND_MANAGEMENT_CHOICES", "PAIR_DEVICES_CHOICES", "S_ADC_GAIN_CHOICES"]
 
-#: Drift compensation (MODEL.md section 5): one digital factor per tile, one per column, or off.
+#: Drift compensation (docs/model.md, 5): one digital factor per tile, one per column, or off.
 DRIFT_COMPENSATION_CHOICES = ("global", "column", None)
 #: Dynamic input scaling: none (static alpha, the standard model) or per-sample abs-max.
 NOISE_MANAGEMENT_CHOICES = ("none", "abs_max")
@@ -57,10 +57,10 @@ class CrossbarConfig:
     ----------
     max_rows : int
         Most inputs (rows) per tile; larger layers are split in near-equal parts. 512 in [1]
-        (MODEL.md sec. 1).
+        (docs/model.md sec. 1).
     max_cols : int
         Most outputs (columns) per tile, 512 in [1]. Columns do not couple in this model, so the
-        output dimension is never split for accuracy (MODEL.md sec. 1).
+        output dimension is never split for accuracy (docs/model.md sec. 1).
     inp_bits : int or None
         DAC resolution q_in [bit], 2^q - 1 levels (Eq. 5). 8 in [1]. None or 0: no rounding
         (unlimited resolution); the inputs are still clipped to the bound.
@@ -107,13 +107,13 @@ class CrossbarConfig:
         g = 1 + mu_zeta for the tile, calibrated on the mean saturation, so that the spread
         of the columns stays in the output; "none": g = 1, the bare saturating transfer.
     drift_compensation : str or None
-        "global" (one factor s_ref / s_t per tile, [1] MODEL.md sec. 5), "column" (one per column)
+        "global" (one factor s_ref / s_t per tile, docs/model.md 5), "column" (one per column)
         or None.
     drift_comp_inputs : int
         Number of known +-1 input vectors fed for the drift-compensation readout s = sum |y|
-        (MODEL.md sec. 5). 64 (not given in [1]; enough that s varies < 1 % between draws).
+        (docs/model.md sec. 5). 64 (not given in [1]; enough that s varies < 1 % between draws).
     g_max : float
-        Conductance of a full-scale weight |w~| = 1 [S]. 25 uS in [1] (MODEL.md sec. 1).
+        Conductance of a full-scale weight |w~| = 1 [S]. 25 uS in [1] (docs/model.md sec. 1).
     noise_management : str
         "none" (static input range alpha, [1]) or "abs_max" (alpha = max |x| per sample and tile).
     bound_management : str
@@ -124,9 +124,9 @@ class CrossbarConfig:
     asymmetry : float
         Read-polarity asymmetry sigma_a, dimensionless: during the negative-input read phase a
         weight reads as w~ (1 + a), a ~ Normal(0, sigma_a) drawn once at programming
-        (MODEL.md sec. 4, faults). 0 in [1].
+        (docs/model.md sec. 4, faults). 0 in [1].
     columnwise_scaling : bool
-        True: one scale per column of each tile, gamma_i = max_j |w_ij| (MODEL.md sec. 1, [1]).
+        True: one scale per column of each tile, gamma_i = max_j |w_ij| (docs/model.md sec. 1, [1]).
         False: one scale per tile, its largest |w| (what IBM aihwkit calls
         ``weight_scaling_columnwise=False``): small columns then use a smaller part of the
         conductance range and see more relative device noise.
@@ -134,7 +134,7 @@ class CrossbarConfig:
         Which devices of the differential pair of each weight, w~ = (g+ - g-) / g_max, are
         programmed and modelled (programming noise, drift, read noise, faults).
         "active" (default): a non-zero weight programs only the device of its sign, the other
-        stays at exactly 0 S (the convention of [1], MODEL.md sec. 1); an exact-zero weight
+        stays at exactly 0 S (the convention of [1], docs/model.md sec. 1); an exact-zero weight
         programs both devices toward 0 S, each with its own noise, so that its error has zero
         mean (one device alone, clipped at 0 S, would give every zero weight a positive error).
         "both": the other device of every pair is programmed toward 0 S and noisy as well, as

@@ -1,4 +1,4 @@
-"""Weight -> tile mapping (MODEL.md section 1): tiling, column-wise scales, conductance targets
+"""Weight -> tile mapping (docs/model.md section 1): tiling, column-wise scales, conductance targets
 and the differential pair.
 
 A weight is the difference of the two devices of its pair, w~ = (g+ - g-) / g_max. The device of
@@ -50,7 +50,7 @@ def tile_slices(tile_sizes) -> list[slice]:
 
 def map_weights(W: torch.Tensor, tile_sizes,
                 columnwise: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Column-wise mapping of a weight matrix onto tiles (MODEL.md sec. 1).
+    """Column-wise mapping of a weight matrix onto tiles (docs/model.md sec. 1).
 
     For tile k with inputs J_k: gamma_ki = max_{j in J_k} |w_ij|, w~_ij = w_ij / gamma_ki, so
     w~ lies in [-1, 1]. A column of zeros gets gamma = 0 and w~ = 0. With ``columnwise=False``
@@ -86,7 +86,7 @@ def map_weights(W: torch.Tensor, tile_sizes,
 
 
 def conductance_targets(w_tilde: torch.Tensor, g_max: float):
-    """Differential-pair targets: g^ = g_max |w~| on the device of sign(w~) (MODEL.md sec. 1).
+    """Differential-pair targets: g^ = g_max |w~| on the device of sign(w~) (docs/model.md sec. 1).
 
     Parameters
     ----------
@@ -158,7 +158,7 @@ def device_targets(g_target: torch.Tensor, partners: torch.Tensor) -> torch.Tens
 def weights_from_conductance(g: torch.Tensor, sign: torch.Tensor, g_max: float,
                              partners: torch.Tensor | None = None) -> torch.Tensor:
     """Signed normalised weights of the differential pairs, w~ = (g+ - g-) / g_max
-    (MODEL.md Eq. 12): sign (g_active - g_other) / g_max.
+    (docs/model.md Eq. 12): sign (g_active - g_other) / g_max.
 
     Parameters
     ----------

@@ -1,4 +1,4 @@
-"""The MVM error, the model's fingerprint (MODEL.md section 7, Eq. 20).
+"""The MVM error, the model's fingerprint (docs/model.md section 7, Eq. 20).
 
 References
 ----------
@@ -22,7 +22,7 @@ __all__ = ["mvm_error", "standard_test_case", "nonideality_configs", "mvm_error_
 TEST_CASE_SHAPE = (512, 512)
 #: Standard deviation of the test-case weights, w ~ Normal(0, 0.246) [1].
 TEST_CASE_W_STD = 0.246
-#: Evaluation times after programming of [1] (MODEL.md sec. 9): 1 s, 1 h, 1 day, 1 year [s].
+#: Evaluation times after programming of [1] (docs/model.md sec. 9): 1 s, 1 h, 1 day, 1 year [s].
 EVALUATION_TIMES = {"1 s": 1.0, "1 h": 3600.0, "1 day": 86400.0, "1 year": 365.25 * 86400.0}
 
 

@@ -1,4 +1,4 @@
-"""The analog matrix-vector product of a tiled layer (MODEL.md sections 2, 3, 6; Eqs. 1-2, 5, 14-19).
+"""The analog matrix-vector product of a tiled layer (docs/model.md 2, 3, 6; Eqs. 1-2, 5, 14-19).
 
 :func:`analog_mvm` (a matrix of input vectors) and :func:`analog_conv` (images, every term a
 convolution) are the functional core shared by :class:`~aimc_device.crossbar.AnalogArray` and
@@ -12,7 +12,7 @@ and add the tiles in digital. This module holds the torch reference of these equ
 and is the oracle of the tests. The fast CPU backend (:mod:`._fast`, Numba) computes the same
 where the one dispatch rule :func:`_fast_backend` allows.
 
-Gradients (hardware-aware training, MODEL.md sec. 8): the backward pass is plain floating point
+Gradients (hardware-aware training, docs/model.md sec. 8): the backward pass is plain floating point
 through the (perturbed) weights, with straight-through quantisers; the noise, IR-drop and
 asymmetry terms are added as constants (no gradient through them). The per-MVM noise is drawn
 the same way with and without a gradient: the same generator state gives the same draw.

@@ -1,4 +1,4 @@
-"""The periphery of a crossbar tile, one torch function per element (MODEL.md sections 2, 3, 6).
+"""The periphery of a crossbar tile, one torch function per element (docs/model.md 2, 3, 6).
 
 Each element is written once here, on torch tensors, and serves numpy callers (converted at the
 boundary in :mod:`aimc_device.crossbar.array`), CPU and CUDA, and the torch adapter. Units:
@@ -39,7 +39,7 @@ def quantizer_levels(bits: int | None, bound: float) -> tuple[float, float]:
 
 
 def straight_through_mask(z: torch.Tensor, bound: float) -> torch.Tensor:
-    """Where the quantiser's straight-through gradient passes: |z| <= b (MODEL.md sec. 8;
+    """Where the quantiser's straight-through gradient passes: |z| <= b (docs/model.md sec. 8;
     clipped values do not move), as a bool tensor like z."""
     return z.abs() <= bound
 
@@ -60,7 +60,7 @@ class _QuantizeSTE(torch.autograd.Function):
 
 
 def quantize(z: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:
-    """Uniform symmetric quantiser with 2^q - 1 levels (MODEL.md sec. 2, Eq. 5).
+    """Uniform symmetric quantiser with 2^q - 1 levels (docs/model.md sec. 2, Eq. 5).
 
     Q(z) = clip(round((2^q - 2) z / (2 b)) 2 b / (2^q - 2), -b, b); the gradient is passed
     straight through inside the bound and is 0 outside (clipped values do not move). With no
@@ -130,7 +130,7 @@ _PROFILE_CACHE: dict = {}
 
 
 def ir_drop_profile(n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
-    """Relative IR-drop weight of each row, P_j = 1 - (1 - j/n)^2, j = 0..n-1 (MODEL.md sec. 6).
+    """Relative IR-drop weight of each row, P_j = 1 - (1 - j/n)^2, j = 0..n-1 (docs/model.md 6).
 
     Row j = 0 (the first input of the tile) sits at the end of the column where the line
     resistance has no effect; P grows toward the far rows. (Which physical end is j = 0 is not
@@ -146,19 +146,19 @@ def ir_drop_profile(n: int, dtype=torch.float32, device="cpu") -> torch.Tensor:
 
 
 #: Coefficients (c1, c2, c3) of the cubic IR-drop coefficient c(a) = c1 a + c2 a^2 + c3 a^3
-#: (MODEL.md sec. 6, Eq. 16 of Rasch et al., Nat. Commun. 14, 5282 (2023)).
+#: (docs/model.md sec. 6, Eq. 16 of Rasch et al., Nat. Commun. 14, 5282 (2023)).
 IR_DROP_POLY = (0.5, -0.2, 0.05)
 
 
 def ir_drop_coefficient(a: torch.Tensor) -> torch.Tensor:
-    """Cubic IR-drop coefficient c(a) = 0.05 a^3 - 0.2 a^2 + 0.5 a (MODEL.md sec. 6, Eq. 16)."""
+    """Cubic IR-drop coefficient c(a) = 0.05 a^3 - 0.2 a^2 + 0.5 a (docs/model.md 6, Eq. 16)."""
     c1, c2, c3 = IR_DROP_POLY
     return a * (c1 + a * (c2 + c3 * a))  # Eq. 16
 
 
 def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, scale: float,
                   g_ir: float) -> torch.Tensor:
-    """IR-drop change of the outputs from its two GEMMs (MODEL.md sec. 6, Eqs. 15-18).
+    """IR-drop change of the outputs from its two GEMMs (docs/model.md sec. 6, Eqs. 15-18).
 
     a_i = s g_ir n sum_j |w~_ij||x~_j|,  dy_i = -c(a_i) sum_j w~_ij x~_j P_j: the wire
     resistance scaled by s (r_wire -> s r_wire), so that dy is cubic in s through c(a).
@@ -218,7 +218,7 @@ def s_adc_gain(zeta, mu_zeta: float, calibration: str):
 
 
 def s_adc(z: torch.Tensor, zeta, bound: float, gain=None) -> torch.Tensor:
-    """S-shaped ADC transfer (MODEL.md sec. 6, Eq. 19).
+    """S-shaped ADC transfer (docs/model.md sec. 6, Eq. 19).
 
     f_i(z) = g_i z / (1 + zeta_i |z| / b_out): saturating, with zeta per unit of z / b_out
     and a gain g_i from :func:`s_adc_gain`.
@@ -237,12 +237,12 @@ def s_adc(z: torch.Tensor, zeta, bound: float, gain=None) -> torch.Tensor:
 
 def draw_asymmetry(shape, sigma: float, generator=None, dtype=torch.float32,
                    device="cpu") -> torch.Tensor:
-    """Read-polarity asymmetry a_ij ~ Normal(0, sigma_a), drawn once per device (MODEL.md sec. 4)."""
+    """Read-polarity asymmetry a_ij ~ Normal(0, sigma_a), one per device (docs/model.md 4)."""
     return sigma * torch.randn(tuple(shape), dtype=dtype, device=device, generator=generator)
 
 
 def asymmetry_delta(x: torch.Tensor, w: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """Output change from read-polarity asymmetry (MODEL.md sec. 4).
+    """Output change from read-polarity asymmetry (docs/model.md sec. 4).
 
     Negative inputs are read in a second phase where weight w~_ij reads as w~_ij (1 + a_ij):
     y = W~ x+ - (W~ o (1 + A)) x-  =  W~ x - (W~ o A) x-,  with x- = max(-x, 0).

@@ -1,6 +1,6 @@
 """The torch adapter: analog layers, convert(), hardware-aware training, evaluation over time.
 
-Implements MODEL.md sections 8 and 9 on top of :mod:`aimc_device.crossbar` and
+Implements docs/model.md sections 8 and 9 on top of :mod:`aimc_device.crossbar` and
 :mod:`aimc_device.pcm`; no physics is restated here.
 
 References

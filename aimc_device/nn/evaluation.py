@@ -1,4 +1,4 @@
-"""Evaluation over time after programming (MODEL.md section 9).
+"""Evaluation over time after programming (docs/model.md section 9).
 
 Program the model, move it to each time after programming (drift, 1/f noise and drift
 compensation drawn once per time and held for the whole test set), measure, and repeat with new
@@ -79,7 +79,7 @@ def standard_error(values, axis: int = -1):
 
 
 def normalized_accuracy(error, fp_error: float, chance_error: float):
-    """A* = 1 - (err - err_FP) / (err_chance - err_FP) (Rasch et al. 2023, MODEL.md section 9)."""
+    """A* = 1 - (err - err_FP) / (err_chance - err_FP) (Rasch et al. 2023; docs/model.md 9)."""
     if not chance_error > fp_error:
         raise ValueError(f"normalized_accuracy: chance error {chance_error} must exceed the "
                          f"floating-point error {fp_error}")

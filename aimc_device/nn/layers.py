@@ -364,7 +364,7 @@ class AnalogConvTranspose1d(_AnalogConvTransposeNd):
 
 class _AnalogRNN(AnalogLayer):
     """Shared driver of the analog recurrent layers: layers, directions, batch_first, dropout,
-    unbatched inputs, and one weight-noise draw per call (MODEL.md sec. 8: one draw per
+    unbatched inputs, and one weight-noise draw per call (docs/model.md sec. 8: one draw per
     mini-batch, while the tiles are read once per time step)."""
 
     _n_state = 1  # tensors in the recurrent state: (h,) or (h, c)

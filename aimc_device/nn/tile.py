@@ -1,7 +1,7 @@
 """The analog weight of a layer: a crossbar array as a torch module.
 
 An :class:`AnalogTile` holds one weight matrix (out x in) the way the hardware holds it
-(MODEL.md sections 1 and 8): normalised weights ``w~`` in [-1, 1] (the conductances relative to
+(docs/model.md sections 1 and 8): normalised weights ``w~`` in [-1, 1] (the conductances relative to
 g_max, signed by the device of the differential pair), cut along the inputs into tiles of at most
 ``cfg.max_rows`` rows, with learned digital output scales (column-wise ``gamma`` and a per-tile
 ``kappa``) and a learned input range ``alpha`` per tile. All physics comes from
@@ -45,7 +45,7 @@ def require_tensor(x, where: str, name: str = "input") -> None:
 
 class _NoisyWeight(torch.autograd.Function):
     """w~ plus a draw of the device model's training noise (:func:`perturb_tensor` in units of
-    g_max, either family); the gradient goes to the clean w~ unchanged (MODEL.md section 8: the
+    g_max, either family); the gradient goes to the clean w~ unchanged (docs/model.md section 8: the
     update goes to the clean weights)."""
 
     @staticmethod
@@ -97,13 +97,13 @@ class AnalogTile(nn.Module):
         gamma_ki * kappa_k / kappa0 (see the parametrisation below)
     alpha : Parameter (n_tiles,), input range per tile, units of the layer's inputs
     noise_scale : float, scale of the training weight noise (ramped by the HWA callback)
-    training_noise_time : float, read-noise time of the training noise [s]; 20 s in MODEL.md 8
+    training_noise_time : float, read-noise time of the training noise [s]; 20 s (docs/model.md 8)
 
     Notes
     -----
     Output scales. The hardware applies one digital factor per column and tile,
     s_ki = gamma_ki kappa_k / kappa0, after the ADC (Eq. 1). It is learned as two parameters,
-    as in the HWA training recipe of Rasch et al. (2023) (MODEL.md sec. 8): the column scales
+    as in the HWA training recipe of Rasch et al. (2023) (docs/model.md sec. 8): the column scales
     gamma (set by the mapping, gamma_ki = max_j |w_ij|) and a per-tile scale kappa, written
     relative to the ADC bound it starts at (kappa / kappa0 = 1 after mapping). The
     parametrisation is redundant on purpose: kappa adds one common-mode direction per tile to
@@ -126,7 +126,7 @@ class AnalogTile(nn.Module):
         n_tiles = len(self.tile_sizes)
         self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
         self.gamma = nn.Parameter(torch.ones(n_tiles, self.out_features))
-        # kappa starts at the ADC bound b_out (MODEL.md 8); with no ADC bound, at 1.
+        # kappa starts at the ADC bound b_out (docs/model.md sec. 8); with no ADC bound, at 1.
         self._kappa0 = float(cfg.out_bound) if np.isfinite(cfg.out_bound) else 1.0
         self.kappa = nn.Parameter(torch.full((n_tiles,), self._kappa0))
         self.alpha = nn.Parameter(torch.ones(n_tiles))
@@ -186,7 +186,7 @@ class AnalogTile(nn.Module):
 
     @torch.no_grad()
     def clip_weights(self) -> None:
-        """Clip w~ to [-1, 1] (after every optimiser step, MODEL.md section 8)."""
+        """Clip w~ to [-1, 1] (after every optimiser step, docs/model.md section 8)."""
         self.weight.clamp_(-1.0, 1.0)
 
     @torch.no_grad()
@@ -212,7 +212,7 @@ class AnalogTile(nn.Module):
         return gen
 
     def _noisy_weight(self) -> torch.Tensor:
-        """w~ plus device noise (MODEL.md section 8); the noise carries no gradient. Inside
+        """w~ plus device noise (docs/model.md section 8); the noise carries no gradient. Inside
         :meth:`one_draw`, the first call draws and the later ones reuse that draw."""
         w = self.weight
         if self.device_model is None or self.noise_scale == 0.0:
@@ -229,7 +229,7 @@ class AnalogTile(nn.Module):
     @contextlib.contextmanager
     def one_draw(self):
         """Within this context every training forward of the tile uses one draw of the weight
-        noise (MODEL.md sec. 8: one draw per mini-batch); a recurrent layer calls its tile once
+        noise (docs/model.md sec. 8: one draw per mini-batch); a recurrent layer calls its tile once
         per time step, and wraps the sequence in this."""
         outer = self._held_draw
         if outer is not None:  # nested: the outer context's draw

@@ -1,4 +1,4 @@
-"""Hardware-aware (HWA) training in an ordinary torch loop (MODEL.md section 8).
+"""Hardware-aware (HWA) training in an ordinary torch loop (docs/model.md section 8).
 
 The forward pass of an analog model in training mode already injects the hardware noise (see
 ``tile.py``). What an HWA loop adds after each optimiser step, and what this module provides:
@@ -55,7 +55,7 @@ BATCHNORM_CHOICES = ("frozen", "batch")
 
 @dataclass(frozen=True)
 class HWAConfig:
-    """Settings of hardware-aware training (MODEL.md section 8; Rasch et al. 2023, Methods).
+    """Settings of hardware-aware training (docs/model.md section 8; Rasch et al. 2023, Methods).
 
     Attributes
     ----------
@@ -315,7 +315,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 def hwa_loss(outputs: torch.Tensor, x, targets: torch.Tensor, loss_fn: Callable = F.cross_entropy,
              teacher: nn.Module | None = None, hwa: HWAConfig | None = None) -> torch.Tensor:
-    """The loss of one HWA batch: the task loss, or distillation from ``teacher`` (MODEL.md 8)."""
+    """The loss of one HWA batch: the task loss or distillation from ``teacher`` (docs/model.md 8)."""
     if teacher is None:
         return loss_fn(outputs, targets)
     hwa = hwa or HWAConfig()

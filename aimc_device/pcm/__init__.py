@@ -3,7 +3,7 @@ noise, faults) and the empirical family of measured distributions (``empirical.p
 
 References
 ----------
-.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-13 (MODEL.md section 4).
+.. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Eqs. 7-13 (docs/model.md section 4).
 """
 from .campaign import simulate_campaign
 from .devices import (ProgrammedState, check_conductance, draw_faults, perturb, program,

@@ -271,7 +271,7 @@ def perturb(g, model: PCMModel, t: float = 20.0, scale: float = 1.0, rng=None) -
     """Hardware-aware training noise: programming noise plus t seconds of 1/f read noise, no drift.
 
     out = g + scale * (sigma_P(|g|) xi_1 + |g| Q_s(|g|/g_max) sqrt(ln((t + T_read)/(2 T_read)))
-    xi_2), MODEL.md section 8, drawn as one Gaussian of the summed variance whose standard
+    xi_2), docs/model.md section 8, drawn as one Gaussian of the summed variance whose standard
     deviation is interpolated in a table of the formulas (see :func:`_noise_std_table` for its
     accuracy). ``g`` may be signed (the sign of the weight).
 

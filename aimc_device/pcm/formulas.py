@@ -1,4 +1,4 @@
-"""Deterministic formulas of the PCM model (MODEL.md section 4), for numpy arrays and torch tensors.
+"""Deterministic formulas of the PCM model (docs/model.md 4), for numpy arrays and torch tensors.
 
 Each function takes an array of any shape (numpy ndarray or torch tensor, float32 or float64) and
 returns the same kind of array. These are the statistics' single definition: the sampling kernels
@@ -199,7 +199,7 @@ def read_noise_std(g, t: float, model: PCMModel, g_ref=None):
 
 
 def training_noise_std(g, t: float, model: PCMModel):
-    """Standard deviations of the HWA training noise (MODEL.md sec. 8): the programming error
+    """Standard deviations of the HWA training noise (docs/model.md sec. 8): the programming error
     sigma_P(|g|) (Eq. 7) and t seconds of 1/f read noise |g| Q_s(|g| / g_max) tf(t) (Eqs. 10-11
     at g_D = g, no drift).
 

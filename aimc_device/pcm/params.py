@@ -33,7 +33,7 @@ import numpy as np
 
 __all__ = ["PCMModel", "READ_NOISE_TIME_CHOICES", "READ_NOISE_REFERENCE_CHOICES", "scale_note"]
 
-#: How the time enters the 1/f read-noise log term (MODEL.md section 4, Eq. 11).
+#: How the time enters the 1/f read-noise log term (docs/model.md section 4, Eq. 11).
 #: "t": ln((t + T_read) / (2 T_read)) as printed in [1];
 #: "t_plus_t0": ln((t + t0 + T_read) / (2 T_read)), the time since the start of programming, as in
 #: the widely used public implementation (IBM aihwkit's PCMLikeNoiseModel).
@@ -223,7 +223,7 @@ class PCMModel:
         Parameters
         ----------
         name : str
-            One of :meth:`presets`; "rasch2023" is the statistics of [1] (MODEL.md section 4).
+            One of :meth:`presets`; "rasch2023" is the statistics of [1] (docs/model.md section 4).
 
         Raises
         ------

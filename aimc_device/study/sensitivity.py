@@ -6,7 +6,7 @@ mvm_error`) rises from its standard value to ``max_mvm_error``; the knob values 
 MVM errors are found by root finding (:func:`scipy.optimize.brentq`) on ``mvm_error`` with
 common random numbers (a fixed seed). The HWA-trained model is then evaluated at each setting,
 ``repeats`` times, at ``t`` after programming, giving the loss of A*(t) and the threshold where
-A*(t) crosses the iso-accuracy level (99 %) (MODEL.md section 10, Fig. 4 of [1]).
+A*(t) crosses the iso-accuracy level (99 %) (docs/model.md section 10, Fig. 4 of [1]).
 
 References
 ----------
@@ -65,7 +65,7 @@ class Nonideality:
     upper: float = 1e3
 
 
-#: The nonidealities of MODEL.md sections 2-6 and 10, each scaled alone. "IR drop" scales the
+#: The nonidealities of docs/model.md sections 2-6 and 10, each scaled alone. "IR drop" scales the
 #: wire resistance (``CrossbarConfig.ir_drop``: r_wire -> s r_wire; the IR-drop term grows as
 #: c(s a) / c(a), less than s-fold), "programming noise" and "drift" the device statistics with
 #: the device model's ``scaled`` (either family: ``programming=s``; ``drift_mean=s,

@@ -1,6 +1,6 @@
 """The paper's workflow: train FP, map directly or fine-tune hardware-aware, evaluate over time.
 
-MODEL.md sections 8-9 (Rasch et al. 2023): the floating-point model is trained with the
+docs/model.md sections 8-9 (Rasch et al. 2023): the floating-point model is trained with the
 workload's recipe; the *direct mapping* baseline is the same model converted to analog tiles
 with input ranges calibrated on a few training batches and no retraining; the *HWA* model is
 fine-tuned from it with device noise in the forward pass (:class:`aimc_device.nn.AnalogOptimizer`
@@ -244,7 +244,7 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
     t1 = time.perf_counter()
     batches = _calibration_batches(wl, seed, calibration_batches)
     direct = ann.convert(fp_model, cfg, dev, digital=digital, rng=seed)
-    ann.init_input_ranges(direct, batches, cap=hwa.input_range_cap)  # MODEL.md 9: alpha only
+    ann.init_input_ranges(direct, batches, cap=hwa.input_range_cap)  # docs/model.md 9: alpha only
     direct.eval()
     analog = copy.deepcopy(direct)
     teacher = copy.deepcopy(fp_model).eval() if distill else None
@@ -297,7 +297,7 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Noise scale and ramp, clipping, input ranges, output scales, BatchNorm, distillation
         settings; default :func:`hwa_recipe` of the workload.
     distill : bool
-        Distil from the FP model during HWA training (MODEL.md section 8).
+        Distil from the FP model during HWA training (docs/model.md section 8).
     calibration_batches : int
         Training batches used to calibrate the input ranges (both variants).
     workload_kwargs : dict, optional

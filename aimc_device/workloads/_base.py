@@ -76,7 +76,7 @@ def chance_error(labels) -> float:
 
     This is the error of a classifier that learned nothing but the class frequencies
     (0.9 for 10 balanced classes); it is ``err_chance`` in the normalised accuracy
-    ``A* = 1 - (err_t - err_FP) / (err_chance - err_FP)`` (MODEL.md section 9).
+    ``A* = 1 - (err_t - err_FP) / (err_chance - err_FP)`` (docs/model.md section 9).
 
     Parameters
     ----------
