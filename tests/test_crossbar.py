@@ -534,8 +534,7 @@ def test_paper_mvm_error_with_aihwkit_conventions():
     # The paper quotes about 15 % for the standard model without drift (docs/model.md 7). The
     # model as specified (column scales, read noise from t = 0) gives about 11 %; the paper's
     # figure is met with the conventions of its public implementation: devices read right after
-    # programming
-    # carry t0 = 20 s of 1/f noise with Q_s from g_P, and one weight scale per tile.
+    # programming carry t0 = 20 s of 1/f noise with Q_s from g_P, and one weight scale per tile.
     # (14.4 % over seeds 0-5, scatter 0.3 points: the tolerance is 4 times that)
     cfg = CrossbarConfig(columnwise_scaling=False)
     eps = mvm_error(cfg, device="rasch2023-aihwkit", t=0.0, n_inputs=200)
