@@ -38,8 +38,9 @@ from numba.extending import overload
 from .periphery import IR_DROP_POLY, quantizer_levels
 
 # The counter-based generator and ziggurat tables of the device sampler (one definition).
-from ..pcm._kernels import FAST as _FAST
-from ..pcm._kernels import _hash, finish_variate, half_normal_rect, normals_block
+from ..pcm.counter_rng import FAST as _FAST
+from ..pcm.counter_rng import finish_variate, half_normal_rect, normals_block
+from ..pcm.counter_rng import hash_counter as _hash
 
 #: Stream number of the per-MVM draws (the PCM sampler uses streams 0 to 2 of 4).
 STREAM_MVM = np.uint64(3)
@@ -193,7 +194,7 @@ def _adc_out(b, i, v, s, o):  # pragma: no cover - via tests
 @nb.njit(cache=True)
 def _normals(key, e0, m, noise):  # pragma: no cover - via tests
     """noise[:m] = the standard normals of elements e0 .. e0 + m - 1 (e0 even), stream
-    STREAM_MVM (:func:`aimc_device.pcm._kernels.normals_block`)."""
+    STREAM_MVM (:func:`aimc_device.pcm.counter_rng.normals_block`)."""
     normals_block(key, e0, m, noise, STREAM_MVM)
 
 
