@@ -25,7 +25,8 @@ def _common(p: argparse.ArgumentParser, out_default: str) -> None:
                         "layers stay digital)")
     p.add_argument("--scheduler", default=None, metavar="ADDR",
                    help="Dask scheduler address of an existing cluster, or 'synchronous'; "
-                        "default a local cluster of 2 worker processes")
+                        "default a local cluster of 2 worker processes ('study --quick': "
+                        "synchronous)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--force", action="store_true", help=_FORCE_HELP)
 
@@ -38,8 +39,8 @@ def register(subparsers) -> None:
                     "fine-tuning, evaluation at 1 s, 1 h, 1 day, 1 year with repeats; writes "
                     "<workload>-study.nc/.txt/.png to --out and resumes from checkpoints there.")
     _common(p, "study-out")
-    p.add_argument("--repeats", type=POSITIVE_INT, default=25,
-                   help="evaluation repeats (default 25)")
+    p.add_argument("--repeats", type=POSITIVE_INT, default=None,
+                   help="evaluation repeats (default 25, 5 with --quick)")
     p.set_defaults(func=_study)
 
     p = subparsers.add_parser(

@@ -258,7 +258,8 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
 
 
 def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig | None = None,
-              repeats: int = 25, times=ann.PAPER_TIMES, out_dir="study-out", seed: int = 0,
+              repeats: int | None = None, times=ann.PAPER_TIMES, out_dir="study-out",
+              seed: int = 0,
               quick: bool = False, hwa_epochs: int | None = None, hwa_lr: float = 0.01,
               hwa: ann.HWAConfig | None = None, distill: bool = False,
               calibration_batches: int = 10, workload_kwargs: dict | None = None,
@@ -276,8 +277,9 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         A card's provenance is recorded in the result's attrs.
     cfg : CrossbarConfig, optional
         Crossbar periphery; default the paper's standard model.
-    repeats : int
-        Programming + evaluation repeats with new device draws (25 by default, as in [1]).
+    repeats : int, optional
+        Programming + evaluation repeats with new device draws (default 25, as in [1]; 5 when
+        ``quick``).
     times : sequence of float
         Times after programming [s]; default 1 s, 1 h, 1 day, 1 year.
     out_dir : str or os.PathLike
@@ -306,7 +308,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Layers kept in floating point; default the workload's ``digital_layers`` (usually the
         first and the last); ``()`` puts every layer on analog tiles.
     scheduler : None, str or distributed.Client
-        Where the evaluation tasks run: None, a LocalCluster of 2 processes; "synchronous"
+        Where the evaluation tasks run: None, a LocalCluster of 2 processes (``quick``: in
+        this process, as "synchronous"); "synchronous"
         (in this process, one task after the other); an address "tcp://host:8786" of an
         existing Dask cluster; or a Client.
     progress : bool
@@ -335,7 +338,12 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     ----------
     .. [1] M. J. Rasch et al., Nat. Commun. 14, 5282 (2023), Table 3 and Methods.
     """
+    is_quick = bool(quick or getattr(workload, "quick", False))
+    if repeats is None:
+        repeats = 5 if is_quick else 25
     check_int(repeats, "repeats", lo=1)
+    if scheduler is None and is_quick:
+        scheduler = "synchronous"
     times = check_times(times)
     check_bool(plot, "plot")
     check_bool(verbose, "verbose")

@@ -45,7 +45,7 @@ WORKLOADS: dict[str, type[Workload]] = {
 #: a workload trains in seconds on a laptop CPU; not the recipe of the full study.
 QUICK: dict[str, dict] = {
     "cnn": dict(epochs=4, width=8),
-    "deepcnn": dict(epochs=4, depth=4, width=16),
+    "deepcnn": dict(epochs=6, width=16),  # all 16 layers, 16 channels
     "lstm": dict(epochs=8, hidden=32),
     "transformer": dict(epochs=8, d_model=24, dim_ff=48),
 }
