@@ -117,8 +117,8 @@ def _mlp(seed=0):
 def test_gradients_reach_weights_ranges_and_scales(monkeypatch):
     # A training forward of an analog layer (device weight noise, DAC, ADC, IR drop, three
     # tiles) and its gradients to w~, alpha, gamma, kappa and the bias equal those of the torch
-    # reference path (crossbar.analog_mvm with EngineOptions(backend="reference")) on the same noisy weights with the
-    # digital factor gamma kappa / kappa_0 (kappa_0 = b_out): the noise passes the gradient
+    # reference (crossbar.analog_mvm with the reference backend) on the same noisy weights with
+    # the digital factor gamma kappa / kappa_0 (kappa_0 = b_out): the noise passes the gradient
     # straight through to the clean weights.
     from aimc_device.nn import tile as tile_mod
     cfg = STD.replace(out_noise=0.0, w_noise=0.0, max_rows=16, out_bound=4.0)

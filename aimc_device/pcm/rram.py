@@ -46,15 +46,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import xarray as xr
-from scipy import constants
-
 from .._random import as_generator
+from .formulas import equivalent_time
 
-__all__ = ["RRAMCampaignParams", "simulate_rram_campaign", "equivalent_times",
-           "DEFAULT_RRAM_TIMES", "DEFAULT_RRAM_TEMPERATURES", "BOLTZMANN_EV"]
+__all__ = ["RRAMCampaignParams", "simulate_rram_campaign", "DEFAULT_RRAM_TIMES",
+           "DEFAULT_RRAM_TEMPERATURES"]
 
-#: Boltzmann constant [eV/K] (CODATA, from scipy.constants).
-BOLTZMANN_EV = constants.k / constants.e
 #: Wall-clock read times of the default campaign [s]: five reads at room temperature, one after
 #: a 30-minute bake, one a day after programming.
 DEFAULT_RRAM_TIMES = (1.0, 10.0, 100.0, 1000.0, 3600.0, 5400.0, 86400.0)
@@ -130,31 +127,6 @@ class RRAMCampaignParams:
                                  "be >= 0")
 
 
-def equivalent_times(read_times, temperatures, activation_energy: float,
-                     reference_temperature: float) -> np.ndarray:
-    """Equivalent times at the reference temperature of reads after intervals at temperatures.
-
-    t_eq_k = sum_{l <= k} (tau_l - tau_{l-1}) exp(E_a / k_B (1 / T_ref - 1 / T_l)) [3], tau_{-1}
-    = 0; the interval ending with read l is at temperature T_l.
-
-    Parameters
-    ----------
-    read_times : array (..., T), wall-clock read times since programming [s], increasing
-    temperatures : array (T,), temperature of the interval ending with each read [K]
-    activation_energy : float [eV]
-    reference_temperature : float [K]
-
-    Returns
-    -------
-    ndarray like read_times, equivalent times [s]
-    """
-    tau = np.asarray(read_times, dtype=np.float64)
-    temp = np.asarray(temperatures, dtype=np.float64)
-    factor = np.exp(activation_energy / BOLTZMANN_EV * (1.0 / reference_temperature - 1.0 / temp))
-    steps = np.diff(tau, axis=-1, prepend=0.0)
-    return np.cumsum(steps * factor, axis=-1)
-
-
 def simulate_rram_campaign(params: RRAMCampaignParams | None = None, levels=16,
                            devices_per_level: int = 500, times=DEFAULT_RRAM_TIMES,
                            temperatures=DEFAULT_RRAM_TEMPERATURES, repeats: int = 1,
@@ -216,7 +188,7 @@ def simulate_rram_campaign(params: RRAMCampaignParams | None = None, levels=16,
         read_times = tau + read_time_jitter * gaps * gen.uniform(-0.5, 0.5, (n, tau.size))
     else:
         read_times = tau
-    t_eq = equivalent_times(read_times, temp, p.activation_energy, p.reference_temperature)
+    t_eq = equivalent_time(read_times, temp, p.activation_energy, p.reference_temperature)
     big_l = np.broadcast_to(np.log1p(t_eq / p.relax_tau), (n, tau.size))
     # write-verify: heavy-tailed programming error (unit-variance Student t)
     t_var = gen.standard_t(p.prog_dof, n) / np.sqrt(p.prog_dof / (p.prog_dof - 2.0))
