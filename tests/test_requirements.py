@@ -19,7 +19,7 @@ import torch
 from aimc_device import fit, io, nn as ann, pcm, study
 from aimc_device.cli import main
 from aimc_device.crossbar import CrossbarConfig
-from aimc_device.study.requirements import KNOBS, SearchSettings, search_limit
+from aimc_device.study.requirements import KNOBS, SearchSettings, format_requirements_table, search_limit
 
 QUIET = CrossbarConfig(inp_bits=None, out_bits=None, out_noise=0.0, w_noise=0.0, ir_drop=0.0,
                        drift_compensation=None)
@@ -95,6 +95,22 @@ def test_adc_bits_fewest_that_meet_the_target(regression, tmp_path):
         a = float(ann.normalized_accuracy(mse(model, data), 0.0, chance))
         assert (a >= 0.999) is ok, (b, a)
     assert float(ds["headroom"][0, 0]) == 8 - bits
+
+
+def test_a_knob_not_met_over_its_range_reports_the_best_it_reached(regression, tmp_path):
+    # The S-shaped ADC bends the transfer by itself, at any spread: with a target it cannot
+    # meet, the table says so and gives the best A* reached, which must be the S-ADC's own.
+    ds = _run(regression, tmp_path, QUIET, "S-ADC spread", target=0.99999, coverage=0.5)
+    assert str(ds["status"].values[0, 0]) == "below range"
+    table = format_requirements_table(ds)
+    note = next(line for line in table.splitlines() if line.startswith("not met: S-ADC"))
+    best, at = (float(v) for v in note.split("A* ")[1].split(" at "))
+    lin, data, chance = regression
+    model = ann.convert(lin, QUIET.replace(s_adc=True, sigma_zeta=at), EXACT)
+    ann.program(model, rng=0)
+    ann.drift(model, 3600.0, rng=1)
+    a = float(ann.normalized_accuracy(mse(model, data), 0.0, chance))
+    assert best < 0.99999 and best == pytest.approx(a, abs=2e-4)  # printed to 1e-4
 
 
 def _synthetic(curve):

@@ -189,6 +189,12 @@ def test_cli_study_lstm_quick_and_device_card(tmp_path, capsys):
     assert "HWA-trained" in capsys.readouterr().out
     ds = study.load_dataset(os.path.join(STUDY_DIR, "lstm-study.nc"))
     assert json.loads(ds.attrs["device_provenance"])["card_source_file"] == "x.h5"
+    # The command as typed and the machine are kept, and printed under the figure.
+    assert ds.attrs["command"] == ("aimc-device study --workload lstm --quick --repeats 2 --seed 0 "
+                                   f"--out {STUDY_DIR} --device-model {card} "
+                                   "--scheduler synchronous --no-progress")
+    assert f"{os.cpu_count()} logical CPUs, torch {torch.__version__}" in ds.attrs["hardware"]
+    assert study.report.provenance_line(ds) == f"{ds.attrs['command']} | {ds.attrs['hardware']}"
     assert main(["study", "--workload", "lstm", "--quick", "--repeats", "0",
                  "--out", STUDY_DIR]) == 2
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import signal
 import sys
 import threading
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         name = f"aimc-device {args.command}"
+        # The command line as typed, kept in results and shown on their figures.
+        args.command_line = "aimc-device " + shlex.join(sys.argv[1:] if argv is None else argv)
         try:
             return int(args.func(args) or 0)
         except (UserError, FileNotFoundError, ValueError, KeyError, OSError,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import shlex
 
 from ._types import (FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, int_type,
                      read_times)
@@ -74,23 +73,6 @@ def _requirements(args: argparse.Namespace) -> int:
                  calibration_samples=args.calibration, out_dir=args.out, seed=args.seed,
                  quick=args.quick, hwa_epochs=args.hwa_epochs, scheduler=args.scheduler,
                  progress=not args.no_progress, overwrite=args.force,
-                 command=_command(args))
+                 command=args.command_line)
     print(f"wrote {args.out}/{args.workload}-requirements.nc, .txt and .png")
     return 0
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command line of these settings (shown on the figure)."""
-    parts = ["aimc-device requirements", f"--workload {args.workload}",
-             f"--device {shlex.quote(str(args.device))}", f"--target {args.target:g}"]
-    if args.quick:
-        parts.append("--quick")
-    if args.knobs:
-        parts.append(f"--knobs {shlex.quote(args.knobs)}")
-    if args.retrain:
-        parts.append("--retrain")
-    if args.calibration:
-        parts.append(f"--calibration {args.calibration}")
-    if args.seed:
-        parts.append(f"--seed {args.seed}")
-    return " ".join(parts)

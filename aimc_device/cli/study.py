@@ -104,7 +104,8 @@ def _study(args: argparse.Namespace) -> int:
     run_study(args.workload, device=_device(args.device), repeats=args.repeats,
               out_dir=args.out, seed=args.seed, quick=args.quick, hwa_epochs=args.hwa_epochs,
               distill=args.distill, scheduler=args.scheduler, progress=not args.no_progress,
-              digital_layers=() if args.all_analog else None, overwrite=args.force)
+              digital_layers=() if args.all_analog else None, overwrite=args.force,
+              command=args.command_line)
     print(f"wrote {args.out}/{args.workload}-study.nc, .txt and .png")
     return 0
 
@@ -119,7 +120,8 @@ def _sensitivity(args: argparse.Namespace) -> int:
                     repeats=args.repeats, out_dir=args.out, seed=args.seed, quick=args.quick,
                     hwa_epochs=args.hwa_epochs, distill=args.distill, scheduler=args.scheduler,
                     progress=not args.no_progress,
-                    digital_layers=() if args.all_analog else None, overwrite=args.force)
+                    digital_layers=() if args.all_analog else None, overwrite=args.force,
+                    command=args.command_line)
     print(f"wrote {args.out}/{args.workload}-sensitivity.nc, .txt and .png")
     return 0
 
@@ -131,6 +133,6 @@ def _demo(args: argparse.Namespace) -> int:
     run_demo(args.out, quick=args.quick, campaign=args.campaign, seed=args.seed,
              repeats=args.repeats, scheduler=args.scheduler, progress=not args.no_progress,
              overwrite=args.force, technology=args.technology, device=device,
-             family=args.family)
+             family=args.family, command=args.command_line)
     print(f"wrote {args.out}/cnn-study.nc, .txt and .png")
     return 0

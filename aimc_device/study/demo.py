@@ -48,7 +48,7 @@ def _simulate(technology: str, device, quick: bool, seed: int):
 def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int = 0,
              repeats: int | None = None, scheduler=None, progress: bool = True,
              verbose: bool = True, overwrite: bool = False, technology: str = "pcm",
-             device=None, family: str = "auto"):
+             device=None, family: str = "auto", command: str | None = None):
     """Run the demo end to end; returns the study Dataset.
 
     Parameters
@@ -76,6 +76,8 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
         The model the "pcm" campaign is simulated from; default the "rasch2023" preset.
     family : {"auto", "pcm", "empirical"}
         The family of the fit (:func:`aimc_device.fit.fit_device`).
+    command : str, optional
+        The command that ran the demo (kept in the study result and shown on its figure).
 
     Returns
     -------
@@ -123,8 +125,8 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
     card = os.path.join(out_dir, "device_model.h5")
     prov = dict(report.provenance)
     prov["source_file"] = os.path.abspath(campaign)
-    prov["command"] = (f"aimc_device.study.run_demo(quick={quick}, seed={seed}, "
-                       f"technology={technology!r}, family={family!r})")
+    prov["command"] = command or (f"aimc_device.study.run_demo(quick={quick}, seed={seed}, "
+                                  f"technology={technology!r}, family={family!r})")
     save_device_model(model, card, provenance=prov, uncertainty=report.parameter_covariance(),
                       overwrite=overwrite)
     if verbose:
@@ -135,4 +137,5 @@ def run_demo(out_dir="demo-out", quick: bool = False, campaign=None, seed: int =
         scheduler = "synchronous"
     return run_study("cnn", device=card, repeats=repeats or (3 if quick else 25),
                      out_dir=out_dir, seed=seed, quick=quick, scheduler=scheduler,
-                     progress=progress, verbose=verbose, overwrite=overwrite)
+                     progress=progress, verbose=verbose, overwrite=overwrite,
+                     command=prov["command"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 
 import numpy as np
 import xarray as xr
@@ -17,9 +18,45 @@ from ..io import (KIND_FIGURE, KIND_NETCDF, KIND_TEXT, atomic_output, check_fold
 from ._checkpoint import atomic_path
 
 __all__ = ["save_dataset", "load_dataset", "write_outputs", "check_outputs", "format_table",
-           "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity"]
+           "plot_study", "plot_studies", "format_sensitivity_table", "plot_sensitivity",
+           "hardware_description", "provenance_line"]
 
 _NAMES = {"fp": "FP", "direct": "direct mapping", "hwa": "HWA-trained"}
+
+
+def hardware_description() -> str:
+    """The machine a result is measured on: CPU model, logical CPUs, torch version and threads.
+
+    Stored in the ``hardware`` attribute of every study, sensitivity and requirements result
+    and printed on its figure with the command that produced it.
+    """
+    import torch
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            cpu = next((line.split(":", 1)[1].strip() for line in fh
+                        if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cpu = cpu or platform.processor() or platform.machine()
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} on "
+            f"{torch.get_num_threads()} threads")
+
+
+def provenance_line(ds: xr.Dataset) -> str:
+    """``command | hardware`` of a result (the footer of its figure)."""
+    command = ds.attrs.get("command") or "command not recorded"
+    hardware = ds.attrs.get("hardware") or "hardware not recorded"
+    return f"{command} | {hardware}"
+
+
+def _stamp(fig, lines) -> None:
+    """Write the provenance ``lines`` along the bottom of ``fig`` and lay the figure out above."""
+    lines = list(dict.fromkeys(lines))
+    fig.tight_layout(rect=(0, 0.035 * len(lines) * 3.6 / fig.get_figheight(), 1, 1))
+    fig.text(0.005, 0.004, "\n".join(lines), fontsize=5.5, color="0.35", ha="left",
+             va="bottom")
 
 
 def _clean_attrs(attrs: dict) -> dict:
@@ -193,7 +230,7 @@ def plot_study(ds: xr.Dataset, path, ax=None, overwrite: bool = False) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     if own:
-        fig.tight_layout()
+        _stamp(fig, [provenance_line(ds)])
         try:
             if path is not None:
                 save_figure(fig, path, overwrite=overwrite)
@@ -287,7 +324,7 @@ def plot_sensitivity(ds: xr.Dataset, path, overwrite: bool = False) -> None:
     bx.invert_yaxis()
     bx.set_xlabel(f"loss of A* at eps_M = {top:.0f} % [%]")
     bx.grid(alpha=0.3, axis="x")
-    fig.tight_layout()
+    _stamp(fig, [provenance_line(ds)])
     try:
         save_figure(fig, path, overwrite=overwrite)
     finally:
@@ -313,7 +350,7 @@ def plot_studies(datasets, path, overwrite: bool = False) -> None:
                              squeeze=False)
     for ds, ax in zip(datasets, axes[0]):
         plot_study(ds, None, ax=ax)
-    fig.tight_layout()
+    _stamp(fig, [provenance_line(ds) for ds in datasets])
     try:
         save_figure(fig, path, overwrite=overwrite)
     finally:

@@ -51,7 +51,6 @@ import copy
 import json
 import math
 import os
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -72,7 +71,7 @@ from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
 from ._tasks import evaluate_task
 from ._validate import check_times, device_inputs, workload_name
-from .report import check_outputs, write_outputs
+from .report import check_outputs, hardware_description, provenance_line, write_outputs
 from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Knob", "KNOBS", "SearchSettings", "SearchResult", "search_limit", "requirements",
@@ -740,8 +739,7 @@ def requirements(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
     ds = _to_dataset(done, names, times, evaluator, settings, draws, calibration_repeats,
                      seed, recipe, prov, timings, scheduler, name, retrain)
     ds.attrs["command"] = command or f"aimc_device.study.requirements({name!r}, ...)"
-    ds.attrs["hardware"] = (f"{platform.machine()} {platform.processor() or ''} "
-                            f"{os.cpu_count()} CPUs").replace("  ", " ")
+    ds.attrs["hardware"] = hardware_description()
     for n in names:
         for t in times:
             if not done[_job_key(("search", n, t))]["monotone"]:
@@ -889,10 +887,38 @@ def format_requirements_table(ds: xr.Dataset) -> str:
         lines.append("spread of A* of the card (std): " + ", ".join(
             f"{s}: calibration {float(ds['calibration_spread'][j]):.4f}, programming "
             f"{float(ds['repeat_spread'][j]):.4f}" for j, s in enumerate(times)))
+    lines += _not_met_notes(ds)
     lines.append("headroom: limit / card value (bits: card bits - fewest bits meeting the "
                  "target); '!': A* not monotone along the knob (see the result's "
                  "search_points)")
     return "\n".join(lines)
+
+
+def _not_met_notes(ds: xr.Dataset) -> list[str]:
+    """One line per knob that misses the target over its whole range: the best A* it reached.
+
+    A knob that fails even at its best value says that the setting it switches on costs more
+    than the target allows by itself (the S-shaped ADC's transfer at any spread, for instance)
+    or that other nonidealities dominate; the line gives that best value's A* quantile so that
+    the shortfall can be read off.
+    """
+    points = json.loads(ds.attrs.get("search_points", "{}"))
+    notes = []
+    for n in ds["knob"].values:
+        integer = KNOBS[str(n)].integer
+        cells = []
+        for j, label in enumerate(ds["time_label"].values):
+            if str(ds["status"].sel(knob=n).values[j]) != "below range":
+                continue
+            p = points.get(f"{n} @ {label}")
+            if not p or not p["values"]:
+                continue
+            best = int(np.argmax(p["values"]) if integer else np.argmin(p["values"]))
+            cells.append(f"{label} A* {p['q'][best]:.4f} at {_fmt(p['values'][best], integer)}")
+        if cells:
+            notes.append(f"not met: {n}, best reached ({100 * ds.attrs['coverage']:.0f} % "
+                         f"quantile): " + ", ".join(cells))
+    return notes
 
 
 def plot_requirements(ds: xr.Dataset, path, overwrite: bool = False) -> None:
@@ -943,7 +969,7 @@ def plot_requirements(ds: xr.Dataset, path, overwrite: bool = False) -> None:
     axes[0][0].invert_yaxis()
     fig.suptitle(f"{ds.attrs.get('title', '')}: A* >= {ds.attrs['target']:g} for "
                  f"{100 * ds.attrs['coverage']:.0f} % of programming repeats; | = card\n"
-                 f"{ds.attrs.get('command', '')} ({ds.attrs.get('hardware', '')})",
+                 f"{provenance_line(ds)}",
                  fontsize=7)
     fig.tight_layout()
     try:

@@ -35,7 +35,8 @@ from . import _dask
 from ._tasks import evaluate_task
 from ._validate import (check_reachable, check_recipe, check_sensitivity, device_inputs,
                         workload_name)
-from .report import check_outputs, format_sensitivity_table, plot_sensitivity, write_outputs
+from .report import (check_outputs, format_sensitivity_table, hardware_description,
+                     plot_sensitivity, write_outputs)
 from .study import TIME_LABELS, prepare_models, resolve_device
 
 __all__ = ["Nonideality", "NONIDEALITIES", "find_scale", "knob_levels", "run_sensitivity"]
@@ -186,7 +187,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
                     out_dir="study-out", seed: int = 0, quick: bool = False,
                     hwa_epochs: int | None = None, test_shape=None, n_inputs: int | None = None,
                     scheduler=None, progress: bool = True, plot: bool = True,
-                    verbose: bool = True, overwrite: bool = False,
+                    verbose: bool = True, overwrite: bool = False, command: str | None = None,
                     **study_kwargs) -> xr.Dataset:
     """Scale each nonideality alone until eps_M = ``max_mvm_error``; measure the loss of A*(t).
 
@@ -210,7 +211,7 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
     test_shape : (out, in), optional, the MVM-error test matrix (default 512 x 512, quick
         128 x 128)
     n_inputs : int, optional, inputs of the test case (default 1000, quick 200)
-    scheduler, progress, plot, verbose, overwrite : as in :func:`run_study`
+    scheduler, progress, plot, verbose, overwrite, command : as in :func:`run_study`
     **study_kwargs : passed to :func:`aimc_device.study.prepare_models` (hwa_lr, distill, ...)
 
     Returns
@@ -255,7 +256,10 @@ def run_sensitivity(workload="cnn", device=None, cfg: CrossbarConfig | None = No
         ds = _sweep(prep, names, level_calls, targets, eps0, n_levels, repeats, t, seed, sched,
                     progress, iso_accuracy, max_mvm_error, t0)
     ds.attrs.update(test_shape=list(test_shape), n_inputs=n_inputs,
-                    scheduler=_dask.scheduler_label(scheduler))
+                    scheduler=_dask.scheduler_label(scheduler),
+                    command=command or (f"aimc_device.study.run_sensitivity("
+                                        f"{prep.workload.name!r}, seed={seed}, quick={quick})"),
+                    hardware=hardware_description())
     write_outputs(ds, stem, format_sensitivity_table, plot_sensitivity if plot else None,
                   verbose, inputs=device_inputs(device), overwrite=overwrite)
     return ds

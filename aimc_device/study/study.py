@@ -33,7 +33,8 @@ from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
 from ._tasks import ModelSpec, evaluate_task
 from ._validate import check_recipe, check_times, device_inputs, workload_name
-from .report import check_outputs, format_table, plot_study, write_outputs
+from .report import (check_outputs, format_table, hardware_description, plot_study,
+                     write_outputs)
 
 __all__ = ["run_study", "prepare_models", "PreparedModels", "resolve_device", "VARIANTS",
            "HWA_EPOCHS", "HWA_NOISE_SCALE", "hwa_recipe", "TIME_LABELS"]
@@ -264,7 +265,8 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
               hwa: ann.HWAConfig | None = None, distill: bool = False,
               calibration_batches: int = 10, workload_kwargs: dict | None = None,
               digital_layers=None, scheduler=None, progress: bool = True, on_epoch_end: Callable | None = None,
-              plot: bool = True, verbose: bool = True, overwrite: bool = False) -> xr.Dataset:
+              plot: bool = True, verbose: bool = True, overwrite: bool = False,
+              command: str | None = None) -> xr.Dataset:
     """Run the paper's study on one workload and return (and save) the results.
 
     Parameters
@@ -325,6 +327,10 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
         Replace existing ``<workload>-study.*`` files even when they hold another kind of file
         (a measurement campaign, a device card); by default such files are refused, before
         anything is trained. Results of an earlier study are replaced either way.
+    command : str, optional
+        The command that ran this study, kept in the result's ``command`` attribute and shown
+        on its figure with :func:`~aimc_device.study.report.hardware_description` (default:
+        the Python call).
 
     Returns
     -------
@@ -365,6 +371,9 @@ def run_study(workload: str | Workload = "cnn", device=None, cfg: CrossbarConfig
     for (vi, (_, _, r), _), res in zip(calls, results):
         err[vi + 1, :, r] = res
     ds = _to_dataset(err, times, prep, repeats, seed, scheduler)
+    ds.attrs["command"] = command or (f"aimc_device.study.run_study({prep.workload.name!r}, "
+                                      f"seed={seed}, quick={is_quick}, distill={distill})")
+    ds.attrs["hardware"] = hardware_description()
     write_outputs(ds, stem, format_table, plot_study if plot else None, verbose,
                   inputs=device_inputs(device), overwrite=overwrite)
     return ds
