@@ -65,6 +65,32 @@ def test_layouts_are_views_of_the_same_images():
     assert np.array_equal(p[:, 5], img[:, 2:4, 2:4].reshape(-1, 4))   # row 1, column 1
     with pytest.raises(ValueError):
         as_patches(x_tr, patch=3)
+    # shorter pixel runs: the same pixels in raster order, over more time steps
+    seq = as_rows(x_tr, 4)
+    assert seq.shape[1:] == (16, 4)
+    assert np.array_equal(seq[:, 5], img[:, 2, 4:]) and np.array_equal(as_rows(x_tr, 8), img)
+    assert np.array_equal(as_rows(x_tr, 1)[:, 19, 0], img[:, 2, 3])
+    with pytest.raises(ValueError, match="divide 64"):
+        as_rows(x_tr, 3)
+
+
+@pytest.mark.parametrize("name, kw, shape", [
+    ("lstm", dict(pixels_per_step=4), (16, 4)), ("lstm", dict(pixels_per_step=1), (64, 1)),
+    ("transformer", dict(patch=1), (64, 1)), ("transformer", dict(patch=4), (4, 16))])
+def test_sequence_layouts(name, kw, shape):
+    """The sequence layout options reshape the data and the model reads it, a few batches
+    of training move the loss, and the defaults stay those of the published tables."""
+    wl = get_workload(name, quick=True, epochs=2, n_train=32, batch_size=32, **kw)
+    x = wl.load_data()[0].tensors[0]
+    assert x.shape[1:] == shape
+    default = get_workload(name, n_train=32).load_data()[0].tensors[0]
+    assert torch.equal(x.reshape(len(x), -1).sort(dim=1).values,      # the same pixels
+                       default.reshape(len(x), -1).sort(dim=1).values)
+    losses = []
+    wl.train_fp(wl.build_model(seed=0), seed=0, progress=False,
+                on_epoch_end=lambda e, m, o, s, loss: losses.append(loss))
+    assert losses[1] < losses[0]
+    assert SHAPES[name] == get_workload(name).load_data()[0].tensors[0].shape[1:]
 
 
 def test_n_train_subsample():
