@@ -65,6 +65,38 @@ def test_layouts_are_views_of_the_same_images():
     assert np.array_equal(p[:, 5], img[:, 2:4, 2:4].reshape(-1, 4))   # row 1, column 1
     with pytest.raises(ValueError):
         as_patches(x_tr, patch=3)
+    # shorter pixel runs: the same pixels in raster order, over more time steps
+    seq = as_rows(x_tr, 4)
+    assert seq.shape[1:] == (16, 4)
+    assert np.array_equal(seq[:, 5], img[:, 2, 4:]) and np.array_equal(as_rows(x_tr, 8), img)
+    assert np.array_equal(as_rows(x_tr, 1)[:, 19, 0], img[:, 2, 3])
+    with pytest.raises(ValueError, match="divide 64"):
+        as_rows(x_tr, 3)
+
+
+@pytest.mark.parametrize("name, kw, shape, train", [
+    ("lstm", dict(pixels_per_step=4), (16, 4), True),
+    ("lstm", dict(pixels_per_step=1), (64, 1), False),
+    ("transformer", dict(patch=1), (64, 1), False),
+    ("transformer", dict(patch=4), (4, 16), True)])
+def test_sequence_layouts(name, kw, shape, train):
+    """The sequence layout options reshape the data (the same pixels) and the model reads it;
+    a few batches of training lower the loss; the defaults stay those of the published tables."""
+    wl = get_workload(name, quick=True, epochs=2, n_train=32, batch_size=32, **kw)
+    x = wl.load_data()[0].tensors[0]
+    assert x.shape[1:] == shape
+    default = get_workload(name, n_train=32).load_data()[0].tensors[0]
+    assert default.shape[1:] == SHAPES[name]
+    assert torch.equal(x.reshape(len(x), -1).sort(dim=1).values,      # the same pixels
+                       default.reshape(len(x), -1).sort(dim=1).values)
+    model = wl.build_model(seed=0)
+    with torch.no_grad():
+        assert model.eval()(x[:3]).shape == (3, 10)
+    if train:
+        losses = []
+        wl.train_fp(model, seed=0, progress=False,
+                    on_epoch_end=lambda e, m, o, s, loss: losses.append(loss))
+        assert losses[1] < losses[0]
 
 
 def test_n_train_subsample():

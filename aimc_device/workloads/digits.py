@@ -76,9 +76,24 @@ def as_images(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(-1, 1, 8, 8))
 
 
-def as_rows(x: np.ndarray) -> np.ndarray:
-    """``(n, 64)`` -> ``(n, 8, 8)``: a sequence of 8 rows (time steps) of 8 pixels."""
-    return np.ascontiguousarray(x.reshape(-1, 8, 8))
+def as_rows(x: np.ndarray, pixels: int = 8) -> np.ndarray:
+    """``(n, 64)`` -> ``(n, 64 / pixels, pixels)``: a sequence of pixel runs in raster order.
+
+    Parameters
+    ----------
+    x : ndarray, shape (n, 64)
+        Flattened 8x8 images.
+    pixels : int
+        Pixels per time step; must divide 64. 8 (default): the 8 rows; 4: 16 half rows;
+        1: the 64 pixels one by one.
+
+    Returns
+    -------
+    ndarray, shape (n, 64 // pixels, pixels)
+    """
+    if pixels < 1 or 64 % pixels:
+        raise ValueError(f"pixels per time step must divide 64, got {pixels}")
+    return np.ascontiguousarray(x.reshape(-1, 64 // pixels, pixels))
 
 
 def as_patches(x: np.ndarray, patch: int = 2) -> np.ndarray:
@@ -126,6 +141,11 @@ class DigitsWorkload(Workload):
     n_train: int | None = None
     test_fraction: float = 0.25
 
+    def shape_inputs(self, x: np.ndarray) -> np.ndarray:
+        """Flattened images ``(n, 64)`` in the model's input layout (default
+        :attr:`input_shape`; a subclass whose layout has options overrides this)."""
+        return type(self).input_shape(x)
+
     def _make_data(self, seed):
         split = load_digits_split(seed, self.test_fraction, self.n_train)
-        return to_datasets(*split, type(self).input_shape)
+        return to_datasets(*split, self.shape_inputs)

@@ -1,4 +1,5 @@
-"""An LSTM sequence classifier: each digit read row by row (8 time steps of 8 pixels).
+"""An LSTM sequence classifier: each digit read row by row (8 time steps of 8 pixels), or in
+shorter runs of pixels for longer sequences (``pixels_per_step``).
 
 References
 ----------
@@ -45,7 +46,7 @@ class LSTMClassifier(nn.Module):
 
 @dataclass
 class LSTMWorkload(DigitsWorkload):
-    """LSTM classifier on scikit-learn's digits read as a sequence of 8 rows.
+    """LSTM classifier on scikit-learn's digits read as a sequence of pixel runs.
 
     Parameters
     ----------
@@ -53,6 +54,10 @@ class LSTMWorkload(DigitsWorkload):
         LSTM hidden size.
     layers : int
         Stacked LSTM layers.
+    pixels_per_step : int
+        Pixels read per time step, in raster order (must divide 64): 8 (default) reads the
+        8 rows, 4 reads 16 half rows, 1 reads the 64 pixels one by one. Shorter steps make
+        longer recurrences, over which the analog error of the recurrent weights accumulates.
     n_train, test_fraction
         See :class:`~aimc_device.workloads.digits.DigitsWorkload`.
     """
@@ -68,7 +73,11 @@ class LSTMWorkload(DigitsWorkload):
     optimizer: str = "adamw"
     hidden: int = 64
     layers: int = 1
+    pixels_per_step: int = 8
+
+    def shape_inputs(self, x):
+        return as_rows(x, self.pixels_per_step)
 
     def _make_model(self):
-        return LSTMClassifier(8, self.hidden, self.layers, self.n_classes)
+        return LSTMClassifier(self.pixels_per_step, self.hidden, self.layers, self.n_classes)
 

@@ -1,4 +1,5 @@
-"""A small transformer encoder on the digits as a sequence of 16 patches of 2x2 pixels.
+"""A small transformer encoder on the digits as a sequence of 16 patches of 2x2 pixels (or of
+other square patches, ``patch``).
 
 References
 ----------
@@ -74,6 +75,9 @@ class TransformerWorkload(DigitsWorkload):
 
     Parameters
     ----------
+    patch : int
+        Patch side in pixels (divides 8): ``(8 / patch)**2`` tokens of ``patch**2`` pixels;
+        2 (default): 16 tokens, 1: the 64 pixels as tokens.
     d_model : int
         Embedding width.
     nhead : int
@@ -102,8 +106,15 @@ class TransformerWorkload(DigitsWorkload):
     layers: int = 2
     dim_ff: int = 96
     dropout: float = 0.1
+    patch: int = 2
+
+    def shape_inputs(self, x):
+        return as_patches(x, self.patch)
 
     def _make_model(self):
-        return PatchTransformer(16, 4, self.d_model, self.nhead, self.layers, self.dim_ff,
-                                self.dropout, self.n_classes)
+        if 8 % self.patch:
+            raise ValueError(f"TransformerWorkload.patch = {self.patch}: it must divide 8")
+        return PatchTransformer((8 // self.patch) ** 2, self.patch ** 2, self.d_model,
+                                self.nhead, self.layers, self.dim_ff, self.dropout,
+                                self.n_classes)
 
