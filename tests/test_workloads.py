@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from aimc_device.cli._types import WORKLOAD_NAMES
 from aimc_device.workloads import (QUICK, WORKLOADS, Workload, chance_error, epoch_seed,
                                    get_workload)
 from aimc_device.workloads.digits import as_patches, as_rows, load_digits_split
@@ -20,6 +21,7 @@ SHAPES = {"cnn": (1, 8, 8), "deepcnn": (1, 8, 8), "lstm": (8, 8), "transformer":
 
 def test_registry():
     assert set(NAMES) <= set(WORKLOADS)
+    assert set(WORKLOAD_NAMES) == set(WORKLOADS)  # every workload is a --workload choice
     for name in NAMES:
         wl = get_workload(name)
         assert isinstance(wl, Workload) and wl.name == name and not wl.quick

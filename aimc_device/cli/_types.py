@@ -11,7 +11,11 @@ import math
 
 from .._checks import check_float, check_int, float_range_text, int_range_text
 
-__all__ = ["int_type", "float_type", "POSITIVE_INT", "NON_NEGATIVE_INT", "SEED", "LEVELS",
+#: The ``--workload`` choices: the names of :data:`aimc_device.workloads.WORKLOADS` (written
+#: out so that ``--help`` does not import torch; a test keeps the two equal).
+WORKLOAD_NAMES = ("cnn", "deepcnn", "lstm", "transformer")
+
+__all__ = ["WORKLOAD_NAMES", "int_type", "float_type", "POSITIVE_INT", "NON_NEGATIVE_INT", "SEED", "LEVELS",
            "POSITIVE_FLOAT", "NON_NEGATIVE_FLOAT", "FRACTION", "read_times",
            "add_device_option"]
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import (FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED, int_type,
-                     read_times)
+from ._types import (FRACTION, NON_NEGATIVE_INT, POSITIVE_FLOAT, POSITIVE_INT, SEED,
+                     WORKLOAD_NAMES, int_type, read_times)
 
 _TIMES = "3600,86400,31536000"
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
                     "settings), the limit at which the HWA-trained network still meets the "
                     "target A* at each time for --coverage of programming repeats; prints "
                     "the spec sheet and writes <workload>-requirements.nc/.txt/.png to --out.")
-    p.add_argument("--workload", choices=("cnn", "lstm", "transformer"), default="cnn")
+    p.add_argument("--workload", choices=WORKLOAD_NAMES, default="cnn")
     p.add_argument("--device", "--device-model", dest="device", metavar="CARD.h5",
                    default="rasch2023", help="device card (from `aimc-device fit`) or preset "
                                              "name; default rasch2023")
@@ -47,6 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="the workload's reduced settings")
     p.add_argument("--seed", type=SEED, default=0)
     p.add_argument("--hwa-epochs", type=POSITIVE_INT, default=None)
+    p.add_argument("--distill", action="store_true",
+                   help="distil from the FP model in HWA training (as `study --distill`)")
     p.add_argument("--scheduler", default=None, metavar="ADDR",
                    help="Dask scheduler address of an existing cluster, or 'synchronous'; "
                         "default a local cluster of 2 worker processes")
@@ -73,6 +75,6 @@ def _requirements(args: argparse.Namespace) -> int:
                  calibration_samples=args.calibration, out_dir=args.out, seed=args.seed,
                  quick=args.quick, hwa_epochs=args.hwa_epochs, scheduler=args.scheduler,
                  progress=not args.no_progress, overwrite=args.force,
-                 command=args.command_line)
+                 command=args.command_line, distill=args.distill)
     print(f"wrote {args.out}/{args.workload}-requirements.nc, .txt and .png")
     return 0

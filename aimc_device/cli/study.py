@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from ._types import FRACTION, LEVELS, POSITIVE_INT, SEED, add_device_option
+from ._types import FRACTION, LEVELS, POSITIVE_INT, SEED, WORKLOAD_NAMES, add_device_option
 
 _FORCE_HELP = ("replace result files in --out even when they hold another kind of file (a "
                "measurement campaign, a device card, ...); an input is never replaced")
 
 def _common(p: argparse.ArgumentParser, out_default: str) -> None:
-    p.add_argument("--workload", choices=("cnn", "deepcnn", "lstm", "transformer"),
+    p.add_argument("--workload", choices=WORKLOAD_NAMES,
                    default="cnn")
     add_device_option(p, None, aliases=("--device-model",))
     p.add_argument("--out", default=out_default, metavar="DIR",
