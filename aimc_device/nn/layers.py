@@ -30,7 +30,7 @@ from torch import nn
 
 from ..crossbar import CrossbarConfig
 from ..crossbar.mvm import analog_conv, conv_channel_split
-from .tile import AnalogTile, require_tensor
+from .tile import AnalogTile, grouped_operands, require_tensor
 
 __all__ = ["AnalogLinear", "AnalogConv1d", "AnalogConv2d", "AnalogConvTranspose1d",
            "AnalogConvTranspose2d", "AnalogLSTM", "AnalogGRU", "AnalogMultiheadAttention",
@@ -146,9 +146,13 @@ class _AnalogConvNd(AnalogLayer):
     """Convolution as an analog MVM of its image patches.
 
     groups = 1: one :class:`AnalogTile` whose crossbar tiles hold whole input channels. groups
-    > 1 (grouped and depthwise convolutions): one such layer per group in ``group_layers``,
-    each on its own tiles, and the digital bias here. A padding mode other than zeros, and
-    padding="same", pad the input digitally before the convolution.
+    > 1 (grouped and depthwise convolutions): each group on its own tiles, held by one such
+    layer per group in ``group_layers`` (its programming, drift and input ranges its own), and
+    the digital bias here; the forward pass reads all groups in one grouped analog convolution
+    (:func:`~aimc_device.crossbar.analog_conv` with ``groups``), or group by group where the
+    configuration needs the unfolded patches (per-vector noise or bound management, read
+    asymmetry). A padding mode other than zeros, and padding="same", pad the input digitally
+    before the convolution.
     """
 
     _dims = 2
@@ -211,11 +215,20 @@ class _AnalogConvNd(AnalogLayer):
                                                     *self.kernel_size)
 
     def input_absmax(self, x: torch.Tensor) -> torch.Tensor:
-        """abs-max of the inputs each tile sees, (n_tiles,): the max over its channel group."""
+        """abs-max of the inputs each tile sees, (n_tiles,): the max over its channel group
+        (groups = 1)."""
         if x.dim() == self._dims + 1:
             x = x.unsqueeze(0)
         return torch.stack([p.abs().amax() for p in torch.split(x.detach(),
                                                                  self.channel_sizes, dim=1)])
+
+    def tile_input_absmax(self, x: torch.Tensor) -> list:
+        """[(tile, abs-max of the inputs of each of its crossbar tiles)] for the layer's
+        :class:`AnalogTile` modules, from the layer's input x."""
+        if self.groups == 1:
+            return [(self.tile, self.input_absmax(x))]
+        parts = torch.split(x, self.in_channels // self.groups, dim=-self._dims - 1)
+        return [(layer.tile, layer.input_absmax(p)) for layer, p in zip(self.group_layers, parts)]
 
     @analog_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,14 +238,24 @@ class _AnalogConvNd(AnalogLayer):
             x = x.unsqueeze(0)
         if self._pre_pad is not None:
             x = F.pad(x, self._pre_pad, mode=self._pad_mode)
-        if self.groups == 1:
-            y = self._convolve(x)
-        else:
-            parts = torch.split(x, self.in_channels // self.groups, dim=1)
-            y = torch.cat([layer(p) for layer, p in zip(self.group_layers, parts)], dim=1)
-            if self.bias is not None:
-                y = y + self.bias.reshape(-1, *([1] * self._dims))
+        y = self._convolve(x) if self.groups == 1 else self._convolve_groups(x)
         return y.squeeze(0) if unbatched else y
+
+    def _convolve_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """The analog convolution of a batch, groups > 1, zero padding, bias included."""
+        first = self.group_layers[0]
+        ops = grouped_operands([g.tile for g in self.group_layers], x.device, x.dtype) \
+            if first._conv_path else None
+        if ops is not None:
+            return analog_conv(x, ops["w_tiles"], first.tile.cfg, ops["alpha"],
+                               ops["out_scale"], channel_sizes=first.channel_sizes,
+                               kernel_size=self.kernel_size, stride=self.stride,
+                               padding=self._conv_padding, dilation=self.dilation,
+                               groups=self.groups, generator=ops["generator"],
+                               zeta=ops["zeta"], bias=self.bias)
+        parts = torch.split(x, self.in_channels // self.groups, dim=1)
+        y = torch.cat([layer(p) for layer, p in zip(self.group_layers, parts)], dim=1)
+        return y if self.bias is None else y + self.bias.reshape(-1, *([1] * self._dims))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         """The analog convolution of a batch (groups = 1, zero padding), bias included."""

@@ -33,7 +33,7 @@ from ..crossbar.state import export_state, import_state
 from ..io import resolve_device_model
 from ..pcm.torch_ops import perturb_tensor
 
-__all__ = ["AnalogTile", "require_tensor"]
+__all__ = ["AnalogTile", "grouped_operands", "require_tensor"]
 
 
 def require_tensor(x, where: str, name: str = "input") -> None:
@@ -68,6 +68,31 @@ def _select_outputs(ops: dict, cols: slice) -> dict:
                 asymmetry=rows(ops["asymmetry"]),
                 zeta=rows(zeta) if isinstance(zeta, (list, tuple)) else
                 (None if zeta is None else zeta[cols]))
+
+
+def grouped_operands(tiles, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The operands of the tiles of a grouped convolution's groups (one :class:`AnalogTile`
+    per group, equal shapes) as :func:`~aimc_device.crossbar.analog_conv` takes them with
+    ``groups=len(tiles)``: crossbar tile k of every group stacked along the outputs, the input
+    ranges (n_tiles, groups), the digital factors (n_tiles, out); the per-MVM draws from the
+    first group's generator. None when a group's programmed array has read asymmetry (which
+    needs the unfolded patches).
+    """
+    ops = [t.operands(device, dtype) for t in tiles]
+    if any(o["asymmetry"] is not None for o in ops):
+        return None
+    n_tiles = len(ops[0]["w_tiles"])
+    zeta = None
+    if any(o["zeta"] is not None for o in ops):  # S-shaped ADC gains, per tile and column
+        def gains(o, k):
+            z = o["zeta"]
+            return z[k] if z is not None else torch.full(
+                (o["w_tiles"][k].shape[0],), tiles[0].cfg.mu_zeta, dtype=dtype, device=device)
+        zeta = [torch.cat([gains(o, k) for o in ops]) for k in range(n_tiles)]
+    return dict(w_tiles=[torch.cat([o["w_tiles"][k] for o in ops]) for k in range(n_tiles)],
+                alpha=torch.stack([o["alpha"] for o in ops], dim=1),
+                out_scale=torch.cat([o["out_scale"] for o in ops], dim=1),
+                generator=ops[0]["generator"], zeta=zeta)
 
 
 class AnalogTile(nn.Module):
