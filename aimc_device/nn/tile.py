@@ -236,10 +236,11 @@ class AnalogTile(nn.Module):
             self._cuda_gens[device] = gen
         return gen
 
-    def _noisy_weight(self) -> torch.Tensor:
-        """w~ plus device noise (docs/model.md section 8); the noise carries no gradient. Inside
-        :meth:`one_draw`, the first call draws and the later ones reuse that draw."""
-        w = self.weight
+    def _noisy_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """w~ in ``dtype`` plus device noise (docs/model.md section 8); the noise carries no
+        gradient. Inside :meth:`one_draw`, the first call draws and the later ones reuse that
+        draw."""
+        w = self.weight.to(dtype)
         if self.device_model is None or self.noise_scale == 0.0:
             return w
         held = self._held_draw
@@ -275,6 +276,7 @@ class AnalogTile(nn.Module):
     def operands(self, device: torch.device, dtype: torch.dtype) -> dict:
         """What the crossbar's MVM needs for the current mode (see the module docstring).
 
+        ``dtype``: that of the weights (the parameters are cast to it, with their gradient).
         Returns a dict with ``w_tiles`` (list of (out, in_k) normalised weights), ``out_scale``
         ((n_tiles, out) digital factor), ``alpha``, ``generator`` (per-MVM draws),
         ``asymmetry`` and ``zeta`` (programmed read asymmetry and S-ADC gains, or None).
@@ -282,7 +284,7 @@ class AnalogTile(nn.Module):
         ops = dict(alpha=self.alpha, generator=self._generator(device), asymmetry=None,
                    zeta=None)
         if self.training:
-            w = self._noisy_weight()
+            w = self._noisy_weight(dtype)
         elif self._array is not None:
             arr = self._array
             def moved(ts):
@@ -294,7 +296,7 @@ class AnalogTile(nn.Module):
                 ops["generator"] = arr.mvm_generator
             return ops
         else:
-            w = self.weight
+            w = self.weight.to(dtype)
         ops.update(w_tiles=list(torch.split(w, self.tile_sizes, dim=1)),
                    out_scale=self._digital_scale())
         return ops
@@ -348,9 +350,11 @@ class AnalogTile(nn.Module):
         return self._array is not None
 
     def _new_array(self) -> AnalogArray:
-        arr = AnalogArray(self.effective_weight().cpu(), self.cfg, device=self.device_model,
-                          tile_sizes=self.tile_sizes)
-        arr.input_range = self.alpha.detach().cpu()
+        w = self.effective_weight().cpu()
+        if w.dtype not in (torch.float32, torch.float64):  # a model cast to 16 bits
+            w = w.float()
+        arr = AnalogArray(w, self.cfg, device=self.device_model, tile_sizes=self.tile_sizes)
+        arr.input_range = self.alpha.detach().cpu().to(w.dtype)
         return arr
 
     def _save_state(self) -> None:
