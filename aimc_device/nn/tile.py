@@ -236,11 +236,11 @@ class AnalogTile(nn.Module):
             self._cuda_gens[device] = gen
         return gen
 
-    def _noisy_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """w~ in ``dtype`` plus device noise (docs/model.md section 8); the noise carries no
-        gradient. Inside :meth:`one_draw`, the first call draws and the later ones reuse that
-        draw."""
-        w = self.weight.to(dtype)
+    def _noisy_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """w~ in ``dtype`` (None: the parameter's) plus device noise (docs/model.md section 8);
+        the noise carries no gradient. Inside :meth:`one_draw`, the first call draws and the
+        later ones reuse that draw."""
+        w = self.weight if dtype is None else self.weight.to(dtype)
         if self.device_model is None or self.noise_scale == 0.0:
             return w
         held = self._held_draw
