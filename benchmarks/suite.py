@@ -4,7 +4,8 @@ floating-point module in the same process (interleaved timing blocks, median of 
 (a) ``nn.Linear``, in/out features in {128, 512, 2048}, rows (vectors) in {64, 1024, 8192}, as a
     2-d input (rows, in) and as a 3-d token input (8, rows / 8, in);
 (b) the convolutions of a ResNet-20-like CNN (3x3, 16-64 channels, 32x32 down to 8x8, with the
-    stride-2 transitions), its 1x1 shortcuts and depthwise 3x3 layers, batch 32;
+    stride-2 transitions), its 1x1 shortcuts, depthwise 3x3 layers and grouped 3x3 layers
+    (ResNeXt-like: 8 and 32 groups), batch 32;
 (c) whole networks: that CNN (batch 32 and 128), a 2-layer transformer encoder (d 256 and 512,
     sequence 64 and 256, batch 8) and a 2-layer LSTM (256 hidden, sequence 64, batch 32).
 
@@ -151,13 +152,14 @@ def conv_cases(quick: bool):
         (3, 16, 3, 1, 1, 32), (16, 16, 3, 1, 1, 32), (16, 32, 3, 2, 1, 32),
         (32, 32, 3, 1, 1, 16), (32, 64, 3, 2, 1, 16), (64, 64, 3, 1, 1, 8),
         (16, 32, 1, 2, 1, 32), (64, 64, 1, 1, 1, 8),  # 1x1
-        (32, 32, 3, 1, 32, 16), (64, 64, 3, 1, 64, 8),  # depthwise
+        (32, 32, 3, 1, 32, 16), (64, 64, 3, 1, 64, 16), (64, 64, 3, 1, 64, 8),  # depthwise
+        (64, 64, 3, 1, 8, 16), (128, 128, 3, 1, 32, 8),  # grouped (ResNeXt-like)
     ]
     if quick:
-        convs = convs[1:2] + convs[4:7] + convs[8:9]
+        convs = convs[1:2] + convs[4:7] + convs[8:10] + convs[11:12]
     for c_in, c_out, k, s, g, size in convs:
         rows_per_tile = min(c_in // g * k * k, 512)
-        kind = "depthwise " if g > 1 else ""
+        kind = "depthwise " if g == c_in else (f"grouped (g {g}) " if g > 1 else "")
         yield (f"{kind}Conv2d {c_in}->{c_out} {k}x{k}/{s}, {size}x{size}",
                lambda c_in=c_in, c_out=c_out, k=k, s=s, g=g: nn.Conv2d(
                    c_in, c_out, k, s, k // 2, groups=g), (b, c_in, size, size), rows_per_tile)

@@ -146,6 +146,88 @@ def test_fast_convolution_equals_reference_without_noise(seed, c_in, c_out, k, s
     _assert_close_up_to_adc_ties(y_fast, y_ref, cfg, (alpha[:, None] * scale).max(), 1e-9)
 
 
+def _grouped_conv(seed, groups, c_g, o_g, k, max_rows, dims=2):
+    """A grouped convolution's operands: x, tiles, alpha (n_tiles, groups), out_scale, bias,
+    keywords, and its full weight (out, c_g, *k)."""
+    g = _gen(seed)
+    k = (k,) * dims
+    n_k = math.prod(k)
+    sizes = crossbar.mvm.conv_channel_split(c_g, n_k, max(max_rows, n_k))
+    n_out = groups * o_g
+    w = torch.rand(n_out, c_g * n_k, generator=g, dtype=torch.float64) * 2 - 1
+    tiles = list(torch.split(w, [c * n_k for c in sizes], dim=1))
+    x = torch.randn(2, groups * c_g, *(7, 6)[:dims], generator=g, dtype=torch.float64) * 1.5
+    alpha = torch.rand(len(sizes), groups, generator=g, dtype=torch.float64) + 0.5
+    scale = torch.rand(len(sizes), n_out, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64)
+    kw = dict(channel_sizes=sizes, kernel_size=k, padding=tuple(v // 2 for v in k))
+    return x, tiles, alpha, scale, bias, kw, w.reshape(n_out, c_g, *k)
+
+
+@settings(PROPERTY, max_examples=6)
+@given(seed=st.integers(0, 2 ** 31), groups=st.integers(2, 4), c_g=st.integers(1, 4),
+       o_g=st.integers(1, 3), k=st.sampled_from([1, 3]), max_rows=st.sampled_from([9, 512]),
+       dims=st.sampled_from([1, 2]), cfg=_configs(noise=False))
+def test_grouped_convolution_equals_one_convolution_per_group(seed, groups, c_g, o_g, k,
+                                                              max_rows, dims, cfg):
+    # A grouped convolution holds each group on its own tiles: read at once (one call), it
+    # computes what one ungrouped analog convolution per group computes, on both backends,
+    # outputs and gradients (to x, the tiles and the per-(tile, group) input ranges).
+    x, tiles, alpha, scale, bias, kw, _ = _grouped_conv(seed, groups, c_g, o_g, k, max_rows,
+                                                        dims)
+    factor = (alpha.amax() * scale).max()
+    weights = torch.sin(torch.arange(2 * groups * o_g * 7 * 6, dtype=torch.float64))
+    results = {}
+    for name, options in (("fast", FAST), ("reference", REFERENCE)):
+        leaves = [t.clone().requires_grad_() for t in (x, alpha, *tiles)]
+        xl, al, tl = leaves[0], leaves[1], leaves[2:]
+        y = analog_conv(xl, tl, cfg, al, scale, groups=groups, bias=bias, options=options, **kw)
+        cols = [slice(g * o_g, (g + 1) * o_g) for g in range(groups)]
+        parts = [analog_conv(xl[:, g * c_g:(g + 1) * c_g], [t[cols[g]] for t in tl], cfg,
+                             al[:, g], scale[:, cols[g]], bias=bias[cols[g]], options=options,
+                             **kw) for g in range(groups)]
+        y_groups = torch.cat(parts, dim=1)
+        _assert_close_up_to_adc_ties(y.detach(), y_groups.detach(), cfg, factor, 1e-9)
+        w = weights[:y.numel()].reshape(y.shape)
+        results[name] = (y.detach(), torch.autograd.grad((y * w).sum(), leaves),
+                         torch.autograd.grad((y_groups * w).sum(), leaves))
+        if torch.equal(y, y_groups):
+            for a, b in zip(*results[name][1:]):
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    _assert_close_up_to_adc_ties(results["fast"][0], results["reference"][0], cfg, factor, 1e-9)
+    if torch.equal(results["fast"][0], results["reference"][0]):
+        for a, b in zip(results["fast"][1], results["reference"][1]):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("options", [FAST, REFERENCE], ids=["fast", "reference"])
+def test_grouped_convolution_ideal_is_torch_and_noise_per_tile(options):
+    # Ideal periphery: torch's grouped convolution. With noise (no ADC), the outputs minus the
+    # noiseless ones over f sqrt(sigma_out^2 + sigma_w0^2 sum_j |w~_ij| x~_j^2) (Eqs. 2, 14),
+    # the sum over the rows of each group's own tile, are N(0, 1) (KS).
+    groups, c_g, o_g = 3, 2, 2
+    x, tiles, alpha, scale, bias, kw, w = _grouped_conv(5, groups, c_g, o_g, 3, 512)
+    y = analog_conv(x, tiles, CrossbarConfig.ideal(), alpha, torch.ones_like(scale),
+                    groups=groups, bias=bias, options=options, **kw)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, bias, padding=1,
+                                                             groups=groups),
+                               rtol=1e-5, atol=1e-5)
+    cfg = CrossbarConfig(out_bits=None, out_bound=math.inf, ir_drop=0.0, w_noise=0.2)
+    clean = analog_conv(x, tiles, cfg.replace(out_noise=0.0, w_noise=0.0), alpha, scale,
+                        groups=groups, options=options, **kw)
+    a_in = alpha[0].repeat_interleave(c_g).reshape(1, -1, 1, 1)
+    xt = crossbar.periphery.quantize(x / a_in, cfg.inp_bits, cfg.inp_bound)
+    f = (alpha[0].repeat_interleave(o_g) * scale[0]).reshape(1, -1, 1, 1)
+    var = f ** 2 * (cfg.out_noise ** 2 + cfg.w_noise ** 2 * torch.nn.functional.conv2d(
+        xt * xt, w.abs(), padding=1, groups=groups))
+    gen = _gen(1)
+    z = torch.cat([((analog_conv(x, tiles, cfg, alpha, scale, groups=groups, generator=gen,
+                                 options=options, **kw) - clean) / var.sqrt()).reshape(-1)
+                   for _ in range(8)]).numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-4
+    assert z.std() == pytest.approx(1.0, abs=6 / math.sqrt(z.size))
+
+
 @pytest.mark.parametrize("options", [FAST, REFERENCE], ids=["fast", "reference"])
 @pytest.mark.parametrize("layer", ["linear", "conv"])
 def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
@@ -337,3 +338,119 @@ def test_new_layers_program_drift_and_round_trip_state_dict():
     anl.reseed(b, 3)
     assert all(t.is_programmed for t in anl.analog_tiles(b)) and len(anl.analog_tiles(b)) == 5
     torch.testing.assert_close(run(a), run(b), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------ grouped convolutions, one read
+def test_grouped_layer_reads_all_groups_at_once_as_one_layer_per_group_would():
+    # Each group keeps its own tiles (programming, drift, input ranges): read in one grouped
+    # call, the layer gives what its groups give one by one (noise off: to rounding; an ADC
+    # decision apart at most), in evaluation after programming and in a training step's
+    # gradients; init_input_ranges sets each group's range from that group's channels.
+    torch.manual_seed(11)
+    quiet = crossbar.CrossbarConfig(out_noise=0.0, w_noise=0.0, max_rows=16)
+    conv = nn.Conv2d(6, 4, 3, groups=2, padding=1)
+    a = anl.convert(conv, quiet, DEV, rng=0)
+    x = torch.randn(3, 6, 5, 5) * torch.linspace(0.5, 3.0, 6).reshape(6, 1, 1)
+    anl.init_input_ranges(a, [x])
+    alphas = torch.cat([layer.tile.alpha.detach() for layer in a.group_layers])
+    _close(alphas, x.abs().amax(dim=(0, 2, 3)))  # one tile per channel: its abs-max
+
+    def per_group(inp):
+        parts = torch.split(inp, 3, dim=1)
+        y = torch.cat([layer(p) for layer, p in zip(a.group_layers, parts)], dim=1)
+        return y + a.bias.reshape(-1, 1, 1)
+
+    a.train()
+    anl.set_noise_scale(a, 0.0)
+    for run in (a, per_group):
+        a.zero_grad()
+        run(x).square().sum().backward()
+        if run is a:
+            grads = [p.grad.clone() for p in a.parameters()]
+    _close(torch.cat([g.flatten() for g in grads]),
+           torch.cat([p.grad.flatten() for p in a.parameters()]), 1e-4)
+    anl.program(a, rng=1)
+    anl.drift(a, 3600.0, rng=2)
+    a.eval()
+    with torch.no_grad():
+        y, y_groups = a(x), per_group(x)
+    level = crossbar.periphery.quantizer_step(quiet.out_bits, quiet.out_bound)
+    diff = (y - y_groups).abs()
+    assert float((diff > 1e-5).float().mean()) <= 0.01 and float(diff.max()) < 2 * level * float(
+        max(t.alpha.detach().max() * t._array.out_scale.max() for t in a.analog_tiles()))
+    assert "group_layers.1.tile.prog_w" in a.state_dict() or any(  # one tile set per group
+        k.startswith("group_layers.1.tile.prog_") for k in a.state_dict())
+
+
+def test_grouped_layer_noise_matches_one_layer_per_group():
+    # With the standard model's noise, the grouped read and the group-by-group read have the
+    # same output distribution (KS on the outputs minus their noiseless values).
+    torch.manual_seed(12)
+    conv = nn.Conv2d(8, 8, 3, groups=8, padding=1)
+    a = anl.convert(conv, STD, DEV, rng=0)
+    anl.program(a, rng=1)
+    a.eval()
+    x = torch.randn(4, 8, 6, 6)
+    with torch.no_grad():
+        quiet = dict(out_noise=0.0, w_noise=0.0)
+        for t in a.analog_tiles():
+            t.cfg = t.cfg.replace(**quiet)
+        clean = a(x)
+        for t in a.analog_tiles():
+            t.cfg = STD
+        grouped = torch.cat([(a(x) - clean).flatten() for _ in range(3)])
+        parts = torch.split(x, 1, dim=1)
+        one_by_one = torch.cat([(torch.cat([g(p) for g, p in zip(a.group_layers, parts)], 1)
+                                 + a.bias.reshape(-1, 1, 1) - clean).flatten()
+                                for _ in range(3)])
+    assert stats.ks_2samp(grouped.numpy(), one_by_one.numpy()).pvalue > 1e-3
+    assert float(grouped.std()) > 0
+
+
+# ------------------------------------------------------------------- recurrent weights by name
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_recurrent_layers_expose_torch_weights_by_name(cls):
+    torch.manual_seed(13)
+    rnn = cls(5, 4, num_layers=2, bidirectional=True)
+    a = anl.convert(rnn, IDEAL).double()
+    assert a._flat_weights_names == rnn._flat_weights_names
+    for name in rnn._flat_weights_names:
+        mine = getattr(a, name)
+        assert mine.dtype == torch.float64 and mine.shape == getattr(rnn, name).shape, name
+        if name.startswith("weight") or cls is nn.GRU:
+            _close(mine, getattr(rnn, name).detach().double(), 1e-6)
+    for k in ("l0", "l1_reverse"):  # the LSTM adds its two biases in one digital vector
+        _close(getattr(a, f"bias_ih_{k}") + getattr(a, f"bias_hh_{k}"),
+               (getattr(rnn, f"bias_ih_{k}") + getattr(rnn, f"bias_hh_{k}")).detach().double())
+    assert [len(w) for w in a.all_weights] == [4] * 4
+    with pytest.raises(AttributeError):
+        a.weight_ih_l2
+
+
+# --------------------------------------------------------------------- whole-model casts
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_model_cast_as_a_whole_runs_analog_in_float32_or_64(dtype):
+    torch.manual_seed(14)
+    fp = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1, groups=2), nn.ReLU(), nn.Flatten(),
+                       nn.Linear(4 * 4 * 4, 3))
+    quiet = STD.replace(out_noise=0.0, w_noise=0.0)  # device noise, no per-MVM draws
+    a = anl.convert(fp, quiet, DEV, rng=0).to(dtype)
+    x = torch.randn(2, 2, 4, 4)
+    a.train()
+    out = a(x.to(dtype))
+    assert out.dtype == dtype
+    out.float().square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == dtype for p in a.parameters()
+               if p.requires_grad and p.grad is not None)
+    assert a[3].tile.weight.grad.abs().sum() > 0
+    anl.program(a, rng=1)
+    a.eval()
+    with torch.no_grad():
+        y = a(x.to(dtype))
+        ref = anl.convert(fp, quiet, DEV, rng=0).to(torch.float64 if dtype == torch.float64
+                                                    else torch.float32)
+        ref.load_state_dict(a.state_dict())
+        ref.eval()
+        y, y_ref = a(x.to(dtype)), ref(x.to(dtype).to(ref[0].weight.dtype))
+    assert y.dtype == dtype
+    _close(y.double(), y_ref.to(dtype).double(), 0)  # float32 (64) analog, then the cast

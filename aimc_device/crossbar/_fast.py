@@ -14,6 +14,7 @@ References
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -225,23 +226,26 @@ def one_channel_last(x: torch.Tensor) -> torch.Tensor:
     return x.as_strided(x.shape, (h * w, 1, w, 1))
 
 
-def _conv_tile_products(x4, w, conv4, cfg, options):
+def _conv_tile_products(x4, w, conv4, cfg, options, groups=1):
     """The four products of a convolution tile (Eqs. 2, 14, 15, 18) as convolutions, as the
     kernel's :class:`_K.Products`: W~ x~ (the signal), (W~ o P) x~, |W~| |x~|, |W~| x~^2.
 
-    x4 : (batch, C, H, W) channels-last inputs x~; w : (out, C * kh * kw) weights W~;
-    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial). The signal runs alone in the
-    working precision; one convolution takes x~ against W~ o P, and also |W~| when x~ >= 0
-    (inputs after a ReLU, where |x~| = x~); another takes |W~| against [|x~|; x~^2] stacked
-    along the batch (no grouped convolution: oneDNN's grouped kernels ran 3x slower in half the
-    calls here); both in bfloat16 under ``options.aux_bfloat16`` (float32 only).
+    x4 : (batch, C, H, W) channels-last inputs x~; w : (out, C / groups * kh * kw) weights W~;
+    conv4 : 2-d (kernel_size, stride, padding, dilation, spatial); groups : the tiles of a
+    grouped convolution read at once (:func:`~aimc_device.crossbar.analog_conv`). The signal
+    runs alone in the working precision; one convolution takes x~ against W~ o P, and also
+    |W~| when x~ >= 0 (inputs after a ReLU, where |x~| = x~; ungrouped only, as the two weight
+    sets stack along the outputs); another takes |W~| against [|x~|; x~^2] stacked along the
+    batch (not as the groups of one convolution: oneDNN's grouped kernels ran 3x slower in half
+    the calls here); both in bfloat16 under ``options.aux_bfloat16`` (float32 only).
     """
     ks, st, pd, dl, _ = conv4
     n_out = w.shape[0]
-    shape = (n_out, x4.shape[1], *ks)
-    conv2d = torch.nn.functional.conv2d
+    shape = (n_out, x4.shape[1] // groups, *ks)
+    conv2d = functools.partial(torch.nn.functional.conv2d, groups=groups)
     has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
-    nonneg = has_ir and bool(x4.min() >= 0)  # then |x~| = x~: one input for three products
+    nonneg = has_ir and groups == 1 and bool(x4.min() >= 0)  # then |x~| = x~: one input for
+    # three products
     adt = torch.bfloat16 if options.bfloat16_products and x4.dtype == torch.float32 else x4.dtype
 
     def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last
@@ -280,17 +284,19 @@ class ConvTileSTE(torch.autograd.Function):
     products are cheaper computed than read back from memory), else from oneDNN convolutions
     (:func:`_conv_tile_products`) read in place by :func:`_K.output_stage`.
 
-    ``x`` is the tile's input (batch, C, H, W) (or (batch, C, L)) and ``alpha`` its input range:
-    the DAC x~ = Q_in(x / alpha) (Eq. 5, straight-through inside its bound) runs here, so that
-    when x needs no gradient (a network's first layer) alpha's gradient through the DAC comes
-    from one weight-gradient call instead of the input gradient. ``w`` (out, C * kernel
-    elements); ``bias`` (out,) or None, added after the digital factor; returns the output
-    pixels as rows (batch * out_h * out_w, out), channels last.
+    ``x`` is the tile's input (batch, C, H, W) (or (batch, C, L)) and ``alpha`` its input range
+    (a scalar, or per channel (1, C, 1, 1) for the tiles of a grouped convolution): the DAC
+    x~ = Q_in(x / alpha) (Eq. 5, straight-through inside its bound) runs here, so that when x
+    needs no gradient (a network's first layer) alpha's gradient through the DAC comes from one
+    weight-gradient call instead of the input gradient. ``w`` (out, C / groups * kernel
+    elements); ``bias`` (out,) or None, added after the digital factor; ``conv``: kernel_size,
+    stride, padding, dilation, output size and groups. Returns the output pixels as rows
+    (batch * out_h * out_w, out), channels last.
     """
 
     @staticmethod
     def forward(ctx, x, alpha, w, factor, bias, cfg, options, conv, key):
-        kernel_size, stride, padding, dilation, spatial = conv
+        kernel_size, stride, padding, dilation, spatial, groups = conv
         with torch.no_grad():
             xs = x.detach() / alpha.detach()
             xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
@@ -298,7 +304,7 @@ class ConvTileSTE(torch.autograd.Function):
             x4, conv4 = xt.detach().unsqueeze(2), (
                 (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
         else:
-            x4, conv4 = xt.detach(), conv
+            x4, conv4 = xt.detach(), conv[:5]
         x4 = one_channel_last(x4.contiguous(memory_format=torch.channels_last))
         wd = w.detach().contiguous()
         n_out, n_rows = wd.shape
@@ -310,10 +316,12 @@ class ConvTileSTE(torch.autograd.Function):
             wabs = weight_form(wd, "abs").numpy()
             cw = _K.ConvWeights(wd.numpy(), weight_form(wd, "px").numpy() if has_ir else None,
                                 wabs if has_ir else None, wabs if has_st else None)
-            geom = np.array([v for part in conv4 for v in part], dtype=np.intp)
+            geom = np.array([v for part in conv4 for v in part] + [n_out // groups],
+                            dtype=np.intp)
             _K.conv_stage(x4.permute(0, 2, 3, 1).numpy(), geom, cw, stage, stb.outputs)
         else:
-            _K.output_stage(_conv_tile_products(x4, wd, conv4, cfg, options), stage, stb.outputs)
+            _K.output_stage(_conv_tile_products(x4, wd, conv4, cfg, options, groups), stage,
+                            stb.outputs)
         ctx.conv = conv
         ctx.dac_bound = cfg.inp_bound if math.isfinite(cfg.inp_bound) else None
         return stb.finish(ctx, factor, xt, xs, alpha, w)
@@ -323,37 +331,40 @@ class ConvTileSTE(torch.autograd.Function):
         q, factor, mask, xt, xs, alpha, w = ctx.saved_tensors
         grad_z, grad_f, grad_b = _stage_grads(ctx, grad, q, factor, mask,
                                               ctx.needs_input_grad[3], ctx.needs_input_grad[4])
-        kernel_size, stride, padding, dilation, spatial = ctx.conv
+        kernel_size, stride, padding, dilation, spatial, groups = ctx.conv
         need_x, need_a, need_w = ctx.needs_input_grad[:3]
         grad_x = grad_a = grad_w = None
         nones = (None, None, None, None)
         if not (need_x or need_a or need_w):
             return None, None, None, grad_f, grad_b, *nones
-        n_out, n_ch = w.shape[0], xt.shape[1]
+        n_out, n_ch = w.shape[0], xt.shape[1] // groups  # channels per group
         # rows (batch * spatial, out) -> (batch, out, *spatial) in channels-last memory
         g = grad_z.reshape(xt.shape[0], *spatial, n_out).movedim(-1, 1)
         # the DAC's straight-through rule (periphery.quantize): identity inside its bound
         inside = None if ctx.dac_bound is None else straight_through_mask(xs, ctx.dac_bound)
         v = xs if inside is None else xs * inside
-        conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride), 1)
+        conv_args = (list(stride), list(padding), list(dilation), False, [0] * len(stride),
+                     groups)
         w4 = w.reshape(n_out, n_ch, *kernel_size)
         if need_x:  # the full input gradient: x~ = Q(x / alpha)
             grad_xt, grad_w, _ = torch.ops.aten.convolution_backward(
                 g, one_channel_last(xt), w4, None, *conv_args, [True, need_w, False])
             grad_x = (grad_xt if inside is None else grad_xt * inside) / alpha
             if need_a:  # d x~ / d alpha = -(x / alpha^2) inside the bound
-                grad_a = -(grad_xt * v).sum() / alpha
+                grad_a = -(grad_xt * v).sum_to_size(alpha.shape) / alpha
         else:
             # Only alpha needs the DAC's gradient: sum(grad_x~ * v) = <W~, dL/dW~ with input v>
             # (the adjoint of the convolution), one weight-gradient call on [x~, v] stacked as
-            # channels instead of the (for one channel, 7x dearer) input gradient.
-            inp = torch.cat([xt, v], 1) if need_a else xt
+            # channels of each group instead of the (for one channel, 7x dearer) input gradient.
+            inp = torch.cat([xt.unflatten(1, (groups, n_ch)), v.unflatten(1, (groups, n_ch))],
+                            2).flatten(1, 2) if need_a else xt
             inp = inp.contiguous(memory_format=torch.channels_last) if inp.dim() == 4 else inp
             w_in = torch.cat([w4, w4], 1) if need_a else w4
             _, gw, _ = torch.ops.aten.convolution_backward(
                 g, one_channel_last(inp), w_in, None, *conv_args, [False, True, False])
             grad_w = gw[:, :n_ch] if need_w else None
-            if need_a:
-                grad_a = -(gw[:, n_ch:] * w4).sum() / alpha
+            if need_a:  # per input channel: its group's output rows and the kernel
+                per = (gw[:, n_ch:] * w4).flatten(2).sum(2).unflatten(0, (groups, -1)).sum(1)
+                grad_a = -(per.sum() if alpha.dim() == 0 else per.reshape(alpha.shape)) / alpha
         grad_w = None if grad_w is None or not need_w else grad_w.reshape(w.shape)
         return grad_x, grad_a, grad_w, grad_f, grad_b, *nones

@@ -277,19 +277,20 @@ def _gather_patches(r0, r1, x, geom, pt):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True)
-def _conv_products(npx, pt, w, wpx, wabs, wsq, prod):  # pragma: no cover - via tests
+def _conv_products(npx, pt, w, wpx, wabs, wsq, prod, cols_per_group):  # pragma: no cover
     """prod[k, i, :npx] for k = W~ x~, (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14;
-    0 for a switched-off term) from the patches pt (rows, P): pixels along the vector, four tile
-    rows per pass (each pass reads and writes its accumulators once for four rows), then the
-    rows left over."""
+    0 for a switched-off term) from the patches pt (groups * rows, P): pixels along the vector,
+    four tile rows per pass (each pass reads and writes its accumulators once for four rows),
+    then the rows left over. Column i reads the patch rows of its group, i // cols_per_group."""
     n_rows, nc = w.shape[1], w.shape[0]
     prod[:, :, :npx] = 0.0
     for i in range(nc):
         z, px, ab, sq = prod[0, i], prod[1, i], prod[2, i], prod[3, i]
+        g = (i // cols_per_group) * n_rows
         j = 0
         while j < n_rows:
             if j + 4 <= n_rows:
-                t0, t1, t2, t3 = pt[j], pt[j + 1], pt[j + 2], pt[j + 3]
+                t0, t1, t2, t3 = pt[g + j], pt[g + j + 1], pt[g + j + 2], pt[g + j + 3]
                 a0, a1, a2, a3 = w[i, j], w[i, j + 1], w[i, j + 2], w[i, j + 3]
                 for p in range(npx):
                     z[p] += a0 * t0[p] + a1 * t1[p] + a2 * t2[p] + a3 * t3[p]
@@ -307,7 +308,7 @@ def _conv_products(npx, pt, w, wpx, wabs, wsq, prod):  # pragma: no cover - via 
                         sq[p] += c0 * v0 * v0 + c1 * v1 * v1 + c2 * v2 * v2 + c3 * v3 * v3
                 j += 4
             else:
-                t0 = pt[j]
+                t0 = pt[g + j]
                 a0 = w[i, j]
                 for p in range(npx):
                     z[p] += a0 * t0[p]
@@ -355,7 +356,7 @@ def _normals_by_column(key, r0, npx, nc, noise):  # pragma: no cover - via tests
 def _conv_stage(x, geom, cw, s, o):  # pragma: no cover - via tests
     """:func:`conv_stage`, blocks of output pixels in parallel."""
     n_px, nc = o.out.shape
-    n_rows = cw.w.shape[1]
+    n_rows = x.shape[3] * geom[0] * geom[1]  # the patch of every group
     per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
     for item in prange((n_px + per - 1) // per):
         r0 = item * per
@@ -364,7 +365,7 @@ def _conv_stage(x, geom, cw, s, o):  # pragma: no cover - via tests
         prod = np.empty((4, nc, per), dtype=o.out.dtype)
         noise = np.empty((nc, per), dtype=o.out.dtype)
         _gather_patches(r0, r0 + npx, x, geom, pt)
-        _conv_products(npx, pt, cw.w, cw.wpx, cw.wabs, cw.wsq, prod)
+        _conv_products(npx, pt, cw.w, cw.wpx, cw.wabs, cw.wsq, prod, geom[10])
         if s.noisy:
             _normals_by_column(s.key, r0, npx, nc, noise)
         else:
@@ -384,8 +385,9 @@ def conv_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
     |W~| x~^2, then the output stage of :func:`output_stage` on them (Eqs. 1, 2, 5, 14-16).
 
     x : (batch, height, width, channels) C order, normalised inputs x~ (units of ``s.unit``)
-    geom : intp (10,), kernel height and width, strides, paddings, dilations, output height and
-        width
+    geom : intp (11,), kernel height and width, strides, paddings, dilations, output height and
+        width, and the output columns per group (a grouped convolution's tiles read at once:
+        column i reads the channels of group i // geom[10], in C / groups equal parts)
     o.out : (batch * out_h * out_w, cols), the output pixels in C order, channels last
     The draws are those of :func:`output_stage` (element index pixel * cols + col): the same key
     gives the numbers of the output stage applied to the products computed as convolutions.

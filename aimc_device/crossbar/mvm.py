@@ -185,8 +185,9 @@ class _ChannelsLast(torch.autograd.Function):
 
 
 def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, *,
-                channel_sizes, kernel_size, stride=1, padding=0, dilation=1, generator=None,
-                zeta=None, bias=None, options: EngineOptions | None = None) -> torch.Tensor:
+                channel_sizes, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                generator=None, zeta=None, bias=None, options: EngineOptions | None = None
+                ) -> torch.Tensor:
     """Analog convolution: the analog MVM of every image patch, computed as convolutions.
 
     Mathematically the same as :func:`analog_mvm` on the unfolded patches (im2col) with tiles
@@ -194,15 +195,27 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     x~^2, (W~ o P) against x~) is one convolution, so that no patch matrix is built and the
     backward pass of hardware-aware training is that of a convolution.
 
+    A grouped convolution (``groups`` = G > 1; depthwise for G = channels) keeps each group on
+    its own crossbar tiles: group g's matrix (out / G, C / G * kernel elements) is cut into
+    tiles of whole channels as a convolution of C / G channels would be, and no tile holds two
+    groups. The G tiles that hold the same channel part of every group form one entry of
+    ``w_tiles``, read at once as one grouped convolution; their input ranges are
+    ``alpha[k, g]``, and every term (signal, IR drop, noise variance) is a sum over one
+    physical tile's rows.
+
     Parameters
     ----------
     x : torch.Tensor (batch, C, *spatial), real inputs (unit of the layer's input)
-    w_tiles : list of torch.Tensor (out, c_k * prod(kernel_size)), normalised weights per tile
+    w_tiles : list of torch.Tensor (out, c_k * prod(kernel_size)), normalised weights per tile;
+        with groups, rows g * out / G to (g + 1) * out / G are group g's tile
     cfg : CrossbarConfig (noise_management "none", bound_management "none")
-    alpha : torch.Tensor (n_tiles,), input range per tile
+    alpha : torch.Tensor (n_tiles,), input range per tile; with groups (n_tiles, G), per tile
+        and group
     out_scale : torch.Tensor (n_tiles, out), digital factor per tile and column
-    channel_sizes : list of int, input channels per tile (:func:`conv_channel_split`)
+    channel_sizes : list of int, input channels per tile (of one group: summing to C / G;
+        :func:`conv_channel_split`)
     kernel_size, stride, padding, dilation : int or tuple (one entry per spatial dimension)
+    groups : int, the convolution's groups G (C and out divisible by G)
     generator : torch.Generator or None, per-MVM draws
     zeta : S-shaped ADC gains, as in :func:`analog_mvm`
     bias : torch.Tensor (out,) or None, the layer's digital bias (added once)
@@ -211,6 +224,12 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     Returns
     -------
     torch.Tensor (batch, out, *spatial_out)
+
+    Raises
+    ------
+    ValueError
+        On management modes that act per input vector, and on shapes that do not fit together,
+        naming the argument.
     """
     if cfg.noise_management != "none" or cfg.bound_management != "none":
         raise ValueError("analog_conv: noise and bound management act per input vector; use "
@@ -227,47 +246,70 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
         x = _ChannelsLast.apply(x) if x.requires_grad else x.contiguous(
             memory_format=torch.channels_last)
         x = _fast.one_channel_last(x)
-    alpha = _as_tensor(alpha, w0).reshape(-1)
+    alpha = _as_tensor(alpha, w0).reshape(len(w_tiles), groups)
     out_scale = _as_tensor(out_scale, w0)
-    if sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
-        raise ValueError(f"x: {x.shape[1]} channels; the tiles hold {list(channel_sizes)}")
+    if groups * sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
+        raise ValueError(f"x: {x.shape[1]} channels; the tiles hold {list(channel_sizes)} "
+                         f"channels of each of {groups} groups")
+    if n_out % groups:
+        raise ValueError(f"w_tiles: {n_out} outputs do not split into groups={groups}")
     options = options or current_options()
     fast = _fast_backend(x, cfg, None, options) and dims <= 2
     grad = _needs_grad(x, alpha, out_scale, *w_tiles)
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s_ + 1 for size, k, s_, p, d in
                zip(x.shape[2:], kernel_size, stride, padding, dilation)]
+    bcast = (1, -1) + (1,) * dims  # a per-channel factor against (batch, C, *spatial)
     out = None
     c0 = 0
     for k, (w, ck) in enumerate(zip(w_tiles, channel_sizes)):
-        xk = x[:, c0:c0 + ck]
+        xk = _group_channels(x, groups, c0, ck)
         c0 += ck
-        if fast:  # the bias in the first tile's output stage
-            geometry = (kernel_size, stride, padding, dilation, spatial)
-            yk = _fast.ConvTileSTE.apply(xk, alpha[k], w, alpha[k] * out_scale[k],
-                                         bias if k == 0 else None, cfg, options, geometry,
-                                         _fast.stage_key(generator))
+        # the input range of each group's tile, per input channel and per output column
+        a_in = alpha[k, 0] if groups == 1 else alpha[k].repeat_interleave(ck).reshape(bcast)
+        a_out = alpha[k, 0] if groups == 1 else alpha[k].repeat_interleave(n_out // groups)
+        if fast:
+            geometry = (kernel_size, stride, padding, dilation, spatial, groups)
+            yk = _fast.ConvTileSTE.apply(xk, a_in, w, a_out * out_scale[k], None, cfg, options,
+                                         geometry, _fast.stage_key(generator))
         else:
             shape = (n_out, ck, *kernel_size)
 
             def prod(inp, wt, shape=shape):  # the tile's product as a convolution, (rows, out)
                 if dims == 2:
                     inp = _fast.one_channel_last(inp)
-                y = conv(inp, wt.reshape(shape), None, stride, padding, dilation)
+                y = conv(inp, wt.reshape(shape), None, stride, padding, dilation, groups)
                 return y.movedim(1, -1).reshape(-1, n_out)
 
-            yk = _reference_tile(xk, w, cfg, alpha[k], out_scale[k], generator, None,
-                                 _tile_item(zeta, k), prod)
+            yk = _reference_tile(xk, w, cfg, a_in, out_scale[k], generator, None,
+                                 _tile_item(zeta, k), prod, a_out)
         out = yk if out is None else (out + yk if grad else out.add_(yk))
-    if bias is not None and not fast:
+    if bias is not None:  # after the stage: with a bias the Numba stage ran 8x slower
         out = out + bias
     return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
 
 
+def _group_channels(x: torch.Tensor, groups: int, c0: int, ck: int) -> torch.Tensor:
+    """Channels c0 to c0 + ck of every group of x (batch, C, *spatial), group after group."""
+    if groups == 1:
+        return x[:, c0:c0 + ck]
+    per = x.shape[1] // groups
+    if ck == per:
+        return x
+    idx = (torch.arange(groups, device=x.device)[:, None] * per
+           + torch.arange(c0, c0 + ck, device=x.device)).reshape(-1)
+    xk = x.index_select(1, idx)
+    return xk.contiguous(memory_format=torch.channels_last) if xk.dim() == 4 else xk
+
+
 # ------------------------------------------------------------------------ the reference
-def _reference_tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, prod=_F):
+def _reference_tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, prod=_F, alpha_out=None):
     """One tile, torch reference: a out_scale Q_out(pre-ADC(Q_in(x / a))) (Eqs. 1, 5), with
     a = alpha, or the abs-max of each input vector under ``noise_management="abs_max"``; under
-    iterative bound management the inputs of saturated vectors are halved and read again."""
+    iterative bound management the inputs of saturated vectors are halved and read again.
+
+    ``alpha_out``: the input range as it multiplies each output column, where ``alpha_k``
+    differs per input (the tiles of a grouped convolution, see :func:`analog_conv`); None:
+    alpha_k."""
     a = alpha_k
     if cfg.noise_management == "abs_max":
         a = xk.detach().abs().amax(dim=1, keepdim=True)
@@ -284,7 +326,8 @@ def _reference_tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, prod=_F):
             idx = sat.nonzero()[:, 0]
             z_new = _pre_adc(xk[idx] / a[idx], w, cfg, gen, asym, zeta, prod)
             z = z.index_put((idx,), z_new) if grad else z.index_put_((idx,), z_new)
-    return quantize(z, cfg.out_bits, cfg.out_bound) * (a * scale_k)  # Eq. 1, ADC of Eq. 5
+    a_out = a if alpha_out is None else alpha_out
+    return quantize(z, cfg.out_bits, cfg.out_bound) * (a_out * scale_k)  # Eq. 1, ADC of Eq. 5
 
 
 def _pre_adc(xs, w, cfg, gen, asym, zeta, prod=_F):

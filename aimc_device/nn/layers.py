@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import re
 from types import SimpleNamespace
 
 import numpy as np
@@ -30,7 +31,7 @@ from torch import nn
 
 from ..crossbar import CrossbarConfig
 from ..crossbar.mvm import analog_conv, conv_channel_split
-from .tile import AnalogTile, require_tensor
+from .tile import AnalogTile, grouped_operands, require_tensor
 
 __all__ = ["AnalogLinear", "AnalogConv1d", "AnalogConv2d", "AnalogConvTranspose1d",
            "AnalogConvTranspose2d", "AnalogLSTM", "AnalogGRU", "AnalogMultiheadAttention",
@@ -46,6 +47,9 @@ def _cast_floats(obj, dtype: torch.dtype):
     return obj
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def analog_forward(forward):
     """Decorator of an analog layer's ``forward``: kept out of ``torch.compile`` graphs, and
     autocast-aware.
@@ -54,21 +58,30 @@ def analog_forward(forward):
       layer runs eagerly between the compiled parts of the model, and its own state (noise
       scale, programmed arrays, generators) places no guards, so nothing recompiles per step.
     - ``torch.autocast``: the analog MVM runs with autocast off, on inputs cast to the layer's
-      own dtype (float32 or float64, the precisions the crossbar engine computes in), and the
-      floating-point outputs come back in the autocast dtype (bfloat16 or float16), as those of
-      the torch layer would. Gradients pass through the casts.
+      compute dtype (float32 or float64, the precisions the crossbar engine computes in), and
+      the floating-point outputs come back in the autocast dtype (bfloat16 or float16), as
+      those of the torch layer would. Gradients pass through the casts.
+    - a model cast as a whole to 16 bits (``.half()``, ``.to(torch.bfloat16)``): the same, the
+      analog MVM in float32 and the outputs in the input's dtype.
     """
     @functools.wraps(forward)
     def run(self, *args, **kwargs):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is None or not torch.is_autocast_enabled(first.device.type):
+        if first is None:
             return forward(self, *args, **kwargs)
         kind = first.device.type
+        own = self.parameter_dtype()
+        if torch.is_autocast_enabled(kind):
+            out_dtype = torch.get_autocast_dtype(kind)
+        elif first.dtype in _HALF or own in _HALF:
+            out_dtype = first.dtype
+        else:
+            return forward(self, *args, **kwargs)
         dtype = self.compute_dtype()
         with torch.autocast(kind, enabled=False):
             out = forward(self, *_cast_floats(args, dtype),
                           **{k: _cast_floats(v, dtype) for k, v in kwargs.items()})
-        return _cast_floats(out, torch.get_autocast_dtype(kind))
+        return _cast_floats(out, out_dtype)
 
     return torch.compiler.disable(run)
 
@@ -79,9 +92,15 @@ class AnalogLayer(nn.Module):
     def analog_tiles(self):
         return [m for m in self.modules() if isinstance(m, AnalogTile)]
 
+    def parameter_dtype(self) -> torch.dtype:
+        """The dtype of the layer's parameters (a module cast casts them all)."""
+        return next(self.parameters()).dtype
+
     def compute_dtype(self) -> torch.dtype:
-        """The dtype of the analog computation: that of the layer's tiles."""
-        return self.analog_tiles()[0].weight.dtype
+        """The dtype of the analog computation: that of the layer's parameters, or float32 for
+        a layer cast to a 16-bit type."""
+        dtype = self.parameter_dtype()
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
     @contextlib.contextmanager
     def one_draw(self):
@@ -146,9 +165,13 @@ class _AnalogConvNd(AnalogLayer):
     """Convolution as an analog MVM of its image patches.
 
     groups = 1: one :class:`AnalogTile` whose crossbar tiles hold whole input channels. groups
-    > 1 (grouped and depthwise convolutions): one such layer per group in ``group_layers``,
-    each on its own tiles, and the digital bias here. A padding mode other than zeros, and
-    padding="same", pad the input digitally before the convolution.
+    > 1 (grouped and depthwise convolutions): each group on its own tiles, held by one such
+    layer per group in ``group_layers`` (its programming, drift and input ranges its own), and
+    the digital bias here; the forward pass reads all groups in one grouped analog convolution
+    (:func:`~aimc_device.crossbar.analog_conv` with ``groups``), or group by group where the
+    configuration needs the unfolded patches (per-vector noise or bound management, read
+    asymmetry). A padding mode other than zeros, and padding="same", pad the input digitally
+    before the convolution.
     """
 
     _dims = 2
@@ -211,11 +234,20 @@ class _AnalogConvNd(AnalogLayer):
                                                     *self.kernel_size)
 
     def input_absmax(self, x: torch.Tensor) -> torch.Tensor:
-        """abs-max of the inputs each tile sees, (n_tiles,): the max over its channel group."""
+        """abs-max of the inputs each tile sees, (n_tiles,): the max over its channel group
+        (groups = 1)."""
         if x.dim() == self._dims + 1:
             x = x.unsqueeze(0)
         return torch.stack([p.abs().amax() for p in torch.split(x.detach(),
                                                                  self.channel_sizes, dim=1)])
+
+    def tile_input_absmax(self, x: torch.Tensor) -> list:
+        """[(tile, abs-max of the inputs of each of its crossbar tiles)] for the layer's
+        :class:`AnalogTile` modules, from the layer's input x."""
+        if self.groups == 1:
+            return [(self.tile, self.input_absmax(x))]
+        parts = torch.split(x, self.in_channels // self.groups, dim=-self._dims - 1)
+        return [(layer.tile, layer.input_absmax(p)) for layer, p in zip(self.group_layers, parts)]
 
     @analog_forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -225,14 +257,24 @@ class _AnalogConvNd(AnalogLayer):
             x = x.unsqueeze(0)
         if self._pre_pad is not None:
             x = F.pad(x, self._pre_pad, mode=self._pad_mode)
-        if self.groups == 1:
-            y = self._convolve(x)
-        else:
-            parts = torch.split(x, self.in_channels // self.groups, dim=1)
-            y = torch.cat([layer(p) for layer, p in zip(self.group_layers, parts)], dim=1)
-            if self.bias is not None:
-                y = y + self.bias.reshape(-1, *([1] * self._dims))
+        y = self._convolve(x) if self.groups == 1 else self._convolve_groups(x)
         return y.squeeze(0) if unbatched else y
+
+    def _convolve_groups(self, x: torch.Tensor) -> torch.Tensor:
+        """The analog convolution of a batch, groups > 1, zero padding, bias included."""
+        first = self.group_layers[0]
+        ops = grouped_operands([g.tile for g in self.group_layers], x.device, x.dtype) \
+            if first._conv_path else None
+        if ops is not None:
+            return analog_conv(x, ops["w_tiles"], first.tile.cfg, ops["alpha"],
+                               ops["out_scale"], channel_sizes=first.channel_sizes,
+                               kernel_size=self.kernel_size, stride=self.stride,
+                               padding=self._conv_padding, dilation=self.dilation,
+                               groups=self.groups, generator=ops["generator"],
+                               zeta=ops["zeta"], bias=self.bias)
+        parts = torch.split(x, self.in_channels // self.groups, dim=1)
+        y = torch.cat([layer(p) for layer, p in zip(self.group_layers, parts)], dim=1)
+        return y if self.bias is None else y + self.bias.reshape(-1, *([1] * self._dims))
 
     def _convolve(self, x: torch.Tensor) -> torch.Tensor:
         """The analog convolution of a batch (groups = 1, zero padding), bias included."""
@@ -362,10 +404,19 @@ class AnalogConvTranspose1d(_AnalogConvTransposeNd):
     _conv_cls = AnalogConv1d
 
 
+_RNN_WEIGHT = re.compile(r"(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)(_reverse)?")
+
+
 class _AnalogRNN(AnalogLayer):
     """Shared driver of the analog recurrent layers: layers, directions, batch_first, dropout,
     unbatched inputs, and one weight-noise draw per call (docs/model.md sec. 8: one draw per
-    mini-batch, while the tiles are read once per time step)."""
+    mini-batch, while the tiles are read once per time step).
+
+    Model code reads the torch layer's weights by name: ``weight_ih_l{k}``, ``weight_hh_l{k}``
+    (the effective weights the tiles represent, clean, in torch's shape, dtype and device;
+    read-only), ``bias_ih_l{k}``, ``bias_hh_l{k}`` (``_reverse`` for the second direction),
+    ``all_weights`` and ``_flat_weights_names``.
+    """
 
     _n_state = 1  # tensors in the recurrent state: (h,) or (h, c)
 
@@ -380,6 +431,36 @@ class _AnalogRNN(AnalogLayer):
     def from_digital(cls, module, cfg, device=None, rng=None):
         p = next(module.parameters())
         return cls(module, cfg, device, rng).to(p.device, p.dtype)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            found = _RNN_WEIGHT.fullmatch(name)
+            if found is None:
+                raise
+        kind, layer, reverse = found.group(1), int(found.group(2)), bool(found.group(3))
+        if layer >= self.num_layers or (reverse and not self.bidirectional):
+            raise AttributeError(f"{type(self).__name__} has no attribute {name!r} "
+                                 f"(num_layers={self.num_layers}, "
+                                 f"bidirectional={self.bidirectional})")
+        k = 2 * layer + int(reverse) if self.bidirectional else layer
+        return self._torch_weight(kind, k, layer)
+
+    @property
+    def _flat_weights_names(self) -> list[str]:
+        """The names of torch's weights, in torch's order (readable attributes here)."""
+        dirs = ("", "_reverse") if self.bidirectional else ("",)
+        kinds = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if self.has_bias else ())
+        return [f"{kind}_l{layer}{sfx}" for layer in range(self.num_layers) for sfx in dirs
+                for kind in kinds]
+
+    @property
+    def all_weights(self) -> list[list[torch.Tensor]]:
+        """torch's weights per layer and direction, [[w_ih, w_hh(, b_ih, b_hh)], ...]."""
+        names = self._flat_weights_names
+        per = 4 if self.has_bias else 2
+        return [[getattr(self, n) for n in names[i:i + per]] for i in range(0, len(names), per)]
 
     @staticmethod
     def _digital_weights(rnn: nn.Module, layer: int, d: int):
@@ -457,6 +538,19 @@ class AnalogLSTM(_AnalogRNN):
                 if lstm.bias:
                     self.biases.append(nn.Parameter((b_ih + b_hh).clone()))
 
+    def _torch_weight(self, kind: str, k: int, layer: int):
+        """torch's weight ``kind`` of layer and direction k. The tile holds [W_ih, W_hh]; one
+        digital vector holds b_ih + b_hh: bias_ih is that sum and bias_hh zero (the gates see
+        the same sum as torch's)."""
+        if kind.startswith("weight"):
+            n_in = self.input_size if layer == 0 else self.hidden_size * (
+                2 if self.bidirectional else 1)
+            w = self.cells[k].effective_weight()
+            return w[:, :n_in] if kind == "weight_ih" else w[:, n_in:]
+        if not self.has_bias:
+            raise AttributeError(f"{type(self).__name__} with bias=False has no {kind}")
+        return self.biases[k] if kind == "bias_ih" else torch.zeros_like(self.biases[k])
+
     def _run_direction(self, k: int, x: torch.Tensor, state, reverse: bool):
         h, c = state
         tile = self.cells[k]
@@ -504,6 +598,14 @@ class AnalogGRU(_AnalogRNN):
                 if gru.bias:
                     self.bias_ih.append(nn.Parameter(b_ih.clone()))
                     self.bias_hh.append(nn.Parameter(b_hh.clone()))
+
+    def _torch_weight(self, kind: str, k: int, layer: int):
+        """torch's weight ``kind`` of layer and direction k."""
+        if kind.startswith("weight"):
+            return (self.ih if kind == "weight_ih" else self.hh)[k].effective_weight()
+        if not self.has_bias:
+            raise AttributeError(f"{type(self).__name__} with bias=False has no {kind}")
+        return (self.bias_ih if kind == "bias_ih" else self.bias_hh)[k]
 
     def _run_direction(self, k: int, x: torch.Tensor, state, reverse: bool):
         (h,) = state

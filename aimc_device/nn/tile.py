@@ -33,7 +33,7 @@ from ..crossbar.state import export_state, import_state
 from ..io import resolve_device_model
 from ..pcm.torch_ops import perturb_tensor
 
-__all__ = ["AnalogTile", "require_tensor"]
+__all__ = ["AnalogTile", "grouped_operands", "require_tensor"]
 
 
 def require_tensor(x, where: str, name: str = "input") -> None:
@@ -68,6 +68,31 @@ def _select_outputs(ops: dict, cols: slice) -> dict:
                 asymmetry=rows(ops["asymmetry"]),
                 zeta=rows(zeta) if isinstance(zeta, (list, tuple)) else
                 (None if zeta is None else zeta[cols]))
+
+
+def grouped_operands(tiles, device: torch.device, dtype: torch.dtype) -> dict | None:
+    """The operands of the tiles of a grouped convolution's groups (one :class:`AnalogTile`
+    per group, equal shapes) as :func:`~aimc_device.crossbar.analog_conv` takes them with
+    ``groups=len(tiles)``: crossbar tile k of every group stacked along the outputs, the input
+    ranges (n_tiles, groups), the digital factors (n_tiles, out); the per-MVM draws from the
+    first group's generator. None when a group's programmed array has read asymmetry (which
+    needs the unfolded patches).
+    """
+    ops = [t.operands(device, dtype) for t in tiles]
+    if any(o["asymmetry"] is not None for o in ops):
+        return None
+    n_tiles = len(ops[0]["w_tiles"])
+    zeta = None
+    if any(o["zeta"] is not None for o in ops):  # S-shaped ADC gains, per tile and column
+        def gains(o, k):
+            z = o["zeta"]
+            return z[k] if z is not None else torch.full(
+                (o["w_tiles"][k].shape[0],), tiles[0].cfg.mu_zeta, dtype=dtype, device=device)
+        zeta = [torch.cat([gains(o, k) for o in ops]) for k in range(n_tiles)]
+    return dict(w_tiles=[torch.cat([o["w_tiles"][k] for o in ops]) for k in range(n_tiles)],
+                alpha=torch.stack([o["alpha"] for o in ops], dim=1),
+                out_scale=torch.cat([o["out_scale"] for o in ops], dim=1),
+                generator=ops[0]["generator"], zeta=zeta)
 
 
 class AnalogTile(nn.Module):
@@ -211,10 +236,11 @@ class AnalogTile(nn.Module):
             self._cuda_gens[device] = gen
         return gen
 
-    def _noisy_weight(self) -> torch.Tensor:
-        """w~ plus device noise (docs/model.md section 8); the noise carries no gradient. Inside
-        :meth:`one_draw`, the first call draws and the later ones reuse that draw."""
-        w = self.weight
+    def _noisy_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """w~ in ``dtype`` (None: the parameter's) plus device noise (docs/model.md section 8);
+        the noise carries no gradient. Inside :meth:`one_draw`, the first call draws and the
+        later ones reuse that draw."""
+        w = self.weight if dtype is None else self.weight.to(dtype)
         if self.device_model is None or self.noise_scale == 0.0:
             return w
         held = self._held_draw
@@ -250,6 +276,7 @@ class AnalogTile(nn.Module):
     def operands(self, device: torch.device, dtype: torch.dtype) -> dict:
         """What the crossbar's MVM needs for the current mode (see the module docstring).
 
+        ``dtype``: that of the weights (the parameters are cast to it, with their gradient).
         Returns a dict with ``w_tiles`` (list of (out, in_k) normalised weights), ``out_scale``
         ((n_tiles, out) digital factor), ``alpha``, ``generator`` (per-MVM draws),
         ``asymmetry`` and ``zeta`` (programmed read asymmetry and S-ADC gains, or None).
@@ -257,7 +284,7 @@ class AnalogTile(nn.Module):
         ops = dict(alpha=self.alpha, generator=self._generator(device), asymmetry=None,
                    zeta=None)
         if self.training:
-            w = self._noisy_weight()
+            w = self._noisy_weight(dtype)
         elif self._array is not None:
             arr = self._array
             def moved(ts):
@@ -269,7 +296,7 @@ class AnalogTile(nn.Module):
                 ops["generator"] = arr.mvm_generator
             return ops
         else:
-            w = self.weight
+            w = self.weight.to(dtype)
         ops.update(w_tiles=list(torch.split(w, self.tile_sizes, dim=1)),
                    out_scale=self._digital_scale())
         return ops
@@ -323,9 +350,11 @@ class AnalogTile(nn.Module):
         return self._array is not None
 
     def _new_array(self) -> AnalogArray:
-        arr = AnalogArray(self.effective_weight().cpu(), self.cfg, device=self.device_model,
-                          tile_sizes=self.tile_sizes)
-        arr.input_range = self.alpha.detach().cpu()
+        w = self.effective_weight().cpu()
+        if w.dtype not in (torch.float32, torch.float64):  # a model cast to 16 bits
+            w = w.float()
+        arr = AnalogArray(w, self.cfg, device=self.device_model, tile_sizes=self.tile_sizes)
+        arr.input_range = self.alpha.detach().cpu().to(w.dtype)
         return arr
 
     def _save_state(self) -> None:

@@ -216,23 +216,25 @@ def init_input_ranges(model: nn.Module, batches, cap: float = 10.0,
     sums: dict[AnalogTile, torch.Tensor] = {}
     counts: dict[AnalogTile, int] = {}
 
-    # Observe the inputs where the tile's input vectors are formed: at the tile itself, or at a
-    # convolution, whose tiles see the channel groups of its input image.
-    observers = {}
-    for m in model.modules():
-        if isinstance(m, AnalogTile) and m not in observers:
-            observers[m] = m
-        elif hasattr(m, "input_absmax") and hasattr(m, "channel_sizes"):
-            observers[m.tile] = m
+    # Observe the inputs where the tile's input vectors are formed: at the tile itself, or at
+    # the outermost convolution that holds it, whose tiles see the channel groups of its input
+    # image (of each group's part of it in a grouped convolution).
+    observed_by = {}
+    for m in model.modules():  # outer modules come first
+        if hasattr(m, "tile_input_absmax"):
+            for t in m.analog_tiles():
+                observed_by.setdefault(t, m)
+        elif isinstance(m, AnalogTile):
+            observed_by.setdefault(m, m)
 
-    def make_hook(tile: AnalogTile):
-        def hook(module, args):
-            m = module.input_absmax(args[0]).cpu()
-            sums[tile] = sums.get(tile, 0) + m
+    def hook(module, args):
+        found = module.tile_input_absmax(args[0]) if hasattr(module, "tile_input_absmax") \
+            else [(module, module.input_absmax(args[0]))]
+        for tile, m in found:
+            sums[tile] = sums.get(tile, 0) + m.cpu()
             counts[tile] = counts.get(tile, 0) + 1
-        return hook
 
-    handles = [obs.register_forward_pre_hook(make_hook(t)) for t, obs in observers.items()]
+    handles = [obs.register_forward_pre_hook(hook) for obs in set(observed_by.values())]
     was_training = model.training
     model.eval()
     saved = [t._array for t in tiles]
