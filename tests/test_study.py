@@ -199,6 +199,26 @@ def test_cli_study_lstm_quick_and_device_card(tmp_path, capsys):
                  "--out", STUDY_DIR]) == 2
 
 
+def test_quick_checkpoints_carry_the_resolved_quick_settings(tmp_path, monkeypatch):
+    # A quick folder made with other quick settings is not resumed into another model.
+    from aimc_device import workloads
+
+    class Stop(Exception):
+        pass
+
+    def stop(phase, epoch):
+        raise Stop
+
+    names = []
+    for width in (8, 6):
+        monkeypatch.setitem(workloads.QUICK, "cnn", {**workloads.QUICK["cnn"], "width": width})
+        with pytest.raises(Stop):
+            study.prepare_models("cnn", out_dir=tmp_path, quick=True, progress=False,
+                                 on_epoch_end=stop)
+        names.append(set(os.listdir(tmp_path / "checkpoints")))
+    assert len(names[0]) == 1 and len(names[1]) == 2  # a second FP checkpoint, not a resume
+
+
 def test_checkpoint_atomic_and_settings_guard(tmp_path):
     path = tmp_path / "ck.pt"
     atomic_save({"epoch": 1, "settings": json.dumps({"a": 1})}, path)

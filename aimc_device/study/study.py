@@ -28,7 +28,7 @@ from .. import nn as ann
 from .._checks import check_bool, check_int
 from ..crossbar import CrossbarConfig
 from ..io import model_to_dict, resolve_device_model
-from ..workloads import Workload, epoch_seed, get_workload, scoped_seed
+from ..workloads import QUICK, Workload, epoch_seed, get_workload, scoped_seed
 from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
 from ._tasks import ModelSpec, evaluate_task
@@ -229,6 +229,9 @@ def prepare_models(workload: str | Workload = "cnn", device=None, cfg: CrossbarC
     digital = tuple(wl.digital_layers if digital_layers is None else digital_layers)
     fp_settings = {"workload": wl_name, "workload_kwargs": wl_kwargs, "seed": int(seed),
                    "epochs": wl.epochs, "package_version": __version__}
+    if wl.quick:  # the values the quick settings resolved to, not only the flag
+        fp_settings["quick_settings"] = {k: getattr(wl, k)
+                                         for k in sorted(QUICK.get(wl_name, {}))}
     hwa_settings = {**fp_settings, "cfg": cfg.to_dict(), "device": model_to_dict(dev),
                     "hwa": asdict(hwa), "hwa_epochs": int(hwa_epochs), "hwa_lr": float(hwa_lr),
                     "distill": bool(distill), "digital": list(digital),
