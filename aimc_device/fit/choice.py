@@ -46,7 +46,7 @@ from scipy import stats
 from .. import pcm
 from .._checks import check_float, check_int
 from ..io import DeviceExclusion, device_chunk_reader, resolve_device_model
-from ..io.measurements import default_chunk_devices
+from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
 from ..pcm import PCMModel
 from . import _empirical_kernels as EK
 from ._stats import FIT_CHUNK_BYTES, FitError, campaign_temperatures
@@ -304,18 +304,20 @@ def _holdout_sample(ds: xr.Dataset, exclusion: DeviceExclusion, per_level: int, 
     hashes of (seed, index)), read in one pass; and their indices."""
     n = ds.sizes["device"]
     g_max = float(ds.attrs["g_max"])
-    g_target = np.asarray(ds["g_target"].values)
-    valid = (np.asarray(ds["valid"].values, dtype=bool) if "valid" in ds
-             else np.ones(n, bool))
-    use = DeviceExclusion(ranges=exclusion.ranges).codes(0, None, g_max, valid) == 0
     key = np.uint64(np.random.SeedSequence([int(seed), 1]).generate_state(1, np.uint64)[0])
-    h = EK.device_hashes(key, n)
-    cand = np.flatnonzero(use)
-    _, level = np.unique(g_target[cand], return_inverse=True)
-    order = np.lexsort((h[cand], level))
-    lev_sorted = level[order]
-    rank = np.arange(order.size) - np.searchsorted(lev_sorted, lev_sorted, side="left")
-    idx = np.sort(cand[order[rank < per_level]])
+    levels = target_levels(ds, chunk_devices)
+    heaps = EK.bottom_k_state(levels.size, per_level)
+    ranges = DeviceExclusion(ranges=exclusion.ranges)
+    read_target = device_chunk_reader(ds, "g_target")
+    read_valid = device_chunk_reader(ds, "valid") if "valid" in ds else None
+    for start in range(0, n, VECTOR_CHUNK_DEVICES):  # smallest hashes per level, by chunks
+        stop = min(n, start + VECTOR_CHUNK_DEVICES)
+        gt = np.ascontiguousarray(read_target(start, stop))
+        valid = (np.ones(stop - start, bool) if read_valid is None
+                 else np.asarray(read_valid(start, stop), dtype=bool))
+        use = ranges.codes(start, None, g_max, valid) == 0
+        EK.bottom_k_add(gt, start, levels, use, key, *heaps)
+    idx = np.sort(heaps[1][heaps[1] >= 0])
     rules = dataclasses.replace(exclusion, ranges=())
     read = device_chunk_reader(ds)
     read_t = device_chunk_reader(ds, "read_time") if "read_time" in ds else None

@@ -49,7 +49,7 @@ __all__ = [
     "default_chunk_devices",
     "ReadCounts", "read_counts", "DeviceExclusion", "ExclusionRecord", "has_v2_features",
     "field_name", "EXCLUSION_REASONS", "check_conductances", "check_read_times", "check_campaign",
-    "root_quantity",
+    "root_quantity", "target_levels", "VECTOR_CHUNK_DEVICES",
 ]
 
 SCHEMA = "aimc-device/pcm-campaign"
@@ -329,11 +329,17 @@ class _H5Slice:
     read, so several threads read and compute at once, and nothing is copied twice.
     """
 
-    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0, layout=None):
+    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0, layout=None,
+                 file_dtype=None, convert=None):
         self.path, self.name = path, name
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
         self.factor = factor
-        self.layout = layout
+        # raw reads only when the file holds the values as they are served
+        same = file_dtype is None or np.dtype(file_dtype) == self.dtype
+        self.layout = layout if same and convert is None else None
+        self.convert = convert  # file values -> served values (e.g. /valid 0/1 -> bool)
+        self.checked = False  # values checked when the file was opened
+        self.levels = None  # the distinct values (g_target), found when the file was opened
 
     def _unreadable(self, exc: OSError) -> MeasurementFormatError:
         return MeasurementFormatError(self.path, self.name, f"cannot read the data ({exc})",
@@ -345,14 +351,16 @@ class _H5Slice:
                 out = f[self.name][key]
         except OSError as exc:
             raise self._unreadable(exc) from None
+        if self.convert is not None:
+            return self.convert(out)
         if self.factor != 1.0:
-            out = _to_si(out, self.factor).astype(self.dtype, copy=False)
-        return out
+            out = _to_si(out, self.factor)
+        return np.asarray(out).astype(self.dtype, copy=False)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         """Rows ``start:stop`` [SI] into the first rows of ``out`` (reused memory, no copy)."""
         view = out[:stop - start]
-        if self.factor != 1.0:
+        if self.factor != 1.0 or self.convert is not None:
             view[...] = self[start:stop]
             return view
         if self.layout is None:
@@ -481,7 +489,6 @@ def read_measurements(path, chunk_devices: int | None = None,
         fg = _unit_factor(path, "/g", f["g"].attrs.get("units"), CONDUCTANCE_UNITS)
         ft = _unit_factor(path, "/time", f["time"].attrs.get("units"), TIME_UNITS)
         try:
-            g_target = _to_si(f["g_target"][()], fg_t)
             per_device = f["time"].ndim == 2
             time = (_median_times(path, f, n, ft) if per_device
                     else _to_si(f["time"][()].astype(np.float64), ft))
@@ -494,7 +501,7 @@ def read_measurements(path, chunk_devices: int | None = None,
                                                  "read time: the interval that ends with it")
                 temperature = _to_kelvin(path, "/temperature", d[()], d.attrs.get("units"))
             if "valid" in f:
-                valid = _valid_mask(path, f["valid"], n)
+                valid = _valid_source(path, f["valid"], n)
         except OSError as exc:
             raise MeasurementFormatError(path, "/g_target", f"cannot read the data ({exc})",
                                          "the file is truncated or damaged") from None
@@ -502,8 +509,9 @@ def read_measurements(path, chunk_devices: int | None = None,
         layout = _raw_layout(f["g"])
         tshape, tdtype = f["time"].shape, f["time"].dtype
         tlayout = _raw_layout(f["time"]) if per_device else None
-    check_conductances(path, "/g_target", g_target)
-    _check_targets(path, "/g_target", g_target, g_max)
+        target_src = _H5Slice(path, "g_target", (n,), gdtype, fg_t, _raw_layout(f["g_target"]),
+                              file_dtype=f["g_target"].dtype)
+    _scan_targets(target_src, g_max)
     _check_time(path, "/time", time)
     n_rep = gshape[2]
     if chunk_devices is None:
@@ -517,9 +525,18 @@ def read_measurements(path, chunk_devices: int | None = None,
     g = da.from_array(src, chunks=(chunk_devices, t_n, n_rep), lock=False, asarray=True,
                       name=f"aimc-g-{key}", meta=np.empty((0, 0, 0), gdtype))
     _LAZY_SOURCES[g.name] = src
+    # g_target and valid stream like g (one number per device: larger chunks)
+    vector_chunk = int(min(n, max(chunk_devices, VECTOR_CHUNK_DEVICES)))
+    gt = da.from_array(target_src, chunks=(vector_chunk,), lock=False, asarray=True,
+                       name=f"aimc-gt-{key}", meta=np.empty((0,), gdtype))
+    _LAZY_SOURCES[gt.name] = target_src
+    if valid is not None:
+        valid_src = valid
+        valid = da.from_array(valid_src, chunks=(vector_chunk,), lock=False, asarray=True,
+                              name=f"aimc-valid-{key}", meta=np.empty((0,), bool))
+        _LAZY_SOURCES[valid.name] = valid_src
     data_vars = {
-        "g_target": (("device",), g_target.astype(gdtype, copy=False),
-                     {"units": "S", "long_name": "target conductance"}),
+        "g_target": (("device",), gt, {"units": "S", "long_name": "target conductance"}),
         "g": (("device", "time", "repeat"), g,
               {"units": "S", "long_name": "conductance read after programming (NaN: not read)"}),
     }
@@ -561,18 +578,87 @@ def read_measurements(path, chunk_devices: int | None = None,
     return ds
 
 
-def _valid_mask(path, d: h5py.Dataset, n: int) -> np.ndarray:
-    """``/valid`` (N,) bool or 0/1 integers -> bool."""
+#: Devices per chunk of the per-device vectors (``g_target``, ``valid``) when scanned alone.
+VECTOR_CHUNK_DEVICES = 2**22
+#: Most distinct targets :func:`target_levels` keeps while scanning (beyond: no levels).
+_MAX_LEVELS = 2**20
+
+
+def _valid_source(path, d: h5py.Dataset, n: int) -> "_H5Slice":
+    """``/valid`` (N,) bool or 0/1 integers as a lazy bool source, checked chunk by chunk now."""
     if d.shape != (n,):
         raise MeasurementFormatError(path, "/valid", f"wrong shape {d.shape}: expected (N={n},)",
                                      "one flag per device")
-    v = d[()]
-    if v.dtype != np.bool_:
-        if not np.issubdtype(v.dtype, np.integer) or not np.isin(v, (0, 1)).all():
-            raise MeasurementFormatError(path, "/valid", f"values of dtype {v.dtype} that are "
-                                         "not 0/1", "store bool or 0 (drop) / 1 (keep)")
-        v = v.astype(bool)
-    return v
+    dtype = d.dtype
+
+    def to_bool(v):
+        v = np.asarray(v)
+        if v.dtype != np.bool_:
+            if not np.issubdtype(v.dtype, np.integer) or not np.isin(v, (0, 1)).all():
+                raise MeasurementFormatError(path, "/valid", f"values of dtype {dtype} that are "
+                                             "not 0/1", "store bool or 0 (drop) / 1 (keep)")
+            v = v != 0
+        return v
+
+    if dtype != np.bool_ and not np.issubdtype(dtype, np.integer):
+        to_bool(np.zeros(1, dtype))  # raises naming the dtype
+    src = _H5Slice(path, "valid", (n,), bool, convert=to_bool)
+    if dtype != np.bool_:
+        for start in range(0, n, VECTOR_CHUNK_DEVICES):
+            src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+    src.checked = True
+    return src
+
+
+def _run_heads(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``values`` (NaN dropped): the first value of each run of
+    equal values, then np.unique of those (fast when equal targets are stored together)."""
+    if values.size == 0:
+        return values
+    heads = values[np.concatenate([[True], values[1:] != values[:-1]])]
+    return np.unique(heads[~np.isnan(heads)])
+
+
+def _scan_targets(src: "_H5Slice", g_max: float) -> None:
+    """Check ``/g_target`` chunk by chunk (finite, >= 0, <= g_max) and note its distinct
+    values on ``src`` (None when there are more than _MAX_LEVELS)."""
+    n = src.shape[0]
+    top = 0.0
+    levels = np.zeros(0, src.dtype)
+    for start in range(0, n, VECTOR_CHUNK_DEVICES):
+        chunk = src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+        check_conductances(src.path, "/g_target", chunk, offset=start)
+        top = max(top, float(chunk.max()) if chunk.size else 0.0)
+        if levels is not None:
+            levels = np.union1d(levels, _run_heads(chunk))
+            if levels.size > _MAX_LEVELS:
+                levels = None
+    _check_targets(src.path, "/g_target", np.array([top]), g_max)
+    src.levels, src.checked = levels, True
+
+
+def target_levels(ds: xr.Dataset, chunk_devices: int | None = None) -> np.ndarray:
+    """The sorted distinct targets [S] of a campaign (NaN excluded), in ``g_target``'s dtype.
+
+    For a Dataset from :func:`read_measurements` they were found when the file was opened;
+    otherwise ``g_target`` is scanned chunk by chunk (memory independent of the devices).
+    """
+    src = _LAZY_SOURCES.get(getattr(ds["g_target"].data, "name", None))
+    if src is not None and src.levels is not None:
+        return src.levels.copy()
+    n = ds.sizes["device"]
+    read = device_chunk_reader(ds, "g_target")
+    step = max(VECTOR_CHUNK_DEVICES, int(chunk_devices or 0))
+    levels = np.zeros(0, ds["g_target"].dtype)
+    for start in range(0, n, step):
+        levels = np.union1d(levels, _run_heads(np.asarray(read(start, min(n, start + step)))))
+    return levels
+
+
+def _checked_source(ds: xr.Dataset, name: str) -> bool:
+    """True when ``ds[name]`` streams from a file whose values were checked when opened."""
+    src = _LAZY_SOURCES.get(getattr(ds[name].data, "name", None))
+    return src is not None and src.checked
 
 
 def _check_targets(path, field: str, g_target: np.ndarray, g_max: float) -> None:
@@ -628,9 +714,13 @@ def check_campaign(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
     g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
     root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
     root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False)
-    g_target = np.asarray(ds["g_target"].values)
-    check_conductances(where, "g_target", g_target)
-    _check_targets(where, "g_target", g_target * factors["g_target"], g_max)
+    if not _checked_source(ds, "g_target"):  # chunk by chunk: memory independent of N
+        n = ds.sizes["device"]
+        read = device_chunk_reader(ds, "g_target")
+        for start in range(0, n, VECTOR_CHUNK_DEVICES):
+            g_target = np.asarray(read(start, min(n, start + VECTOR_CHUNK_DEVICES)))
+            check_conductances(where, "g_target", g_target, offset=start)
+            _check_targets(where, "g_target", g_target * factors["g_target"], g_max)
     _check_time(where, "time", np.asarray(ds["time"].values, dtype=np.float64))
     return factors, dict(ds.attrs)
 
@@ -651,7 +741,7 @@ def has_v2_features(ds: xr.Dataset) -> bool:
 
 def device_chunk_reader(ds: xr.Dataset, name: str = "g"):
     """A function ``read(start, stop, out=None) -> ndarray`` giving ``ds[name][start:stop]``
-    (``g`` [S] by default; ``read_time`` [s] also streams).
+    (``g`` [S] by default; ``read_time`` [s], ``g_target`` [S] and ``valid`` also stream).
 
     For a Dataset straight from :func:`read_measurements` it reads the file with h5py directly
     (no dask scheduling per chunk; safe to call from several threads), into ``out`` when given
@@ -802,7 +892,15 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                 continue
             if isinstance(value, (str, bool, int, float, np.generic)):
                 f.attrs[key] = value
-        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values), track_times=False)
+        vectors = {"g_target": ds["g_target"].dtype}
+        if "valid" in ds:
+            vectors["valid"] = bool
+        for name, dtype in vectors.items():  # chunk by chunk: memory independent of N
+            vset = f.create_dataset(name, shape=(n,), dtype=dtype, track_times=False)
+            read_v = device_chunk_reader(ds, name)
+            for start in range(0, n, VECTOR_CHUNK_DEVICES):
+                stop = min(n, start + VECTOR_CHUNK_DEVICES)
+                vset[start:stop] = np.asarray(read_v(start, stop), dtype=dtype)
         f["g_target"].attrs["units"] = ds["g_target"].attrs["units"]
         nominal = np.asarray(ds["time"].values, dtype=np.float64)
         if per_device:
@@ -819,9 +917,6 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                              data=np.asarray(ds["temperature"].values, dtype=np.float64),
                              track_times=False)
             f["temperature"].attrs["units"] = "K"
-        if "valid" in ds:
-            f.create_dataset("valid", data=np.asarray(ds["valid"].values, dtype=bool),
-                             track_times=False)
         hchunk = min(chunk_devices, default_chunk_devices(t_n, n_rep, gdtype.itemsize,
                                                           2**20))
         dset = f.create_dataset("g", shape=(n, t_n, n_rep), dtype=gdtype,
@@ -915,8 +1010,12 @@ def read_counts(ds: xr.Dataset, chunk_devices: int | None = None) -> ReadCounts:
         if read_t is not None:
             check_read_times(where, field_name(ds, "read_time"),
                               np.asarray(read_t(start, stop), dtype=np.float64), start)
-    invalid = (np.flatnonzero(~np.asarray(ds["valid"].values)) if "valid" in ds
-               else np.zeros(0, np.int64))
+    invalid = np.zeros(0, np.int64)
+    if "valid" in ds:
+        read_v = device_chunk_reader(ds, "valid")
+        step = VECTOR_CHUNK_DEVICES
+        invalid = np.concatenate([np.flatnonzero(~np.asarray(read_v(a, min(n, a + step)))) + a
+                                  for a in range(0, n, step)])
     return ReadCounts(per_device, per_time, np.concatenate(dead) if dead else np.zeros(0, int),
                       invalid, int(n * t_n * ds.sizes["repeat"]))
 
