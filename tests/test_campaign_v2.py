@@ -297,6 +297,29 @@ def test_exclusion_rules_on_reads():
     assert rec.mask(110)[[101, 102, 103, 104, 105, 107]].all() and rec.mask(110).sum() == 6
 
 
+def test_exclusion_record_counts_exactly_and_keeps_few_runs(monkeypatch):
+    # the record's memory does not grow with the file: beyond MAX_RUNS runs per reason only
+    # counts are kept; counts and the number of runs stay exact for any chunking
+    from aimc_device.io import measurements
+
+    monkeypatch.setattr(measurements, "MAX_RUNS", 5)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        codes = (rng.random(300) < 0.3) * rng.integers(1, 3, 300)
+        cuts = np.r_[0, np.sort(rng.choice(np.arange(1, 300), 6, replace=False)), 300]
+        rec = io.ExclusionRecord()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            rec.add(int(a), codes[a:b].astype(np.uint8))
+        for code, reason in io.measurements.EXCLUSION_REASONS.items():
+            idx = np.flatnonzero(codes == code)
+            runs = 0 if idx.size == 0 else 1 + int(np.sum(np.diff(idx) != 1))
+            assert rec.counts()[reason] == idx.size
+            assert len(rec.runs[reason]) == min(runs, 5)
+            assert len(rec.runs[reason]) + rec.runs_left_out[reason] == runs
+    with pytest.raises(ValueError, match="only the first are kept"):
+        rec.mask(300)
+
+
 def test_exclude_in_fit_report_and_card(tmp_path, capsys):
     faulty = PRESET.replace(stuck_at_gmax=0.01)
     ds = pcm.simulate_campaign(faulty, 6, 200, times=(1.0, 10.0, 100.0, 1000.0), repeats=2,

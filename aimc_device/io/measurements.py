@@ -1169,14 +1169,24 @@ class _nan_warnings_off:
         return self._ctx.__exit__(*exc)
 
 
+#: Runs of dropped devices an ExclusionRecord keeps per reason (beyond: counted only, so that
+#: its memory does not grow with the file).
+MAX_RUNS = 4096
+
+
 @dataclass
 class ExclusionRecord:
-    """Which devices were dropped and why, as runs of indices per reason.
+    """Which devices were dropped and why: counts per reason, and the first MAX_RUNS runs of
+    indices per reason.
 
     Add each chunk's codes (:meth:`DeviceExclusion.codes`) in chunk order with :meth:`add`.
     """
 
     runs: dict = field(default_factory=lambda: {r: [] for r in EXCLUSION_REASONS.values()})
+    n_dropped: dict = field(default_factory=lambda: {r: 0 for r in EXCLUSION_REASONS.values()})
+    runs_left_out: dict = field(
+        default_factory=lambda: {r: 0 for r in EXCLUSION_REASONS.values()})
+    _last_end: dict = field(default_factory=dict, repr=False)
 
     def add(self, start: int, codes: np.ndarray) -> None:
         """Record a chunk's reason codes; ``start`` is its first device."""
@@ -1186,19 +1196,31 @@ class ExclusionRecord:
             idx = np.flatnonzero(codes == code)
             if idx.size == 0:
                 continue
+            self.n_dropped[reason] += int(idx.size)
             brk = np.flatnonzero(np.diff(idx) != 1)
             firsts = np.concatenate([[idx[0]], idx[brk + 1]]) + start
             lasts = np.concatenate([idx[brk], [idx[-1]]]) + start + 1
             runs = self.runs[reason]
-            for a, b in zip(firsts.tolist(), lasts.tolist()):
-                if runs and runs[-1][1] == a:
-                    runs[-1][1] = b
-                else:
-                    runs.append([a, b])
+            if self.runs_left_out[reason]:  # no more runs kept: count the new ones
+                joins = int(firsts[0] == self._last_end.get(reason, -1))
+                self.runs_left_out[reason] += firsts.size - joins
+            else:
+                for a, b in zip(firsts.tolist(), lasts.tolist()):
+                    if runs and runs[-1][1] == a:
+                        runs[-1][1] = b
+                    elif len(runs) < MAX_RUNS:
+                        runs.append([a, b])
+                    else:
+                        self.runs_left_out[reason] += 1
+                        self._last_end[reason] = b
+                        break_at = int(np.searchsorted(firsts, a)) + 1
+                        self.runs_left_out[reason] += firsts.size - break_at
+                        break
+            self._last_end[reason] = int(lasts[-1])
 
     def counts(self) -> dict:
         """reason -> devices dropped for it."""
-        return {r: int(sum(b - a for a, b in runs)) for r, runs in self.runs.items()}
+        return dict(self.n_dropped)
 
     @property
     def n_excluded(self) -> int:
@@ -1208,12 +1230,22 @@ class ExclusionRecord:
         """The devices dropped for ``reason`` as index ranges ("0-9,17"), shortened."""
         runs = self.runs[reason]
         text = ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs[:max_runs])
-        if len(runs) > max_runs:
-            text += f",... ({len(runs) - max_runs} more ranges)"
+        more = len(runs) - min(len(runs), max_runs) + self.runs_left_out[reason]
+        if more:
+            text += f",... ({more} more ranges)"
         return text
 
     def mask(self, n: int) -> np.ndarray:
-        """(n,) bool, True for every device dropped."""
+        """(n,) bool, True for every device dropped.
+
+        Raises
+        ------
+        ValueError
+            When more than MAX_RUNS runs of a reason were dropped (only the first are kept).
+        """
+        if any(self.runs_left_out.values()):
+            raise ValueError(f"ExclusionRecord.mask: more than {MAX_RUNS} runs of dropped "
+                             "devices for one reason; only the first are kept")
         out = np.zeros(n, bool)
         for runs in self.runs.values():
             for a, b in runs:
