@@ -159,7 +159,8 @@ def model_reads(model, g_target: np.ndarray, t_nodes: np.ndarray, seed: int,
 
 
 def read_log_likelihood(model, g_target: np.ndarray, g: np.ndarray, t_nodes: np.ndarray,
-                        g_max: float, *, seed: int = 0, draws: int = 8, sims=None):
+                        g_max: float, *, seed: int = 0, draws: int = 8, sims=None,
+                        sims_targets=None):
     """ln L per level and time of reads under a model's predictive density (module docstring).
 
     Parameters
@@ -168,7 +169,9 @@ def read_log_likelihood(model, g_target: np.ndarray, g: np.ndarray, t_nodes: np.
     g_target : (n,) targets [S]; g : (n, T) one read per device and time [S], NaN: not read
     t_nodes : (T,) times [s]; g_max : float [S]
     seed, draws : the model's reads for the Normal (families without quantile tables)
-    sims : (draws, n, T), optional, those reads when already drawn (:func:`model_reads`)
+    sims : (draws, n', T), optional, those reads when already drawn (:func:`model_reads`) at
+        targets ``sims_targets`` (n',) [S] (default ``g_target``); each level of g_target
+        must be among them
 
     Returns
     -------
@@ -181,23 +184,35 @@ def read_log_likelihood(model, g_target: np.ndarray, g: np.ndarray, t_nodes: np.
     if tables:
         probs = np.asarray(model.probs, dtype=np.float64)
         zn = special.ndtri(probs)
-    elif sims is None:
-        sims = model_reads(model, g_target, t_nodes, seed, draws)
-    for k, v in enumerate(levels):
+        # the table of every level at each time, in one call per time
+        q = np.stack([model.quantile_z(np.repeat(levels, zn.size), float(t),
+                                       np.tile(zn, levels.size)).reshape(levels.size, -1)
+                      for t in t_nodes], axis=1)
+        q = np.maximum.accumulate(q, axis=2)
+    else:
+        if sims is None:
+            sims, sims_targets = model_reads(model, g_target, t_nodes, seed, draws), g_target
+        elif sims_targets is None:
+            sims_targets = g_target
+        mu, sd = np.empty(shape), np.empty(shape)
+        for k, v in enumerate(levels):
+            s = sims[:, sims_targets == v, :]
+            if s.shape[1] == 0:
+                raise ValueError(f"read_log_likelihood: no model reads at the level {v:.6g} S")
+            s = s.transpose(2, 0, 1).reshape(t_nodes.size, -1)
+            mu[k], sd[k] = s.mean(axis=1), np.maximum(s.std(axis=1, ddof=1), MIN_WIDTH * g_max)
+    for k in range(levels.size):
         rows = lev == k
-        for m, t in enumerate(t_nodes):
+        for m in range(t_nodes.size):
             data = g[rows, m]
             data = data[np.isfinite(data)]
             cnt[k, m] = data.size
             if data.size == 0:
                 continue
             if tables:
-                q = np.maximum.accumulate(model.quantile_z(np.full(zn.size, v), float(t), zn))
-                ll[k, m] = table_log_density(data, q, probs, MIN_WIDTH * g_max).sum()
+                ll[k, m] = table_log_density(data, q[k, m], probs, MIN_WIDTH * g_max).sum()
             else:
-                s = sims[:, rows, m].ravel()
-                mu, sd = s.mean(), max(s.std(ddof=1), MIN_WIDTH * g_max)
-                ll[k, m] = np.sum(-0.5 * ((data - mu) / sd) ** 2 - np.log(sd)
+                ll[k, m] = np.sum(-0.5 * ((data - mu[k, m]) / sd[k, m]) ** 2 - np.log(sd[k, m])
                                   - 0.5 * np.log(2.0 * np.pi))
     return levels, ll, cnt
 
