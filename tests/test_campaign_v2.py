@@ -467,6 +467,21 @@ def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monk
     np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
 
 
+def test_float32_logs_leave_the_fit_unchanged_well_below_its_standard_errors(monkeypatch):
+    # lines_kernel takes ln(g / g_max) in float32 arithmetic (a polynomial, ~1 float32 rounding);
+    # general_kernel from np.log in float64: the fitted coefficients agree to < 1 % of their
+    # standard errors
+    ds = pcm.simulate_campaign(PRESET, 8, 150, times=NOMINAL[:6], repeats=1, rng=4,
+                               missing=0.05)
+    _, fast = fit.fit_pcm(ds, prior=PRESET)
+    monkeypatch.setattr(fit._stats, "MAX_PATTERN_TIMES", 0)  # every chunk: general_kernel
+    _, ref = fit.fit_pcm(ds, prior=PRESET)
+    for name, cf in ref.components.items():
+        ok = np.isfinite(cf.stderr)
+        diff = np.abs(fast.components[name].coeffs[ok] - cf.coeffs[ok])
+        assert np.all(diff < 0.01 * cf.stderr[ok]), name
+
+
 def test_lines_kernel_same_result_on_any_thread_count():
     ds = pcm.simulate_campaign(PRESET, 4, 500, times=NOMINAL[:6], repeats=1, rng=9, missing=0.1)
     one = fit.campaign_statistics(ds, chunk_devices=300, n_workers=1)

@@ -243,6 +243,8 @@ class _Workspace:
         self.lin4 = np.empty(4 * k, np.float32)
         self.gp = np.empty(k)
         self.keep = np.zeros(k, np.uint8)
+        self.gt = None  # g_target of a chunk (its dtype), allocated on first use
+        self.valid = np.empty(k, bool)
 
 
 def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
@@ -377,11 +379,13 @@ class _ChunkSource:
         self.gfield, self.tfield = field_name(ds, "g"), field_name(ds, "read_time")
 
     def reads(self, start: int, stop: int, out: np.ndarray | None = None,
-              keep_buffer: np.ndarray | None = None):
-        """(g [S] (n, T, R), reason codes (n,) uint8) of devices start:stop (values unchecked)."""
+              keep_buffer: np.ndarray | None = None, valid_buffer: np.ndarray | None = None):
+        """(g [S] (n, T, R), reason codes (n,) uint8) of devices start:stop (values unchecked);
+        ``out``, ``keep_buffer`` and ``valid_buffer`` are reused memory."""
         g = self.read_g(start, stop, out)
         if self.select:
-            valid = None if self.read_valid is None else np.asarray(self.read_valid(start, stop))
+            valid = (None if self.read_valid is None
+                     else np.asarray(self.read_valid(start, stop, valid_buffer)))
             codes = self.exclusion.codes(start, g, self.g_max, valid)
         elif keep_buffer is not None:
             codes = keep_buffer[:stop - start]
@@ -389,9 +393,9 @@ class _ChunkSource:
             codes = np.zeros(stop - start, np.uint8)
         return g, codes
 
-    def targets(self, start: int, stop: int) -> np.ndarray:
-        """g_target [S] of devices start:stop (float32 or float64)."""
-        gt = np.asarray(self.read_target(start, stop))
+    def targets(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """g_target [S] of devices start:stop (float32 or float64), into ``out`` if given."""
+        gt = np.asarray(self.read_target(start, stop, out))
         return gt if gt.dtype in (np.float32, np.float64) else gt.astype(np.float64)
 
     def check(self, start: int, g: np.ndarray) -> None:
@@ -564,8 +568,10 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         if not hasattr(local, "ws"):
             local.ws = _Workspace(min(n, chunk_devices), *shape, ds["g"].dtype, per_device)
         ws = local.ws
-        g, keep = src.reads(start, stop, ws.g, ws.keep)
-        g_target = src.targets(start, stop)
+        g, keep = src.reads(start, stop, ws.g, ws.keep, ws.valid)
+        if ws.gt is None:
+            ws.gt = np.empty(ws.k, ds["g_target"].dtype)
+        g_target = src.targets(start, stop, ws.gt)
         out = _fast_sums(st, g_target, levels, g, w4, keep, ws) if fast else None
         if out is not None:
             return out, keep, True

@@ -234,9 +234,10 @@ def _use_mask(ds, exclude, where: str):
                 raise ValueError(f"exclude: device indices must be integers in [0, {n})")
             drop[arr] = True
 
-    def use(start: int, stop: int) -> np.ndarray:
+    def use(start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Devices start:stop to use; ``buffer`` (bool, >= stop - start) is reused memory."""
         u = (np.ones(stop - start, bool) if read_valid is None
-             else np.array(read_valid(start, stop), dtype=bool))
+             else np.array(read_valid(start, stop, buffer), dtype=bool))
         if drop is not None:
             u &= ~drop[start:stop]
         return u
@@ -244,9 +245,10 @@ def _use_mask(ds, exclude, where: str):
     return use, rule
 
 
-def _targets(read, start: int, stop: int) -> np.ndarray:
-    """g_target [S] of devices start:stop as a contiguous float32 or float64 array."""
-    gt = np.asarray(read(start, stop))
+def _targets(read, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """g_target [S] of devices start:stop as a contiguous float32 or float64 array (into
+    ``out`` when given)."""
+    gt = np.asarray(read(start, stop, out))
     if gt.dtype not in (np.float32, np.float64):
         gt = gt.astype(np.float64)
     return np.ascontiguousarray(gt)
@@ -287,13 +289,15 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         if acc is None:
             acc = local.acc = _Accumulator(k, t_n, n)
             acc.buf = np.empty((min(n, chunk_devices), t_n, r_n), ds["g"].dtype)
+            acc.gt = np.empty(min(n, chunk_devices), ds["g_target"].dtype)
+            acc.valid = np.empty(min(n, chunk_devices), bool)
             with lock:
                 accs.append(acc)
         g = read(start, stop, acc.buf)
         if g.dtype not in (np.float32, np.float64):
             g = g.astype(np.float64)
-        gt = _targets(read_target, start, stop)
-        u = use(start, stop)
+        gt = _targets(read_target, start, stop, acc.gt)
+        u = use(start, stop, acc.valid)
         if rule is not None:
             drop = np.asarray(rule(start, gt, g), dtype=bool)
             if drop.shape != (stop - start,):

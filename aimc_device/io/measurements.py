@@ -334,8 +334,10 @@ class _H5Slice:
         self.path, self.name = path, name
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
         self.factor = factor
-        # raw reads only when the file holds the values as they are served
-        same = file_dtype is None or np.dtype(file_dtype) == self.dtype
+        # raw reads only when the file holds the values as they are served (bytes 0/1 are
+        # bools: a one-byte /valid checked 0/1 when opened)
+        same = file_dtype is None or np.dtype(file_dtype) == self.dtype or (
+            self.dtype == np.bool_ and np.dtype(file_dtype).itemsize == 1)
         self.layout = layout if same and convert is None else None
         self.convert = convert  # file values -> served values (e.g. /valid 0/1 -> bool)
         self.checked = False  # values checked when the file was opened
@@ -606,6 +608,8 @@ def _valid_source(path, d: h5py.Dataset, n: int) -> "_H5Slice":
     if dtype != np.bool_:
         for start in range(0, n, VECTOR_CHUNK_DEVICES):
             src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+    if dtype.itemsize == 1 and dtype.isnative:  # checked 0/1: its bytes are bools
+        src = _H5Slice(path, "valid", (n,), bool, layout=_raw_layout(d), file_dtype=dtype)
     src.checked = True
     return src
 
