@@ -16,9 +16,9 @@ The schema (docs/measurement-format.md) in short:
   measurement's reference temperature), ``activation_energy`` [eV], ``date``, ``source``;
   ``schema = "aimc-device/pcm-campaign"`` and ``schema_version`` (1 or 2).
 
-:func:`read_measurements` returns a Dataset whose ``g`` (and per-device ``read_time``) are dask
-arrays that read the file one device chunk at a time, so files larger than memory can be
-processed; everything in it is in SI units (siemens, seconds, kelvin).
+:func:`read_measurements` returns a Dataset whose ``g``, ``g_target``, ``valid`` and per-device
+``read_time`` are dask arrays that read the file one device chunk at a time, so files larger than
+memory can be processed; everything in it is in SI units (siemens, seconds, kelvin).
 :func:`iter_device_chunks` yields loaded device chunks for streaming fits; :func:`read_counts`
 counts missing reads, dead and invalid devices; :class:`DeviceExclusion` drops devices by index
 or by rule.
@@ -429,11 +429,12 @@ def read_measurements(path, chunk_devices: int | None = None,
     Returns
     -------
     xarray.Dataset
-        dims ``device`` (N), ``time`` (T), ``repeat`` (R); ``g_target(device)`` [S];
+        dims ``device`` (N), ``time`` (T), ``repeat`` (R); ``g_target(device)`` [S] (dask);
         ``g(device, time, repeat)`` [S] backed by a dask array, NaN = read not taken;
         coordinate ``time`` [s] (the nominal times: for a per-device ``/time`` its attr
         ``nominal`` or the per-column median); optional ``read_time(device, time)`` [s] (dask,
-        from a per-device ``/time``), ``temperature(time)`` [K], ``valid(device)`` (bool); the
+        from a per-device ``/time``), ``temperature(time)`` [K], ``valid(device)`` (bool, dask);
+        the
         root attributes with ``g_max`` [S], ``t0`` [s], ``t_read`` [s],
         ``reference_temperature`` [K] (root ``temperature``, else 300 K) in SI units,
         ``schema_version``, ``source_file`` (the absolute path read) and, when the values were
