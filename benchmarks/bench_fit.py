@@ -15,10 +15,11 @@ Usage::
    measured in one process, alternating, so a load from other work affects both alike; the
    absolute figures vary run to run on a shared machine. Also printed: CPU time per read
    (device x time x repeat) [ns] of each.
-2. Streaming: a ``--stream-gb`` campaign file is generated block by block (flat memory) in a
-   temporary folder (deleted afterwards); fits of a small and of the big file run each in a fresh
-   process that reports its peak RSS (resource.getrusage); flat memory means the two are close.
-   ``--stream-version 2`` makes both files version-2 lab-like campaigns (the general path).
+2. Streaming: a ``--stream-gb`` campaign file and a ``--small-gb`` one are generated block by
+   block (flat memory) in a temporary folder (deleted afterwards); fits of the two run each in a
+   fresh process that reports its peak RSS (resource.getrusage); flat memory means the two are
+   close. ``--stream-version 2`` makes both files version-2 lab-like campaigns (one read per
+   time, 5 % of the reads missing, a ``/valid`` mask).
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def make_file(path: str, gbytes: float, seed: int = 0, repeats: int = REPEATS,
               missing: float = 0.0) -> int:
     """Write a campaign of about ``gbytes`` GB of ``g`` block by block; returns devices.
 
-    ``missing`` > 0: that fraction of reads is NaN (schema version 2)."""
+    ``missing`` > 0: that fraction of reads is NaN and one device in 97 is marked invalid in
+    ``/valid`` (schema version 2)."""
     model = pcm.PCMModel.preset("rasch2023")
     per_device = len(TIMES) * repeats * 4
     n = max(LEVELS * 10, int(gbytes * 1e9 // per_device) // LEVELS * LEVELS)
@@ -63,6 +65,7 @@ def make_file(path: str, gbytes: float, seed: int = 0, repeats: int = REPEATS,
         g = f.create_dataset("g", shape=(n, len(TIMES), repeats), dtype=np.float32,
                              chunks=(hchunk, len(TIMES), repeats))
         g.attrs["units"] = "S"
+        valid = f.create_dataset("valid", shape=(n,), dtype=bool) if missing else None
         for b, start in enumerate(range(0, n, BLOCK_DEVICES)):
             m = min(BLOCK_DEVICES, n - start) // LEVELS
             ds = pcm.simulate_campaign(model, LEVELS, m, times=TIMES, repeats=repeats,
@@ -70,6 +73,8 @@ def make_file(path: str, gbytes: float, seed: int = 0, repeats: int = REPEATS,
             stop = start + ds.sizes["device"]
             gt[start:stop] = ds["g_target"].values
             g[start:stop] = ds["g"].values
+            if valid is not None:  # version 2: one device in 97 marked invalid
+                valid[start:stop] = np.arange(start, stop) % 97 != 0
     return n
 
 
@@ -138,9 +143,12 @@ def throughput(path: str, args, label: str, families, **kw) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--throughput-gb", type=float, default=1.0, help="size of g [GB] for part 1")
+    ap.add_argument("--throughput-gb", type=float, default=1.0,
+                    help="size of g [GB] for part 1; 0 skips part 1")
     ap.add_argument("--stream-gb", type=float, default=3.0,
-                    help="size of g [GB] for part 2; 0 skips it")
+                    help="size of g [GB] of the big file of part 2; 0 skips part 2")
+    ap.add_argument("--small-gb", type=float, default=0.2,
+                    help="size of g [GB] of the small file of part 2")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--dir", default=None, help="folder for the temporary files")
     ap.add_argument("--no-v2", action="store_true",
@@ -163,12 +171,13 @@ def main(argv=None) -> None:
     tmp = tempfile.mkdtemp(prefix="aimc-bench-fit-", dir=args.dir)
     try:
         cases = [("version 1", {}), ("version 2", {"repeats": 1, "missing": 0.05})]
-        for label, kw in cases[args.no_v1:1 if args.no_v2 else 2]:
+        for label, kw in (cases[args.no_v1:1 if args.no_v2 else 2]
+                          if args.throughput_gb > 0 else []):
             throughput(os.path.join(tmp, "throughput.h5"), args, label, families, **kw)
         if args.stream_gb > 0:
             label, kw = cases[args.stream_version - 1]
             small = os.path.join(tmp, "small.h5")
-            make_file(small, 0.05, **kw)
+            make_file(small, args.small_gb, **kw)
             big = os.path.join(tmp, "big.h5")
             t = time.perf_counter()
             n_big = make_file(big, args.stream_gb, seed=1, **kw)

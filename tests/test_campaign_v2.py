@@ -297,6 +297,29 @@ def test_exclusion_rules_on_reads():
     assert rec.mask(110)[[101, 102, 103, 104, 105, 107]].all() and rec.mask(110).sum() == 6
 
 
+def test_exclusion_record_counts_exactly_and_keeps_few_runs(monkeypatch):
+    # the record's memory does not grow with the file: beyond MAX_RUNS runs per reason only
+    # counts are kept; counts and the number of runs stay exact for any chunking
+    from aimc_device.io import measurements
+
+    monkeypatch.setattr(measurements, "MAX_RUNS", 5)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        codes = (rng.random(300) < 0.3) * rng.integers(1, 3, 300)
+        cuts = np.r_[0, np.sort(rng.choice(np.arange(1, 300), 6, replace=False)), 300]
+        rec = io.ExclusionRecord()
+        for a, b in zip(cuts[:-1], cuts[1:]):
+            rec.add(int(a), codes[a:b].astype(np.uint8))
+        for code, reason in io.measurements.EXCLUSION_REASONS.items():
+            idx = np.flatnonzero(codes == code)
+            runs = 0 if idx.size == 0 else 1 + int(np.sum(np.diff(idx) != 1))
+            assert rec.counts()[reason] == idx.size
+            assert len(rec.runs[reason]) == min(runs, 5)
+            assert len(rec.runs[reason]) + rec.runs_left_out[reason] == runs
+    with pytest.raises(ValueError, match="only the first are kept"):
+        rec.mask(300)
+
+
 def test_exclude_in_fit_report_and_card(tmp_path, capsys):
     faulty = PRESET.replace(stuck_at_gmax=0.01)
     ds = pcm.simulate_campaign(faulty, 6, 200, times=(1.0, 10.0, 100.0, 1000.0), repeats=2,
@@ -442,6 +465,21 @@ def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monk
         np.testing.assert_array_equal(getattr(dropped, key), getattr(general, key), err_msg=key)
     np.testing.assert_allclose(dropped.lt, general.lt, rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
+
+
+def test_float32_logs_leave_the_fit_unchanged_well_below_its_standard_errors(monkeypatch):
+    # lines_kernel takes ln(g / g_max) in float32 arithmetic (a polynomial, ~1 float32 rounding);
+    # general_kernel from np.log in float64: the fitted coefficients agree to < 1 % of their
+    # standard errors
+    ds = pcm.simulate_campaign(PRESET, 8, 150, times=NOMINAL[:6], repeats=1, rng=4,
+                               missing=0.05)
+    _, fast = fit.fit_pcm(ds, prior=PRESET)
+    monkeypatch.setattr(fit._stats, "MAX_PATTERN_TIMES", 0)  # every chunk: general_kernel
+    _, ref = fit.fit_pcm(ds, prior=PRESET)
+    for name, cf in ref.components.items():
+        ok = np.isfinite(cf.stderr)
+        diff = np.abs(fast.components[name].coeffs[ok] - cf.coeffs[ok])
+        assert np.all(diff < 0.01 * cf.stderr[ok]), name
 
 
 def test_lines_kernel_same_result_on_any_thread_count():

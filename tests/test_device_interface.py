@@ -61,6 +61,21 @@ def test_fit_device_keeps_the_family_the_holdout_supports(rram_fit):
     assert rep.qq["measured"].shape == rep.qq["empirical"].shape == (4, 7, 50)
     text = rep.summary()
     assert "family chosen: empirical (auto)" in text and "hold-out KS per time" in text
+    # the information criteria: the empirical family describes RRAM-like reads better on the
+    # fitted half (AIC, BIC despite its thousands of table entries) and on the held-out half
+    crit = rep.criteria()
+    assert rep.better("heldout") == rep.better("aic") == rep.better("bic") == "empirical"
+    assert crit["empirical"].heldout_per_read > crit["pcm"].heldout_per_read + 1.0
+    assert crit["pcm"].n_params == sum(c.n_params for c in rep.pcm.components.values()
+                                       if c.identified)
+    assert crit["empirical"].n_params > 100 * crit["pcm"].n_params
+    assert "criterion: heldout favours empirical; aic favours empirical" in text
+    # the per-level hold-out results, one line per level
+    per_level = text.split("hold-out KS per level")[1].splitlines()[1:9]
+    assert [ln.split(":")[0].strip() for ln in per_level] == [
+        f"x = {x:.4g}" for x in rep.holdout["pcm"].levels]
+    ok = rep.holdout["pcm"].passing(rep.alpha).sum(axis=1)
+    assert [f"pcm {k}/7 times pass" in ln for k, ln in zip(ok, per_level)] == [True] * 8
 
 
 def test_fit_device_keeps_pcm_on_pcm_data_and_a_given_family():
@@ -71,6 +86,8 @@ def test_fit_device_keeps_pcm_on_pcm_data_and_a_given_family():
     assert rep.family == "pcm" and isinstance(model, pcm.PCMModel)
     fail, cells = rep.failing("pcm")
     assert cells == 15 and fail <= chance_limit(cells) and "PCM within chance" in rep.reason
+    # PCM-generated reads: the PCM family's Normal has the better criteria
+    assert rep.better("heldout") == rep.better("aic") == rep.better("bic") == "pcm"
     # the PCM model is the one fit_pcm gives (the choice adds nothing to the fit)
     alone, _ = fit.fit_pcm(ds, prior=preset)
     assert model == alone
@@ -80,6 +97,36 @@ def test_fit_device_keeps_pcm_on_pcm_data_and_a_given_family():
     assert "empirical" in rep.holdout and "pcm" not in rep.holdout
     with pytest.raises(ValueError, match="family = 'rram'"):
         fit.fit_device(ds, family="rram")
+
+
+def test_criterion_densities_match_references():
+    from scipy import stats
+
+    from aimc_device.fit.criterion import (Criterion, read_log_likelihood,
+                                           table_log_density)
+    from aimc_device.pcm.empirical import DEFAULT_PROBS
+
+    # the piecewise density of a Normal's quantile table: a density (integral 1) close to the
+    # Normal's in its body, with tails that decay
+    q = stats.norm.ppf(DEFAULT_PROBS, loc=10.0, scale=2.0)
+    v = np.linspace(-20.0, 40.0, 600_001)
+    f = np.exp(table_log_density(v, q, DEFAULT_PROBS, 1e-9))
+    assert abs(np.sum(f) * (v[1] - v[0]) - 1.0) < 1e-4
+    body = (v > 7.0) & (v < 13.0)  # |z| < 1.5: segments 0.13 sigma wide
+    np.testing.assert_allclose(f[body], stats.norm.pdf(v[body], 10.0, 2.0), rtol=0.1)
+    assert f[0] < 1e-12 and f[-1] < 1e-12
+    # the other families: a Normal with the mean and spread of the model's own reads
+    rng = np.random.default_rng(0)
+    g_target = np.repeat([1e-6, 2e-6], 50)
+    g = g_target[:, None] * (1 + 0.1 * rng.standard_normal((100, 2)))
+    sims = g_target[None, :, None] * (1 + 0.1 * rng.standard_normal((4, 100, 2)))
+    levels, ll, n = read_log_likelihood(None, g_target, g, np.array([1.0, 2.0]), 25e-6,
+                                        sims=sims)
+    s = sims[:, 50:, 1].ravel()
+    want = stats.norm.logpdf(g[50:, 1], s.mean(), s.std(ddof=1)).sum()
+    assert n.tolist() == [[50, 50], [50, 50]] and abs(ll[1, 1] - want) < 1e-9 * abs(want)
+    c = Criterion("x", 3, levels, np.ones(2), ll, n, ll, n)
+    assert np.isclose(c.aic, 6 - 2 * ll.sum()) and np.isclose(c.bic, 3 * np.log(200) - 2 * ll.sum())
 
 
 def test_chance_limit_is_the_binomial_quantile():

@@ -6,6 +6,7 @@ Layer ``fit``: imports :mod:`aimc_device.pcm` and :mod:`aimc_device.io` only.
 """
 from ._stats import (CampaignChunk, CampaignStats, FitError, campaign_statistics,
                      iter_campaign_chunks)
+from .criterion import Criterion
 from .choice import DECISION_RULE, DeviceFitReport, fit_device
 from .empirical_fit import EmpiricalFitReport, fit_empirical
 from .holdout import HoldoutResult, compare_to_model, holdout_ks, split_devices
@@ -20,4 +21,4 @@ __all__ = ["fit_pcm", "fit_programming_noise", "fit_drift", "fit_read_noise",
            "ActivationEnergy", "check_plausible", "iter_campaign_chunks", "CampaignChunk",
            "bake_temperatures", "fit_empirical", "EmpiricalFitReport", "holdout_ks",
            "HoldoutResult", "split_devices", "compare_to_model", "fit_device",
-           "DeviceFitReport", "DECISION_RULE"]
+           "DeviceFitReport", "DECISION_RULE", "Criterion"]

@@ -258,7 +258,50 @@ def _sift_down(hh, ii, lev, size):  # pragma: no cover - via tests
 
 
 @nb.njit(cache=True, nogil=True)
-def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
+def bottom_k_add(g_target, offset, levels, use, key, hh, ii, size,
+                 counts):  # pragma: no cover - via tests
+    """Add a chunk of devices (indices ``offset`` + 0, 1, ...) to per-level max-heaps of the
+    k = ``hh.shape[1]`` smallest :func:`device_hash` (key, index) among those with ``use``;
+    ``hh`` (K, k) uint64, ``ii`` (K, k) int64 (-1 padded), ``size`` (K,), ``counts`` (K,)
+    (devices per level) are updated in place. Chunk after chunk in any order, the result is
+    that of one pass over all devices (the k smallest hashes do not depend on the order)."""
+    k = hh.shape[1]
+    last = g_target[0] if g_target.shape[0] else g_target.dtype.type(0)
+    lev = _level(levels, last)
+    for j in range(g_target.shape[0]):
+        if g_target[j] != last:  # devices of a level are usually stored together
+            last = g_target[j]
+            lev = _level(levels, last)
+        if lev < 0 or not use[j]:
+            continue
+        i = offset + j
+        counts[lev] += 1
+        h = device_hash(key, np.uint64(i))
+        if size[lev] < k:  # max-heap: append and sift up
+            p = size[lev]
+            hh[lev, p] = h
+            ii[lev, p] = i
+            size[lev] += 1
+            while p > 0:
+                parent = (p - 1) // 2
+                if hh[lev, parent] >= hh[lev, p]:
+                    break
+                hh[lev, parent], hh[lev, p] = hh[lev, p], hh[lev, parent]
+                ii[lev, parent], ii[lev, p] = ii[lev, p], ii[lev, parent]
+                p = parent
+        elif h < hh[lev, 0]:
+            hh[lev, 0] = h
+            ii[lev, 0] = i
+            _sift_down(hh, ii, lev, size[lev])
+
+
+def bottom_k_state(n_levels: int, k: int):
+    """Empty heaps for :func:`bottom_k_add`: (hh, ii, size, counts)."""
+    return (np.zeros((n_levels, k), np.uint64), np.full((n_levels, k), -1, np.int64),
+            np.zeros(n_levels, np.int64), np.zeros(n_levels, np.int64))
+
+
+def bottom_k(g_target, levels, use, k, key):
     """Per level the ``k`` devices of smallest :func:`device_hash` (key, index) among those
     with ``use`` (a uniform, order-independent sample), and the devices per level.
 
@@ -266,37 +309,8 @@ def bottom_k(g_target, levels, use, k, key):  # pragma: no cover - via tests
     -------
     (idx (K, k) int64 device indices, -1 padded; size (K,); counts (K,))
     """
-    n_lv = levels.shape[0]
-    hh = np.zeros((n_lv, k), np.uint64)
-    ii = np.full((n_lv, k), -1, np.int64)
-    size = np.zeros(n_lv, np.int64)
-    counts = np.zeros(n_lv, np.int64)
-    last = g_target[0] if g_target.shape[0] else g_target.dtype.type(0)
-    lev = _level(levels, last)
-    for i in range(g_target.shape[0]):
-        if g_target[i] != last:  # devices of a level are usually stored together
-            last = g_target[i]
-            lev = _level(levels, last)
-        if lev < 0 or not use[i]:
-            continue
-        counts[lev] += 1
-        h = device_hash(key, np.uint64(i))
-        if size[lev] < k:  # max-heap: append and sift up
-            j = size[lev]
-            hh[lev, j] = h
-            ii[lev, j] = i
-            size[lev] += 1
-            while j > 0:
-                parent = (j - 1) // 2
-                if hh[lev, parent] >= hh[lev, j]:
-                    break
-                hh[lev, parent], hh[lev, j] = hh[lev, j], hh[lev, parent]
-                ii[lev, parent], ii[lev, j] = ii[lev, j], ii[lev, parent]
-                j = parent
-        elif h < hh[lev, 0]:
-            hh[lev, 0] = h
-            ii[lev, 0] = i
-            _sift_down(hh, ii, lev, size[lev])
+    hh, ii, size, counts = bottom_k_state(levels.shape[0], k)
+    bottom_k_add(g_target, 0, levels, use, key, hh, ii, size, counts)
     return ii, size, counts
 
 

@@ -433,16 +433,22 @@ _I1, _I23, _I127, _MANT = np.int32(1), np.int32(23), np.int32(127), np.int32(0x7
 _F = np.float32
 
 
-@nb.njit(nogil=True, error_model="numpy")
-def _log_normal_f32(bits, ln_gmax):
-    """ln(x) - ln_gmax as float32 for a normal, finite float32 x > 0 whose bits are ``bits``
-    (int32), without a call into libm (so that LLVM vectorises a loop of it, 8 reads at once).
+#: ln 2 in two float32 parts: e * _LN2_HI_F is exact for |e| < 256 (16 significant bits).
+_LN2_HI_F = _F(0.693145751953125)
+_LN2_LO_F = _F(1.428606765330187e-06)
 
-    x = m 2^e, m in [sqrt(1/2), sqrt(2)): e ln 2 - ln_gmax in float64 (exact to 1e-16) plus
-    ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.172, by its series to s^9 in float32
-    (truncation < 2 |s|^11 / 11 < 6e-10; rounding ~3e-8): the result is within about one
-    float32 rounding of the exact ln(x / g_max). All integer steps stay int32 (AVX2 converts
-    int32, not int64, to floating point in SIMD).
+
+@nb.njit(nogil=True, error_model="numpy")
+def _log_normal_f32(bits, e_gmax, ln_m_gmax):
+    """ln(x / g_max) as float32 for a normal, finite float32 x > 0 whose bits are ``bits``
+    (int32), without a call into libm and all in float32 and int32 (so that LLVM vectorises a
+    loop of it, 8 reads at once with AVX2).
+
+    x = m 2^e, m in [sqrt(1/2), sqrt(2)), and g_max = m_g 2^e_g (``e_gmax``, ``ln_m_gmax`` =
+    ln m_g in float32): ln(x / g_max) = (e - e_g) ln 2 + ln m - ln m_g, with (e - e_g) ln 2 from
+    ln 2 in two parts (the first product exact) and ln m = 2 atanh(s), s = (m - 1) / (m + 1),
+    |s| <= 0.172, by its series to s^9 (truncation < 2 |s|^11 / 11 < 6e-10). The result is
+    within about one float32 rounding of the exact ln(x / g_max) (tested).
     """
     e = (bits >> _I23) - _I127
     m = _F(1.0) + _F(bits & _MANT) * _F(1.1920928955078125e-07)  # exact
@@ -453,7 +459,8 @@ def _log_normal_f32(bits, ln_gmax):
     z = s * s
     ln_m = _F(2.0) * s * (_F(1.0) + z * (_F(1.0 / 3.0) + z * (_F(1.0 / 5.0) + z * (
         _F(1.0 / 7.0) + z * _F(1.0 / 9.0)))))
-    return _F(np.float64(e) * _LN2 - ln_gmax) + ln_m
+    ef = _F(e - e_gmax)  # exact
+    return ef * _LN2_HI_F + (ef * _LN2_LO_F + (ln_m - ln_m_gmax))
 
 
 @nb.njit(nogil=True, error_model="numpy")
@@ -513,6 +520,28 @@ def exp_cells(x, out, scale_bits):
                 out[j] = np.exp(xj)
 
 
+@nb.njit(nogil=True)
+def _split_gmax(ln_gmax):
+    """(e_g int32, ln m_g float32) of g_max = m_g 2^e_g, m_g in [1, 2)."""
+    m_g, e_g = math.frexp(math.exp(ln_gmax))
+    return np.int32(e_g - 1), _F(ln_gmax - (e_g - 1) * _LN2)
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _log_block(g, bits, start, count, e_gmax, ln_m_gmax, out):
+    """out[j] = ln(g[start + j] / g_max) of float32 reads by :func:`_log_normal_f32` (SIMD
+    across reads): NaN for a read not taken (or negative), -inf for 0 S, and +inf marking a
+    subnormal or infinite read, which the caller recomputes with :func:`_log_rare` (no
+    bookkeeping here, so that the loop stays a plain SIMD loop)."""
+    for j in range(count):
+        x = g[start + j]
+        y = _log_normal_f32(bits[start + j], e_gmax, ln_m_gmax)
+        normal = (x >= _F(_FLT_MIN)) & (x <= _F(_FLT_MAX))
+        y = y if normal else (_F(-np.inf) if x == _F(0.0) else (
+            _F(np.inf) if x > _F(0.0) else _F(np.nan)))
+        out[j] = y
+
+
 _LOG_SIG = [nb.void(g[::1], nb.int32[::1], nb.int64, nb.int64, nb.float64, nb.float32[::1])
             for g in (nb.float32, nb.float64)]
 
@@ -531,13 +560,11 @@ def log_cells(g, bits, start, count, ln_gmax, out):
         for j in range(count):
             out[j] = np.log(np.float64(g[start + j])) - ln_gmax
         return
-    rare = np.int32(0)  # subnormal or infinite reads
+    e_gmax, ln_m_gmax = _split_gmax(ln_gmax)
+    _log_block(g, bits, start, count, e_gmax, ln_m_gmax, out)
+    rare = False
     for j in range(count):
-        x = g[start + j]
-        y = _log_normal_f32(bits[start + j], ln_gmax)
-        y = y if x >= _F(_FLT_MIN) else (_F(-np.inf) if x == 0.0 else _F(np.nan))
-        rare += np.int32((x > _F(0.0)) & (x < _F(_FLT_MIN)) | (x > _F(_FLT_MAX)))
-        out[j] = y
+        rare |= out[j] == _F(np.inf)
     if rare:
         _log_rare(g, start, count, ln_gmax, out)
 
@@ -626,6 +653,8 @@ def lines_kernel(t_n: int):
         n_edges = edges.shape[0]
         inv_gmax = 1.0 / g_max
         ln_gmax = np.log(g_max)
+        e_gmax, ln_m_gmax = _split_gmax(ln_gmax)
+        f32 = bits.size > 0
         g_flat = g.reshape(n * t_n)
         slot_of = np.full(1 << t_n, -1, np.int64)
         cap = min(1 << t_n, MAX_PATTERNS)
@@ -647,12 +676,16 @@ def lines_kernel(t_n: int):
         gp_a = np.empty(BLOCK)
         rss_a = np.empty(BLOCK)
         scale_bits = np.empty(BLOCK, np.int64)
-        y0 = np.empty(BLOCK * t_n)  # ln(g / g_max), 0 for a read not taken
+        y0 = np.empty(t_n)  # one device's ln(g / g_max), 0 for a read not taken
         for b in range(n_blocks):
             first = b * BLOCK
             stop = min(n, first + BLOCK)
             n_b = stop - first
-            log_cells(g_flat, bits, first * t_n, n_b * t_n, ln_gmax, y)
+            if f32:
+                _log_block(g_flat, bits, first * t_n, n_b * t_n, e_gmax, ln_m_gmax, y)
+            else:
+                log_cells(g_flat, bits, first * t_n, n_b * t_n, ln_gmax, y)
+            rare = False  # a subnormal or infinite float32 read (+inf in y)
             # Short passes over the block, each with independent iterations (so that the CPU
             # overlaps devices instead of waiting on one device's chain of sums).
             for j in range(n_b):  # the pattern of reads taken; -1: device dropped
@@ -663,6 +696,7 @@ def lines_kernel(t_n: int):
                 for k in range(t_n):
                     yk = y[j * t_n + k]
                     mask |= np.int64(yk == yk) << k
+                    rare |= yk == _F(np.inf)
                 slot = slot_of[mask]
                 if slot < 0:
                     if n_slots == cap:
@@ -680,33 +714,31 @@ def lines_kernel(t_n: int):
                         pat_p[slot, k] = (mask >> k) & 1
                     pat_ok[slot] = pat_w[slot, 0] == pat_w[slot, 0]  # NaN: no line
                 slots[j] = slot
-            for j in range(n_b):  # slope and intercept (ln(g_P / g_max)) of each line
+            if rare:
+                _log_rare(g_flat, first * t_n, n_b * t_n, ln_gmax, y)
+            for j in range(n_b):  # each line: slope, intercept (ln(g_P / g_max)), RSS
                 slot = slots[j]
                 slope = 0.0
                 inter = np.nan
+                rss = 0.0
                 if slot >= 0 and pat_ok[slot]:
                     inter = 0.0
                     for k in range(t_n):
                         yk = np.float64(y[j * t_n + k])
                         yk = yk if yk == yk else 0.0
-                        y0[j * t_n + k] = yk
+                        y0[k] = yk
                         slope += pat_w[slot, k] * yk
                         inter += pat_v[slot, k] * yk
+                    if pat_nc[slot] >= 3:  # residual sum of squares (lines through >= 3 reads)
+                        for k in range(t_n):
+                            e = (y0[k] - inter - slope * L[k]) * pat_p[slot, k]
+                            rss += e * e
                 slope_a[j] = slope
                 inter_a[j] = inter
+                rss_a[j] = rss
             exp_cells(inter_a[:n_b], gp_a, scale_bits)
             for j in range(n_b):
                 gp_a[j] *= g_max  # NaN, 0 or inf: no usable line
-            for j in range(n_b):  # residual sums of squares (lines through >= 3 reads)
-                slot = slots[j]
-                rss = 0.0
-                if slot >= 0 and pat_nc[slot] >= 3 and pat_ok[slot]:
-                    slope = slope_a[j]
-                    inter = inter_a[j]
-                    for k in range(t_n):
-                        e = (y0[j * t_n + k] - inter - slope * L[k]) * pat_p[slot, k]
-                        rss += e * e
-                rss_a[j] = rss
             i = first
             while i < stop:  # one run of devices with the same target
                 target = g_target[i]

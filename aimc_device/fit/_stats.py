@@ -27,8 +27,8 @@ least-squares weights per pattern of reads taken (lines_kernel); and a general o
 at a time, for everything else (general_kernel). A chunk with a missing read leaves the fast
 path.
 
-Only sums are kept (a few arrays of length levels x times); besides them and one chunk, only
-``g_target`` (one number per device, 1/(T R) of the reads) is held in memory.
+Only sums are kept (a few arrays of length levels x times) besides the chunks in flight:
+``g_target`` and ``valid`` stream with the reads, so memory does not grow with the devices.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ from ..io import (DeviceExclusion, ExclusionRecord, default_chunk_devices, devic
                   resolve_device_model)
 from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE, TIME_UNITS,
                                check_conductances, check_campaign, check_read_times,
-                               root_quantity, field_name)
+                               root_quantity, field_name, target_levels)
 from ..pcm import PCMModel, equivalent_time
 from ._kernels import (BLOCK, MAX_PATTERN_TIMES, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel,
                        distinct_values, general_kernel, lines_kernel, moments_kernel, rn_columns,
@@ -243,6 +243,8 @@ class _Workspace:
         self.lin4 = np.empty(4 * k, np.float32)
         self.gp = np.empty(k)
         self.keep = np.zeros(k, np.uint8)
+        self.gt = None  # g_target of a chunk (its dtype), allocated on first use
+        self.valid = np.empty(k, bool)
 
 
 def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
@@ -366,8 +368,9 @@ class _ChunkSource:
         self.exclusion = DeviceExclusion.parse(exclude)
         self.n = ds.sizes["device"]
         self.exclusion.check_indices(self.n, where)
-        self.valid = np.asarray(ds["valid"].values) if "valid" in ds else None
-        self.select = self.valid is not None or not self.exclusion.is_empty()
+        self.read_valid = device_chunk_reader(ds, "valid") if "valid" in ds else None
+        self.read_target = device_chunk_reader(ds, "g_target")
+        self.select = self.read_valid is not None or not self.exclusion.is_empty()
         self.time = np.asarray(ds["time"].values, dtype=np.float64)
         self.t_eq_shared = equivalent_time(self.time, self.temperature, self.e_a, self.t_ref)
         self.per_device = "read_time" in ds
@@ -376,17 +379,24 @@ class _ChunkSource:
         self.gfield, self.tfield = field_name(ds, "g"), field_name(ds, "read_time")
 
     def reads(self, start: int, stop: int, out: np.ndarray | None = None,
-              keep_buffer: np.ndarray | None = None):
-        """(g [S] (n, T, R), reason codes (n,) uint8) of devices start:stop (values unchecked)."""
+              keep_buffer: np.ndarray | None = None, valid_buffer: np.ndarray | None = None):
+        """(g [S] (n, T, R), reason codes (n,) uint8) of devices start:stop (values unchecked);
+        ``out``, ``keep_buffer`` and ``valid_buffer`` are reused memory."""
         g = self.read_g(start, stop, out)
         if self.select:
-            codes = self.exclusion.codes(start, g, self.g_max,
-                                         None if self.valid is None else self.valid[start:stop])
+            valid = (None if self.read_valid is None
+                     else np.asarray(self.read_valid(start, stop, valid_buffer)))
+            codes = self.exclusion.codes(start, g, self.g_max, valid)
         elif keep_buffer is not None:
             codes = keep_buffer[:stop - start]
         else:
             codes = np.zeros(stop - start, np.uint8)
         return g, codes
+
+    def targets(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+        """g_target [S] of devices start:stop (float32 or float64), into ``out`` if given."""
+        gt = np.asarray(self.read_target(start, stop, out))
+        return gt if gt.dtype in (np.float32, np.float64) else gt.astype(np.float64)
 
     def check(self, start: int, g: np.ndarray) -> None:
         """Raise on inf or a negative read (NaN is a read not taken)."""
@@ -458,14 +468,13 @@ def iter_campaign_chunks(ds: xr.Dataset, *, exclude=None,
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(ds.sizes["time"], ds.sizes["repeat"],
                                               ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
-    g_target = np.asarray(ds["g_target"].values)
     for start in range(0, src.n, max(1, int(chunk_devices))):
         stop = min(src.n, start + max(1, int(chunk_devices)))
         g, codes = src.reads(start, stop)
         src.check(start, g)
         if record is not None:
             record.add(start, codes)
-        yield CampaignChunk(start, stop, g_target[start:stop], g,
+        yield CampaignChunk(start, stop, src.targets(start, stop), g,
                             src.equivalent_times(start, stop), codes == 0, codes)
 
 
@@ -528,10 +537,9 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
                        "two (better five or more, spread over decades)")
     src = _ChunkSource(ds, exclude, activation_energy, reference_temperature)
     temperature, t_ref, e_a, n = src.temperature, src.t_ref, src.e_a, src.n
-    g_target = np.asarray(ds["g_target"].values)
-    if g_target.dtype not in (np.float32, np.float64):
-        g_target = g_target.astype(np.float64)
-    levels = distinct_values(np.ascontiguousarray(g_target))
+    levels = target_levels(ds, chunk_devices)
+    if levels.dtype not in (np.float32, np.float64):
+        levels = levels.astype(np.float64)
     levels64 = levels.astype(np.float64)
     st = CampaignStats(x=levels64 / g_max, g_max=g_max, t0=t0, t_read=t_read,
                        time=time, repeats=repeats, reference=prior.read_noise_reference,
@@ -560,15 +568,18 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         if not hasattr(local, "ws"):
             local.ws = _Workspace(min(n, chunk_devices), *shape, ds["g"].dtype, per_device)
         ws = local.ws
-        g, keep = src.reads(start, stop, ws.g, ws.keep)
-        out = _fast_sums(st, g_target[start:stop], levels, g, w4, keep, ws) if fast else None
+        g, keep = src.reads(start, stop, ws.g, ws.keep, ws.valid)
+        if ws.gt is None:
+            ws.gt = np.empty(ws.k, ds["g_target"].dtype)
+        g_target = src.targets(start, stop, ws.gt)
+        out = _fast_sums(st, g_target, levels, g, w4, keep, ws) if fast else None
         if out is not None:
             return out, keep, True
         src.check(start, g)
         t_eq = src.equivalent_times(start, stop, ws.t)
         L = log_time(t_eq, t0)
         f2 = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)
-        return (_general_sums(st, g_target[start:stop], levels64, g, L, f2, keep, not general),
+        return (_general_sums(st, g_target, levels64, g, L, f2, keep, not general),
                 keep, False)
 
     def collect(result, start):

@@ -46,12 +46,13 @@ from scipy import stats
 from .. import pcm
 from .._checks import check_float, check_int
 from ..io import DeviceExclusion, device_chunk_reader, resolve_device_model
-from ..io.measurements import default_chunk_devices
+from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
 from ..pcm import PCMModel
 from . import _empirical_kernels as EK
 from ._stats import FIT_CHUNK_BYTES, FitError, campaign_temperatures
 from .empirical_fit import EmpiricalFitReport, fit_empirical
-from .holdout import HoldoutResult, _first_read, holdout_ks
+from .criterion import first_read
+from .holdout import HoldoutResult, holdout_ks
 from .pcm_fit import fit_pcm
 from .report import FitReport
 from .temperature import equivalent_time, resolve_activation_energy
@@ -151,6 +152,24 @@ class DeviceFitReport:
         tested = np.isfinite(res.pvalue)
         return int((tested & ~res.passing(self.alpha)).sum()), int(tested.sum())
 
+    def criteria(self) -> dict:
+        """family -> :class:`aimc_device.fit.criterion.Criterion` of its hold-out fit: the
+        predictive log-likelihood of the reads of the fitted half (AIC, BIC) and of the
+        held-out half (per read)."""
+        return {f: r.criterion for f, r in self.holdout.items() if r.criterion is not None}
+
+    def better(self, what: str = "heldout") -> str | None:
+        """The family the criterion ``what`` favours: "heldout" (the larger held-out
+        log-likelihood per read), "aic" or "bic" (the smaller); None with fewer than two."""
+        crits = self.criteria()
+        if len(crits) < 2:
+            return None
+        if what == "heldout":
+            return max(crits, key=lambda f: crits[f].heldout_per_read)
+        if what in ("aic", "bic"):
+            return min(crits, key=lambda f: getattr(crits[f], what))
+        raise ValueError(f"what = {what!r}: choose 'heldout', 'aic' or 'bic'")
+
     def holdout_line(self, family: str) -> str:
         """One line: a family's hold-out result (or why there is none)."""
         if family in self.holdout:
@@ -190,6 +209,13 @@ class DeviceFitReport:
                               else _empirical_lines(rep))
             lines += ["  " + ln for ln in body]
             lines.append(f"  hold-out: {self.holdout_line(f)}")
+            crit = self.criteria().get(f)
+            if crit is not None:
+                lines.append(f"  criterion: {crit.line()}")
+        crits = self.criteria()
+        if len(crits) == 2:
+            lines.append("criterion: " + "; ".join(
+                f"{what} favours {self.better(what)}" for what in ("heldout", "aic", "bic")))
         tested = [f for f in FAMILIES if f in self.holdout]
         if tested:
             times = self.holdout[tested[0]].times
@@ -201,6 +227,12 @@ class DeviceFitReport:
             for m, t in enumerate(times):
                 vals = "  ".join(f"{per[f][m]:7.1%}" for f in tested)
                 lines.append(f"  t = {t:10.4g} s: {vals}")
+            lines.append(f"hold-out KS per level: times with p > {self.alpha:g} of those tested "
+                         f"({', '.join(tested)})")
+            rows = {f: self.holdout[f].passing_per_level(self.alpha) for f in tested}
+            for k, x in enumerate(self.holdout[tested[0]].levels):
+                vals = "  ".join(f"{f} " + rows[f][k].split(": ", 1)[1] for f in tested)
+                lines.append(f"  x = {x:.4g}: {vals}")
         lines.append("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         return "\n".join(lines)
 
@@ -304,18 +336,20 @@ def _holdout_sample(ds: xr.Dataset, exclusion: DeviceExclusion, per_level: int, 
     hashes of (seed, index)), read in one pass; and their indices."""
     n = ds.sizes["device"]
     g_max = float(ds.attrs["g_max"])
-    g_target = np.asarray(ds["g_target"].values)
-    valid = (np.asarray(ds["valid"].values, dtype=bool) if "valid" in ds
-             else np.ones(n, bool))
-    use = DeviceExclusion(ranges=exclusion.ranges).codes(0, None, g_max, valid) == 0
     key = np.uint64(np.random.SeedSequence([int(seed), 1]).generate_state(1, np.uint64)[0])
-    h = EK.device_hashes(key, n)
-    cand = np.flatnonzero(use)
-    _, level = np.unique(g_target[cand], return_inverse=True)
-    order = np.lexsort((h[cand], level))
-    lev_sorted = level[order]
-    rank = np.arange(order.size) - np.searchsorted(lev_sorted, lev_sorted, side="left")
-    idx = np.sort(cand[order[rank < per_level]])
+    levels = target_levels(ds, chunk_devices)
+    heaps = EK.bottom_k_state(levels.size, per_level)
+    ranges = DeviceExclusion(ranges=exclusion.ranges)
+    read_target = device_chunk_reader(ds, "g_target")
+    read_valid = device_chunk_reader(ds, "valid") if "valid" in ds else None
+    for start in range(0, n, VECTOR_CHUNK_DEVICES):  # smallest hashes per level, by chunks
+        stop = min(n, start + VECTOR_CHUNK_DEVICES)
+        gt = np.ascontiguousarray(read_target(start, stop))
+        valid = (np.ones(stop - start, bool) if read_valid is None
+                 else np.asarray(read_valid(start, stop), dtype=bool))
+        use = ranges.codes(start, None, g_max, valid) == 0
+        EK.bottom_k_add(gt, start, levels, use, key, *heaps)
+    idx = np.sort(heaps[1][heaps[1] >= 0])
     rules = dataclasses.replace(exclusion, ranges=())
     read = device_chunk_reader(ds)
     read_t = device_chunk_reader(ds, "read_time") if "read_time" in ds else None
@@ -351,7 +385,7 @@ def _qq(sub: xr.Dataset, times, models: dict, seed: int, draws: int = 4) -> dict
     levels = np.unique(g_target)
     pick = levels[np.unique(np.round(np.linspace(0, levels.size - 1,
                                                  min(4, levels.size))).astype(int))]
-    g = _first_read(np.asarray(sub["g"].values))
+    g = first_read(np.asarray(sub["g"].values))
     t_nodes = np.asarray(times, dtype=float)
     if t_nodes.ndim == 2:  # per-device times: each time index at the mean log-time of its reads
         t0 = float(sub.attrs["t0"])

@@ -48,12 +48,11 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import default_chunk_devices
+from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
 from . import _empirical_kernels as EK
-from ._kernels import distinct_values
 from ._stats import FIT_CHUNK_BYTES, FitError
 
 __all__ = ["fit_empirical", "EmpiricalFitReport", "MIN_DEVICES_PER_LEVEL", "SAMPLE_DEVICES"]
@@ -211,15 +210,16 @@ def _resolve_times(ds, times, t0: float, where: str):
 
 
 def _use_mask(ds, exclude, where: str):
-    """(bool mask (N,) of devices to use or None for all, callable rule or None)."""
+    """(``use(start, stop)`` -> bool (stop - start,) of the devices to use, callable rule or
+    None). The campaign's ``valid`` mask is read chunk by chunk."""
     n = ds.sizes["device"]
-    use = None
+    read_valid = None
     if "valid" in ds:
-        use = np.asarray(ds["valid"].values, dtype=bool)
-        if use.shape != (n,):
-            raise MeasurementFormatError(where, "valid", f"shape {use.shape}",
+        if ds["valid"].shape != (n,):
+            raise MeasurementFormatError(where, "valid", f"shape {ds['valid'].shape}",
                                          f"expected (device,) = ({n},)")
-    rule = None
+        read_valid = device_chunk_reader(ds, "valid")
+    rule = drop = None
     if callable(exclude):
         rule = exclude
     elif exclude is not None:
@@ -233,8 +233,25 @@ def _use_mask(ds, exclude, where: str):
             if not np.issubdtype(arr.dtype, np.integer) or arr.min() < -n or arr.max() >= n:
                 raise ValueError(f"exclude: device indices must be integers in [0, {n})")
             drop[arr] = True
-        use = ~drop if use is None else use & ~drop
+
+    def use(start: int, stop: int, buffer: np.ndarray | None = None) -> np.ndarray:
+        """Devices start:stop to use; ``buffer`` (bool, >= stop - start) is reused memory."""
+        u = (np.ones(stop - start, bool) if read_valid is None
+             else np.array(read_valid(start, stop, buffer), dtype=bool))
+        if drop is not None:
+            u &= ~drop[start:stop]
+        return u
+
     return use, rule
+
+
+def _targets(read, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
+    """g_target [S] of devices start:stop as a contiguous float32 or float64 array (into
+    ``out`` when given)."""
+    gt = np.asarray(read(start, stop, out))
+    if gt.dtype not in (np.float32, np.float64):
+        gt = gt.astype(np.float64)
+    return np.ascontiguousarray(gt)
 
 
 # ------------------------------------------------------------------------------ the pass
@@ -254,7 +271,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
             sel_idx, sel_row, n_rows, chunk_devices, progress, n_workers):
     n, t_n, r_n = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     k = levels.size
-    g_target = np.asarray(ds["g_target"].values)
+    read_target = device_chunk_reader(ds, "g_target")
     read = device_chunk_reader(ds)
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(t_n, r_n, ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
@@ -272,13 +289,15 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         if acc is None:
             acc = local.acc = _Accumulator(k, t_n, n)
             acc.buf = np.empty((min(n, chunk_devices), t_n, r_n), ds["g"].dtype)
+            acc.gt = np.empty(min(n, chunk_devices), ds["g_target"].dtype)
+            acc.valid = np.empty(min(n, chunk_devices), bool)
             with lock:
                 accs.append(acc)
         g = read(start, stop, acc.buf)
         if g.dtype not in (np.float32, np.float64):
             g = g.astype(np.float64)
-        gt = g_target[start:stop]
-        u = np.ones(stop - start, bool) if use is None else use[start:stop]
+        gt = _targets(read_target, start, stop, acc.gt)
+        u = use(start, stop, acc.valid)
         if rule is not None:
             drop = np.asarray(rule(start, gt, g), dtype=bool)
             if drop.shape != (stop - start,):
@@ -306,7 +325,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
                                          f"device {i}", "conductances are >= 0 and finite (NaN "
                                          "marks a read that was not taken); check the units "
                                          "and the sign convention")
-        EK.chunk_kernel(g, np.ascontiguousarray(gt), np.ascontiguousarray(u), levels, x_lv,
+        EK.chunk_kernel(g, gt, np.ascontiguousarray(u), levels, x_lv,
                         inv_gmax, np.ascontiguousarray(s), stuck, acc.hist, acc.lohi, sums, lvl,
                         tsum, sel_idx[p0:p1] - start, sel_row[p0:p1], sample)
         if s_common is None:
@@ -533,36 +552,41 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
     zn = special.ndtri(probs)
     n, t_n, r_n = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     t_source, t_common = _resolve_times(ds, times, t0, where)
-    g_target = np.asarray(ds["g_target"].values)
-    if g_target.dtype not in (np.float32, np.float64):
-        g_target = g_target.astype(np.float64)
-    g_target = np.ascontiguousarray(g_target)
-    if not np.all(np.isfinite(g_target)) or np.any(g_target < 0):
-        raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
-                                     "targets are finite conductances >= 0 [S]")
-    if g_target.size and g_target.max() > g_max * (1 + 1e-6):
-        raise FitError(f"{where}: g_target: targets up to {g_target.max():.4g} S exceed g_max = "
-                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
     use, rule = _use_mask(ds, exclude, where)
-    use_all = np.ones(n, bool) if use is None else use
-    levels = distinct_values(g_target[use_all] if use is not None else g_target)
-    if levels.size == 0:
-        raise FitError(f"{where}: every device is excluded (valid mask / exclude); nothing "
-                       "to fit")
+    levels = target_levels(ds, chunk_devices)
+    if levels.dtype not in (np.float32, np.float64):
+        levels = levels.astype(np.float64)
     if levels.size > max(1, n // MIN_DEVICES_PER_LEVEL):
         raise FitError(f"{where}: g_target: {levels.size} distinct targets among {n} devices; "
                        "the empirical fit needs devices grouped in levels (equal targets), "
                        f"at least {MIN_DEVICES_PER_LEVEL} per level")
-    x_lv = levels.astype(np.float64) / g_max
+    # a pass over g_target (one number per device): checks, the sampled devices
     k_samp = max(1, int(sample_devices))
-    idx, size, counts = EK.bottom_k(g_target, levels, use_all, k_samp, _SAMPLE_KEY)
+    hh, idx, size, counts = EK.bottom_k_state(levels.size, k_samp)
+    read_target = device_chunk_reader(ds, "g_target")
+    top = 0.0
+    for start in range(0, n, VECTOR_CHUNK_DEVICES):
+        stop = min(n, start + VECTOR_CHUNK_DEVICES)
+        gt = _targets(read_target, start, stop)
+        if not np.all(np.isfinite(gt)) or np.any(gt < 0):
+            raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
+                                         "targets are finite conductances >= 0 [S]")
+        top = max(top, float(gt.max()) if gt.size else 0.0)
+        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, hh, idx, size, counts)
+    if top > g_max * (1 + 1e-6):
+        raise FitError(f"{where}: g_target: targets up to {top:.4g} S exceed g_max = "
+                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
+    if counts.sum() == 0:
+        raise FitError(f"{where}: every device is excluded (valid mask / exclude); nothing "
+                       "to fit")
+    x_lv = levels.astype(np.float64) / g_max
     rows = np.arange(levels.size)[:, None] * k_samp + np.arange(k_samp)[None, :]
     have = idx >= 0
     order = np.argsort(idx[have], kind="stable")
     sel_idx = np.ascontiguousarray(idx[have][order])
     sel_row = np.ascontiguousarray(rows[have][order])
     hist, lohi, sums, lvl, tsum, sample = _stream(
-        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use_all, rule, stuck_below,
+        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
         sel_idx, sel_row, levels.size * k_samp, chunk_devices, progress, n_workers)
     notes = []
     # ---- levels and times

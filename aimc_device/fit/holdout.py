@@ -15,9 +15,10 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
-from .. import pcm
 from . import _empirical_kernels as EK
 from ._stats import FitError
+from .criterion import (Criterion, first_read, fitted_numbers, model_reads, read_log_likelihood,
+                        time_nodes)
 
 __all__ = ["HoldoutResult", "holdout_ks", "split_devices", "compare_to_model"]
 
@@ -35,6 +36,8 @@ class HoldoutResult:
     family : str, the fitted model's family
     model : the model fitted on the other half
     notes : list of str
+    criterion : Criterion or None, the predictive log-likelihood of both halves (from
+        :func:`holdout_ks`)
     """
 
     levels: np.ndarray
@@ -46,6 +49,7 @@ class HoldoutResult:
     family: str
     model: object = None
     notes: list = field(default_factory=list)
+    criterion: Criterion | None = None
 
     def passing(self, alpha: float = 0.01) -> np.ndarray:
         """(K, M) bool: p > alpha (False where not tested)."""
@@ -72,9 +76,20 @@ class HoldoutResult:
                          f"levels pass, median p = {np.nanmedian(self.pvalue[:, m]):.3g}")
         return "\n".join(lines + [f"  note: {n}" for n in self.notes])
 
+    def passing_per_level(self, alpha: float = 0.01) -> list[str]:
+        """One line per level: the times whose test passes (p > alpha), of those tested."""
+        tested = np.isfinite(self.pvalue)
+        ok = self.passing(alpha)
+        return [f"x = {x:.4g}: {int(ok[k].sum())}/{int(tested[k].sum())} times pass, "
+                f"min p = {np.nanmin(self.pvalue[k]) if tested[k].any() else np.nan:.3g}"
+                for k, x in enumerate(self.levels)]
+
     def to_dict(self) -> dict:
-        return {k: (v.tolist() if isinstance(v, np.ndarray) else v)
-                for k, v in self.__dict__.items() if k != "model"}
+        out = {k: (v.tolist() if isinstance(v, np.ndarray) else v)
+               for k, v in self.__dict__.items() if k not in ("model", "criterion")}
+        if self.criterion is not None:
+            out["criterion"] = self.criterion.to_dict()
+        return out
 
 
 def split_devices(g_target, seed: int = 0, use=None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,14 +130,6 @@ def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(fa - fb).max())
 
 
-def _first_read(g: np.ndarray) -> np.ndarray:
-    """(n, T, R) -> (n, T): the first repeat that was read (NaN if none)."""
-    out = g[:, :, 0].astype(np.float64)
-    for r in range(1, g.shape[2]):
-        out = np.where(np.isnan(out), g[:, :, r], out)
-    return out
-
-
 def compare_to_model(model, ds: xr.Dataset, *, times=None, n_fit=None, seed: int = 0,
                      draws: int = 8) -> HoldoutResult:
     """Kolmogorov-Smirnov test per level and time of a campaign's reads against a model.
@@ -149,25 +156,16 @@ def compare_to_model(model, ds: xr.Dataset, *, times=None, n_fit=None, seed: int
     -------
     HoldoutResult
     """
-    g_target = np.asarray(ds["g_target"].values)
-    g = _first_read(np.asarray(ds["g"].values))
-    t0 = float(ds.attrs["t0"])
-    if times is None:
-        times = ds["read_time"].values if "read_time" in ds else ds["time"].values
-    times = np.asarray(times, dtype=float)
-    if times.ndim == 2:
-        with np.errstate(invalid="ignore"):
-            s = np.where(np.isnan(g), np.nan, np.log1p(times / t0))
-        t_nodes = t0 * np.expm1(np.nanmean(s, axis=0))
-    else:
-        t_nodes = times
+    g_target, g, t_nodes = _reads(ds, times)
+    sims = model_reads(model, g_target, t_nodes, seed, draws)
+    return _ks_cells(model, g_target, g, t_nodes, sims, n_fit, float(ds.attrs["g_max"]))
+
+
+def _ks_cells(model, g_target, g, t_nodes, sims, n_fit, g_max: float) -> HoldoutResult:
+    """The KS tests of :func:`compare_to_model` of reads g (n, T) against the model's reads
+    ``sims`` (draws, n, T)."""
     levels, lev = np.unique(g_target, return_inverse=True)
     t_n = t_nodes.size
-    sims = np.empty((draws, g_target.size, t_n))
-    for d in range(draws):
-        state = pcm.program(g_target, model, rng=[seed, d])
-        for m, t in enumerate(t_nodes):
-            sims[d, :, m] = pcm.read(state, float(t), model, rng=[seed, d, m + 1])
     n_ref = (np.full(levels.size, -1) if n_fit is None
              else np.broadcast_to(np.asarray(n_fit), levels.shape))
     shape = (levels.size, t_n)
@@ -186,10 +184,18 @@ def compare_to_model(model, ds: xr.Dataset, *, times=None, n_fit=None, seed: int
             n2 = n_ref[k] if n_ref[k] > 0 else sim.size
             en = np.sqrt(data.size * n2 / (data.size + n2))
             pval[k, m] = stats.kstwobign.sf((en + 0.12 + 0.11 / en) * stat[k, m])
-    g_max = float(ds.attrs["g_max"])
     return HoldoutResult(levels=levels.astype(float) / g_max, times=t_nodes, statistic=stat,
                          pvalue=pval, n_test=n_test, n_model=n_model,
                          family=getattr(model, "family", type(model).__name__), model=model)
+
+
+def _reads(ds: xr.Dataset, times):
+    """(g_target (n,) [S], first read per device and time (n, T) [S], time nodes (T,) [s])."""
+    g_target = np.asarray(ds["g_target"].values)
+    g = first_read(np.asarray(ds["g"].values))
+    if times is None:
+        times = ds["read_time"].values if "read_time" in ds else ds["time"].values
+    return g_target, g, time_nodes(g, times, float(ds.attrs["t0"]))
 
 
 def holdout_ks(ds: xr.Dataset, fit_function=None, *, times=None, exclude=None, seed: int = 0,
@@ -214,7 +220,9 @@ def holdout_ks(ds: xr.Dataset, fit_function=None, *, times=None, exclude=None, s
     Returns
     -------
     HoldoutResult, p-values of a two-sample test of sizes (held-out reads, fitted devices)
-    (see :func:`compare_to_model`).
+    (see :func:`compare_to_model`), with its ``criterion``: the model's predictive
+    log-likelihood of the reads of the fitted and of the held-out half, AIC and BIC
+    (:class:`aimc_device.fit.criterion.Criterion`).
     """
     if fit_function is None:
         from .empirical_fit import fit_empirical as fit_function
@@ -233,11 +241,24 @@ def holdout_ks(ds: xr.Dataset, fit_function=None, *, times=None, exclude=None, s
     kw = dict(fit_kwargs)
     if times is not None:
         kw["times"] = np.asarray(times)[fit_idx] if per_device else np.asarray(times)
-    model = fit_function(ds.isel(device=fit_idx), **kw)[0]
+    fit_half = ds.isel(device=fit_idx)
+    model, report = fit_function(fit_half, **kw)[:2]
     test_times = None
     if times is not None:
         test_times = np.asarray(times)[test_idx] if per_device else np.asarray(times)
     levels = np.unique(g_target[test_idx])
     n_fit = np.array([(g_target[fit_idx] == v).sum() for v in levels])
-    return compare_to_model(model, ds.isel(device=test_idx), times=test_times, n_fit=n_fit,
-                            seed=seed, draws=draws)
+    g_max = float(ds.attrs["g_max"])
+    gt_test, g_test, t_nodes = _reads(ds.isel(device=test_idx), test_times)
+    sims = model_reads(model, gt_test, t_nodes, seed, draws)
+    res = _ks_cells(model, gt_test, g_test, t_nodes, sims, n_fit, g_max)
+    # the predictive log-likelihood on both halves, at the test half's time nodes
+    _, ll_test, n_test = read_log_likelihood(model, gt_test, g_test, t_nodes, g_max, sims=sims)
+    gt_fit, g_fit, _ = _reads(fit_half, kw.get("times"))
+    tested = np.isin(gt_fit, levels)  # a level of one device has no held-out half
+    _, ll_fit, n_fit_reads = read_log_likelihood(model, gt_fit[tested], g_fit[tested], t_nodes,
+                                                 g_max, sims=sims, sims_targets=gt_test)
+    res.criterion = Criterion(
+        family=res.family, n_params=fitted_numbers(report), levels=res.levels, times=res.times,
+        loglik=ll_fit, n_reads=n_fit_reads, loglik_heldout=ll_test, n_heldout=n_test)
+    return res

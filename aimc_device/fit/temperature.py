@@ -48,9 +48,9 @@ from scipy import optimize
 from scipy.interpolate import CubicSpline
 
 from ..io import DeviceExclusion, MeasurementFormatError
+from ..io.measurements import target_levels
 from ..pcm import PCMModel
 from ..pcm import equivalent_time as _equivalent_time
-from ._kernels import distinct_values
 from ._stats import FitError, campaign_temperatures, iter_campaign_chunks, log_time
 from .report import ComponentFit
 
@@ -199,9 +199,7 @@ def _log_time_means(ds: xr.Dataset, exclusion: DeviceExclusion, temperature: np.
     mean of the reads taken, + s2 / (2 r m^2) with >= 2 of them) and of y^2, and for each E_a
     of ``grid`` the sum of L = ln((t_eq(E_a) + t0) / t0) over the same cells."""
     g_max, t0 = float(ds.attrs["g_max"]), float(ds.attrs["t0"])
-    g_target = np.asarray(ds["g_target"].values)
-    levels = distinct_values(np.ascontiguousarray(
-        g_target if g_target.dtype in (np.float32, np.float64) else g_target.astype(float)))
+    levels = target_levels(ds, chunk_devices)
     k, t_n = levels.size, ds.sizes["time"]
     cnt, sy, syy = (np.zeros((k, t_n)) for _ in range(3))
     sl = np.zeros((grid.size, k, t_n))

@@ -16,9 +16,9 @@ The schema (docs/measurement-format.md) in short:
   measurement's reference temperature), ``activation_energy`` [eV], ``date``, ``source``;
   ``schema = "aimc-device/pcm-campaign"`` and ``schema_version`` (1 or 2).
 
-:func:`read_measurements` returns a Dataset whose ``g`` (and per-device ``read_time``) are dask
-arrays that read the file one device chunk at a time, so files larger than memory can be
-processed; everything in it is in SI units (siemens, seconds, kelvin).
+:func:`read_measurements` returns a Dataset whose ``g``, ``g_target``, ``valid`` and per-device
+``read_time`` are dask arrays that read the file one device chunk at a time, so files larger than
+memory can be processed; everything in it is in SI units (siemens, seconds, kelvin).
 :func:`iter_device_chunks` yields loaded device chunks for streaming fits; :func:`read_counts`
 counts missing reads, dead and invalid devices; :class:`DeviceExclusion` drops devices by index
 or by rule.
@@ -49,7 +49,7 @@ __all__ = [
     "default_chunk_devices",
     "ReadCounts", "read_counts", "DeviceExclusion", "ExclusionRecord", "has_v2_features",
     "field_name", "EXCLUSION_REASONS", "check_conductances", "check_read_times", "check_campaign",
-    "root_quantity",
+    "root_quantity", "target_levels", "VECTOR_CHUNK_DEVICES",
 ]
 
 SCHEMA = "aimc-device/pcm-campaign"
@@ -329,11 +329,19 @@ class _H5Slice:
     read, so several threads read and compute at once, and nothing is copied twice.
     """
 
-    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0, layout=None):
+    def __init__(self, path: str, name: str, shape, dtype, factor: float = 1.0, layout=None,
+                 file_dtype=None, convert=None):
         self.path, self.name = path, name
         self.shape, self.dtype, self.ndim = tuple(shape), np.dtype(dtype), len(shape)
         self.factor = factor
-        self.layout = layout
+        # raw reads only when the file holds the values as they are served (bytes 0/1 are
+        # bools: a one-byte /valid checked 0/1 when opened)
+        same = file_dtype is None or np.dtype(file_dtype) == self.dtype or (
+            self.dtype == np.bool_ and np.dtype(file_dtype).itemsize == 1)
+        self.layout = layout if same and convert is None else None
+        self.convert = convert  # file values -> served values (e.g. /valid 0/1 -> bool)
+        self.checked = False  # values checked when the file was opened
+        self.levels = None  # the distinct values (g_target), found when the file was opened
 
     def _unreadable(self, exc: OSError) -> MeasurementFormatError:
         return MeasurementFormatError(self.path, self.name, f"cannot read the data ({exc})",
@@ -345,14 +353,16 @@ class _H5Slice:
                 out = f[self.name][key]
         except OSError as exc:
             raise self._unreadable(exc) from None
+        if self.convert is not None:
+            return self.convert(out)
         if self.factor != 1.0:
-            out = _to_si(out, self.factor).astype(self.dtype, copy=False)
-        return out
+            out = _to_si(out, self.factor)
+        return np.asarray(out).astype(self.dtype, copy=False)
 
     def read_into(self, start: int, stop: int, out: np.ndarray) -> np.ndarray:
         """Rows ``start:stop`` [SI] into the first rows of ``out`` (reused memory, no copy)."""
         view = out[:stop - start]
-        if self.factor != 1.0:
+        if self.factor != 1.0 or self.convert is not None:
             view[...] = self[start:stop]
             return view
         if self.layout is None:
@@ -419,11 +429,12 @@ def read_measurements(path, chunk_devices: int | None = None,
     Returns
     -------
     xarray.Dataset
-        dims ``device`` (N), ``time`` (T), ``repeat`` (R); ``g_target(device)`` [S];
+        dims ``device`` (N), ``time`` (T), ``repeat`` (R); ``g_target(device)`` [S] (dask);
         ``g(device, time, repeat)`` [S] backed by a dask array, NaN = read not taken;
         coordinate ``time`` [s] (the nominal times: for a per-device ``/time`` its attr
         ``nominal`` or the per-column median); optional ``read_time(device, time)`` [s] (dask,
-        from a per-device ``/time``), ``temperature(time)`` [K], ``valid(device)`` (bool); the
+        from a per-device ``/time``), ``temperature(time)`` [K], ``valid(device)`` (bool, dask);
+        the
         root attributes with ``g_max`` [S], ``t0`` [s], ``t_read`` [s],
         ``reference_temperature`` [K] (root ``temperature``, else 300 K) in SI units,
         ``schema_version``, ``source_file`` (the absolute path read) and, when the values were
@@ -481,7 +492,6 @@ def read_measurements(path, chunk_devices: int | None = None,
         fg = _unit_factor(path, "/g", f["g"].attrs.get("units"), CONDUCTANCE_UNITS)
         ft = _unit_factor(path, "/time", f["time"].attrs.get("units"), TIME_UNITS)
         try:
-            g_target = _to_si(f["g_target"][()], fg_t)
             per_device = f["time"].ndim == 2
             time = (_median_times(path, f, n, ft) if per_device
                     else _to_si(f["time"][()].astype(np.float64), ft))
@@ -494,7 +504,7 @@ def read_measurements(path, chunk_devices: int | None = None,
                                                  "read time: the interval that ends with it")
                 temperature = _to_kelvin(path, "/temperature", d[()], d.attrs.get("units"))
             if "valid" in f:
-                valid = _valid_mask(path, f["valid"], n)
+                valid = _valid_source(path, f["valid"], n)
         except OSError as exc:
             raise MeasurementFormatError(path, "/g_target", f"cannot read the data ({exc})",
                                          "the file is truncated or damaged") from None
@@ -502,8 +512,9 @@ def read_measurements(path, chunk_devices: int | None = None,
         layout = _raw_layout(f["g"])
         tshape, tdtype = f["time"].shape, f["time"].dtype
         tlayout = _raw_layout(f["time"]) if per_device else None
-    check_conductances(path, "/g_target", g_target)
-    _check_targets(path, "/g_target", g_target, g_max)
+        target_src = _H5Slice(path, "g_target", (n,), gdtype, fg_t, _raw_layout(f["g_target"]),
+                              file_dtype=f["g_target"].dtype)
+    _scan_targets(target_src, g_max)
     _check_time(path, "/time", time)
     n_rep = gshape[2]
     if chunk_devices is None:
@@ -517,9 +528,18 @@ def read_measurements(path, chunk_devices: int | None = None,
     g = da.from_array(src, chunks=(chunk_devices, t_n, n_rep), lock=False, asarray=True,
                       name=f"aimc-g-{key}", meta=np.empty((0, 0, 0), gdtype))
     _LAZY_SOURCES[g.name] = src
+    # g_target and valid stream like g (one number per device: larger chunks)
+    vector_chunk = int(min(n, max(chunk_devices, VECTOR_CHUNK_DEVICES)))
+    gt = da.from_array(target_src, chunks=(vector_chunk,), lock=False, asarray=True,
+                       name=f"aimc-gt-{key}", meta=np.empty((0,), gdtype))
+    _LAZY_SOURCES[gt.name] = target_src
+    if valid is not None:
+        valid_src = valid
+        valid = da.from_array(valid_src, chunks=(vector_chunk,), lock=False, asarray=True,
+                              name=f"aimc-valid-{key}", meta=np.empty((0,), bool))
+        _LAZY_SOURCES[valid.name] = valid_src
     data_vars = {
-        "g_target": (("device",), g_target.astype(gdtype, copy=False),
-                     {"units": "S", "long_name": "target conductance"}),
+        "g_target": (("device",), gt, {"units": "S", "long_name": "target conductance"}),
         "g": (("device", "time", "repeat"), g,
               {"units": "S", "long_name": "conductance read after programming (NaN: not read)"}),
     }
@@ -561,18 +581,89 @@ def read_measurements(path, chunk_devices: int | None = None,
     return ds
 
 
-def _valid_mask(path, d: h5py.Dataset, n: int) -> np.ndarray:
-    """``/valid`` (N,) bool or 0/1 integers -> bool."""
+#: Devices per chunk of the per-device vectors (``g_target``, ``valid``) when scanned alone.
+VECTOR_CHUNK_DEVICES = 2**22
+#: Most distinct targets :func:`target_levels` keeps while scanning (beyond: no levels).
+_MAX_LEVELS = 2**20
+
+
+def _valid_source(path, d: h5py.Dataset, n: int) -> "_H5Slice":
+    """``/valid`` (N,) bool or 0/1 integers as a lazy bool source, checked chunk by chunk now."""
     if d.shape != (n,):
         raise MeasurementFormatError(path, "/valid", f"wrong shape {d.shape}: expected (N={n},)",
                                      "one flag per device")
-    v = d[()]
-    if v.dtype != np.bool_:
-        if not np.issubdtype(v.dtype, np.integer) or not np.isin(v, (0, 1)).all():
-            raise MeasurementFormatError(path, "/valid", f"values of dtype {v.dtype} that are "
-                                         "not 0/1", "store bool or 0 (drop) / 1 (keep)")
-        v = v.astype(bool)
-    return v
+    dtype = d.dtype
+
+    def to_bool(v):
+        v = np.asarray(v)
+        if v.dtype != np.bool_:
+            if not np.issubdtype(v.dtype, np.integer) or not np.isin(v, (0, 1)).all():
+                raise MeasurementFormatError(path, "/valid", f"values of dtype {dtype} that are "
+                                             "not 0/1", "store bool or 0 (drop) / 1 (keep)")
+            v = v != 0
+        return v
+
+    if dtype != np.bool_ and not np.issubdtype(dtype, np.integer):
+        to_bool(np.zeros(1, dtype))  # raises naming the dtype
+    src = _H5Slice(path, "valid", (n,), bool, convert=to_bool)
+    if dtype != np.bool_:
+        for start in range(0, n, VECTOR_CHUNK_DEVICES):
+            src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+    if dtype.itemsize == 1 and dtype.isnative:  # checked 0/1: its bytes are bools
+        src = _H5Slice(path, "valid", (n,), bool, layout=_raw_layout(d), file_dtype=dtype)
+    src.checked = True
+    return src
+
+
+def _run_heads(values: np.ndarray) -> np.ndarray:
+    """The sorted distinct values of ``values`` (NaN dropped): the first value of each run of
+    equal values, then np.unique of those (fast when equal targets are stored together)."""
+    if values.size == 0:
+        return values
+    heads = values[np.concatenate([[True], values[1:] != values[:-1]])]
+    return np.unique(heads[~np.isnan(heads)])
+
+
+def _scan_targets(src: "_H5Slice", g_max: float) -> None:
+    """Check ``/g_target`` chunk by chunk (finite, >= 0, <= g_max) and note its distinct
+    values on ``src`` (None when there are more than _MAX_LEVELS)."""
+    n = src.shape[0]
+    top = 0.0
+    levels = np.zeros(0, src.dtype)
+    for start in range(0, n, VECTOR_CHUNK_DEVICES):
+        chunk = src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+        check_conductances(src.path, "/g_target", chunk, offset=start)
+        top = max(top, float(chunk.max()) if chunk.size else 0.0)
+        if levels is not None:
+            levels = np.union1d(levels, _run_heads(chunk))
+            if levels.size > _MAX_LEVELS:
+                levels = None
+    _check_targets(src.path, "/g_target", np.array([top]), g_max)
+    src.levels, src.checked = levels, True
+
+
+def target_levels(ds: xr.Dataset, chunk_devices: int | None = None) -> np.ndarray:
+    """The sorted distinct targets [S] of a campaign (NaN excluded), in ``g_target``'s dtype.
+
+    For a Dataset from :func:`read_measurements` they were found when the file was opened;
+    otherwise ``g_target`` is scanned chunk by chunk (memory independent of the devices).
+    """
+    src = _LAZY_SOURCES.get(getattr(ds["g_target"].data, "name", None))
+    if src is not None and src.levels is not None:
+        return src.levels.copy()
+    n = ds.sizes["device"]
+    read = device_chunk_reader(ds, "g_target")
+    step = max(VECTOR_CHUNK_DEVICES, int(chunk_devices or 0))
+    levels = np.zeros(0, ds["g_target"].dtype)
+    for start in range(0, n, step):
+        levels = np.union1d(levels, _run_heads(np.asarray(read(start, min(n, start + step)))))
+    return levels
+
+
+def _checked_source(ds: xr.Dataset, name: str) -> bool:
+    """True when ``ds[name]`` streams from a file whose values were checked when opened."""
+    src = _LAZY_SOURCES.get(getattr(ds[name].data, "name", None))
+    return src is not None and src.checked
 
 
 def _check_targets(path, field: str, g_target: np.ndarray, g_max: float) -> None:
@@ -628,9 +719,13 @@ def check_campaign(ds: xr.Dataset, where: str) -> tuple[dict, dict]:
     g_max = root_quantity(where, ds.attrs, "g_max", CONDUCTANCE_UNITS, True)
     root_quantity(where, ds.attrs, "t0", TIME_UNITS, True)
     root_quantity(where, ds.attrs, "t_read", TIME_UNITS, False)
-    g_target = np.asarray(ds["g_target"].values)
-    check_conductances(where, "g_target", g_target)
-    _check_targets(where, "g_target", g_target * factors["g_target"], g_max)
+    if not _checked_source(ds, "g_target"):  # chunk by chunk: memory independent of N
+        n = ds.sizes["device"]
+        read = device_chunk_reader(ds, "g_target")
+        for start in range(0, n, VECTOR_CHUNK_DEVICES):
+            g_target = np.asarray(read(start, min(n, start + VECTOR_CHUNK_DEVICES)))
+            check_conductances(where, "g_target", g_target, offset=start)
+            _check_targets(where, "g_target", g_target * factors["g_target"], g_max)
     _check_time(where, "time", np.asarray(ds["time"].values, dtype=np.float64))
     return factors, dict(ds.attrs)
 
@@ -651,7 +746,7 @@ def has_v2_features(ds: xr.Dataset) -> bool:
 
 def device_chunk_reader(ds: xr.Dataset, name: str = "g"):
     """A function ``read(start, stop, out=None) -> ndarray`` giving ``ds[name][start:stop]``
-    (``g`` [S] by default; ``read_time`` [s] also streams).
+    (``g`` [S] by default; ``read_time`` [s], ``g_target`` [S] and ``valid`` also stream).
 
     For a Dataset straight from :func:`read_measurements` it reads the file with h5py directly
     (no dask scheduling per chunk; safe to call from several threads), into ``out`` when given
@@ -802,7 +897,15 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                 continue
             if isinstance(value, (str, bool, int, float, np.generic)):
                 f.attrs[key] = value
-        f.create_dataset("g_target", data=np.asarray(ds["g_target"].values), track_times=False)
+        vectors = {"g_target": ds["g_target"].dtype}
+        if "valid" in ds:
+            vectors["valid"] = bool
+        for name, dtype in vectors.items():  # chunk by chunk: memory independent of N
+            vset = f.create_dataset(name, shape=(n,), dtype=dtype, track_times=False)
+            read_v = device_chunk_reader(ds, name)
+            for start in range(0, n, VECTOR_CHUNK_DEVICES):
+                stop = min(n, start + VECTOR_CHUNK_DEVICES)
+                vset[start:stop] = np.asarray(read_v(start, stop), dtype=dtype)
         f["g_target"].attrs["units"] = ds["g_target"].attrs["units"]
         nominal = np.asarray(ds["time"].values, dtype=np.float64)
         if per_device:
@@ -819,9 +922,6 @@ def write_measurements(ds: xr.Dataset, path, chunk_devices: int | None = None,
                              data=np.asarray(ds["temperature"].values, dtype=np.float64),
                              track_times=False)
             f["temperature"].attrs["units"] = "K"
-        if "valid" in ds:
-            f.create_dataset("valid", data=np.asarray(ds["valid"].values, dtype=bool),
-                             track_times=False)
         hchunk = min(chunk_devices, default_chunk_devices(t_n, n_rep, gdtype.itemsize,
                                                           2**20))
         dset = f.create_dataset("g", shape=(n, t_n, n_rep), dtype=gdtype,
@@ -915,8 +1015,12 @@ def read_counts(ds: xr.Dataset, chunk_devices: int | None = None) -> ReadCounts:
         if read_t is not None:
             check_read_times(where, field_name(ds, "read_time"),
                               np.asarray(read_t(start, stop), dtype=np.float64), start)
-    invalid = (np.flatnonzero(~np.asarray(ds["valid"].values)) if "valid" in ds
-               else np.zeros(0, np.int64))
+    invalid = np.zeros(0, np.int64)
+    if "valid" in ds:
+        read_v = device_chunk_reader(ds, "valid")
+        step = VECTOR_CHUNK_DEVICES
+        invalid = np.concatenate([np.flatnonzero(~np.asarray(read_v(a, min(n, a + step)))) + a
+                                  for a in range(0, n, step)])
     return ReadCounts(per_device, per_time, np.concatenate(dead) if dead else np.zeros(0, int),
                       invalid, int(n * t_n * ds.sizes["repeat"]))
 
@@ -1070,14 +1174,24 @@ class _nan_warnings_off:
         return self._ctx.__exit__(*exc)
 
 
+#: Runs of dropped devices an ExclusionRecord keeps per reason (beyond: counted only, so that
+#: its memory does not grow with the file).
+MAX_RUNS = 4096
+
+
 @dataclass
 class ExclusionRecord:
-    """Which devices were dropped and why, as runs of indices per reason.
+    """Which devices were dropped and why: counts per reason, and the first MAX_RUNS runs of
+    indices per reason.
 
     Add each chunk's codes (:meth:`DeviceExclusion.codes`) in chunk order with :meth:`add`.
     """
 
     runs: dict = field(default_factory=lambda: {r: [] for r in EXCLUSION_REASONS.values()})
+    n_dropped: dict = field(default_factory=lambda: {r: 0 for r in EXCLUSION_REASONS.values()})
+    runs_left_out: dict = field(
+        default_factory=lambda: {r: 0 for r in EXCLUSION_REASONS.values()})
+    _last_end: dict = field(default_factory=dict, repr=False)
 
     def add(self, start: int, codes: np.ndarray) -> None:
         """Record a chunk's reason codes; ``start`` is its first device."""
@@ -1087,19 +1201,31 @@ class ExclusionRecord:
             idx = np.flatnonzero(codes == code)
             if idx.size == 0:
                 continue
+            self.n_dropped[reason] += int(idx.size)
             brk = np.flatnonzero(np.diff(idx) != 1)
             firsts = np.concatenate([[idx[0]], idx[brk + 1]]) + start
             lasts = np.concatenate([idx[brk], [idx[-1]]]) + start + 1
             runs = self.runs[reason]
-            for a, b in zip(firsts.tolist(), lasts.tolist()):
-                if runs and runs[-1][1] == a:
-                    runs[-1][1] = b
-                else:
-                    runs.append([a, b])
+            if self.runs_left_out[reason]:  # no more runs kept: count the new ones
+                joins = int(firsts[0] == self._last_end.get(reason, -1))
+                self.runs_left_out[reason] += firsts.size - joins
+            else:
+                for a, b in zip(firsts.tolist(), lasts.tolist()):
+                    if runs and runs[-1][1] == a:
+                        runs[-1][1] = b
+                    elif len(runs) < MAX_RUNS:
+                        runs.append([a, b])
+                    else:
+                        self.runs_left_out[reason] += 1
+                        self._last_end[reason] = b
+                        break_at = int(np.searchsorted(firsts, a)) + 1
+                        self.runs_left_out[reason] += firsts.size - break_at
+                        break
+            self._last_end[reason] = int(lasts[-1])
 
     def counts(self) -> dict:
         """reason -> devices dropped for it."""
-        return {r: int(sum(b - a for a, b in runs)) for r, runs in self.runs.items()}
+        return dict(self.n_dropped)
 
     @property
     def n_excluded(self) -> int:
@@ -1109,12 +1235,22 @@ class ExclusionRecord:
         """The devices dropped for ``reason`` as index ranges ("0-9,17"), shortened."""
         runs = self.runs[reason]
         text = ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs[:max_runs])
-        if len(runs) > max_runs:
-            text += f",... ({len(runs) - max_runs} more ranges)"
+        more = len(runs) - min(len(runs), max_runs) + self.runs_left_out[reason]
+        if more:
+            text += f",... ({more} more ranges)"
         return text
 
     def mask(self, n: int) -> np.ndarray:
-        """(n,) bool, True for every device dropped."""
+        """(n,) bool, True for every device dropped.
+
+        Raises
+        ------
+        ValueError
+            When more than MAX_RUNS runs of a reason were dropped (only the first are kept).
+        """
+        if any(self.runs_left_out.values()):
+            raise ValueError(f"ExclusionRecord.mask: more than {MAX_RUNS} runs of dropped "
+                             "devices for one reason; only the first are kept")
         out = np.zeros(n, bool)
         for runs in self.runs.values():
             for a, b in runs:
