@@ -955,7 +955,8 @@ def plot_requirements(ds: xr.Dataset, path, overwrite: bool = False) -> None:
                 ax.barh(i, right - left, left=left, height=0.6, color=color, alpha=0.7)
             elif s == "below range":
                 ax.text(1.3, i, "not met", va="center", fontsize=7, color="tab:red")
-            ax.plot([1.0], [i], marker="|", ms=14, mew=2.5, color="k")
+            if card > 0 or knob.integer:
+                ax.plot([1.0], [i], marker="|", ms=14, mew=2.5, color="k")
             if not bool(sub["monotone"]):
                 ax.text(right if np.isfinite(right) else 1.0, i, " !", va="center",
                         color="tab:red")
@@ -965,8 +966,11 @@ def plot_requirements(ds: xr.Dataset, path, overwrite: bool = False) -> None:
         ax.set_title(f"t = {ds['time_label'].values[j]}", fontsize=9)
         ax.set_xlabel("allowed, relative to the card (bits: 2^(bits - card))", fontsize=8)
         ax.grid(alpha=0.3, axis="x")
-    axes[0][0].set_yticks(range(len(names)), names, fontsize=8)
-    axes[0][0].invert_yaxis()
+    # A knob the card does not have (no stuck devices, no S-ADC) is shown against its first value.
+    labels = [n if float(ds["card_value"].sel(knob=n)) > 0 or KNOBS[n].integer
+              else f"{n}\n(card: none; 1 = {KNOBS[n].first:g})" for n in names]
+    axes[0][0].set_yticks(range(len(names)), labels, fontsize=8)
+    axes[0][0].set_ylim(len(names) - 0.5, -0.5)  # first knob on top, every row in view
     fig.suptitle(f"{ds.attrs.get('title', '')}: A* >= {ds.attrs['target']:g} for "
                  f"{100 * ds.attrs['coverage']:.0f} % of programming repeats; | = card\n"
                  f"{provenance_line(ds)}",
