@@ -10,6 +10,7 @@ sigma* = sqrt((1 - target) MSE_chance / K), which the search must bracket.
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import numpy as np
@@ -111,6 +112,26 @@ def test_a_knob_not_met_over_its_range_reports_the_best_it_reached(regression, t
     ann.drift(model, 3600.0, rng=1)
     a = float(ann.normalized_accuracy(mse(model, data), 0.0, chance))
     assert best < 0.99999 and best == pytest.approx(a, abs=2e-4)  # printed to 1e-4
+
+
+def test_retrain_trains_at_every_value_with_the_users_loss(regression, tmp_path, monkeypatch):
+    lin, data, chance = regression
+    calls = []
+    train = ann.train_hwa
+
+    def counting(model, loader, **kw):
+        calls.append(kw["loss_fn"])
+        return train(model, loader, **kw)
+
+    monkeypatch.setattr(ann, "train_hwa", counting)
+    ds = _run(regression, tmp_path, QUIET.replace(out_noise=0.01), "output noise",
+              coverage=0.5, rtol=0.5, min_repeats=2, max_repeats=2, retrain=True,
+              train_data=data, loss_fn=torch.nn.functional.mse_loss)
+    points = json.loads(ds.attrs["search_points"])["output noise @ 1 h"]
+    # once for the model, then once per value searched (and once for the card's repeats)
+    assert len(calls) == 1 + len(points["values"]) + 1
+    assert all(f is torch.nn.functional.mse_loss for f in calls)
+    assert int(ds.attrs["retrain"]) == 1 and str(ds["status"].values[0, 0]) == "limit"
 
 
 def _synthetic(curve):

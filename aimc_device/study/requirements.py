@@ -58,6 +58,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import xarray as xr
 from scipy import stats
 
@@ -452,13 +453,15 @@ class _ModelEvaluator:
     retrain: bool = False
     hwa_epochs: int = 1
     seed: int = 0
+    loss_fn: Callable = F.cross_entropy
     _cache: dict = field(default_factory=dict, repr=False)
 
     def errors(self, cfg, device, keys, t) -> np.ndarray:
         model = _with_hardware(self.analog, cfg, device)
         if self.retrain:
             ann.reseed(model, [self.seed, 7])
-            ann.train_hwa(model, self.train_data, epochs=self.hwa_epochs, progress=False)
+            ann.train_hwa(model, self.train_data, epochs=self.hwa_epochs,
+                          loss_fn=self.loss_fn, progress=False)
         return _measure(model.eval(), self.metric, self.test_data, keys, t)
 
 
@@ -575,7 +578,7 @@ def evaluate_calibration(analog: torch.nn.Module, data, device, uncertainty=None
 
 # ------------------------------------------------------------------------------- the run
 def _user_model(model, train_data, test_data, metric, fp_error, chance_error, cfg, dev,
-                digital_layers, hwa_epochs, seed, progress):
+                digital_layers, hwa_epochs, seed, progress, loss_fn):
     """(analog model HWA-trained once, fp_error, chance_error) for the user's model."""
     from ..workloads import chance_error as _chance
 
@@ -590,7 +593,8 @@ def _user_model(model, train_data, test_data, metric, fp_error, chance_error, cf
         analog = ann.convert(model, cfg, dev, digital=tuple(digital_layers or ()), rng=seed)
         if train_data is not None:
             ann.reseed(analog, [seed, 6])
-            ann.train_hwa(analog, train_data, epochs=int(hwa_epochs or 1), progress=progress)
+            ann.train_hwa(analog, train_data, epochs=int(hwa_epochs or 1), loss_fn=loss_fn,
+                          progress=progress)
     elif fp_error is None:
         raise ValueError("requirements: model is already analog; give fp_error (the metric of "
                          "the floating-point model)")
@@ -608,7 +612,8 @@ def requirements(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
                  rtol: float = 0.1, retrain: bool = False, calibration_samples: int = 0,
                  calibration_repeats: int = 4, uncertainty: ParameterCovariance | None = None,
                  model=None, train_data=None, test_data=None, metric=None, fp_error=None,
-                 chance_error=None, out_dir="requirements-out", seed: int = 0,
+                 chance_error=None, loss_fn: Callable = F.cross_entropy,
+                 out_dir="requirements-out", seed: int = 0,
                  quick: bool = False, hwa_epochs: int | None = None, scheduler=None,
                  progress: bool = True, plot: bool = True, verbose: bool = True,
                  overwrite: bool = False, command: str | None = None,
@@ -638,6 +643,8 @@ def requirements(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
     metric : callable(model, data) -> float, lower is better; default classification error
     fp_error, chance_error : float, the metric of the floating-point model and of chance
         (computed where possible)
+    loss_fn : callable(outputs, targets) -> loss, the training loss of the user's model in HWA
+        training (once, and at every value with ``retrain``); default cross-entropy
     out_dir : folder of checkpoints and of ``<workload>-requirements.nc/.txt/.png``
     seed : int, seeds training, programming repeats and calibration draws
     quick : bool, the workload's quick settings
@@ -685,10 +692,10 @@ def requirements(workload="cnn", device=None, cfg: CrossbarConfig | None = None,
         analog, fp_err, ch_err = _user_model(model, train_data, test_data, metric, fp_error,
                                              chance_error, cfg, dev,
                                              study_kwargs.get("digital_layers"), hwa_epochs,
-                                             seed, progress)
+                                             seed, progress, loss_fn)
         evaluator = _ModelEvaluator(analog, test_data, metric or ann.classification_error, cfg,
                                     dev, fp_err, ch_err, train_data, retrain,
-                                    int(hwa_epochs or 1), seed)
+                                    int(hwa_epochs or 1), seed, loss_fn)
         token = fingerprint({"state": {k: v.tolist() for k, v in analog.state_dict().items()
                                        if ".prog_" not in k}})
         recipe = {"model": type(model).__name__}
