@@ -231,6 +231,14 @@ def test_calibration_draws_in_requirements(regression, tmp_path):
                                     chance_error=chance)
     assert ev["mse"].shape == (3, 2, 1) and float(ev["repeat_spread"][0]) > 0
     assert float(ev["calibration_spread"][0]) >= 0
+    # the same through nn.evaluate_over_time, which propagates a fit's covariance itself
+    direct = ann.evaluate_over_time(analog, data, mse, (3600.0,), 2, rng=0, fp_error=0.0,
+                                    chance_error=chance, progress=False, name="mse",
+                                    uncertainty=unc, calibration_samples=3)
+    np.testing.assert_array_equal(direct["mse"].values, ev["mse"].values)
+    assert np.ptp(ev["mse"].values.mean(axis=1)) > 0      # the device models differ
+    with pytest.raises(ValueError, match="give uncertainty"):
+        ann.evaluate_over_time(analog, data, mse, (3600.0,), 2, calibration_samples=3)
     with pytest.raises(ValueError, match="no fit covariance"):
         study.requirements(model=lin, test_data=data, metric=mse, fp_error=0.0,
                            chance_error=chance, device=model, calibration_samples=2,

@@ -25,10 +25,12 @@ from .convert import (
 )
 from .evaluation import (
     PAPER_TIMES,
+    calibration_spread,
     classification_error,
     evaluate_over_time,
     normalized_accuracy,
     standard_error,
+    with_hardware,
 )
 from .layers import (
     AnalogConv1d,
@@ -60,7 +62,7 @@ __all__ = [
     "AnalogConv1d", "AnalogConv2d", "AnalogConvTranspose1d", "AnalogConvTranspose2d",
     "AnalogLSTM", "AnalogGRU", "AnalogMultiheadAttention", "HWAConfig", "AnalogOptimizer",
     "init_input_ranges", "distillation_loss", "hwa_loss", "hwa_param_groups", "train_mode",
-    "train_hwa", "evaluate_over_time",
+    "train_hwa", "evaluate_over_time", "with_hardware", "calibration_spread",
     "classification_error", "normalized_accuracy", "standard_error", "PAPER_TIMES",
     "perturb_tensor", "retain_freed_memory",
 ]

@@ -7,6 +7,7 @@ device draws; the result is an xarray Dataset.
 from __future__ import annotations
 
 import collections.abc
+import copy
 import json
 from typing import Callable
 
@@ -22,7 +23,7 @@ from ..io import model_to_dict
 from .convert import analog_tiles, drift, forget_programming, program
 
 __all__ = ["PAPER_TIMES", "classification_error", "normalized_accuracy", "standard_error",
-           "evaluate_over_time"]
+           "evaluate_over_time", "with_hardware", "calibration_spread"]
 
 #: 1 s, 1 h, 1 day and 1 year after programming [s] (Rasch et al. 2023, Table 3).
 PAPER_TIMES = (1.0, 3600.0, 86400.0, 31536000.0)
@@ -86,10 +87,54 @@ def normalized_accuracy(error, fp_error: float, chance_error: float):
     return 1.0 - (np.asarray(error) - fp_error) / (chance_error - fp_error)
 
 
+def with_hardware(model: nn.Module, cfg=None, device=None) -> nn.Module:
+    """A copy of an analog model whose tiles use ``cfg`` and ``device`` when programmed and read.
+
+    The tiling and the trained parameters stay as they are; None keeps a tile's own crossbar
+    configuration (``cfg``) or device model (``device``).
+    """
+    out = copy.deepcopy(model)
+    for tile in analog_tiles(out):
+        tile.cfg = cfg if cfg is not None else tile.cfg
+        tile.device_model = device if device is not None else tile.device_model
+    return out
+
+
+def calibration_spread(a_star) -> dict:
+    """Split the spread of A* over calibration draws and programming repeats.
+
+    One-way random-effects model (D. C. Montgomery, Design and Analysis of Experiments, 8th
+    ed., Wiley 2013, section 13.1): A*_kr = mu + c_k + e_kr, c_k ~ (0, s_cal^2) the effect of calibration
+    draw k (a plausible device model), e_kr ~ (0, s_rep^2) that of programming repeat r. With K
+    draws of R repeats each: s_rep^2 = mean_k var_r(A*_kr) (the within-draw variance) and
+    s_cal^2 = max(0, var_k(mean_r A*_kr) - s_rep^2 / R).
+
+    Parameters
+    ----------
+    a_star : array (..., K, R), A* (dimensionless)
+
+    Returns
+    -------
+    dict with ``calibration`` and ``repeat`` (standard deviations, arrays of shape (...)),
+    ``total`` (sqrt of their squares' sum) and ``mean``.
+    """
+    a = np.asarray(a_star, dtype=float)
+    if a.ndim < 2 or a.shape[-1] < 2 or a.shape[-2] < 2:
+        raise ValueError("calibration_spread: give A* of shape (..., draws >= 2, repeats >= 2)")
+    r = a.shape[-1]
+    within = a.var(axis=-1, ddof=1).mean(axis=-1)
+    between = a.mean(axis=-1).var(axis=-1, ddof=1)
+    cal = np.sqrt(np.clip(between - within / r, 0.0, None))
+    rep = np.sqrt(within)
+    return {"calibration": cal, "repeat": rep, "total": np.hypot(cal, rep),
+            "mean": a.mean(axis=(-1, -2))}
+
+
 def evaluate_over_time(model: nn.Module, data, metric: Callable = classification_error,
                        times=PAPER_TIMES, repeats: int = 25, rng=0,
                        fp_error: float | None = None, chance_error: float | None = None,
-                       progress: bool = True, name: str = "error") -> xr.Dataset:
+                       progress: bool = True, name: str = "error", uncertainty=None,
+                       calibration_samples: int = 0) -> xr.Dataset:
     """Program, drift and measure a model at several times after programming, repeatedly.
 
     Parameters
@@ -103,13 +148,30 @@ def evaluate_over_time(model: nn.Module, data, metric: Callable = classification
     fp_error, chance_error : float, optional; with both, A* is added
     progress : bool, show a tqdm bar
     name : str, name of the metric variable
+    uncertainty : aimc_device.pcm.ParameterCovariance, optional
+        The covariance of the fit that made the model's device card
+        (:func:`aimc_device.io.load_device_uncertainty`); with ``calibration_samples`` the
+        evaluation propagates it.
+    calibration_samples : int
+        Plausible device models drawn from ``uncertainty`` around the tiles' device model
+        (0: none; else >= 2, with ``repeats`` >= 2): the model is evaluated with each, and the
+        spread of A* is split into its calibration and programming parts
+        (:func:`calibration_spread`).
 
     Returns
     -------
     xarray.Dataset with ``{name}(repeat, time)``, ``{name}_mean(time)``, ``{name}_sem(time)``
     and, given fp/chance errors, ``normalized_accuracy(time)`` and its standard error; every
-    setting (times, repeats, seed, crossbar config, device model) in attrs.
+    setting (times, repeats, seed, crossbar config, device model) in attrs. With calibration
+    samples: ``{name}(draw, repeat, time)``, and given fp/chance errors
+    ``normalized_accuracy(draw, repeat, time)``, ``calibration_spread(time)`` and
+    ``repeat_spread(time)`` (standard deviations of A*).
     """
+    check_int(calibration_samples, "calibration_samples", lo=0)
+    if calibration_samples:
+        return _evaluate_calibration(model, data, metric, times, repeats, rng, fp_error,
+                                     chance_error, progress, name, uncertainty,
+                                     calibration_samples)
     check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
     tiles = analog_tiles(model)
     if not tiles:
@@ -167,5 +229,41 @@ def evaluate_over_time(model: nn.Module, data, metric: Callable = classification
         a = normalized_accuracy(values, fp_error, chance_error)
         ds["normalized_accuracy"] = (("time",), a.mean(axis=0))
         ds["normalized_accuracy_sem"] = (("time",), sem / (chance_error - fp_error))
+        ds.attrs.update(fp_error=float(fp_error), chance_error=float(chance_error))
+    return ds
+
+
+def _evaluate_calibration(model, data, metric, times, repeats, rng, fp_error, chance_error,
+                          progress, name, uncertainty, n_models) -> xr.Dataset:
+    """:func:`evaluate_over_time` with each of ``n_models`` plausible device models."""
+    check_instance(model, "model", nn.Module, "a torch.nn.Module (an analog model)")
+    check_int(n_models, "calibration_samples", lo=2)
+    check_int(repeats, "repeats", lo=2)
+    if uncertainty is None:
+        raise ValueError("calibration_samples: give uncertainty= (the fit's covariance, "
+                         "aimc_device.io.load_device_uncertainty(card))")
+    devices = {id(t.device_model): t.device_model for t in analog_tiles(model)}
+    if len(devices) != 1 or None in devices.values():
+        raise ValueError("calibration_samples: the model's tiles must share one device model "
+                         "(convert it with device=the card)")
+    dev = next(iter(devices.values()))
+    seed = int(rng) if isinstance(rng, (int, np.integer)) else int(
+        as_generator(rng).integers(2**62))
+    draws = uncertainty.sample_models(dev, n_models, rng=[seed, 501])
+    runs = [evaluate_over_time(with_hardware(model, None, d), data, metric, times, repeats,
+                               rng=[seed, 502 + k], progress=progress, name=name)
+            for k, d in enumerate(draws)]
+    values = np.stack([r[name].values for r in runs])           # (draw, repeat, time)
+    ds = xr.Dataset({name: (("draw", "repeat", "time"), values)},
+                    coords={"draw": np.arange(n_models), "repeat": np.arange(repeats),
+                            "time": ("time", runs[0]["time"].values, {"units": "s"})},
+                    attrs={"device_model": dev.name, "seed": seed,
+                           "parameters": list(uncertainty.parameters)})
+    if fp_error is not None and chance_error is not None:
+        a = normalized_accuracy(values, fp_error, chance_error)
+        sp = calibration_spread(np.moveaxis(a, -1, 0))
+        ds["normalized_accuracy"] = (("draw", "repeat", "time"), a)
+        ds["calibration_spread"] = (("time",), sp["calibration"])
+        ds["repeat_spread"] = (("time",), sp["repeat"])
         ds.attrs.update(fp_error=float(fp_error), chance_error=float(chance_error))
     return ds

@@ -36,7 +36,7 @@ Calibration uncertainty: with ``calibration_samples=K`` and a device card that k
 covariance (:func:`aimc_device.io.load_device_uncertainty`), the network is also evaluated on K
 plausible device models drawn from it (:meth:`aimc_device.pcm.ParameterCovariance.sample_models`),
 R repeats each, and the variance of A*(t) is split into its calibration and programming parts
-(:func:`calibration_spread`).
+(:func:`aimc_device.nn.calibration_spread`).
 
 References
 ----------
@@ -47,7 +47,6 @@ References
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -388,16 +387,6 @@ def search_limit(evaluate: Callable, card: float, knob: Knob,
 
 
 # ------------------------------------------------------------------------------- evaluators
-def _with_hardware(analog: torch.nn.Module, cfg: CrossbarConfig | None, device) -> torch.nn.Module:
-    """A copy of an analog model whose tiles use ``cfg`` (None: their own) and ``device`` when
-    programmed and read (the knobs change neither the tiling nor the trained parameters)."""
-    out = copy.deepcopy(analog)
-    for tile in ann.analog_tiles(out):
-        tile.cfg = cfg if cfg is not None else tile.cfg
-        tile.device_model = device
-    return out
-
-
 def _measure(analog, metric, data, keys, t: float) -> np.ndarray:
     """Program ``analog`` with each key's draws, move it to ``t`` and measure ``metric``."""
     out = np.empty(len(keys))
@@ -457,7 +446,7 @@ class _ModelEvaluator:
     _cache: dict = field(default_factory=dict, repr=False)
 
     def errors(self, cfg, device, keys, t) -> np.ndarray:
-        model = _with_hardware(self.analog, cfg, device)
+        model = ann.with_hardware(self.analog, cfg, device)
         if self.retrain:
             ann.reseed(model, [self.seed, 7])
             ann.train_hwa(model, self.train_data, epochs=self.hwa_epochs,
@@ -494,33 +483,8 @@ def _card_task(evaluator, device, draw: int, t: float, seed: int, repeats: int) 
     return _a_star(evaluator, evaluator.errors(evaluator.cfg, dev, keys, t)).tolist()
 
 
-def calibration_spread(a_star) -> dict:
-    """Split the spread of A* over calibration draws and programming repeats.
-
-    One-way random-effects model [2]: A*_kr = mu + c_k + e_kr, c_k ~ (0, s_cal^2) the effect of
-    calibration draw k, e_kr ~ (0, s_rep^2) that of programming repeat r. With K draws of R
-    repeats each: s_rep^2 = mean_k var_r(A*_kr) (the within-draw variance) and s_cal^2 =
-    max(0, var_k(mean_r A*_kr) - s_rep^2 / R).
-
-    Parameters
-    ----------
-    a_star : array (..., K, R), A* (dimensionless)
-
-    Returns
-    -------
-    dict with ``calibration`` and ``repeat`` (standard deviations, arrays of shape (...)),
-    ``total`` (sqrt of their squares' sum) and ``mean``.
-    """
-    a = np.asarray(a_star, dtype=float)
-    if a.ndim < 2 or a.shape[-1] < 2 or a.shape[-2] < 2:
-        raise ValueError("calibration_spread: give A* of shape (..., draws >= 2, repeats >= 2)")
-    r = a.shape[-1]
-    within = a.var(axis=-1, ddof=1).mean(axis=-1)
-    between = a.mean(axis=-1).var(axis=-1, ddof=1)
-    cal = np.sqrt(np.clip(between - within / r, 0.0, None))
-    rep = np.sqrt(within)
-    return {"calibration": cal, "repeat": rep, "total": np.hypot(cal, rep),
-            "mean": a.mean(axis=(-1, -2))}
+#: Split of the spread of A* into calibration and programming parts (re-exported).
+calibration_spread = ann.calibration_spread
 
 
 def evaluate_calibration(analog: torch.nn.Module, data, device, uncertainty=None,
@@ -528,8 +492,9 @@ def evaluate_calibration(analog: torch.nn.Module, data, device, uncertainty=None
                          times=ann.PAPER_TIMES, repeats: int = 5, rng=0,
                          fp_error: float | None = None, chance_error: float | None = None,
                          progress: bool = False) -> xr.Dataset:
-    """:func:`aimc_device.nn.evaluate_over_time` on plausible device models drawn from a fit's
-    covariance, with the spread split into calibration and programming parts.
+    """:func:`aimc_device.nn.evaluate_over_time` with ``calibration_samples`` for a device card:
+    plausible device models drawn from the card's fit covariance, the spread of A* split into
+    its calibration and programming parts.
 
     Parameters
     ----------
@@ -546,34 +511,20 @@ def evaluate_calibration(analog: torch.nn.Module, data, device, uncertainty=None
     -------
     xarray.Dataset: ``{metric}(draw, repeat, time)``; with ``fp_error`` and ``chance_error``
     also ``normalized_accuracy(draw, repeat, time)``, ``calibration_spread(time)`` and
-    ``repeat_spread(time)`` (standard deviations of A*, :func:`calibration_spread`).
+    ``repeat_spread(time)`` (standard deviations of A*,
+    :func:`aimc_device.nn.calibration_spread`).
     """
-    check_int(n_models, "n_models", lo=2)
-    check_int(repeats, "repeats", lo=2)
     dev, _ = resolve_device(device)
     if uncertainty is None and device_inputs(device):
         uncertainty = load_device_uncertainty(os.fspath(device))
     if uncertainty is None:
         raise ValueError("evaluate_calibration: the device keeps no fit covariance; pass "
                          "uncertainty= or a card fitted by this version")
-    seed = int(rng) if rng is not None else 0
-    draws = uncertainty.sample_models(dev, n_models, rng=[seed, 501])
-    name = getattr(metric, "__name__", "error")
-    runs = [ann.evaluate_over_time(_with_hardware(analog, None, d), data, metric, times,
-                                   repeats, rng=[seed, 502 + k], progress=progress, name=name)
-            for k, d in enumerate(draws)]
-    values = np.stack([r[name].values for r in runs])           # (draw, repeat, time)
-    ds = xr.Dataset({name: (("draw", "repeat", "time"), values)},
-                    coords={"draw": np.arange(n_models), "repeat": np.arange(repeats),
-                            "time": ("time", runs[0]["time"].values, {"units": "s"})},
-                    attrs={"device_model": dev.name, "parameters": list(uncertainty.parameters)})
-    if fp_error is not None and chance_error is not None:
-        a = ann.normalized_accuracy(values, fp_error, chance_error)
-        sp = calibration_spread(np.moveaxis(a, -1, 0))
-        ds["normalized_accuracy"] = (("draw", "repeat", "time"), a)
-        ds["calibration_spread"] = (("time",), sp["calibration"])
-        ds["repeat_spread"] = (("time",), sp["repeat"])
-    return ds
+    return ann.evaluate_over_time(ann.with_hardware(analog, None, dev), data, metric, times,
+                                  repeats, rng=rng, fp_error=fp_error,
+                                  chance_error=chance_error, progress=progress,
+                                  name=getattr(metric, "__name__", "error"),
+                                  uncertainty=uncertainty, calibration_samples=n_models)
 
 
 # ------------------------------------------------------------------------------- the run
