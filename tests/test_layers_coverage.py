@@ -428,6 +428,19 @@ def test_recurrent_layers_expose_torch_weights_by_name(cls):
 
 
 # --------------------------------------------------------------------- whole-model casts
+def test_a_cast_after_programming_keeps_the_programmed_state():
+    a = anl.convert(nn.Sequential(nn.Linear(6, 5)), STD, DEV, rng=0).eval()
+    anl.program(a, rng=1)
+    anl.drift(a, 3600.0, rng=2)
+    before = {k: v.clone() for k, v in a.state_dict().items() if ".prog_" in k}
+    a.half()
+    after = {k: v for k, v in a.state_dict().items() if ".prog_" in k}
+    assert before and after.keys() == before.keys()
+    for k, v in before.items():  # the same record, bit for bit, in its own dtype
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert a[0].tile.weight.dtype == torch.float16  # the parameters are cast
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_model_cast_as_a_whole_runs_analog_in_float32_or_64(dtype):
     torch.manual_seed(14)

@@ -130,7 +130,7 @@ def _conv_stage(mask, level_out):
     rng = np.random.default_rng(5)
     f32 = np.float32
     x = (rng.integers(-127, 128, (4, 6, 6, 3)) / 127).astype(f32)
-    geom = np.array([3, 3, 1, 1, 1, 1, 1, 1, 6, 6], dtype=np.intp)
+    geom = np.array([3, 3, 1, 1, 1, 1, 1, 1, 6, 6, 16], dtype=np.intp)  # one group of 16
     w = rng.uniform(-1, 1, (16, 27)).astype(f32)
     row_f, col_f = np.array([0.7], f32), rng.uniform(0.5, 1.0, 16).astype(f32)
     out = np.empty((4 * 36, 16), f32)

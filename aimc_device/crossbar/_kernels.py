@@ -392,6 +392,8 @@ def conv_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
     The draws are those of :func:`output_stage` (element index pixel * cols + col): the same key
     gives the numbers of the output stage applied to the products computed as convolutions.
     """
+    if geom.shape != (11,):  # the kernel reads every entry unchecked
+        raise ValueError(f"conv_stage: geom must hold 11 entries, got shape {geom.shape}")
     _conv_stage(x, geom, cw, s, o)
 
 

@@ -367,6 +367,19 @@ class AnalogTile(nn.Module):
             else:
                 self.register_buffer(name, torch.as_tensor(value))
 
+    def _apply(self, fn, recurse=True):
+        # A cast of the model (half(), to(torch.bfloat16), double()) leaves the programmed state
+        # in its own precision: it records the devices as programmed, it is not a parameter.
+        # Moves between devices still apply.
+        kept = {f"prog_{k}": self._buffers.pop(f"prog_{k}") for k in self._prog_keys}
+        try:
+            out = super()._apply(fn, recurse)
+        finally:
+            device = next(self.parameters()).device
+            for name, buf in kept.items():
+                self._buffers[name] = buf.to(device)
+        return out
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # The programmed buffers exist only once programmed: create them from the saved ones.
