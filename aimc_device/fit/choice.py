@@ -51,8 +51,8 @@ from ..pcm import PCMModel
 from . import _empirical_kernels as EK
 from ._stats import FIT_CHUNK_BYTES, FitError, campaign_temperatures
 from .empirical_fit import EmpiricalFitReport, fit_empirical
-from .criterion import first_read
-from .holdout import HoldoutResult, holdout_ks
+from .criterion import first_read, time_nodes
+from .holdout import holdout_ks
 from .pcm_fit import fit_pcm
 from .report import FitReport
 from .temperature import equivalent_time, resolve_activation_energy
@@ -100,7 +100,7 @@ class DeviceFitReport:
     models : dict family -> model fitted to the whole campaign
     reports : dict family -> its report (:class:`FitReport`, :class:`EmpiricalFitReport`)
     refused : dict family -> why its fit refused the campaign
-    holdout : dict family -> :class:`HoldoutResult` on the hold-out sample
+    holdout : dict family -> :class:`~aimc_device.fit.HoldoutResult` on the hold-out sample
     holdout_refused : dict family -> why its hold-out fit refused the sample
     alpha : float, significance level of a hold-out cell
     holdout_devices : ndarray (K,), devices per level in the hold-out sample
@@ -386,12 +386,7 @@ def _qq(sub: xr.Dataset, times, models: dict, seed: int, draws: int = 4) -> dict
     pick = levels[np.unique(np.round(np.linspace(0, levels.size - 1,
                                                  min(4, levels.size))).astype(int))]
     g = first_read(np.asarray(sub["g"].values))
-    t_nodes = np.asarray(times, dtype=float)
-    if t_nodes.ndim == 2:  # per-device times: each time index at the mean log-time of its reads
-        t0 = float(sub.attrs["t0"])
-        with np.errstate(invalid="ignore"):
-            s = np.where(np.isnan(g), np.nan, np.log1p(t_nodes / t0))
-        t_nodes = t0 * np.expm1(np.nanmean(s, axis=0))
+    t_nodes = time_nodes(g, times, float(sub.attrs["t0"]))
     probs = np.linspace(0.01, 0.99, 50)
     out = {"levels": pick / g_max, "times": t_nodes, "probs": probs,
            "measured": np.full((pick.size, t_nodes.size, probs.size), np.nan)}

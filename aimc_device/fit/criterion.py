@@ -34,9 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import special
+from scipy import special, stats
 
 from .. import pcm
+from ._stats import log_time
 
 __all__ = ["Criterion", "MIN_WIDTH", "table_log_density", "read_log_likelihood",
            "fitted_numbers", "first_read", "time_nodes", "model_reads"]
@@ -142,7 +143,7 @@ def time_nodes(g: np.ndarray, times, t0: float) -> np.ndarray:
     if times.ndim == 1:
         return times
     with np.errstate(invalid="ignore"):
-        s = np.where(np.isnan(g), np.nan, np.log1p(times / t0))
+        s = np.where(np.isnan(g), np.nan, log_time(times, t0))
     return t0 * np.expm1(np.nanmean(s, axis=0))
 
 
@@ -212,8 +213,7 @@ def read_log_likelihood(model, g_target: np.ndarray, g: np.ndarray, t_nodes: np.
             if tables:
                 ll[k, m] = table_log_density(data, q[k, m], probs, MIN_WIDTH * g_max).sum()
             else:
-                ll[k, m] = np.sum(-0.5 * ((data - mu[k, m]) / sd[k, m]) ** 2 - np.log(sd[k, m])
-                                  - 0.5 * np.log(2.0 * np.pi))
+                ll[k, m] = stats.norm.logpdf(data, mu[k, m], sd[k, m]).sum()
     return levels, ll, cnt
 
 

@@ -112,7 +112,8 @@ def build_analog(spec: ModelSpec):
 
 
 @contextlib.contextmanager
-def _one_thread():
+def one_thread():
+    """torch on one thread inside the block (a task's numbers do not depend on where it runs)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -140,7 +141,7 @@ def evaluate_task(spec: ModelSpec, key: tuple, times) -> np.ndarray:
     wl, analog = build_analog(spec)
     gen = np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
     out = np.empty(len(times))
-    with _one_thread(), torch.no_grad():
+    with one_thread(), torch.no_grad():
         try:
             ann.program(analog, rng=gen)
             for i, t in enumerate(times):

@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import platform
+import textwrap
 
 import numpy as np
 import xarray as xr
@@ -53,9 +54,13 @@ def provenance_line(ds: xr.Dataset) -> str:
 
 def _stamp(fig, lines) -> None:
     """Write the provenance ``lines`` along the bottom of ``fig`` and lay the figure out above."""
-    lines = list(dict.fromkeys(lines))
-    fig.tight_layout(rect=(0, 0.035 * len(lines) * 3.6 / fig.get_figheight(), 1, 1))
-    fig.text(0.005, 0.004, "\n".join(lines), fontsize=5.5, color="0.35", ha="left",
+    size = 5.5  # [pt]
+    width = int(fig.get_figwidth() * 72 / (0.6 * size))  # characters across the figure
+    lines = [part for line in dict.fromkeys(lines)
+             for part in textwrap.wrap(line, width, break_on_hyphens=False)]
+    footer = (len(lines) * 1.4 * size / 72 + 0.05) / fig.get_figheight()  # of the height
+    fig.tight_layout(rect=(0, footer, 1, 1))
+    fig.text(0.005, 0.004, "\n".join(lines), fontsize=size, color="0.35", ha="left",
              va="bottom")
 
 

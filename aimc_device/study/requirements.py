@@ -69,7 +69,7 @@ from ..io import load_device_uncertainty, save_figure
 from ..pcm import ParameterCovariance
 from . import _dask
 from ._checkpoint import atomic_save, fingerprint, load_checkpoint
-from ._tasks import evaluate_task
+from ._tasks import evaluate_task, one_thread
 from ._validate import check_times, device_inputs, workload_name
 from .report import check_outputs, hardware_description, provenance_line, write_outputs
 from .study import TIME_LABELS, prepare_models, resolve_device
@@ -390,18 +390,13 @@ def search_limit(evaluate: Callable, card: float, knob: Knob,
 def _measure(analog, metric, data, keys, t: float) -> np.ndarray:
     """Program ``analog`` with each key's draws, move it to ``t`` and measure ``metric``."""
     out = np.empty(len(keys))
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            for i, key in enumerate(keys):
-                gen = np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
-                ann.program(analog, rng=gen)
-                ann.drift(analog, float(t), rng=gen)
-                out[i] = float(metric(analog, data))
-            ann.forget_programming(analog)
-    finally:
-        torch.set_num_threads(n_threads)
+    with one_thread(), torch.no_grad():
+        for i, key in enumerate(keys):
+            gen = np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
+            ann.program(analog, rng=gen)
+            ann.drift(analog, float(t), rng=gen)
+            out[i] = float(metric(analog, data))
+        ann.forget_programming(analog)
     return out
 
 
