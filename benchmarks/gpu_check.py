@@ -55,6 +55,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--full", action="store_true", help="the full suite (longer)")
+    ap.add_argument("--json", default=None, help="write every case's figures to this file")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
@@ -64,7 +65,8 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}")
     checks = correctness(device)
     results = suite.main(["--device", str(device), "--budget", "0.5"]
-                         + ([] if args.full else ["--quick"]))
+                         + ([] if args.full else ["--quick"])
+                         + ([] if args.json is None else ["--json", args.json]))
     print("\n" + "\n".join(checks))
     print(f"\ngpu_check: {time.perf_counter() - t0:.0f} s")
     return 0 if results else 1
