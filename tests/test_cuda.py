@@ -108,14 +108,16 @@ def test_each_layer_trains_programs_drifts_and_evaluates_on_cuda(gpu, name, make
     opt.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, a.parameters())), name
     anl.program(a, rng=2)
-    for tile in anl.analog_tiles(a):
-        assert all(t.device.type == "cuda" for t in tile._array.w_tiles), name
     anl.drift(a, 86400.0, rng=3)
     a.eval()
     with torch.no_grad():
         y1, y2 = _first(a(*xs)), _first(a(*xs))
     assert y1.device.type == "cuda" and bool(torch.isfinite(y1).all()), name
     assert not torch.equal(y1, y2), name  # read and output noise: a new draw per call
+    for tile in anl.analog_tiles(a):  # the programmed weights copied to the GPU once, kept
+        ops = tile.operands(y1.device, torch.float32)
+        assert ops["w_tiles"][0].device.type == "cuda", name
+        assert ops["w_tiles"][0] is tile.operands(y1.device, torch.float32)["w_tiles"][0]
 
 
 def test_programming_on_cuda_is_reproducible_by_seed(gpu):

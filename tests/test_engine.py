@@ -60,7 +60,8 @@ def _assert_close_up_to_adc_ties(a, b, cfg, factor, rtol):
     diff = (a - b).abs()
     off = diff > rtol * (1.0 + b.abs())
     if cfg.out_bits:
-        level = crossbar.periphery.quantizer_step(cfg.out_bits, cfg.out_bound) * factor
+        level = torch.as_tensor(crossbar.periphery.quantizer_step(cfg.out_bits, cfg.out_bound)
+                                * factor)
         assert bool((diff <= 1.001 * level.expand_as(diff)).all())
         assert int(off.sum()) <= max(1, 0.01 * off.numel())
     else:

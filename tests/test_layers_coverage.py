@@ -441,6 +441,30 @@ def test_a_cast_after_programming_keeps_the_programmed_state():
     assert a[0].tile.weight.dtype == torch.float16  # the parameters are cast
 
 
+def test_programmed_operands_are_copied_once_per_state_and_seeded_by_programming():
+    # A layer that computes in another dtype (or on another device) than its programmed array
+    # copies the array once per programmed or drifted state; the same seed, the same outputs.
+    torch.manual_seed(15)
+    fp, x = nn.Sequential(nn.Linear(6, 5)), torch.randn(4, 6, dtype=torch.float64)
+    outs = []
+    for _ in range(2):
+        a = anl.convert(fp, STD, DEV, rng=0).eval()
+        anl.program(a, rng=1)
+        a.double()  # the programmed array stays in float32
+        tile = a[0].tile
+        w = tile.operands(x.device, torch.float64)["w_tiles"][0]
+        assert w.dtype == torch.float64 and tile._array.w_tiles[0].dtype == torch.float32
+        assert tile.operands(x.device, torch.float64)["w_tiles"][0] is w  # kept
+        with torch.no_grad():
+            outs.append(a(x))
+        anl.drift(a, 3600.0, rng=2)
+        w_d = tile.operands(x.device, torch.float64)["w_tiles"][0]
+        assert w_d is not w and not torch.equal(w_d, w)  # a drifted state: a new copy
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    arr = tile._array
+    assert arr.mvm_generator_on(torch.device("cpu")) is arr.mvm_generator
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
 def test_model_cast_as_a_whole_runs_analog_in_float32_or_64(dtype):
     torch.manual_seed(14)

@@ -143,6 +143,7 @@ class AnalogArray:
         self._state = None
         self._s_ref = None
         self._gen = torch_generator(None, W.device)
+        self._device_gens: dict = {}
         self._set_weights(self.w_target.clone())
 
     # ------------------------------------------------------------------ weights and ranges
@@ -250,6 +251,7 @@ class AnalogArray:
         self.comp = torch.ones_like(self.gamma)
         self.t = 0.0
         self._gen = torch_generator(s_mvm, dev)
+        self._device_gens = {}
         return self
 
     def drift(self, t: float, rng=None) -> "AnalogArray":
@@ -323,6 +325,20 @@ class AnalogArray:
     def mvm_generator(self) -> torch.Generator:
         """The stream of per-MVM draws (short-term, output noise), seeded by :meth:`program`."""
         return self._gen
+
+    def mvm_generator_on(self, device) -> torch.Generator:
+        """The per-MVM stream for inputs on ``device``: :attr:`mvm_generator` on the array's
+        own device; on another one, a generator of that device seeded like it by
+        :meth:`program` (one per device, kept until the next programming), so that the same seed
+        gives the same sequence of evaluations there too."""
+        device = torch.device(device)
+        if device == self._gen.device:
+            return self._gen
+        gen = self._device_gens.get(device)
+        if gen is None:
+            gen = torch.Generator(device=device).manual_seed(self._gen.initial_seed())
+            self._device_gens[device] = gen
+        return gen
 
     @property
     def out_scale(self) -> torch.Tensor:

@@ -93,6 +93,7 @@ def import_state(array: AnalogArray, state: dict[str, torch.Tensor]) -> AnalogAr
     gen = torch.Generator(device=w.device)
     gen.set_state(state["mvm_rng"].cpu())
     array._gen = gen
+    array._device_gens = {}
     # states saved before the other devices of pairs were modelled hold (out, in) arrays of the
     # active devices: no partners, the same flat order
     partners = state.get("partners", torch.zeros(0, dtype=torch.int64)).to(w.device)

@@ -161,6 +161,7 @@ class AnalogTile(nn.Module):
         # The programmed crossbar array; its state goes into buffers named prog_<key> so that
         # state_dict carries it (see _save_state / _load_from_state_dict).
         self._array: AnalogArray | None = None
+        self._operand_copy = None  # ((device, dtype), source tensors, operands) of the array
         self._prog_keys: list[str] = []
         ss = rng if isinstance(rng, np.random.SeedSequence) else np.random.SeedSequence(rng)
         self._np_rng = np.random.default_rng(ss.spawn(1)[0])
@@ -286,20 +287,34 @@ class AnalogTile(nn.Module):
         if self.training:
             w = self._noisy_weight(dtype)
         elif self._array is not None:
-            arr = self._array
-            def moved(ts):
-                return None if ts is None else [t.to(device, dtype) for t in ts]
-
-            ops.update(w_tiles=moved(arr.w_tiles), out_scale=arr.out_scale.to(device, dtype),
-                       asymmetry=moved(arr.asymmetry), zeta=moved(arr.zeta))
-            if device.type == "cpu":  # continue the array's stream, seeded at programming
-                ops["generator"] = arr.mvm_generator
+            ops.update(self._programmed_operands(device, dtype))
             return ops
         else:
             w = self.weight.to(dtype)
         ops.update(w_tiles=list(torch.split(w, self.tile_sizes, dim=1)),
                    out_scale=self._digital_scale())
         return ops
+
+    def _programmed_operands(self, device: torch.device, dtype: torch.dtype) -> dict:
+        """The programmed array's weights, digital scales, asymmetry and S-ADC gains on
+        ``device`` in ``dtype``, and its per-MVM stream there (seeded at programming).
+
+        The array lives on the CPU (its devices drawn by the Numba kernels, so that a seed gives
+        the same programmed weights wherever the layer runs); a copy on another device or in
+        another dtype is made once per programmed or drifted state and kept, not every call.
+        """
+        arr = self._array
+        source = (arr.w_tiles, arr.comp, arr.asymmetry, arr.zeta)
+        held = self._operand_copy
+        if held is None or held[0] != (device, dtype) or any(
+                a is not b for a, b in zip(held[1], source)):
+            def moved(ts):
+                return None if ts is None else [t.to(device, dtype) for t in ts]
+
+            ops = dict(w_tiles=moved(arr.w_tiles), out_scale=arr.out_scale.to(device, dtype),
+                       asymmetry=moved(arr.asymmetry), zeta=moved(arr.zeta))
+            held = self._operand_copy = ((device, dtype), source, ops)
+        return dict(held[2], generator=arr.mvm_generator_on(device))
 
     def forward(self, x: torch.Tensor, outputs: slice | None = None) -> torch.Tensor:
         """y = analog MVM of x (..., in) -> (..., out), without bias.
@@ -341,6 +356,7 @@ class AnalogTile(nn.Module):
     def forget_programming(self) -> None:
         """Drop the programmed state (the next evaluation uses the clean weights again)."""
         self._array = None
+        self._operand_copy = None
         for key in self._prog_keys:
             delattr(self, f"prog_{key}")
         self._prog_keys = []
@@ -372,6 +388,7 @@ class AnalogTile(nn.Module):
         # in its own precision: it records the devices as programmed, it is not a parameter.
         # Moves between devices still apply.
         kept = {f"prog_{k}": self._buffers.pop(f"prog_{k}") for k in self._prog_keys}
+        self._operand_copy = None  # made again on the next call, where the layer then is
         try:
             out = super()._apply(fn, recurse)
         finally:
