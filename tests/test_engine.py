@@ -293,6 +293,30 @@ def test_options_and_their_context():
     assert not _fast_backend(x.to(torch.bfloat16), cfg, None, FAST)
 
 
+def test_eval_constants_follow_in_place_changes_of_the_operands():
+    # The fast backend keeps what it derives from alpha, out_scale and the weights between
+    # calls without gradient; an in-place change of any of them must show in the next call.
+    g = _gen(7)
+    cfg = CrossbarConfig(out_noise=0.0, w_noise=0.0, ir_drop=0.0)
+    w = [torch.rand(8, 12, generator=g) * 2 - 1 for _ in range(2)]
+    x = torch.randn(5, 24, generator=g)
+    alpha, scale = torch.ones(2), torch.rand(2, 8, generator=g) + 0.5
+
+    def fresh():
+        return analog_mvm(x, [t.clone() for t in w], cfg, alpha.clone(), scale.clone())
+
+    with torch.no_grad():
+        y = analog_mvm(x, w, cfg, alpha, scale)
+        torch.testing.assert_close(y, fresh(), rtol=0, atol=0)
+        for change in (lambda: alpha.mul_(2.0), lambda: scale[1].mul_(3.0),
+                       lambda: w[0].mul_(0.5), lambda: w[1][2].zero_()):
+            change()
+            y_new = analog_mvm(x, w, cfg, alpha, scale)
+            assert not torch.equal(y_new, y)
+            torch.testing.assert_close(y_new, fresh(), rtol=0, atol=0)
+            y = y_new
+
+
 def test_config_derived_conditions():
     cfg = CrossbarConfig()
     assert cfg.has_ir_drop and cfg.has_short_term_noise and cfg.has_noise

@@ -61,15 +61,17 @@ def _np(t: torch.Tensor | None):
 
 
 # ---------------------------------------------------------------------------- dense tiles
+_NO_OFFSETS = np.zeros(6, dtype=np.intp)  # Products.at of terms that each start at (0, 0)
+
 def _aux_products(xd, w, cfg, options, z):
     """The kernel's :class:`_K.Products` of one tile from its DAC outputs xd (no gradient) and
     its signal z = W~ xd (rows, out): (W~ o P) xd and [|xd|; xd^2] against |W~| (Eqs. 14-18),
     in bfloat16 under ``options.aux_bfloat16`` (float32 only), read back in z's precision."""
     dt = z.dtype
     adt = torch.bfloat16 if options.bfloat16_products and dt == torch.float32 else dt
-    n, b = w.shape[1], xd.shape[0]
+    b = xd.shape[0]
     w_px = ss = None
-    at = np.zeros(6, dtype=np.intp)
+    at = _NO_OFFSETS
     with torch.no_grad():
         if cfg.has_ir_drop:  # IR-drop shape (Eq. 15)
             w_px = _F(xd.to(adt), weight_form(w, "px", adt)).to(dt)
@@ -78,52 +80,98 @@ def _aux_products(xd, w, cfg, options, z):
         if parts:  # one GEMM: [|x~|; x~^2] against |W~| (Eqs. 14, 18)
             stacked = parts[0] if len(parts) == 1 else torch.cat(parts)
             ss = _F(stacked.to(adt), weight_form(w, "abs", adt)).to(dt).numpy()
+            at = np.zeros(6, dtype=np.intp)
             at[4] = (len(parts) - 1) * b  # x2's first row
     return _K.Products(z=z.numpy(), w_px=_np(w_px), abs_x=ss if cfg.has_ir_drop else None,
                        x2=ss if cfg.has_short_term_noise else None, at=at)
 
 
-def _dac_levels(x: torch.Tensor, start: int, n: int, alpha: float, cfg):
-    """The DAC (Eq. 5) of columns ``start:start + n`` of x (C order) without gradient, in
-    integer levels: (levels, unit) with x~ = unit * levels (one Numba pass; with no DAC bits the
-    bound alone and unit 1)."""
-    lev = torch.empty((x.shape[0], n), dtype=x.dtype)
-    if cfg.inp_bits:
-        s_in, in_levels = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
-        row_inv = np.array((1.0 / alpha,), dtype=_NP_DTYPE[x.dtype])
-        _K.dac_levels(x.numpy(), start, row_inv, s_in, in_levels, lev.numpy())
-        return lev, 1.0 / s_in
-    torch.div(x[:, start:start + n], alpha, out=lev)
-    if math.isfinite(cfg.inp_bound):  # no quantiser: the DAC's bound alone
-        lev.clamp_(-cfg.inp_bound, cfg.inp_bound)
-    return lev, 1.0
-
-
-def linear_tile(x, start, w, cfg, alpha_k, scale_k, key, options, out=None):
-    """alpha out_scale Q_out(F(Q_in(x_k / alpha))) of one tile (Eq. 1) on the fast backend,
-    x_k = x[:, start:start + w.shape[1]] (x C-ordered).
-
-    With a gradient to take, returns the tile's output (rows, out); without, adds it to ``out``
-    (or writes it when ``out`` is None) and returns that.
-    """
+def linear_tile(x, start, w, cfg, alpha_k, scale_k, key, options):
+    """alpha out_scale Q_out(F(Q_in(x_k / alpha))) of one tile (Eq. 1) on the fast backend
+    with a gradient to take, x_k = x[:, start:start + w.shape[1]]: the tile's output (rows,
+    out), with the straight-through backward of :class:`_StageSTE`."""
     n = w.shape[1]
-    xk = x[:, start:start + n]
-    if torch.is_grad_enabled() and (xk.requires_grad or w.requires_grad
-                                    or alpha_k.requires_grad or scale_k.requires_grad):
-        xt = quantize(xk / alpha_k, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5 (STE)
-        z = _F(xt, w)  # Eq. 2, signal (the only term with a gradient)
-        return _StageSTE.apply(z, alpha_k * scale_k, xt.detach(), w.detach(), cfg, options, n,
-                               key)
-    alpha = float(alpha_k)
-    lev, unit = _dac_levels(x.detach(), start, n, alpha, cfg)
-    z = _F(lev, w.detach())  # Eq. 2, signal, in DAC levels
-    products = _aux_products(lev, w.detach(), cfg, options, z)
-    accumulate = out is not None
-    if out is None:
-        out = torch.empty(z.shape, dtype=z.dtype)
-    stage = _K.stage(cfg, n, z.numpy().dtype, key, unit=unit, row_f=alpha, accumulate=accumulate)
-    col_f = scale_k.detach().to(z.dtype).contiguous().numpy()
-    _K.output_stage(products, stage, _K.Outputs(out.numpy(), col_f, None, None, None))
+    xt = quantize(x[:, start:start + n] / alpha_k, cfg.inp_bits, cfg.inp_bound)  # DAC (STE)
+    z = _F(xt, w)  # Eq. 2, signal (the only term with a gradient)
+    return _StageSTE.apply(z, alpha_k * scale_k, xt.detach(), w.detach(), cfg, options, n, key)
+
+
+class _EvalPlan:
+    """What a call without gradient of a tiled layer reads from its operands, prepared once per
+    operands: per tile its weights, first input, DAC constants, digital factors (row_f = alpha,
+    col_f = out_scale) and the kernel's :class:`_K.Stage` record. Valid while the weights,
+    ``alpha`` and ``out_scale`` are the same tensors, unchanged in place (their version
+    counters), and the configuration, options and dtype are the same."""
+
+    def __init__(self, w_tiles, cfg, alpha, out_scale, options, dtype):
+        self.sources = (tuple(w_tiles), alpha, out_scale)
+        self.versions = self._versions(w_tiles, alpha, out_scale)
+        self.setting = (cfg, options, dtype)
+        a = alpha.detach().reshape(-1).to(dtype)
+        scale = out_scale.detach().to(dtype)
+        self.tiles = []
+        start = 0
+        for k, w in enumerate(w_tiles):
+            n = w.shape[1]
+            alpha_k = float(a[k])
+            if cfg.inp_bits:  # the DAC in integer levels (Eq. 5)
+                s_in, limit = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
+                dac = (np.array((1.0 / alpha_k,), dtype=_NP_DTYPE[dtype]), s_in, limit)
+                unit = 1.0 / s_in
+            else:
+                dac, unit = None, 1.0
+            stage = _K.stage(cfg, n, _NP_DTYPE[dtype], 0, unit=unit, row_f=alpha_k,
+                             accumulate=k > 0)
+            self.tiles.append((w.detach(), start, n, alpha_k, dac, stage,
+                               scale[k].contiguous().numpy()))
+            start += n
+        self.n_out = w_tiles[0].shape[0]
+
+    @staticmethod
+    def _versions(w_tiles, alpha, out_scale):
+        return tuple(w._version for w in w_tiles) + (alpha._version, out_scale._version)
+
+    def fits(self, w_tiles, cfg, alpha, out_scale, options, dtype) -> bool:
+        tiles, a, s = self.sources
+        return (a is alpha and s is out_scale and len(tiles) == len(w_tiles)
+                and all(p is q for p, q in zip(tiles, w_tiles))
+                and self.versions == self._versions(w_tiles, alpha, out_scale)
+                and self.setting == (cfg, options, dtype))
+
+
+def linear_eval(x, w_tiles, cfg, alpha, out_scale, generator, options):
+    """The analog MVM of a tiled layer (Eq. 1, every tile) on the fast backend, without
+    gradient: x (rows, in) C-ordered, in the weights' dtype; returns (rows, out).
+
+    Per tile: the DAC in integer levels (one Numba pass), the signal and the auxiliary products
+    (:func:`_aux_products`), then the output stage, which adds the tile's output to the sum.
+    ``alpha`` and ``out_scale`` are the caller's tensors: the constants derived from them are
+    kept with the first tile's weights (:class:`_EvalPlan`) while they stay the same.
+    """
+    w0 = w_tiles[0]
+    plan = getattr(w0, "_aimc_eval", None)
+    if plan is None or not plan.fits(w_tiles, cfg, alpha, out_scale, options, x.dtype):
+        plan = _EvalPlan(w_tiles, cfg, alpha, out_scale, options, x.dtype)
+        try:
+            w0._aimc_eval = plan
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+            pass
+    x = x.detach()
+    xn = x.numpy()
+    out = torch.empty((x.shape[0], plan.n_out), dtype=x.dtype)
+    outputs = _K.Outputs(out.numpy(), None, None, None, None)
+    for w, start, n, alpha_k, dac, stage, col_f in plan.tiles:
+        key = stage_key(generator)
+        lev = torch.empty((x.shape[0], n), dtype=x.dtype)
+        if dac is not None:
+            _K.dac_levels(xn, start, dac[0], dac[1], dac[2], lev.numpy())
+        else:  # no quantiser: the DAC's bound alone
+            torch.div(x[:, start:start + n], alpha_k, out=lev)
+            if math.isfinite(cfg.inp_bound):
+                lev.clamp_(-cfg.inp_bound, cfg.inp_bound)
+        z = _F(lev, w)  # Eq. 2, signal, in DAC levels
+        _K.output_stage(_aux_products(lev, w, cfg, options, z), stage._replace(key=key),
+                        outputs._replace(col_f=col_f))
     return out
 
 

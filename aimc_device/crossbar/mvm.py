@@ -134,6 +134,7 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
     w0 = w_tiles[0]
     squeeze = x.dim() == 1
     x = (x[None] if squeeze else x).to(w0.dtype)
+    given = (alpha, out_scale)
     alpha = _as_tensor(alpha, w0).reshape(-1)
     out_scale = _as_tensor(out_scale, w0)
     _check(x, w_tiles, alpha, out_scale)
@@ -142,17 +143,22 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
     if fast and not x.is_contiguous():
         x = x.contiguous()
     grad = _needs_grad(x, alpha, out_scale, *w_tiles)
+    if fast and not grad:  # the caller's own tensors: constants derived from them are kept
+        out = _fast.linear_eval(x, w_tiles, cfg, *(g if isinstance(g, torch.Tensor) else c
+                                                   for g, c in zip(given, (alpha, out_scale))),
+                                generator, options)
+        return out[0] if squeeze else out
     out = None
     start = 0
     for k, w in enumerate(w_tiles):
         if fast:
             yk = _fast.linear_tile(x, start, w, cfg, alpha[k], out_scale[k],
-                                   _fast.stage_key(generator), options, None if grad else out)
+                                   _fast.stage_key(generator), options)
         else:
             yk = _reference_tile(x[:, start:start + w.shape[1]], w, cfg, alpha[k], out_scale[k],
                                  generator, _tile_item(asymmetry, k), _tile_item(zeta, k))
         start += w.shape[1]
-        out = yk if out is None or yk is out else (out + yk if grad else out.add_(yk))
+        out = yk if out is None else (out + yk if grad else out.add_(yk))
     return out[0] if squeeze else out
 
 
