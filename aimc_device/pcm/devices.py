@@ -21,6 +21,7 @@ from . import _kernels as K
 from .empirical import EmpiricalModel, EmpiricalState
 from .formulas import (
     X_FLOOR,
+    log_time,
     read_noise_q,
     read_noise_time_factor,
     stuck_conductance,
@@ -259,7 +260,7 @@ def read(state: ProgrammedState, t: float, model: PCMModel, rng=None) -> np.ndar
         g_ref = state.g_target if model.read_noise_reference == "target" else state.g_prog
         q = _flat(read_noise_q(np.asarray(g_ref, dtype=np.float64) / model.g_max, model), dtype)
     out = np.empty_like(g_prog)
-    K.read_kernel(g_prog, nu, q, float(np.log((t + model.t0) / model.t0)),
+    K.read_kernel(g_prog, nu, q, log_time(t, model.t0),
                   read_noise_time_factor(t, model), key, out)
     if state.stuck is not None:
         s = state.stuck.reshape(-1)

@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -62,6 +61,7 @@ from scipy import interpolate, special
 
 from .._random import derive_key
 from . import _empirical_kernels as EK
+from .formulas import log_time
 from .params import check_stuck_fractions, scale_note
 
 __all__ = ["EmpiricalModel", "EmpiricalState", "DEFAULT_PROBS", "DEFAULT_HORIZON",
@@ -286,7 +286,7 @@ class EmpiricalModel:
             raise ValueError(f"t = {t!r}: the time since programming must be finite and >= 0 "
                              "[s]")
         nodes = self.tables.s_nodes
-        s = math.log1p(t / self.t0)
+        s = log_time(t, self.t0)
         if s <= nodes[0]:
             return 0, 0.0
         if s >= nodes[-1]:
@@ -574,11 +574,11 @@ def _on_grid(levels: np.ndarray, grid: np.ndarray, values: np.ndarray,
 def _build_tables(model: EmpiricalModel) -> _Tables:
     lv, tm = model.levels, model.times
     zn = special.ndtri(model.probs)
-    s = np.log1p(tm / model.t0)
+    s = log_time(tm, model.t0)
     q_t = np.transpose(model.quantiles, (1, 0, 2))   # (M, K, J)
     r_t = model.read_noise.T                        # (M, K)
     if tm.size >= 2 and model.horizon > tm[-1]:
-        s_h = math.log1p(model.horizon / model.t0)
+        s_h = log_time(model.horizon, model.t0)
         ratio = (s_h - s[-1]) / (s[-1] - s[-2])
         q_h = q_t[-1] + ratio * (q_t[-1] - q_t[-2])
         q_h = np.maximum.accumulate(np.clip(q_h, 0.0, model.quantiles.max()), axis=-1)

@@ -17,6 +17,8 @@ References
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .params import PCMModel
@@ -25,6 +27,7 @@ __all__ = [
     "relative_conductance",
     "programming_noise_std",
     "drift_exponent_stats",
+    "log_time",
     "drift_factor",
     "read_noise_q",
     "read_noise_time_factor",
@@ -120,6 +123,23 @@ def drift_exponent_stats(g_target, model: PCMModel):
     return mean, std
 
 
+def log_time(t, t0: float):
+    """The drift law's time variable L = ln((t + t0) / t0) (Eq. 8), dimensionless.
+
+    Parameters
+    ----------
+    t : float or array, time since the end of programming [s], >= 0
+    t0 : float, duration of programming [s], > 0
+
+    Returns
+    -------
+    float for a scalar t, else a float64 array of t's shape.
+    """
+    if np.ndim(t) == 0:
+        return math.log1p(float(t) / t0)
+    return np.log1p(np.asarray(t, dtype=np.float64) / t0)
+
+
 def drift_factor(nu, t, model: PCMModel):
     """Drift attenuation ((t + t0) / t0)^(-nu) (Eq. 8).
 
@@ -135,7 +155,7 @@ def drift_factor(nu, t, model: PCMModel):
     """
     nu = _as_array(nu)
     xp = _xp(nu)
-    return xp.exp(-nu * float(np.log((t + model.t0) / model.t0)))  # Eq. 8
+    return xp.exp(-nu * log_time(t, model.t0))  # Eq. 8
 
 
 def read_noise_q(x_ref, model: PCMModel):
