@@ -293,6 +293,35 @@ def test_options_and_their_context():
     assert not _fast_backend(x.to(torch.bfloat16), cfg, None, FAST)
 
 
+@pytest.mark.parametrize("extra", [{}, {"s_adc": True}, {"noise_management": "abs_max"},
+                                   {"inp_bits": None, "out_bits": None}])
+def test_equal_tiles_read_as_one_batch_equal_the_tile_by_tile_reference(extra):
+    # The reference reads equal tiles as one batch (one product per term for all tiles); the
+    # model is that of each tile read on its own and the outputs summed (Eq. 1).
+    from aimc_device.crossbar.mvm import _reference_tile
+
+    g = _gen(8)
+    cfg = CrossbarConfig(out_noise=0.0, w_noise=0.0, max_rows=16, **extra)
+    w = [torch.rand(6, 16, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(3)]
+    x = torch.randn(7, 48, generator=g, dtype=torch.float64) * 2
+    alpha = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    scale = torch.rand(3, 6, generator=g, dtype=torch.float64) + 0.5
+    zeta = [torch.rand(6, generator=g, dtype=torch.float64) for _ in range(3)] \
+        if cfg.s_adc else None
+    y = analog_mvm(x, w, cfg, alpha, scale, zeta=zeta, options=REFERENCE)
+    want = sum(_reference_tile(x[:, 16 * k:16 * (k + 1)], w[k], cfg, alpha[k], scale[k], None,
+                               None, None if zeta is None else zeta[k]) for k in range(3))
+    _assert_close_up_to_adc_ties(y, want, cfg, float((alpha[:, None] * scale).max()), 1e-9)
+    noisy = CrossbarConfig(max_rows=16, **extra)  # with noise: the same distribution
+    draws = [analog_mvm(x[:1], w, noisy, alpha, scale, zeta=zeta, options=REFERENCE,
+                        generator=torch.Generator().manual_seed(s))[0, 0] for s in range(400)]
+    tiled = [sum(_reference_tile(x[:1, 16 * k:16 * (k + 1)], w[k], noisy, alpha[k], scale[k],
+                                 gen, None, None if zeta is None else zeta[k])
+                 for k in range(3))[0, 0]
+             for gen in (torch.Generator().manual_seed(1000 + s) for s in range(400))]
+    assert stats.ks_2samp(torch.stack(draws).numpy(), torch.stack(tiled).numpy()).pvalue > 1e-3
+
+
 def test_eval_constants_follow_in_place_changes_of_the_operands():
     # The fast backend keeps what it derives from alpha, out_scale and the weights between
     # calls without gradient; an in-place change of any of them must show in the next call.

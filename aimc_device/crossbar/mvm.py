@@ -148,6 +148,9 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
                                                    for g, c in zip(given, (alpha, out_scale))),
                                 generator, options)
         return out[0] if squeeze else out
+    if not fast and _stackable(w_tiles, cfg, asymmetry):
+        out = _reference_stacked(x, w_tiles, cfg, alpha, out_scale, generator, zeta)
+        return out[0] if squeeze else out
     out = None
     start = 0
     for k, w in enumerate(w_tiles):
@@ -308,6 +311,33 @@ def _group_channels(x: torch.Tensor, groups: int, c0: int, ck: int) -> torch.Ten
 
 
 # ------------------------------------------------------------------------ the reference
+def _stackable(w_tiles, cfg: CrossbarConfig, asymmetry) -> bool:
+    """Whether the reference reads the tiles at once as one batch of equal tiles (several tiles
+    of one size; no read asymmetry, whose term is a matrix product per tile, and no iterative
+    bound management, which reads the saturated rows of each tile again)."""
+    return (len(w_tiles) > 1 and asymmetry is None and cfg.bound_management == "none"
+            and all(w.shape[1] == w_tiles[0].shape[1] for w in w_tiles))
+
+
+def _tile_batch_product(inp, wt):
+    """The products of a batch of equal tiles: (T, rows, n) against (T, out, n) -> (T, rows,
+    out)."""
+    return torch.matmul(inp, wt.transpose(-1, -2))
+
+
+def _reference_stacked(x, w_tiles, cfg, alpha, out_scale, gen, zeta):
+    """The reference of equal tiles as one batch (leading dimension T): the equations of
+    :func:`_reference_tile` with per-tile alpha, out_scale and S-ADC gains broadcast, then the
+    sum over tiles (Eq. 1). The same model as tile by tile; the noise comes in one draw."""
+    n_t, n = len(w_tiles), w_tiles[0].shape[1]
+    xs = x.reshape(x.shape[0], n_t, n).transpose(0, 1)  # (T, rows, n)
+    if isinstance(zeta, (list, tuple)):
+        zeta = torch.stack(list(zeta)).unsqueeze(1)  # (T, 1, out)
+    y = _reference_tile(xs, torch.stack(list(w_tiles)), cfg, alpha.reshape(n_t, 1, 1),
+                        out_scale.unsqueeze(1), gen, None, zeta, _tile_batch_product)
+    return y.sum(dim=0)
+
+
 def _reference_tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, prod=_F, alpha_out=None):
     """One tile, torch reference: a out_scale Q_out(pre-ADC(Q_in(x / a))) (Eqs. 1, 5), with
     a = alpha, or the abs-max of each input vector under ``noise_management="abs_max"``; under
@@ -318,8 +348,8 @@ def _reference_tile(xk, w, cfg, alpha_k, scale_k, gen, asym, zeta, prod=_F, alph
     alpha_k."""
     a = alpha_k
     if cfg.noise_management == "abs_max":
-        a = xk.detach().abs().amax(dim=1, keepdim=True)
-        a = torch.where(a > 0, a, torch.ones_like(a))  # (batch, 1)
+        a = xk.detach().abs().amax(dim=-1, keepdim=True)
+        a = torch.where(a > 0, a, torch.ones_like(a))  # (..., batch, 1)
     grad = _needs_grad(xk, w, alpha_k, scale_k)
     z = _pre_adc(xk / a, w, cfg, gen, asym, zeta, prod)
     if cfg.bound_management == "iterative" and math.isfinite(cfg.out_bound):
@@ -346,7 +376,7 @@ def _pre_adc(xs, w, cfg, gen, asym, zeta, prod=_F):
     """
     xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
     z = prod(xt, w)  # Eq. 2, signal
-    n = w.shape[1]
+    n = w.shape[-1]
     with torch.no_grad():
         xd, wd = xt.detach(), w.detach()
         extra = torch.zeros_like(z)
