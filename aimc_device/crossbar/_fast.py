@@ -21,35 +21,10 @@ import numpy as np
 import torch
 
 from . import _kernels as _K
-from .periphery import ir_drop_profile, quantize, quantizer_levels, straight_through_mask
+from .periphery import quantize, quantizer_levels, straight_through_mask, weight_form
 
 _F = torch.nn.functional.linear
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-
-_WEIGHT_FORMS = {
-    "abs": lambda w: w.abs(),
-    "px": lambda w: w * ir_drop_profile(w.shape[1], w.dtype, w.device),
-}
-
-
-def weight_form(w: torch.Tensor, kind: str, dtype=None) -> torch.Tensor:
-    """|W~| ("abs") or W~ o P ("px") in ``dtype`` (None: w's), cached on the tensor until any
-    in-place change of it (the weights of a programmed array are read many times)."""
-    dtype = dtype or w.dtype
-    if w.requires_grad:
-        return _WEIGHT_FORMS[kind](w.detach()).to(dtype)
-    cache = getattr(w, "_aimc_forms", None)
-    if cache is None or cache[0] != w._version:
-        cache = (w._version, {})
-        try:
-            w._aimc_forms = cache
-        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
-            pass
-    form = cache[1].get((kind, dtype))
-    if form is None:
-        form = cache[1][(kind, dtype)] = _WEIGHT_FORMS[kind](w).to(dtype)
-    return form
-
 
 def stage_key(gen) -> np.uint64:
     """The key of one tile's draws, taken from the generator (one draw of it)."""

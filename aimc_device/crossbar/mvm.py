@@ -34,11 +34,11 @@ from .options import EngineOptions, current_options
 from .periphery import (
     asymmetry_delta,
     ir_drop_delta,
-    ir_drop_profile,
     quantize,
     s_adc,
     s_adc_gain,
     short_term_noise_std,
+    weight_form,
 )
 
 __all__ = ["analog_mvm", "analog_conv", "conv_channel_split"]
@@ -378,17 +378,18 @@ def _pre_adc(xs, w, cfg, gen, asym, zeta, prod=_F):
     z = prod(xt, w)  # Eq. 2, signal
     n = w.shape[-1]
     with torch.no_grad():
-        xd, wd = xt.detach(), w.detach()
+        xd = xt.detach()
         extra = torch.zeros_like(z)
         if cfg.has_ir_drop:  # Eqs. 15-18
-            w_px = prod(xd, wd * ir_drop_profile(n, wd.dtype, wd.device))
-            extra += ir_drop_delta(prod(xd.abs(), wd.abs()), w_px, n, cfg.ir_drop, cfg.ir_drop_g)
+            w_px = prod(xd, weight_form(w, "px"))
+            extra += ir_drop_delta(prod(xd.abs(), weight_form(w, "abs")), w_px, n, cfg.ir_drop,
+                                   cfg.ir_drop_g)
         if asym is not None:
             if prod is not _F:
                 raise ValueError("asymmetry: read-polarity asymmetry needs the matrix layout; "
                                  "use analog_mvm on unfolded inputs")
-            extra += asymmetry_delta(xd, wd, asym)
-        st_std = short_term_noise_std(prod(xd * xd, wd.abs()), cfg.w_noise) \
+            extra += asymmetry_delta(xd, w.detach(), asym)
+        st_std = short_term_noise_std(prod(xd * xd, weight_form(w, "abs")), cfg.w_noise) \
             if cfg.has_short_term_noise else 0.0  # Eq. 14
         if cfg.s_adc:  # short-term noise before the nonlinearity, output noise after it
             if cfg.has_short_term_noise:

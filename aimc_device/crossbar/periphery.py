@@ -18,7 +18,8 @@ import torch
 __all__ = [
     "quantize", "quantizer_step", "quantizer_levels", "straight_through_mask", "output_noise",
     "short_term_noise_std", "short_term_noise",
-    "ir_drop_profile", "ir_drop_coefficient", "ir_drop_delta", "ir_drop", "draw_zeta",
+    "ir_drop_profile", "weight_form", "ir_drop_coefficient", "ir_drop_delta", "ir_drop",
+    "draw_zeta",
     "s_adc_gain", "s_adc",
     "draw_asymmetry", "asymmetry_delta",
 ]
@@ -154,6 +155,33 @@ def ir_drop_coefficient(a: torch.Tensor) -> torch.Tensor:
     """Cubic IR-drop coefficient c(a) = 0.05 a^3 - 0.2 a^2 + 0.5 a (docs/model.md 6, Eq. 16)."""
     c1, c2, c3 = IR_DROP_POLY
     return a * (c1 + a * (c2 + c3 * a))  # Eq. 16
+
+
+_WEIGHT_FORMS = {  # the weight matrices of the auxiliary products (Eqs. 14, 15, 18)
+    "abs": lambda w: w.abs(),
+    "px": lambda w: w * ir_drop_profile(w.shape[-1], w.dtype, w.device),
+}
+
+
+def weight_form(w: torch.Tensor, kind: str, dtype=None) -> torch.Tensor:
+    """|W~| ("abs") or W~ o P ("px", P of :func:`ir_drop_profile` along the rows, the last
+    dimension) in ``dtype`` (None: w's), cached on the tensor until any in-place change of it
+    (the weights of a programmed array are read many times); computed afresh, without
+    gradient, for weights that require one."""
+    dtype = dtype or w.dtype
+    if w.requires_grad:
+        return _WEIGHT_FORMS[kind](w.detach()).to(dtype)
+    cache = getattr(w, "_aimc_forms", None)
+    if cache is None or cache[0] != w._version:
+        cache = (w._version, {})
+        try:
+            w._aimc_forms = cache
+        except (AttributeError, RuntimeError):  # pragma: no cover - exotic tensor subclasses
+            pass
+    form = cache[1].get((kind, dtype))
+    if form is None:
+        form = cache[1][(kind, dtype)] = _WEIGHT_FORMS[kind](w).to(dtype)
+    return form
 
 
 def ir_drop_delta(abs_w_abs_x: torch.Tensor, w_px: torch.Tensor, n_rows: int, scale: float,
