@@ -377,29 +377,30 @@ def _pre_adc(xs, w, cfg, gen, asym, zeta, prod=_F):
     xt = quantize(xs, cfg.inp_bits, cfg.inp_bound)  # DAC, Eq. 5
     z = prod(xt, w)  # Eq. 2, signal
     n = w.shape[-1]
+    extra = []  # the terms without gradient, added to the signal
     with torch.no_grad():
         xd = xt.detach()
-        extra = torch.zeros_like(z)
         if cfg.has_ir_drop:  # Eqs. 15-18
             w_px = prod(xd, weight_form(w, "px"))
-            extra += ir_drop_delta(prod(xd.abs(), weight_form(w, "abs")), w_px, n, cfg.ir_drop,
-                                   cfg.ir_drop_g)
+            extra.append(ir_drop_delta(prod(xd.abs(), weight_form(w, "abs")), w_px, n,
+                                       cfg.ir_drop, cfg.ir_drop_g))
         if asym is not None:
             if prod is not _F:
                 raise ValueError("asymmetry: read-polarity asymmetry needs the matrix layout; "
                                  "use analog_mvm on unfolded inputs")
-            extra += asymmetry_delta(xd, w.detach(), asym)
+            extra.append(asymmetry_delta(xd, w.detach(), asym))
         st_std = short_term_noise_std(prod(xd * xd, weight_form(w, "abs")), cfg.w_noise) \
             if cfg.has_short_term_noise else 0.0  # Eq. 14
         if cfg.s_adc:  # short-term noise before the nonlinearity, output noise after it
             if cfg.has_short_term_noise:
-                extra += st_std * _randn(z, gen)
+                extra.append(st_std * _randn(z, gen))
             out_std = cfg.out_noise
         else:  # f_NL = identity: both noises are one Gaussian of variance sigma_out^2 + sigma_i^2
             out_std = (cfg.out_noise ** 2 + st_std ** 2) ** 0.5
         noisy = cfg.out_noise > 0 or (cfg.has_short_term_noise and not cfg.s_adc)
         noise = out_std * _randn(z, gen) if noisy else None
-    z = z + extra
+    for term in extra:
+        z = z + term
     if cfg.s_adc:
         zeta = cfg.mu_zeta if zeta is None else zeta
         z = s_adc(z, zeta, cfg.out_bound, s_adc_gain(zeta, cfg.mu_zeta, cfg.s_adc_gain))  # Eq. 19
