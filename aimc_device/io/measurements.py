@@ -1195,10 +1195,12 @@ class ExclusionRecord:
 
     def add(self, start: int, codes: np.ndarray) -> None:
         """Record a chunk's reason codes; ``start`` is its first device."""
-        if not codes.any():
+        dropped = np.flatnonzero(codes)  # few: the reasons are sorted out among them only
+        if dropped.size == 0:
             return
+        dropped_codes = codes[dropped]
         for code, reason in EXCLUSION_REASONS.items():
-            idx = np.flatnonzero(codes == code)
+            idx = dropped[dropped_codes == code]
             if idx.size == 0:
                 continue
             self.n_dropped[reason] += int(idx.size)
