@@ -39,8 +39,8 @@ import numba as nb
 import numpy as np
 
 __all__ = ["BLOCK", "N_LEVEL_SUMS", "N_LT_SUMS", "LN_XP_MAX", "MAX_PATTERN_TIMES",
-           "moments_kernel", "sums_kernel", "cells_kernel", "general_kernel", "lines_kernel", "log_cells",
-           "exp_cells", "rn_columns", "distinct_values"]
+           "moments_kernel", "sums_kernel", "cells_kernel", "general_kernel", "lines_kernel",
+           "log_cells", "exp_cells", "rn_columns", "distinct_values"]
 
 #: Devices per partial sum (fixed, so that sums are the same on any number of threads).
 BLOCK = 2048
