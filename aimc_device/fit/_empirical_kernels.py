@@ -13,6 +13,8 @@ The plain numpy reference of the binning is in the tests.
 """
 from __future__ import annotations
 
+import functools
+
 import numba as nb
 import numpy as np
 
@@ -61,13 +63,13 @@ def bin_edges() -> tuple[np.ndarray, np.ndarray]:
 
 @nb.njit(cache=True, inline="always")
 def bin_of(d):  # pragma: no cover - via tests
-    """The bin of deviation d, from the bits of float32(|d|)."""
-    b = np.float32(abs(d)).view(np.uint32)
-    e = np.int64(b >> np.uint32(23)) - E_LO  # < 0: |d| below the first octave
-    pos = (e << MANT_BITS) | np.int64((b >> np.uint32(23 - MANT_BITS)) & np.uint32(_MASK))
+    """The bin of deviation d, from the bits of float32(|d|): its exponent and MANT_BITS leading
+    mantissa bits, i.e. the bits from bit 23 - MANT_BITS up (the sign bit is 0)."""
+    b = np.float32(abs(d)).view(np.int32)
+    pos = (b >> (23 - MANT_BITS)) - (E_LO << MANT_BITS)  # < 0: below the first octave
     pos = min(max(pos, -1), N_SIDE - 1)  # -1: the central bin
-    sign = 2 * np.int64(d > 0) - 1  # branch-free: the sign of d is unpredictable
-    return CENTER + sign * (pos + 1)
+    neg = np.int64(d > 0) - 1  # 0 for d > 0, else -1 (all bits): branch-free, no product
+    return CENTER + (((pos + 1) ^ neg) - neg)
 
 
 @nb.njit(cache=True, inline="always")
@@ -322,3 +324,196 @@ def device_hashes(key, n):  # pragma: no cover - via tests
     for i in range(n):
         out[i] = device_hash(key, np.uint64(i))
     return out
+
+
+# ------------------------------------------------------- one read per time at shared times
+#: Histogram columns of :func:`one_read_kernel`: the N_BINS bins, then reads not taken, then
+#: reads of devices left out (both emptied into the chunk's sums at the end of each run).
+MISSING = N_BINS
+DROPPED = N_BINS + 1
+HIST_COLUMNS = N_BINS + 2
+#: Devices per pass of :func:`one_read_kernel` (its work arrays stay in the cache).
+PASS_DEVICES = 1024
+#: Sums may be reassociated (SIMD reductions, in an order fixed by the compiled code: the same
+#: on any thread count); no "nnan"/"ninf".
+_SUMS = {"reassoc", "contract", "nsz"}
+@nb.njit(nogil=True, error_model="numpy")
+def _key(d):  # pragma: no cover - via tests
+    """An int64 whose order is that of float64 d (not NaN): its bits, the magnitude bits flipped
+    for d < 0."""
+    b = np.float64(d).view(np.int64)
+    return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _value(key):  # pragma: no cover - via tests
+    """The float64 of a :func:`_key`."""
+    b = np.int64(key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF))
+    return b.view(np.float64)
+
+
+_KEY_MAX = np.int64(np.iinfo(np.int64).max)
+_KEY_MIN = np.int64(np.iinfo(np.int64).min)
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _code_row(g, act, x, inv_gmax, codes, lo, hi):  # pragma: no cover - via tests
+    """For one read per device (g [S], one time) of a run of one level: codes[j] = the bin of
+    d = g / g_max - x (:func:`bin_of`, d in float64), MISSING for a read not taken, DROPPED
+    for a device left out (act 0); returns (min, max) of lo, hi and the :func:`_key` of the d
+    of the reads binned (integer reductions: LLVM vectorises them, a float min it does not),
+    and True when a read is negative or +inf. A SIMD loop."""
+    bad = False
+    for j in range(g.shape[0]):
+        v = g[j]
+        active = act[j] != 0
+        ok = (v == v) & active
+        d = np.float64(v) * inv_gmax - x
+        b = bin_of(d)
+        key = _key(d)
+        codes[j] = np.int32(b if ok else (MISSING if active else DROPPED))
+        lo = min(lo, key if ok else _KEY_MAX)
+        hi = max(hi, key if ok else _KEY_MIN)
+        bad |= (v < 0.0) | (v == np.inf)
+    return lo, hi, bad
+
+
+@functools.lru_cache(maxsize=None)
+def one_read_kernel(t_n: int):
+    """:func:`chunk_kernel` for one read per time (R = 1) at read times shared by all devices,
+    compiled for ``t_n`` times (cached in memory and on disk; LLVM unrolls the loops over
+    times): the same histograms, extremes and sums, from SIMD passes over a level's devices
+    and one scalar loop that adds the histogram counts.
+
+    ``chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl,
+    sel_pos, sel_row, sample) -> bool`` takes the arguments of :func:`chunk_kernel` (but
+    ``tsum``) with g: (n * T,) reads [S] (device-major), s: (T,) log-times, and hist of
+    HIST_COLUMNS columns (the last two kept empty); it returns True when a read is negative or
+    +inf (the sums are then not valid: the caller raises, naming it).
+
+    Per run of devices with the same target, PASS_DEVICES devices at a time: (1) the reads
+    copied time-major; (2) per time (:func:`_code_row`), the bin of each read's deviation
+    d = g / g_max - x in float64, MISSING for a read not taken, DROPPED for a device left out,
+    and the extremes of d; (3) per device read at >= 3 times, the residual sum of squares of
+    its line in s by least squares from centred sums, max(S_dd - S_sd^2 / S_ss, 0), added up
+    with its dof n - 2; (4) per time the bin counts, a scalar loop over one histogram at a time.
+    The sampled devices are copied as in chunk_kernel.
+    """
+
+    @nb.njit(nogil=True, error_model="numpy")
+    def transpose(g, m, out):
+        """out[k * PASS_DEVICES + j] = g[j * T + k] for the m devices of g (SIMD shuffles)."""
+        for j in range(m):
+            for k in range(t_n):
+                out[k * PASS_DEVICES + j] = g[j * t_n + k]
+
+    @nb.njit(nogil=True, fastmath=_SUMS, error_model="numpy")
+    def trend_pass(gt, codes, x, inv_gmax, s, m):
+        """(sum over devices read at >= 3 times of their residual sum of squares around their
+        line in s, its dof); SIMD across devices."""
+        rss_sum = 0.0
+        dof = 0.0
+        for j in range(m):
+            n = 0.0
+            ss = 0.0
+            sd = 0.0
+            for k in range(t_n):
+                ok = codes[k * PASS_DEVICES + j] < N_BINS
+                sk = s[k]
+                dk = np.float64(gt[k * PASS_DEVICES + j]) * inv_gmax - x
+                n += 1.0 if ok else 0.0
+                ss += sk if ok else 0.0
+                sd += dk if ok else 0.0
+            inv_n = 1.0 / (n if n > 0.0 else 1.0)
+            ms = ss * inv_n
+            md = sd * inv_n
+            sxx = 0.0
+            sxy = 0.0
+            syy = 0.0
+            for k in range(t_n):
+                ok = codes[k * PASS_DEVICES + j] < N_BINS
+                sk = s[k]
+                dk = np.float64(gt[k * PASS_DEVICES + j]) * inv_gmax - x
+                ds = sk - ms if ok else 0.0
+                dd = dk - md if ok else 0.0
+                sxx += ds * ds
+                sxy += ds * dd
+                syy += dd * dd
+            rss = syy - sxy * sxy / (sxx if sxx > 0.0 else 1.0)
+            three = (n >= 3.0) & (rss > 0.0)
+            rss_sum += rss if three else 0.0
+            dof += n - 2.0 if n >= 3.0 else 0.0
+        return rss_sum, dof
+
+    @nb.njit(cache=True, nogil=True)
+    def chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl,
+              sel_pos, sel_row, sample):
+        n = g_target.shape[0]
+        g3 = g.reshape(n, t_n, 1)
+        act = np.empty(PASS_DEVICES, np.uint8)
+        gt = np.empty(PASS_DEVICES * t_n, g.dtype)
+        codes = np.empty(PASS_DEVICES * t_n, np.int32)
+        lo = np.empty(t_n, np.int64)
+        hi = np.empty(t_n, np.int64)
+        bad = False
+        a = 0
+        while a < n:  # one run of devices with the same target
+            target = g_target[a]
+            e = a + 1
+            while e < n and g_target[e] == target:
+                e += 1
+            lev = _level(levels, target)
+            if lev < 0:
+                a = e
+                continue
+            x = x_lv[lev]
+            for k in range(t_n):
+                lo[k] = _key(lohi[lev, k, 0])
+                hi[k] = _key(lohi[lev, k, 1])
+            for p in range(a, e, PASS_DEVICES):
+                q = min(e, p + PASS_DEVICES)
+                m = q - p
+                excluded = 0.0
+                stuck = 0.0
+                for j in range(m):  # devices left out
+                    ok = use[p + j]
+                    excluded += 0.0 if ok else 1.0
+                    if ok and stuck_below > 0 and _is_stuck(g3, p + j, inv_gmax, stuck_below):
+                        ok = False
+                        stuck += 1.0
+                    act[j] = ok
+                transpose(g[p * t_n:q * t_n], m, gt)
+                for k in range(t_n):
+                    r0 = k * PASS_DEVICES
+                    lo[k], hi[k], bad_k = _code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
+                                                    codes[r0:r0 + m], lo[k], hi[k])
+                    bad |= bad_k
+                rss, dof = trend_pass(gt, codes, x, inv_gmax, s, m)
+                lvl[lev, 0] += m - excluded - stuck
+                lvl[lev, 1] += excluded
+                lvl[lev, 2] += stuck
+                lvl[lev, 3] += rss
+                lvl[lev, 4] += dof
+                for k in range(t_n):  # one histogram at a time (it stays in the L1 cache)
+                    row = hist[lev, k]
+                    cb = codes[k * PASS_DEVICES:k * PASS_DEVICES + m]
+                    for j in range(m):
+                        row[cb[j]] += 1
+            for k in range(t_n):
+                sums[lev, k, 0] += hist[lev, k, MISSING]
+                hist[lev, k, MISSING] = 0
+                hist[lev, k, DROPPED] = 0
+                lohi[lev, k, 0] = _value(lo[k])
+                lohi[lev, k, 1] = _value(hi[k])
+            a = e
+        for p in range(sel_pos.shape[0]):  # the sampled devices (as in chunk_kernel)
+            i = sel_pos[p]
+            row = sel_row[p]
+            dropped = (not use[i]) or (stuck_below > 0 and _is_stuck(g3, i, inv_gmax,
+                                                                     stuck_below))
+            for k in range(t_n):
+                v0 = g3[i, k, 0]
+                sample[row, k] = np.nan if dropped or v0 != v0 else v0 * inv_gmax
+        return bad
+
+    return chunk

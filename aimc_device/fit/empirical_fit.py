@@ -257,10 +257,11 @@ def _targets(read, start: int, stop: int, out: np.ndarray | None = None) -> np.n
 # ------------------------------------------------------------------------------ the pass
 class _Accumulator:
     """One worker thread's histograms (integer counts, extremes: order-independent); int32
-    counts (half the cache footprint of int64) unless a level could hold 2^31 devices."""
+    counts (half the cache footprint of int64) unless a level could hold 2^31 devices; the
+    columns past N_BINS are work space of EK.one_read_kernel."""
 
     def __init__(self, k: int, t_n: int, n: int):
-        self.hist = np.zeros((k, t_n, EK.N_BINS), np.int32 if n < 2**31 else np.int64)
+        self.hist = np.zeros((k, t_n, EK.HIST_COLUMNS), np.int32 if n < 2**31 else np.int64)
         self.lohi = np.empty((k, t_n, 2))
         self.lohi[..., 0] = np.inf
         self.lohi[..., 1] = -np.inf
@@ -318,16 +319,18 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         tsum = np.zeros((t_n, 4))
         tsum[:, 2], tsum[:, 3] = np.inf, -np.inf
         g = np.ascontiguousarray(g)
-        bad = EK.first_bad_device(g)
-        if bad >= 0:
-            i = start + bad
-            raise MeasurementFormatError(where, "g", f"negative or infinite conductance at "
-                                         f"device {i}", "conductances are >= 0 and finite (NaN "
-                                         "marks a read that was not taken); check the units "
-                                         "and the sign convention")
-        EK.chunk_kernel(g, gt, np.ascontiguousarray(u), levels, x_lv,
-                        inv_gmax, np.ascontiguousarray(s), stuck, acc.hist, acc.lohi, sums, lvl,
-                        tsum, sel_idx[p0:p1] - start, sel_row[p0:p1], sample)
+        u = np.ascontiguousarray(u)
+        if r_n == 1 and s_common is not None:  # one read per time at shared times
+            bad = EK.one_read_kernel(t_n)(g.reshape(-1), gt, u, levels, x_lv, inv_gmax,
+                                          s_common[0], stuck, acc.hist, acc.lohi, sums, lvl,
+                                          sel_idx[p0:p1] - start, sel_row[p0:p1], sample)
+            if bad:
+                _raise_bad_read(where, start, g)
+            return sums, lvl, tsum
+        _raise_bad_read(where, start, g)
+        EK.chunk_kernel(g, gt, u, levels, x_lv, inv_gmax, np.ascontiguousarray(s), stuck,
+                        acc.hist, acc.lohi, sums, lvl, tsum, sel_idx[p0:p1] - start,
+                        sel_row[p0:p1], sample)
         if s_common is None:
             _time_extremes(s, g, tsum)
         return sums, lvl, tsum
@@ -364,13 +367,24 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
             add(pending.popleft().result())
     if bar is not None:
         bar.close()
-    hist = accs[0].hist.astype(np.int64)
+    hist = accs[0].hist[..., :EK.N_BINS].astype(np.int64)
     lohi = accs[0].lohi
     for acc in accs[1:]:
-        hist += acc.hist
+        hist += acc.hist[..., :EK.N_BINS]
         lohi[..., 0] = np.minimum(lohi[..., 0], acc.lohi[..., 0])
         lohi[..., 1] = np.maximum(lohi[..., 1], acc.lohi[..., 1])
     return hist, lohi, sums, lvl, tsum, sample
+
+
+def _raise_bad_read(where: str, start: int, g: np.ndarray) -> None:
+    """Raise naming the first device of the chunk (first device ``start``) with a negative or
+    infinite read, if any."""
+    bad = EK.first_bad_device(g)
+    if bad >= 0:
+        raise MeasurementFormatError(where, "g", f"negative or infinite conductance at device "
+                                     f"{start + bad}", "conductances are >= 0 and finite (NaN "
+                                     "marks a read that was not taken); check the units and the "
+                                     "sign convention")
 
 
 def _time_extremes(s: np.ndarray, g: np.ndarray, tsum: np.ndarray) -> None:
