@@ -141,7 +141,7 @@ def first_bad_device(g):  # pragma: no cover - via tests
 
 @nb.njit(cache=True, nogil=True, fastmath=_FASTMATH)
 def chunk_kernel(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums,
-                 lvl, tsum, sel_pos, sel_row, sample):  # pragma: no cover - via tests
+                 lvl, tsum):  # pragma: no cover - via tests
     """Add one device chunk to the histograms and sums of the empirical fit.
 
     Parameters
@@ -152,15 +152,13 @@ def chunk_kernel(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist,
     targets; inv_gmax : 1 / g_max [1/S]; s : (n or 1, T) log-times ln((t + t0) / t0) (NaN: that
     read is taken as missing); stuck_below : a device whose reads all lie below this relative
     conductance is stuck (<= 0: no rule);
-    hist : (K, T, N_BINS) int32 or int64, lohi : (K, T, 2) min and max of d -- both accumulated;
-    sums : (K, T, N_CELL_SUMS), lvl : (K, N_LEVEL_SUMS), tsum : (T, 2) sum of s and reads per
-    time (per-device times only) -- zeroed, this chunk's;
-    sel_pos, sel_row : positions in the chunk and rows in ``sample`` of the sampled devices;
-    sample : (rows, T) their first read per time relative to g_max (NaN if none or not used).
+    hist : (K, T, >= N_BINS) int32 or int64, lohi : (K, T, 2) min and max of d -- both
+    accumulated; sums : (K, T, N_CELL_SUMS) (column 0), lvl : (K, N_LEVEL_SUMS), tsum : (T, 2)
+    sum of s and reads per time (per-device times only) -- zeroed, this chunk's.
 
     The histogram takes one read per device and time (the first repeat that was read); the
-    spread of repeated reads (columns 1, 2 of ``sums``) comes from the sampled devices; the
-    trend residuals (columns 3, 4 of ``lvl``) are summed for R = 1 only.
+    trend residuals (columns 3, 4 of ``lvl``) are summed for R = 1 only; the spread of repeated
+    reads (columns 1, 2 of ``sums``) comes from the sampled devices (:func:`sample_rows`).
     """
     n, t_n, r_n = g.shape
     per_device = s.shape[0] > 1
@@ -223,24 +221,36 @@ def chunk_kernel(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist,
             syy = ayy - ay * ay / cnt
             lvl[lev, 3] += max(syy - (sxy * sxy / sxx if sxx > 0 else 0.0), 0.0)
             lvl[lev, 4] += cnt - 2
-    for p in range(sel_pos.shape[0]):
-        i = sel_pos[p]
-        row = sel_row[p]
+
+
+@nb.njit(cache=True, nogil=True)
+def sample_rows(g, pos, use, inv_gmax, s, stuck_below):  # pragma: no cover - via tests
+    """The reads of the sampled devices ``pos`` of a chunk (arguments as for
+    :func:`chunk_kernel`, ``use`` after every rule): rows (p, T), the first read per time
+    relative to g_max, NaN where none (or its time is NaN) and for a device left out or stuck;
+    rep (p, T, 2), with repeated reads, the sum of squared deviations of the repeats from their
+    mean (relative to g_max^2; shifted by the first read) and its dof."""
+    t_n, r_n = g.shape[1], g.shape[2]
+    per_device = s.shape[0] > 1
+    rows = np.full((pos.shape[0], t_n), np.nan)
+    rep = np.zeros((pos.shape[0], t_n, 2))
+    for p in range(pos.shape[0]):
+        i = pos[p]
+        if not use[i] or (stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below)):
+            continue
         si = i if per_device else 0
-        dropped = (not use[i]) or (stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below))
-        lev = _level(levels, g_target[i])
         for m in range(t_n):
             v0 = _first(g, i, m)
-            if dropped or s[si, m] != s[si, m] or v0 != v0:
-                sample[row, m] = np.nan
+            if s[si, m] != s[si, m] or v0 != v0:
                 continue
-            sample[row, m] = v0 * inv_gmax
-            if r_n >= 2:  # repeated reads: spread around their mean (shifted by the first)
+            rows[p, m] = v0 * inv_gmax
+            if r_n >= 2:
                 k, acc, acc2 = _repeats(g, i, m, v0)
                 if k >= 2:
                     a = acc * inv_gmax
-                    sums[lev, m, 1] += acc2 * inv_gmax * inv_gmax - a * a / k
-                    sums[lev, m, 2] += k - 1
+                    rep[p, m, 0] = acc2 * inv_gmax * inv_gmax - a * a / k
+                    rep[p, m, 1] = k - 1
+    return rows, rep
 
 
 @nb.njit(cache=True, inline="always")
@@ -337,68 +347,57 @@ PASS_DEVICES = 1024
 #: Sums may be reassociated (SIMD reductions, in an order fixed by the compiled code: the same
 #: on any thread count); no "nnan"/"ninf".
 _SUMS = {"reassoc", "contract", "nsz"}
-@nb.njit(nogil=True, error_model="numpy")
-def _key(d):  # pragma: no cover - via tests
-    """An int64 whose order is that of float64 d (not NaN): its bits, the magnitude bits flipped
-    for d < 0."""
-    b = np.float64(d).view(np.int64)
-    return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
-
-
-@nb.njit(nogil=True, error_model="numpy")
-def _value(key):  # pragma: no cover - via tests
-    """The float64 of a :func:`_key`."""
-    b = np.int64(key ^ ((key >> 63) & 0x7FFFFFFFFFFFFFFF))
-    return b.view(np.float64)
-
-
-_KEY_MAX = np.int64(np.iinfo(np.int64).max)
-_KEY_MIN = np.int64(np.iinfo(np.int64).min)
-
-
-@nb.njit(nogil=True, error_model="numpy")
-def _code_row(g, act, x, inv_gmax, codes, lo, hi):  # pragma: no cover - via tests
-    """For one read per device (g [S], one time) of a run of one level: codes[j] = the bin of
-    d = g / g_max - x (:func:`bin_of`, d in float64), MISSING for a read not taken, DROPPED
-    for a device left out (act 0); returns (min, max) of lo, hi and the :func:`_key` of the d
-    of the reads binned (integer reductions: LLVM vectorises them, a float min it does not),
-    and True when a read is negative or +inf. A SIMD loop."""
-    bad = False
-    for j in range(g.shape[0]):
-        v = g[j]
-        active = act[j] != 0
-        ok = (v == v) & active
-        d = np.float64(v) * inv_gmax - x
-        b = bin_of(d)
-        key = _key(d)
-        codes[j] = np.int32(b if ok else (MISSING if active else DROPPED))
-        lo = min(lo, key if ok else _KEY_MAX)
-        hi = max(hi, key if ok else _KEY_MIN)
-        bad |= (v < 0.0) | (v == np.inf)
-    return lo, hi, bad
+_F32_2 = np.float32(2.0)
+_F32_3 = np.float32(3.0)
 
 
 @functools.lru_cache(maxsize=None)
-def one_read_kernel(t_n: int):
+def one_read_kernel(t_n: int, float64: bool = False):
     """:func:`chunk_kernel` for one read per time (R = 1) at read times shared by all devices,
-    compiled for ``t_n`` times (cached in memory and on disk; LLVM unrolls the loops over
-    times): the same histograms, extremes and sums, from SIMD passes over a level's devices
-    and one scalar loop that adds the histogram counts.
+    compiled for ``t_n`` times and float32 reads (float64 with ``float64``; cached in memory
+    and on disk; LLVM unrolls the loops over times): the same histograms, extremes and sums,
+    from SIMD passes over a level's devices and one scalar loop that adds the histogram
+    counts.
 
-    ``chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl,
-    sel_pos, sel_row, sample) -> bool`` takes the arguments of :func:`chunk_kernel` (but
-    ``tsum``) with g: (n * T,) reads [S] (device-major), s: (T,) log-times, and hist of
+    ``chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl)
+    -> bool`` takes the arguments of :func:`chunk_kernel` (but ``tsum``) with g: (n * T,)
+    reads [S] (device-major), s: (T,) log-times, and hist of
     HIST_COLUMNS columns (the last two kept empty); it returns True when a read is negative or
     +inf (the sums are then not valid: the caller raises, naming it).
 
     Per run of devices with the same target, PASS_DEVICES devices at a time: (1) the reads
-    copied time-major; (2) per time (:func:`_code_row`), the bin of each read's deviation
-    d = g / g_max - x in float64, MISSING for a read not taken, DROPPED for a device left out,
-    and the extremes of d; (3) per device read at >= 3 times, the residual sum of squares of
-    its line in s by least squares from centred sums, max(S_dd - S_sd^2 / S_ss, 0), added up
-    with its dof n - 2; (4) per time the bin counts, a scalar loop over one histogram at a time.
-    The sampled devices are copied as in chunk_kernel.
+    copied time-major; (2) per time, the bin of each read's deviation d = g / g_max - x in
+    float64, MISSING for a read not taken, DROPPED for a device left out, and the extremes of
+    d: the bits of a float >= 0 (as an integer of its width) are in the order of the values,
+    and d is a non-decreasing function of g, so the extremes of d are those of the reads,
+    found as integer reductions (which LLVM vectorises; a float min it does not); (3) per device
+    read at >= 3 times, the residual sum of squares of its line in s by least squares from
+    centred sums in float32 (rounding ~1e-6 of the residual variance), max(S_dd - S_sd^2 /
+    S_ss, 0), added up in float64 with its dof n - 2; (4) per time the bin counts, a scalar
+    loop over one histogram at a time.
     """
+
+    zero, one = np.float32(0.0), np.float32(1.0)
+    ft, bt = (np.float64, np.int64) if float64 else (np.float32, np.int32)
+    bits_max, bits_min = bt(np.iinfo(bt).max), bt(np.iinfo(bt).min)
+    f_zero, f_inf = ft(0.0), ft(np.inf)
+
+    @nb.njit(nogil=True, error_model="numpy")
+    def code_row(g, act, x, inv_gmax, codes, lo, hi):
+        """Codes of the reads g of one time (a SIMD loop); (min, max) of lo, hi and the bits
+        of the reads binned, and True when a read is negative or +inf."""
+        bad = False
+        for j in range(g.shape[0]):
+            v = g[j]
+            active = act[j] != 0
+            ok = (v == v) & active
+            b = bin_of(np.float64(v) * inv_gmax - x)
+            bits = ft(v).view(bt)
+            codes[j] = np.int32(b if ok else (MISSING if active else DROPPED))
+            lo = min(lo, bits if ok else bits_max)
+            hi = max(hi, bits if ok else bits_min)
+            bad |= (v < f_zero) | (v == f_inf)
+        return lo, hi, bad
 
     @nb.njit(nogil=True, error_model="numpy")
     def transpose(g, m, out):
@@ -410,51 +409,52 @@ def one_read_kernel(t_n: int):
     @nb.njit(nogil=True, fastmath=_SUMS, error_model="numpy")
     def trend_pass(gt, codes, x, inv_gmax, s, m):
         """(sum over devices read at >= 3 times of their residual sum of squares around their
-        line in s, its dof); SIMD across devices."""
+        line in s, its dof); SIMD across devices, in float32 per device."""
         rss_sum = 0.0
         dof = 0.0
+        x32 = np.float32(x)
+        c32 = np.float32(inv_gmax)
         for j in range(m):
-            n = 0.0
-            ss = 0.0
-            sd = 0.0
+            n = zero
+            ss = zero
+            sd = zero
             for k in range(t_n):
                 ok = codes[k * PASS_DEVICES + j] < N_BINS
                 sk = s[k]
-                dk = np.float64(gt[k * PASS_DEVICES + j]) * inv_gmax - x
-                n += 1.0 if ok else 0.0
-                ss += sk if ok else 0.0
-                sd += dk if ok else 0.0
-            inv_n = 1.0 / (n if n > 0.0 else 1.0)
+                dk = np.float32(gt[k * PASS_DEVICES + j]) * c32 - x32
+                n += one if ok else zero
+                ss += sk if ok else zero
+                sd += dk if ok else zero
+            inv_n = one / (n if n > zero else one)
             ms = ss * inv_n
             md = sd * inv_n
-            sxx = 0.0
-            sxy = 0.0
-            syy = 0.0
+            sxx = zero
+            sxy = zero
+            syy = zero
             for k in range(t_n):
                 ok = codes[k * PASS_DEVICES + j] < N_BINS
                 sk = s[k]
-                dk = np.float64(gt[k * PASS_DEVICES + j]) * inv_gmax - x
-                ds = sk - ms if ok else 0.0
-                dd = dk - md if ok else 0.0
+                dk = np.float32(gt[k * PASS_DEVICES + j]) * c32 - x32
+                ds = sk - ms if ok else zero
+                dd = dk - md if ok else zero
                 sxx += ds * ds
                 sxy += ds * dd
                 syy += dd * dd
-            rss = syy - sxy * sxy / (sxx if sxx > 0.0 else 1.0)
-            three = (n >= 3.0) & (rss > 0.0)
-            rss_sum += rss if three else 0.0
-            dof += n - 2.0 if n >= 3.0 else 0.0
+            rss = syy - sxy * sxy / (sxx if sxx > zero else one)
+            three = (n >= _F32_3) & (rss > zero)
+            rss_sum += np.float64(rss if three else zero)
+            dof += np.float64(n - _F32_2 if n >= _F32_3 else zero)
         return rss_sum, dof
 
     @nb.njit(cache=True, nogil=True)
-    def chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl,
-              sel_pos, sel_row, sample):
+    def chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl):
         n = g_target.shape[0]
         g3 = g.reshape(n, t_n, 1)
         act = np.empty(PASS_DEVICES, np.uint8)
-        gt = np.empty(PASS_DEVICES * t_n, g.dtype)
+        gt = np.empty(PASS_DEVICES * t_n, ft)
         codes = np.empty(PASS_DEVICES * t_n, np.int32)
-        lo = np.empty(t_n, np.int64)
-        hi = np.empty(t_n, np.int64)
+        lo = np.empty(t_n, bt)
+        hi = np.empty(t_n, bt)
         bad = False
         a = 0
         while a < n:  # one run of devices with the same target
@@ -467,9 +467,8 @@ def one_read_kernel(t_n: int):
                 a = e
                 continue
             x = x_lv[lev]
-            for k in range(t_n):
-                lo[k] = _key(lohi[lev, k, 0])
-                hi[k] = _key(lohi[lev, k, 1])
+            lo[:] = bits_max
+            hi[:] = bits_min
             for p in range(a, e, PASS_DEVICES):
                 q = min(e, p + PASS_DEVICES)
                 m = q - p
@@ -485,8 +484,8 @@ def one_read_kernel(t_n: int):
                 transpose(g[p * t_n:q * t_n], m, gt)
                 for k in range(t_n):
                     r0 = k * PASS_DEVICES
-                    lo[k], hi[k], bad_k = _code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
-                                                    codes[r0:r0 + m], lo[k], hi[k])
+                    lo[k], hi[k], bad_k = code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
+                                                   codes[r0:r0 + m], lo[k], hi[k])
                     bad |= bad_k
                 rss, dof = trend_pass(gt, codes, x, inv_gmax, s, m)
                 lvl[lev, 0] += m - excluded - stuck
@@ -503,17 +502,12 @@ def one_read_kernel(t_n: int):
                 sums[lev, k, 0] += hist[lev, k, MISSING]
                 hist[lev, k, MISSING] = 0
                 hist[lev, k, DROPPED] = 0
-                lohi[lev, k, 0] = _value(lo[k])
-                lohi[lev, k, 1] = _value(hi[k])
+                if lo[k] <= hi[k]:  # a read binned: its d as in chunk_kernel
+                    d_lo = np.float64(bt(lo[k]).view(ft)) * inv_gmax - x
+                    d_hi = np.float64(bt(hi[k]).view(ft)) * inv_gmax - x
+                    lohi[lev, k, 0] = min(lohi[lev, k, 0], d_lo)
+                    lohi[lev, k, 1] = max(lohi[lev, k, 1], d_hi)
             a = e
-        for p in range(sel_pos.shape[0]):  # the sampled devices (as in chunk_kernel)
-            i = sel_pos[p]
-            row = sel_row[p]
-            dropped = (not use[i]) or (stuck_below > 0 and _is_stuck(g3, i, inv_gmax,
-                                                                     stuck_below))
-            for k in range(t_n):
-                v0 = g3[i, k, 0]
-                sample[row, k] = np.nan if dropped or v0 != v0 else v0 * inv_gmax
         return bad
 
     return chunk

@@ -48,7 +48,7 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
+from ..io.measurements import default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
@@ -260,16 +260,25 @@ class _Accumulator:
     counts (half the cache footprint of int64) unless a level could hold 2^31 devices; the
     columns past N_BINS are work space of EK.one_read_kernel."""
 
-    def __init__(self, k: int, t_n: int, n: int):
+    def __init__(self, k: int, t_n: int, n: int, k_samp: int):
         self.hist = np.zeros((k, t_n, EK.HIST_COLUMNS), np.int32 if n < 2**31 else np.int64)
         self.lohi = np.empty((k, t_n, 2))
         self.lohi[..., 0] = np.inf
         self.lohi[..., 1] = -np.inf
         self.buf = None
+        # this thread's sample candidates: per level the k_samp smallest hashes seen so far
+        # (EK.bottom_k_add), and the rows of every device that was among them at the end of
+        # its chunk (the final sample is among those)
+        self.heaps = EK.bottom_k_state(k, k_samp)
+        self.cand_idx, self.cand_rows, self.cand_rep = [], [], []
 
 
 def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-            sel_idx, sel_row, n_rows, chunk_devices, progress, n_workers):
+            k_samp, chunk_devices, progress, n_workers):
+    """One pass over the campaign in threads: (hist, lohi, sums, lvl, tsum, sample, size,
+    counts); sample (K * k_samp, T) holds each level's sampled devices (the k_samp smallest
+    hashes of their indices among those ``use`` keeps, in rows lev * k_samp + 0 ... size[lev]
+    - 1, in index order), counts the devices ``use`` keeps per level."""
     n, t_n, r_n = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     k = levels.size
     read_target = device_chunk_reader(ds, "g_target")
@@ -278,7 +287,6 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         chunk_devices = default_chunk_devices(t_n, r_n, ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
     chunk_devices = max(1, int(chunk_devices))
     s_common = None if t_common is None else np.log1p(t_common / t0)[None, :]
-    sample = np.full((max(n_rows, 1), t_n), np.nan)
     local = threading.local()
     accs, lock = [], threading.Lock()
     inv_gmax = 1.0 / g_max
@@ -288,7 +296,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         stop = min(n, start + chunk_devices)
         acc = getattr(local, "acc", None)
         if acc is None:
-            acc = local.acc = _Accumulator(k, t_n, n)
+            acc = local.acc = _Accumulator(k, t_n, n, k_samp)
             acc.buf = np.empty((min(n, chunk_devices), t_n, r_n), ds["g"].dtype)
             acc.gt = np.empty(min(n, chunk_devices), ds["g_target"].dtype)
             acc.valid = np.empty(min(n, chunk_devices), bool)
@@ -298,7 +306,9 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         if g.dtype not in (np.float32, np.float64):
             g = g.astype(np.float64)
         gt = _targets(read_target, start, stop, acc.gt)
+        _check_targets(where, gt, g_max)
         u = use(start, stop, acc.valid)
+        EK.bottom_k_add(gt, start, levels, u, _SAMPLE_KEY, *acc.heaps)
         if rule is not None:
             drop = np.asarray(rule(start, gt, g), dtype=bool)
             if drop.shape != (stop - start,):
@@ -313,26 +323,31 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
                 raise FitError(f"{where}: times: negative read time among devices "
                                f"{start}:{stop}; times are measured from the end of programming")
             s = np.log1p(tt / t0)
-        p0, p1 = np.searchsorted(sel_idx, [start, stop])
         sums = np.zeros((k, t_n, EK.N_CELL_SUMS))
         lvl = np.zeros((k, EK.N_LEVEL_SUMS))
         tsum = np.zeros((t_n, 4))
         tsum[:, 2], tsum[:, 3] = np.inf, -np.inf
         g = np.ascontiguousarray(g)
         u = np.ascontiguousarray(u)
+        s = np.ascontiguousarray(s)
         if r_n == 1 and s_common is not None:  # one read per time at shared times
-            bad = EK.one_read_kernel(t_n)(g.reshape(-1), gt, u, levels, x_lv, inv_gmax,
-                                          s_common[0], stuck, acc.hist, acc.lohi, sums, lvl,
-                                          sel_idx[p0:p1] - start, sel_row[p0:p1], sample)
-            if bad:
+            kernel = EK.one_read_kernel(t_n, g.dtype == np.float64)
+            if kernel(g.reshape(-1), gt, u, levels, x_lv, inv_gmax, s[0], stuck, acc.hist,
+                      acc.lohi, sums, lvl):
                 _raise_bad_read(where, start, g)
-            return sums, lvl, tsum
-        _raise_bad_read(where, start, g)
-        EK.chunk_kernel(g, gt, u, levels, x_lv, inv_gmax, np.ascontiguousarray(s), stuck,
-                        acc.hist, acc.lohi, sums, lvl, tsum, sel_idx[p0:p1] - start,
-                        sel_row[p0:p1], sample)
-        if s_common is None:
-            _time_extremes(s, g, tsum)
+        else:
+            _raise_bad_read(where, start, g)
+            EK.chunk_kernel(g, gt, u, levels, x_lv, inv_gmax, s, stuck, acc.hist, acc.lohi,
+                            sums, lvl, tsum)
+            if s_common is None:
+                _time_extremes(s, g, tsum)
+        cand = acc.heaps[1]
+        cand = np.sort(cand[(cand >= start) & (cand < stop)])
+        if cand.size:  # this chunk's devices among the thread's candidates: their reads
+            rows, rep = EK.sample_rows(g, cand - start, u, inv_gmax, s, stuck)
+            acc.cand_idx.append(cand)
+            acc.cand_rows.append(rows)
+            acc.cand_rep.append(rep)
         return sums, lvl, tsum
 
     starts = range(0, n, chunk_devices)
@@ -373,7 +388,40 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         hist += acc.hist[..., :EK.N_BINS]
         lohi[..., 0] = np.minimum(lohi[..., 0], acc.lohi[..., 0])
         lohi[..., 1] = np.maximum(lohi[..., 1], acc.lohi[..., 1])
-    return hist, lohi, sums, lvl, tsum, sample
+    # the sample: per level the k_samp smallest hashes among all threads' candidates (the
+    # same as one pass over all devices), their rows in index order; the spread of their
+    # repeated reads
+    counts = sum(acc.heaps[3] for acc in accs)
+    size = np.zeros(k, np.int64)
+    sample = np.full((max(k * k_samp, 1), t_n), np.nan)
+    parts = [(np.concatenate(a.cand_idx), np.concatenate(a.cand_rows),
+              np.concatenate(a.cand_rep)) for a in accs if a.cand_idx]
+    if parts:
+        c_idx, c_rows, c_rep = (np.concatenate(v) for v in zip(*parts))
+        order = np.argsort(c_idx, kind="stable")
+        c_idx, c_rows, c_rep = c_idx[order], c_rows[order], c_rep[order]
+        for lev in range(k):
+            hh = np.concatenate([a.heaps[0][lev, :a.heaps[2][lev]] for a in accs])
+            ii = np.concatenate([a.heaps[1][lev, :a.heaps[2][lev]] for a in accs])
+            sel = np.sort(ii[np.argsort(hh)[:k_samp]])  # hashes are distinct
+            at = np.searchsorted(c_idx, sel)
+            size[lev] = sel.size
+            sample[lev * k_samp:lev * k_samp + sel.size] = c_rows[at]
+            sums[lev, :, 1:3] += c_rep[at].sum(axis=0)
+    return hist, lohi, sums, lvl, tsum, sample, size, counts
+
+
+def _check_targets(where: str, gt: np.ndarray, g_max: float) -> None:
+    """Raise on a NaN, inf, negative target or one above g_max [S]."""
+    if gt.size == 0:
+        return
+    lo, hi = float(gt.min()), float(gt.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+        raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
+                                     "targets are finite conductances >= 0 [S]")
+    if hi > g_max * (1 + 1e-6):
+        raise FitError(f"{where}: g_target: targets up to {hi:.4g} S exceed g_max = "
+                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
 
 
 def _raise_bad_read(where: str, start: int, g: np.ndarray) -> None:
@@ -574,34 +622,14 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
         raise FitError(f"{where}: g_target: {levels.size} distinct targets among {n} devices; "
                        "the empirical fit needs devices grouped in levels (equal targets), "
                        f"at least {MIN_DEVICES_PER_LEVEL} per level")
-    # a pass over g_target (one number per device): checks, the sampled devices
     k_samp = max(1, int(sample_devices))
-    hh, idx, size, counts = EK.bottom_k_state(levels.size, k_samp)
-    read_target = device_chunk_reader(ds, "g_target")
-    top = 0.0
-    for start in range(0, n, VECTOR_CHUNK_DEVICES):
-        stop = min(n, start + VECTOR_CHUNK_DEVICES)
-        gt = _targets(read_target, start, stop)
-        if not np.all(np.isfinite(gt)) or np.any(gt < 0):
-            raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
-                                         "targets are finite conductances >= 0 [S]")
-        top = max(top, float(gt.max()) if gt.size else 0.0)
-        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, hh, idx, size, counts)
-    if top > g_max * (1 + 1e-6):
-        raise FitError(f"{where}: g_target: targets up to {top:.4g} S exceed g_max = "
-                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
+    x_lv = levels.astype(np.float64) / g_max
+    hist, lohi, sums, lvl, tsum, sample, size, counts = _stream(
+        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
+        k_samp, chunk_devices, progress, n_workers)
     if counts.sum() == 0:
         raise FitError(f"{where}: every device is excluded (valid mask / exclude); nothing "
                        "to fit")
-    x_lv = levels.astype(np.float64) / g_max
-    rows = np.arange(levels.size)[:, None] * k_samp + np.arange(k_samp)[None, :]
-    have = idx >= 0
-    order = np.argsort(idx[have], kind="stable")
-    sel_idx = np.ascontiguousarray(idx[have][order])
-    sel_row = np.ascontiguousarray(rows[have][order])
-    hist, lohi, sums, lvl, tsum, sample = _stream(
-        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-        sel_idx, sel_row, levels.size * k_samp, chunk_devices, progress, n_workers)
     notes = []
     # ---- levels and times
     n_dev, n_stuck = lvl[:, 0], lvl[:, 2]
