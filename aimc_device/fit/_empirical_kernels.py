@@ -278,33 +278,70 @@ def bottom_k_add(g_target, offset, levels, use, key, hh, ii, size,
     (devices per level) are updated in place. Chunk after chunk in any order, the result is
     that of one pass over all devices (the k smallest hashes do not depend on the order)."""
     k = hh.shape[1]
-    last = g_target[0] if g_target.shape[0] else g_target.dtype.type(0)
-    lev = _level(levels, last)
-    for j in range(g_target.shape[0]):
-        if g_target[j] != last:  # devices of a level are usually stored together
-            last = g_target[j]
-            lev = _level(levels, last)
-        if lev < 0 or not use[j]:
-            continue
-        i = offset + j
-        counts[lev] += 1
-        h = device_hash(key, np.uint64(i))
-        if size[lev] < k:  # max-heap: append and sift up
-            p = size[lev]
-            hh[lev, p] = h
-            ii[lev, p] = i
-            size[lev] += 1
-            while p > 0:
-                parent = (p - 1) // 2
-                if hh[lev, parent] >= hh[lev, p]:
-                    break
-                hh[lev, parent], hh[lev, p] = hh[lev, p], hh[lev, parent]
-                ii[lev, parent], ii[lev, p] = ii[lev, p], ii[lev, parent]
-                p = parent
-        elif h < hh[lev, 0]:
-            hh[lev, 0] = h
-            ii[lev, 0] = i
-            _sift_down(hh, ii, lev, size[lev])
+    n = g_target.shape[0]
+    hashes = np.empty(min(n, _HASH_BLOCK), np.uint64)
+    flags = np.empty(min(n, _HASH_BLOCK), np.uint8)
+    cand = np.empty(min(n, _HASH_BLOCK), np.int64)
+    a = 0
+    while a < n:  # one run of devices with the same target (levels are usually stored so)
+        v = g_target[a]
+        e = a + 1
+        while e < n and g_target[e] == v:
+            e += 1
+        lev = _level(levels, v)
+        for p in range(a, e if lev >= 0 else a, _HASH_BLOCK):
+            q = min(e, p + _HASH_BLOCK)
+            top = hh[lev, 0] if size[lev] == k else _HASH_TOP
+            counts[lev] += _hash_pass(key, offset + p, use[p:q], top, hashes, flags)
+            n_cand = 0
+            for j in range(q - p):  # branch-free list of the candidates
+                cand[n_cand] = j
+                n_cand += flags[j]
+            for c in range(n_cand):  # the few that enter the heap (all, until it is full)
+                j = cand[c]
+                h = hashes[j]
+                if not (size[lev] < k or h < hh[lev, 0]):
+                    continue
+                i = offset + p + j
+                if size[lev] < k:  # max-heap: append and sift up
+                    c = size[lev]
+                    hh[lev, c] = h
+                    ii[lev, c] = i
+                    size[lev] += 1
+                    while c > 0:
+                        parent = (c - 1) // 2
+                        if hh[lev, parent] >= hh[lev, c]:
+                            break
+                        hh[lev, parent], hh[lev, c] = hh[lev, c], hh[lev, parent]
+                        ii[lev, parent], ii[lev, c] = ii[lev, c], ii[lev, parent]
+                        c = parent
+                else:
+                    hh[lev, 0] = h
+                    ii[lev, 0] = i
+                    _sift_down(hh, ii, lev, size[lev])
+        a = e
+
+
+#: Devices hashed at once by :func:`bottom_k_add`.
+_HASH_BLOCK = 4096
+
+
+_HASH_TOP = np.uint64(np.iinfo(np.uint64).max)
+
+
+@nb.njit(cache=True, nogil=True)
+def _hash_pass(key, first, use, top, out, flags):  # pragma: no cover - via tests
+    """out[j] = device_hash(key, first + j) for the devices of ``use``, flags[j] = 1 where
+    ``use`` keeps the device and its hash is below ``top`` (a SIMD loop); returns how many
+    ``use`` keeps."""
+    kept = 0
+    for j in range(use.shape[0]):
+        h = device_hash(key, np.uint64(first + j))
+        u = use[j]
+        out[j] = h
+        flags[j] = u & (h < top)
+        kept += u
+    return kept
 
 
 def bottom_k_state(n_levels: int, k: int):
@@ -372,9 +409,10 @@ def one_read_kernel(t_n: int, float64: bool = False):
     and d is a non-decreasing function of g, so the extremes of d are those of the reads,
     found as integer reductions (which LLVM vectorises; a float min it does not); (3) per device
     read at >= 3 times, the residual sum of squares of its line in s by least squares from
-    centred sums in float32 (rounding ~1e-6 of the residual variance), max(S_dd - S_sd^2 /
-    S_ss, 0), added up in float64 with its dof n - 2; (4) per time the bin counts, a scalar
-    loop over one histogram at a time.
+    centred sums, max(S_dd - S_sd^2 / S_ss, 0), and its dof n - 2, added up over the pass, all
+    in float32 (rounding ~1e-6 of the read-noise variance, far below its standard error:
+    tested against chunk_kernel); (4) per time the bin counts, a scalar loop over one
+    histogram at a time.
     """
 
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -410,8 +448,8 @@ def one_read_kernel(t_n: int, float64: bool = False):
     def trend_pass(gt, codes, x, inv_gmax, s, m):
         """(sum over devices read at >= 3 times of their residual sum of squares around their
         line in s, its dof); SIMD across devices, in float32 per device."""
-        rss_sum = 0.0
-        dof = 0.0
+        rss_sum = zero
+        dof = zero
         x32 = np.float32(x)
         c32 = np.float32(inv_gmax)
         for j in range(m):
@@ -442,14 +480,15 @@ def one_read_kernel(t_n: int, float64: bool = False):
                 syy += dd * dd
             rss = syy - sxy * sxy / (sxx if sxx > zero else one)
             three = (n >= _F32_3) & (rss > zero)
-            rss_sum += np.float64(rss if three else zero)
-            dof += np.float64(n - _F32_2 if n >= _F32_3 else zero)
-        return rss_sum, dof
+            rss_sum += rss if three else zero
+            dof += n - _F32_2 if n >= _F32_3 else zero
+        return np.float64(rss_sum), np.float64(dof)
 
     @nb.njit(cache=True, nogil=True)
     def chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl):
         n = g_target.shape[0]
         g3 = g.reshape(n, t_n, 1)
+        s32 = s.astype(np.float32)
         act = np.empty(PASS_DEVICES, np.uint8)
         gt = np.empty(PASS_DEVICES * t_n, ft)
         codes = np.empty(PASS_DEVICES * t_n, np.int32)
@@ -487,7 +526,7 @@ def one_read_kernel(t_n: int, float64: bool = False):
                     lo[k], hi[k], bad_k = code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
                                                    codes[r0:r0 + m], lo[k], hi[k])
                     bad |= bad_k
-                rss, dof = trend_pass(gt, codes, x, inv_gmax, s, m)
+                rss, dof = trend_pass(gt, codes, x, inv_gmax, s32, m)
                 lvl[lev, 0] += m - excluded - stuck
                 lvl[lev, 1] += excluded
                 lvl[lev, 2] += stuck

@@ -15,14 +15,19 @@ touching a device's numbers once, around vectorised numpy calls:
 
 That fast path serves campaigns with R >= 2 reads at every (device, time) and one set of read
 times. One read per time at read times shared by all devices (T <= MAX_PATTERN_TIMES) goes
-through ``lines_kernel(T)``: SIMD logs of the reads (``log_cells``), each device's line from
-the least-squares weights of its pattern of reads taken (computed once per pattern), SIMD
-exponentials (``exp_cells``), residual sums, and the per-level-and-time sums as counts per
-pattern times the pattern's weights. Everything else (reads not taken with repeats, per-device
-times) goes through ``cells_kernel`` (R >= 2: the moments of the reads taken in each cell), a
-vectorised numpy log, and ``general_kernel``, which fits each device's line with its own least-
-squares weights over the cells present; the paths give the same sums where they overlap
-(tested).
+through ``lines_kernel(T)``: SIMD passes in float32 over a block of devices (the logs of the
+reads from their bits, each device's line from centred sums, g_P by a float32 exponential),
+the per-level sums in float64, and the per-level-and-time sums as counts per pattern of reads
+taken times the pattern's least-squares weights. Everything else (reads not taken with repeats,
+per-device times) goes through ``cells_kernel`` (R >= 2: the moments of the reads taken in
+each cell), a vectorised numpy log, and ``general_kernel``, which fits each device's line with
+its own least-squares weights over the cells present; the paths give the same sums where they
+overlap (tested).
+
+Loops meant to be SIMD keep to what LLVM vectorises: every load unconditional (a ternary that
+loads only on one side is a branch), selects on values, no array index that could be negative
+(a slice indexed from 0 instead of ``range(a, b)``: Numba's wrap-around of negative indices
+turns each load into a gather), reductions as sums or products with 0/1 flags.
 
 The kernels release the GIL: the caller runs several device chunks at once in threads (no
 barrier per parallel region, so a busy core does not stall the others), and adds the chunk sums
