@@ -467,6 +467,38 @@ def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monk
     np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lines_kernel_odd_reads_and_dtypes_match_general_kernel(dtype):
+    # reads outside float32's normal range (a subnormal one; 1e-45 S in float64) take np.log
+    # in lines_kernel too; float64 reads are logged from their float32 rounding
+    ds = pcm.simulate_campaign(PRESET, 4, 90, times=NOMINAL[:5], repeats=1, rng=6, missing=0.1,
+                               dtype=dtype)
+    g = ds["g"].values
+    g[4, 1, 0] = 1e-40
+    g[8, 3, 0] = 1e-45 if dtype == np.float64 else 2e-39
+    st = fit.campaign_statistics(ds, chunk_devices=100)
+    general = fit.campaign_statistics(ds, chunk_devices=100, general=True)
+    for key in ("n", "n_unusable", "rn_nrss"):
+        np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
+    for key in ("sum_nu", "sum_nu2", "sum_gp", "sum_gp2", "lt", "rn_h1"):
+        np.testing.assert_allclose(getattr(st, key), getattr(general, key), rtol=1e-5,
+                                   err_msg=key)
+    np.testing.assert_allclose(st.rn_rss, general.rn_rss, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value, match", [(-1e-7, r"negative conductance .*\(6, 2, 0\)"),
+                                          (np.inf, r"inf at index \(6, 2, 0\)")])
+def test_fits_of_one_read_per_time_name_a_bad_read(value, match):
+    # lines_kernel and one_read_kernel find the read; the error names it
+    ds = pcm.simulate_campaign(PRESET, 4, 60, times=NOMINAL[:5], repeats=1, rng=2, missing=0.1)
+    ds["g"].values[6, 2, 0] = value
+    with pytest.raises(MeasurementFormatError, match=match):
+        fit.campaign_statistics(ds, chunk_devices=50)
+    with pytest.raises(MeasurementFormatError, match="negative or infinite conductance at "
+                                                     "device 6"):
+        fit.fit_empirical(ds, chunk_devices=50)
+
+
 def test_float32_logs_leave_the_fit_unchanged_well_below_its_standard_errors(monkeypatch):
     # lines_kernel takes ln(g / g_max) in float32 arithmetic (a polynomial, ~1 float32 rounding);
     # general_kernel from np.log in float64: the fitted coefficients agree to < 1 % of their

@@ -610,3 +610,91 @@ def test_histogram_bins_hold_their_values():
     big = d[np.abs(d) > 1e-4]
     width = (hi - lo)[np.array([FK.bin_of(v) for v in big])] / np.abs(big)
     assert width.max() < 2 ** -FK.MANT_BITS * 1.01  # 0.8 % of |d|
+
+
+def _chunk_inputs(dtype):
+    """A chunk of one read per time at shared times: reads not taken, a device never read, a
+    read of 0 S, devices left out, stuck cells (dead), and a level whose target is not a
+    level (skipped)."""
+    ds = pcm.simulate_rram_campaign(levels=5, devices_per_level=700, rng=12, temperatures=None,
+                                    dtype=dtype)
+    g = np.ascontiguousarray(ds["g"].values)
+    g[3] = np.nan
+    g[10, 2] = 0.0
+    gt = ds["g_target"].values.copy()
+    levels = np.unique(gt)
+    gt[-5:] = levels[-1] * 1.5
+    g_max = ds.attrs["g_max"]
+    use = np.ones(gt.size, bool)
+    use[::37] = False
+    s = np.log1p(ds["time"].values / ds.attrs["t0"])
+    return g, gt, levels, g_max, use, s
+
+
+def _run_chunk(kernel, g, gt, levels, g_max, use, s, stuck):
+    k, t_n = levels.size, g.shape[1]
+    hist = np.zeros((k, t_n, FK.HIST_COLUMNS), np.int32)
+    lohi = np.empty((k, t_n, 2))
+    lohi[..., 0], lohi[..., 1] = np.inf, -np.inf
+    sums, lvl = np.zeros((k, t_n, FK.N_CELL_SUMS)), np.zeros((k, FK.N_LEVEL_SUMS))
+    x_lv = levels.astype(np.float64) / g_max
+    if kernel is FK.chunk_kernel:
+        FK.chunk_kernel(g, gt, use, levels, x_lv, 1.0 / g_max, s[None], stuck, hist, lohi, sums,
+                        lvl, np.zeros((t_n, 4)))
+        bad = False
+    else:
+        bad = kernel(g.reshape(-1), gt, use, levels, x_lv, 1.0 / g_max, s, stuck, hist, lohi,
+                     sums, lvl)
+    return bad, hist, lohi, sums, lvl
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_one_read_kernel_matches_chunk_kernel(dtype):
+    """The SIMD kernel for one read per time at shared times against the general one (itself
+    checked against numpy above and by the fits): the same integer histograms, extremes and
+    counts; the trend residuals (float32 per pass) to ~1e-6, far below the read noise's
+    standard error (1 / sqrt(2 dof) ~ 1 %)."""
+    g, gt, levels, g_max, use, s = _chunk_inputs(dtype)
+    for stuck in (-1.0, 0.05):
+        kernel = FK.one_read_kernel(g.shape[1], dtype == np.float64)
+        bad, hist, lohi, sums, lvl = _run_chunk(kernel, g, gt, levels, g_max, use, s, stuck)
+        _, hist0, lohi0, sums0, lvl0 = _run_chunk(FK.chunk_kernel, g, gt, levels, g_max, use, s,
+                                                  stuck)
+        assert not bad
+        np.testing.assert_array_equal(hist[..., FK.N_BINS:], 0)
+        np.testing.assert_array_equal(hist[..., :FK.N_BINS], hist0[..., :FK.N_BINS])
+        np.testing.assert_array_equal(lohi, lohi0)
+        np.testing.assert_array_equal(sums, sums0)
+        np.testing.assert_array_equal(lvl[:, :3], lvl0[:, :3])
+        np.testing.assert_array_equal(lvl[:, 4], lvl0[:, 4])
+        np.testing.assert_allclose(lvl[:, 3], lvl0[:, 3], rtol=2e-6)
+        assert (lvl[:, 2].sum() > 0) == (stuck > 0)  # the dead cells are stuck cells
+    g[7, 4, 0] = -1e-9
+    assert _run_chunk(kernel, g, gt, levels, g_max, use, s, -1.0)[0]
+    g[7, 4, 0] = np.inf
+    assert _run_chunk(kernel, g, gt, levels, g_max, use, s, -1.0)[0]
+
+
+@pytest.mark.parametrize("chunk, workers", [(311, 1), (311, 2), (5000, 2)])
+def test_sample_is_the_smallest_hashes_per_level_whatever_the_chunks(chunk, workers):
+    # the stream picks each level's sampled devices (rank correlations) thread by thread: the
+    # k smallest hashes of the indices among the devices kept, as in one pass over all devices
+    from aimc_device.fit import empirical_fit as EF
+
+    ds = pcm.simulate_rram_campaign(levels=4, devices_per_level=900, rng=4, temperatures=None)
+    g, gt = ds["g"].values, ds["g_target"].values
+    levels = np.unique(gt)
+    use = np.ones(gt.size, bool)
+    use[::11] = False
+    k = 250
+    idx, size, counts = FK.bottom_k(gt, levels, use, k, EF._SAMPLE_KEY)
+    t = ds["time"].values
+    out = EF._stream(ds, "", levels, levels / ds.attrs["g_max"], ds.attrs["g_max"], ds.attrs["t0"],
+                     t, None, lambda a, b, buf=None: use[a:b].copy(), None, None, k, chunk,
+                     False, workers)
+    sample, size_s, counts_s = out[5], out[6], out[7]
+    np.testing.assert_array_equal(size_s, size)
+    np.testing.assert_array_equal(counts_s, counts)
+    for lev in range(levels.size):
+        want = g[np.sort(idx[lev, :size[lev]]), :, 0].astype(float) * (1.0 / ds.attrs["g_max"])
+        np.testing.assert_array_equal(sample[lev * k:lev * k + size[lev]], want)
