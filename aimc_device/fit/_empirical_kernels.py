@@ -6,10 +6,13 @@ float32 bits of |d| -- its exponent and the ``MANT_BITS`` leading mantissa bits 
 is 2^-MANT_BITS (0.8 %) of |d| wide, from 2^-18 (~4e-6, below: one central bin) to 4 (above:
 the last bin), whatever the scale of the spread. Counts are integers and the extremes are kept
 as minima and maxima, so the merged histograms do not depend on how chunks are split among
-threads. The float sums (moments, repeat variances, trend residuals) are returned per chunk and
-added in chunk order by the caller.
+threads. The float sums (moments, trend residuals) are returned per chunk and added in chunk
+order by the caller; the repeat variances come from the sampled devices (:func:`sample_rows`).
 
-The plain numpy reference of the binning is in the tests.
+Two kernels fill them: :func:`chunk_kernel`, one device at a time (any number of reads per time,
+per-device times), and :func:`one_read_kernel` for one read per time at shared times, in SIMD
+passes over a level's devices (compared with chunk_kernel in the tests). The plain numpy
+reference of the binning is in the tests.
 """
 from __future__ import annotations
 

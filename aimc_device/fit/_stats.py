@@ -22,10 +22,10 @@ variance s2_k [S^2]. Then
 
 Three paths compute the same sums (:mod:`._kernels`): a fast one for campaigns with R >= 2
 reads at every cell and one set of read times (one least-squares weight vector for all devices,
-SIMD over the chunk); for one read per time at shared read times, one pass that keeps the
-least-squares weights per pattern of reads taken (lines_kernel); and a general one, one device
-at a time, for everything else (general_kernel). A chunk with a missing read leaves the fast
-path.
+SIMD over the chunk); for one read per time at shared read times, SIMD passes over blocks of
+devices in float32 that count the devices per pattern of reads taken, whose least-squares
+weights give the per-time sums (lines_kernel); and a general one, one device at a time, for
+everything else (general_kernel). A chunk with a missing read leaves the fast path.
 
 Only sums are kept (a few arrays of length levels x times) besides the chunks in flight:
 ``g_target`` and ``valid`` stream with the reads, so memory does not grow with the devices.

@@ -15,7 +15,9 @@ gathers per level x_k and time index m:
   identified by the data and comes from the ``prior`` the user names, and the model and report
   say so;
 - a uniform sample of up to ``sample_devices`` devices per level (the smallest hashes of their
-  indices: order-independent), all their reads, for the rank correlations.
+  indices: order-independent), all their reads, for the rank correlations: each thread keeps
+  the smallest hashes it has seen per level and the reads of those devices; the sample is the
+  smallest among all threads'.
 
 Then:
 
