@@ -491,11 +491,6 @@ def _adjacent_max(rho: np.ndarray, t_n: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _normal_scores(a: np.ndarray) -> np.ndarray:
-    """Van der Waerden scores Phi^-1((rank - 1/2) / n) along the first axis."""
-    return special.ndtri((stats.rankdata(a, axis=0) - 0.5) / a.shape[0])
-
-
 def _score_correlation(za: np.ndarray, zb: np.ndarray) -> float:
     den = np.sqrt(np.dot(za, za) * np.dot(zb, zb))
     return float(np.dot(za, zb) / den) if den > 0 else 1.0
@@ -503,22 +498,26 @@ def _score_correlation(za: np.ndarray, zb: np.ndarray) -> float:
 
 def _rank_correlations(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(van der Waerden correlation of consecutive columns (T - 1,), pairs used) of a (n, T)
-    block of reads; NaN where fewer than MIN_DEVICES_PER_LEVEL pairs."""
+    block of reads; NaN where fewer than MIN_DEVICES_PER_LEVEL pairs.
+
+    Each pair of times m, m + 1 is ranked over the devices read at both: the pairs side by side
+    as columns, NaN elsewhere, ranked in one call (NaN left out); the van der Waerden scores
+    Phi^-1((rank - 1/2) / n) of each column, n its devices, and their correlation.
+    """
     t_n = block.shape[1]
     rho = np.full(t_n - 1, np.nan)
     ok = np.isfinite(block)
-    pairs = (ok[:, :-1] & ok[:, 1:]).sum(axis=0)
-    full = ok.all(axis=1)
-    scores = _normal_scores(block[full]) if full.sum() >= MIN_DEVICES_PER_LEVEL else None
-    for m in range(t_n - 1):
-        if pairs[m] < MIN_DEVICES_PER_LEVEL:
-            continue
-        if scores is not None and pairs[m] == full.sum():  # no missing read: scores once
-            rho[m] = _score_correlation(scores[:, m], scores[:, m + 1])
-        else:
-            both = ok[:, m] & ok[:, m + 1]
-            z = _normal_scores(block[both][:, m:m + 2])
-            rho[m] = _score_correlation(z[:, 0], z[:, 1])
+    both = ok[:, :-1] & ok[:, 1:]
+    pairs = both.sum(axis=0)
+    if t_n < 2 or not np.any(pairs >= MIN_DEVICES_PER_LEVEL):
+        return rho, pairs
+    cols = np.stack([np.where(both, block[:, :-1], np.nan),
+                     np.where(both, block[:, 1:], np.nan)], axis=2)  # (n, T - 1, 2)
+    ranks = stats.rankdata(cols, axis=0, nan_policy="omit")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.nan_to_num(special.ndtri((ranks - 0.5) / pairs[None, :, None]), nan=0.0)
+    for m in np.flatnonzero(pairs >= MIN_DEVICES_PER_LEVEL):
+        rho[m] = _score_correlation(z[:, m, 0], z[:, m, 1])
     return rho, pairs
 
 
