@@ -239,7 +239,9 @@ def test_fit_is_independent_of_threads_and_nearly_of_chunks(campaign):
     assert a == b
     c, _ = fit.fit_empirical(campaign, times=teq, chunk_devices=4096)
     np.testing.assert_array_equal(c.quantiles, a.quantiles)  # integer histograms
-    np.testing.assert_allclose(c.read_noise, a.read_noise, rtol=1e-12)  # float sums' order
+    # float sums' order; the trend residuals of one read per time are summed in float32 over
+    # passes of PASS_DEVICES devices (runs split differently by other chunks): ~1e-7
+    np.testing.assert_allclose(c.read_noise, a.read_noise, rtol=1e-6)
 
 
 def test_read_noise_from_repeats_matches_the_pcm_formula():
