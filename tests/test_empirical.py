@@ -678,25 +678,28 @@ def test_one_read_kernel_matches_chunk_kernel(dtype):
 
 
 @pytest.mark.parametrize("chunk, workers", [(311, 1), (311, 2), (5000, 2)])
-def test_sample_is_the_smallest_hashes_per_level_whatever_the_chunks(chunk, workers):
-    # the stream picks each level's sampled devices (rank correlations) thread by thread: the
-    # k smallest hashes of the indices among the devices kept, as in one pass over all devices
+def test_sample_is_the_smallest_hashes_per_level_whatever_the_chunks(chunk, workers,
+                                                                     monkeypatch):
+    # the sampled devices (rank correlations) are picked thread by thread, chunk by chunk: the
+    # k smallest hashes of the indices among the devices kept, as in one pass over all devices;
+    # the stream copies their reads
     from aimc_device.fit import empirical_fit as EF
 
+    monkeypatch.setattr(EF, "VECTOR_CHUNK_DEVICES", chunk)
     ds = pcm.simulate_rram_campaign(levels=4, devices_per_level=900, rng=4, temperatures=None)
-    g, gt = ds["g"].values, ds["g_target"].values
+    g, gt, g_max = ds["g"].values, ds["g_target"].values, ds.attrs["g_max"]
     levels = np.unique(gt)
     use = np.ones(gt.size, bool)
     use[::11] = False
     k = 250
     idx, size, counts = FK.bottom_k(gt, levels, use, k, EF._SAMPLE_KEY)
-    t = ds["time"].values
-    out = EF._stream(ds, "", levels, levels / ds.attrs["g_max"], ds.attrs["g_max"], ds.attrs["t0"],
-                     t, None, lambda a, b, buf=None: use[a:b].copy(), None, None, k, chunk,
-                     False, workers)
-    sample, size_s, counts_s = out[5], out[6], out[7]
-    np.testing.assert_array_equal(size_s, size)
-    np.testing.assert_array_equal(counts_s, counts)
+    keep = lambda a, b, buf=None: use[a:b].copy()  # noqa: E731
+    sampled = EF._sample(ds, "", levels, g_max, keep, k, workers)
+    np.testing.assert_array_equal(sampled[3], size)
+    np.testing.assert_array_equal(sampled[4], counts)
+    sample = EF._stream(ds, "", levels, levels / g_max, g_max, ds.attrs["t0"],
+                        ds["time"].values, None, keep, None, None, sampled, k, chunk, False,
+                        workers)[5]
     for lev in range(levels.size):
-        want = g[np.sort(idx[lev, :size[lev]]), :, 0].astype(float) * (1.0 / ds.attrs["g_max"])
+        want = g[np.sort(idx[lev, :size[lev]]), :, 0].astype(float) * (1.0 / g_max)
         np.testing.assert_array_equal(sample[lev * k:lev * k + size[lev]], want)

@@ -227,33 +227,33 @@ def chunk_kernel(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist,
 
 
 @nb.njit(cache=True, nogil=True)
-def sample_rows(g, pos, use, inv_gmax, s, stuck_below):  # pragma: no cover - via tests
-    """The reads of the sampled devices ``pos`` of a chunk (arguments as for
-    :func:`chunk_kernel`, ``use`` after every rule): rows (p, T), the first read per time
-    relative to g_max, NaN where none (or its time is NaN) and for a device left out or stuck;
-    rep (p, T, 2), with repeated reads, the sum of squared deviations of the repeats from their
-    mean (relative to g_max^2; shifted by the first read) and its dof."""
+def sample_rows(g, pos, rows, lev, use, inv_gmax, s, stuck_below, sample,
+                sums):  # pragma: no cover - via tests
+    """Copy the reads of the sampled devices ``pos`` of a chunk (arguments as for
+    :func:`chunk_kernel`, ``use`` after every rule) into sample[rows] (their first read per
+    time relative to g_max; NaN where none or its time is NaN, and for a device left out or
+    stuck), and, with repeated reads, add the sum of squared deviations of the repeats from
+    their mean (relative to g_max^2; shifted by the first read) and its dof to sums[lev, time,
+    1 and 2]."""
     t_n, r_n = g.shape[1], g.shape[2]
     per_device = s.shape[0] > 1
-    rows = np.full((pos.shape[0], t_n), np.nan)
-    rep = np.zeros((pos.shape[0], t_n, 2))
     for p in range(pos.shape[0]):
         i = pos[p]
-        if not use[i] or (stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below)):
-            continue
+        row = rows[p]
+        dropped = (not use[i]) or (stuck_below > 0 and _is_stuck(g, i, inv_gmax, stuck_below))
         si = i if per_device else 0
         for m in range(t_n):
             v0 = _first(g, i, m)
-            if s[si, m] != s[si, m] or v0 != v0:
+            if dropped or s[si, m] != s[si, m] or v0 != v0:
+                sample[row, m] = np.nan
                 continue
-            rows[p, m] = v0 * inv_gmax
+            sample[row, m] = v0 * inv_gmax
             if r_n >= 2:
                 k, acc, acc2 = _repeats(g, i, m, v0)
                 if k >= 2:
                     a = acc * inv_gmax
-                    rep[p, m, 0] = acc2 * inv_gmax * inv_gmax - a * a / k
-                    rep[p, m, 1] = k - 1
-    return rows, rep
+                    sums[lev[p], m, 1] += acc2 * inv_gmax * inv_gmax - a * a / k
+                    sums[lev[p], m, 2] += k - 1
 
 
 @nb.njit(cache=True, inline="always")

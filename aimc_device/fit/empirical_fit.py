@@ -15,9 +15,8 @@ gathers per level x_k and time index m:
   identified by the data and comes from the ``prior`` the user names, and the model and report
   say so;
 - a uniform sample of up to ``sample_devices`` devices per level (the smallest hashes of their
-  indices: order-independent), all their reads, for the rank correlations: each thread keeps
-  the smallest hashes it has seen per level and the reads of those devices; the sample is the
-  smallest among all threads'.
+  indices: order-independent, picked in a first pass over g_target in threads), all their
+  reads, for the rank correlations.
 
 Then:
 
@@ -50,7 +49,7 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import default_chunk_devices, target_levels
+from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
@@ -262,33 +261,70 @@ class _Accumulator:
     counts (half the cache footprint of int64) unless a level could hold 2^31 devices; the
     columns past N_BINS are work space of EK.one_read_kernel."""
 
-    def __init__(self, k: int, t_n: int, n: int, k_samp: int):
+    def __init__(self, k: int, t_n: int, n: int):
         self.hist = np.zeros((k, t_n, EK.HIST_COLUMNS), np.int32 if n < 2**31 else np.int64)
         self.lohi = np.empty((k, t_n, 2))
         self.lohi[..., 0] = np.inf
         self.lohi[..., 1] = -np.inf
         self.buf = None
-        # this thread's sample candidates: per level the k_samp smallest hashes seen so far
-        # (EK.bottom_k_add), and the rows of every device that was among them at the end of
-        # its chunk (the final sample is among those)
-        self.heaps = EK.bottom_k_state(k, k_samp)
-        self.cand_idx, self.cand_rows, self.cand_rep = [], [], []
+
+
+def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
+            n_workers: int | None):
+    """A pass over g_target (and valid) in threads, one number per device: the targets checked,
+    and per level the ``k_samp`` devices with the smallest hashes of their indices among those
+    ``use`` keeps (a uniform sample that does not depend on the order, for the rank
+    correlations). Returns (sel_idx (S,) sorted device indices, sel_lev (S,) their levels,
+    sel_row (S,) their rows lev * k_samp + 0 ... size[lev] - 1, size (K,), counts (K,) the
+    devices ``use`` keeps per level)."""
+    n, k = ds.sizes["device"], levels.size
+    read_target = device_chunk_reader(ds, "g_target")
+    local, heaps, lock = threading.local(), [], threading.Lock()
+
+    def work(start: int) -> None:
+        stop = min(n, start + VECTOR_CHUNK_DEVICES)
+        state = getattr(local, "heaps", None)
+        if state is None:  # this thread's heaps (EK.bottom_k_add)
+            state = local.heaps = EK.bottom_k_state(k, k_samp)
+            with lock:
+                heaps.append(state)
+        gt = _targets(read_target, start, stop)
+        _check_targets(where, gt, g_max)
+        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, *state)
+
+    workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(work, range(0, n, VECTOR_CHUNK_DEVICES)))
+    counts = sum(h[3] for h in heaps)
+    size = np.zeros(k, np.int64)
+    sel_idx, sel_lev, sel_row = [], [], []
+    for lev in range(k):  # the smallest among the threads' smallest: as one pass over all
+        hh = np.concatenate([h[0][lev, :h[2][lev]] for h in heaps])
+        ii = np.concatenate([h[1][lev, :h[2][lev]] for h in heaps])
+        sel = np.sort(ii[np.argsort(hh)[:k_samp]])  # hashes are distinct
+        size[lev] = sel.size
+        sel_idx.append(sel)
+        sel_lev.append(np.full(sel.size, lev))
+        sel_row.append(lev * k_samp + np.arange(sel.size))
+    sel_idx, sel_lev, sel_row = (np.concatenate(v) for v in (sel_idx, sel_lev, sel_row))
+    order = np.argsort(sel_idx, kind="stable")
+    return sel_idx[order], sel_lev[order], sel_row[order], size, counts
 
 
 def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-            k_samp, chunk_devices, progress, n_workers):
-    """One pass over the campaign in threads: (hist, lohi, sums, lvl, tsum, sample, size,
-    counts); sample (K * k_samp, T) holds each level's sampled devices (the k_samp smallest
-    hashes of their indices among those ``use`` keeps, in rows lev * k_samp + 0 ... size[lev]
-    - 1, in index order), counts the devices ``use`` keeps per level."""
+            sampled, k_samp, chunk_devices, progress, n_workers):
+    """One pass over the campaign in threads: (hist, lohi, sums, lvl, tsum, sample); sample
+    (K * k_samp, T) holds the rows of the ``sampled`` devices (:func:`_sample`)."""
     n, t_n, r_n = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     k = levels.size
+    sel_idx, sel_lev, sel_row = sampled[:3]
     read_target = device_chunk_reader(ds, "g_target")
     read = device_chunk_reader(ds)
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(t_n, r_n, ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
     chunk_devices = max(1, int(chunk_devices))
     s_common = None if t_common is None else np.log1p(t_common / t0)[None, :]
+    sample = np.full((max(k * k_samp, 1), t_n), np.nan)
     local = threading.local()
     accs, lock = [], threading.Lock()
     inv_gmax = 1.0 / g_max
@@ -298,7 +334,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         stop = min(n, start + chunk_devices)
         acc = getattr(local, "acc", None)
         if acc is None:
-            acc = local.acc = _Accumulator(k, t_n, n, k_samp)
+            acc = local.acc = _Accumulator(k, t_n, n)
             acc.buf = np.empty((min(n, chunk_devices), t_n, r_n), ds["g"].dtype)
             acc.gt = np.empty(min(n, chunk_devices), ds["g_target"].dtype)
             acc.valid = np.empty(min(n, chunk_devices), bool)
@@ -308,9 +344,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         if g.dtype not in (np.float32, np.float64):
             g = g.astype(np.float64)
         gt = _targets(read_target, start, stop, acc.gt)
-        _check_targets(where, gt, g_max)
         u = use(start, stop, acc.valid)
-        EK.bottom_k_add(gt, start, levels, u, _SAMPLE_KEY, *acc.heaps)
         if rule is not None:
             drop = np.asarray(rule(start, gt, g), dtype=bool)
             if drop.shape != (stop - start,):
@@ -343,13 +377,10 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
                             sums, lvl, tsum)
             if s_common is None:
                 _time_extremes(s, g, tsum)
-        cand = acc.heaps[1]
-        cand = np.sort(cand[(cand >= start) & (cand < stop)])
-        if cand.size:  # this chunk's devices among the thread's candidates: their reads
-            rows, rep = EK.sample_rows(g, cand - start, u, inv_gmax, s, stuck)
-            acc.cand_idx.append(cand)
-            acc.cand_rows.append(rows)
-            acc.cand_rep.append(rep)
+        p0, p1 = np.searchsorted(sel_idx, [start, stop])
+        if p1 > p0:  # the sampled devices of this chunk: their reads, their repeats' spread
+            EK.sample_rows(g, sel_idx[p0:p1] - start, sel_row[p0:p1], sel_lev[p0:p1], u,
+                           inv_gmax, s, stuck, sample, sums)
         return sums, lvl, tsum
 
     starts = range(0, n, chunk_devices)
@@ -390,27 +421,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
         hist += acc.hist[..., :EK.N_BINS]
         lohi[..., 0] = np.minimum(lohi[..., 0], acc.lohi[..., 0])
         lohi[..., 1] = np.maximum(lohi[..., 1], acc.lohi[..., 1])
-    # the sample: per level the k_samp smallest hashes among all threads' candidates (the
-    # same as one pass over all devices), their rows in index order; the spread of their
-    # repeated reads
-    counts = sum(acc.heaps[3] for acc in accs)
-    size = np.zeros(k, np.int64)
-    sample = np.full((max(k * k_samp, 1), t_n), np.nan)
-    parts = [(np.concatenate(a.cand_idx), np.concatenate(a.cand_rows),
-              np.concatenate(a.cand_rep)) for a in accs if a.cand_idx]
-    if parts:
-        c_idx, c_rows, c_rep = (np.concatenate(v) for v in zip(*parts))
-        order = np.argsort(c_idx, kind="stable")
-        c_idx, c_rows, c_rep = c_idx[order], c_rows[order], c_rep[order]
-        for lev in range(k):
-            hh = np.concatenate([a.heaps[0][lev, :a.heaps[2][lev]] for a in accs])
-            ii = np.concatenate([a.heaps[1][lev, :a.heaps[2][lev]] for a in accs])
-            sel = np.sort(ii[np.argsort(hh)[:k_samp]])  # hashes are distinct
-            at = np.searchsorted(c_idx, sel)
-            size[lev] = sel.size
-            sample[lev * k_samp:lev * k_samp + sel.size] = c_rows[at]
-            sums[lev, :, 1:3] += c_rep[at].sum(axis=0)
-    return hist, lohi, sums, lvl, tsum, sample, size, counts
+    return hist, lohi, sums, lvl, tsum, sample
 
 
 def _check_targets(where: str, gt: np.ndarray, g_max: float) -> None:
@@ -500,9 +511,10 @@ def _rank_correlations(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(van der Waerden correlation of consecutive columns (T - 1,), pairs used) of a (n, T)
     block of reads; NaN where fewer than MIN_DEVICES_PER_LEVEL pairs.
 
-    Each pair of times m, m + 1 is ranked over the devices read at both: the pairs side by side
-    as columns, NaN elsewhere, ranked in one call (NaN left out); the van der Waerden scores
-    Phi^-1((rank - 1/2) / n) of each column, n its devices, and their correlation.
+    Each pair of times m, m + 1 is ranked over the devices read at both, in one call: the
+    columns themselves when no read is missing, else the pairs side by side, NaN elsewhere (NaN
+    left out); the van der Waerden scores Phi^-1((rank - 1/2) / n), n the devices ranked, and
+    their correlation.
     """
     t_n = block.shape[1]
     rho = np.full(t_n - 1, np.nan)
@@ -511,13 +523,18 @@ def _rank_correlations(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     pairs = both.sum(axis=0)
     if t_n < 2 or not np.any(pairs >= MIN_DEVICES_PER_LEVEL):
         return rho, pairs
-    cols = np.stack([np.where(both, block[:, :-1], np.nan),
-                     np.where(both, block[:, 1:], np.nan)], axis=2)  # (n, T - 1, 2)
-    ranks = stats.rankdata(cols, axis=0, nan_policy="omit")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        z = np.nan_to_num(special.ndtri((ranks - 0.5) / pairs[None, :, None]), nan=0.0)
+    if ok.all():
+        z = special.ndtri((stats.rankdata(block, axis=0) - 0.5) / block.shape[0])
+        za, zb = z[:, :-1], z[:, 1:]
+    else:
+        cols = np.stack([np.where(both, block[:, :-1], np.nan),
+                         np.where(both, block[:, 1:], np.nan)], axis=2)  # (n, T - 1, 2)
+        ranks = stats.rankdata(cols, axis=0, nan_policy="omit")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.nan_to_num(special.ndtri((ranks - 0.5) / pairs[None, :, None]), nan=0.0)
+        za, zb = z[..., 0], z[..., 1]
     for m in np.flatnonzero(pairs >= MIN_DEVICES_PER_LEVEL):
-        rho[m] = _score_correlation(z[:, m, 0], z[:, m, 1])
+        rho[m] = _score_correlation(za[:, m], zb[:, m])
     return rho, pairs
 
 
@@ -624,13 +641,15 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
                        "the empirical fit needs devices grouped in levels (equal targets), "
                        f"at least {MIN_DEVICES_PER_LEVEL} per level")
     k_samp = max(1, int(sample_devices))
-    x_lv = levels.astype(np.float64) / g_max
-    hist, lohi, sums, lvl, tsum, sample, size, counts = _stream(
-        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-        k_samp, chunk_devices, progress, n_workers)
+    sampled = _sample(ds, where, levels, g_max, use, k_samp, n_workers)
+    size, counts = sampled[3:]
     if counts.sum() == 0:
         raise FitError(f"{where}: every device is excluded (valid mask / exclude); nothing "
                        "to fit")
+    x_lv = levels.astype(np.float64) / g_max
+    hist, lohi, sums, lvl, tsum, sample = _stream(
+        ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
+        sampled, k_samp, chunk_devices, progress, n_workers)
     notes = []
     # ---- levels and times
     n_dev, n_stuck = lvl[:, 0], lvl[:, 2]
