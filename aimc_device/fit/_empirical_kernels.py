@@ -403,6 +403,15 @@ _F32_2 = np.float32(2.0)
 _F32_3 = np.float32(3.0)
 
 
+@nb.njit(inline="always", error_model="numpy")
+def _trend_point(code, g, sk, inv_gmax, x, ms, md):  # pragma: no cover - via tests
+    """(binned, s_k - ms, d - md) of one read in float32 (d = g / g_max - x), (False, 0, 0)
+    for a read not binned: loads done by the caller, selects on values (a SIMD loop)."""
+    ok = code < N_BINS
+    d = np.float32(g) * inv_gmax - x
+    return ok, (sk - ms if ok else np.float32(0.0)), (d - md if ok else np.float32(0.0))
+
+
 @functools.lru_cache(maxsize=None)
 def one_read_kernel(t_n: int, float64: bool = False):
     """:func:`chunk_kernel` for one read per time (R = 1) at read times shared by all devices,
@@ -472,12 +481,11 @@ def one_read_kernel(t_n: int, float64: bool = False):
             ss = zero
             sd = zero
             for k in range(t_n):
-                ok = codes[k * PASS_DEVICES + j] < N_BINS
-                sk = s[k]
-                dk = np.float32(gt[k * PASS_DEVICES + j]) * c32 - x32
+                r = k * PASS_DEVICES + j
+                ok, sk, dk = _trend_point(codes[r], gt[r], s[k], c32, x32, zero, zero)
                 n += one if ok else zero
-                ss += sk if ok else zero
-                sd += dk if ok else zero
+                ss += sk
+                sd += dk
             inv_n = one / (n if n > zero else one)
             ms = ss * inv_n
             md = sd * inv_n
@@ -485,11 +493,8 @@ def one_read_kernel(t_n: int, float64: bool = False):
             sxy = zero
             syy = zero
             for k in range(t_n):
-                ok = codes[k * PASS_DEVICES + j] < N_BINS
-                sk = s[k]
-                dk = np.float32(gt[k * PASS_DEVICES + j]) * c32 - x32
-                ds = sk - ms if ok else zero
-                dd = dk - md if ok else zero
+                r = k * PASS_DEVICES + j
+                _, ds, dd = _trend_point(codes[r], gt[r], s[k], c32, x32, ms, md)
                 sxx += ds * ds
                 sxy += ds * dd
                 syy += dd * dd

@@ -617,6 +617,14 @@ def _pattern_weights(mask, L, w, v, one_minus_h):
             one_minus_h[k] = 1.0 - (v[k] + w[k] * L[k])
 
 
+@nb.njit(nogil=True, inline="always", error_model="numpy")
+def _centred(y, lk, ml, my):
+    """(L_k - mean L, y_k - mean y) of a read taken (y not NaN), else (0, 0), in float32:
+    loads done by the caller, selects on values (so that the loop stays SIMD)."""
+    pk = y == y
+    return (lk - ml if pk else _F(0.0)), (y - my if pk else _F(0.0))
+
+
 @nb.njit(nogil=True, fastmath=_SUMS, error_model="numpy")
 def _run_sums(keep, used, slope, xp, rss, three):
     """Sums over the devices of a run (one level; SIMD, in float64): (devices kept, used, sum
@@ -782,11 +790,7 @@ def lines_kernel(t_n: int):
             sxx = zero
             sxy = zero
             for k in range(t_n):
-                yk = y[k * BLOCK + j]
-                lk = L[k]
-                pk = yk == yk
-                dl = lk - ml if pk else zero
-                dy = yk - my if pk else zero
+                dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
                 sxx += dl * dl
                 sxy += dl * dy
             ok = (nc >= _F(2.0)) & (sxx > _F(1e-10) * (sxx + nc * ml * ml))
@@ -794,11 +798,7 @@ def lines_kernel(t_n: int):
             inter = my - slope * ml
             rss = zero
             for k in range(t_n):
-                yk = y[k * BLOCK + j]
-                lk = L[k]
-                pk = yk == yk
-                dl = lk - ml if pk else zero
-                dy = yk - my if pk else zero
+                dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
                 e = dy - slope * dl
                 rss += e * e
             # a line, no read of 0 S (-inf), x_P within e^+-87
