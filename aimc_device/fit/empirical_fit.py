@@ -295,18 +295,17 @@ def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
     workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(work, range(0, n, VECTOR_CHUNK_DEVICES)))
-    counts = sum(h[3] for h in heaps)
-    size = np.zeros(k, np.int64)
-    sel_idx, sel_lev, sel_row = [], [], []
+    counts = sum((h[3] for h in heaps), np.zeros(k, np.int64))
+    chosen = []
     for lev in range(k):  # the smallest among the threads' smallest: as one pass over all
         hh = np.concatenate([h[0][lev, :h[2][lev]] for h in heaps])
         ii = np.concatenate([h[1][lev, :h[2][lev]] for h in heaps])
-        sel = np.sort(ii[np.argsort(hh)[:k_samp]])  # hashes are distinct
-        size[lev] = sel.size
-        sel_idx.append(sel)
-        sel_lev.append(np.full(sel.size, lev))
-        sel_row.append(lev * k_samp + np.arange(sel.size))
-    sel_idx, sel_lev, sel_row = (np.concatenate(v) for v in (sel_idx, sel_lev, sel_row))
+        chosen.append(np.sort(ii[np.argsort(hh)[:k_samp]]))  # hashes are distinct
+    size = np.array([c.size for c in chosen], np.int64)
+    none = np.zeros(0, np.int64)
+    sel_idx = np.concatenate(chosen + [none])
+    sel_lev = np.repeat(np.arange(k), size)
+    sel_row = np.concatenate([lev * k_samp + np.arange(m) for lev, m in enumerate(size)] + [none])
     order = np.argsort(sel_idx, kind="stable")
     return sel_idx[order], sel_lev[order], sel_row[order], size, counts
 
