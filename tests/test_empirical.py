@@ -690,7 +690,7 @@ def test_sample_is_the_smallest_hashes_per_level_whatever_the_chunks(chunk, work
     # the stream copies their reads
     from aimc_device.fit import empirical_fit as EF
 
-    monkeypatch.setattr(EF, "VECTOR_CHUNK_DEVICES", chunk)
+    monkeypatch.setattr(EF, "_SAMPLE_CHUNK", chunk)
     ds = pcm.simulate_rram_campaign(levels=4, devices_per_level=900, rng=4, temperatures=None)
     g, gt, g_max = ds["g"].values, ds["g_target"].values, ds.attrs["g_max"]
     levels = np.unique(gt)

@@ -49,7 +49,7 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
+from ..io.measurements import default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
@@ -65,6 +65,8 @@ MIN_DEVICES_PER_LEVEL = 3
 SAMPLE_DEVICES = 1000
 #: Key of the hash that picks the sampled devices.
 _SAMPLE_KEY = np.uint64(0x5EED_0F_5A_4D_9E_E5)
+#: Devices per chunk of the pass that picks the sampled devices (g_target and valid only).
+_SAMPLE_CHUNK = 2**20
 _BIN_LO, _BIN_HI = EK.bin_edges()
 
 
@@ -282,7 +284,7 @@ def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
     local, heaps, lock = threading.local(), [], threading.Lock()
 
     def work(start: int) -> None:
-        stop = min(n, start + VECTOR_CHUNK_DEVICES)
+        stop = min(n, start + _SAMPLE_CHUNK)
         state = getattr(local, "heaps", None)
         if state is None:  # this thread's heaps (EK.bottom_k_add)
             state = local.heaps = EK.bottom_k_state(k, k_samp)
@@ -294,7 +296,7 @@ def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
 
     workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(work, range(0, n, VECTOR_CHUNK_DEVICES)))
+        list(pool.map(work, range(0, n, _SAMPLE_CHUNK)))
     counts = sum((h[3] for h in heaps), np.zeros(k, np.int64))
     chosen = []
     for lev in range(k):  # the smallest among the threads' smallest: as one pass over all
