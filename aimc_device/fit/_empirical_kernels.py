@@ -16,10 +16,10 @@ reference of the binning is in the tests.
 """
 from __future__ import annotations
 
-import functools
-
 import numba as nb
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 
 _FM1 = np.uint64(0xFF51AFD7ED558CCD)
@@ -412,11 +412,174 @@ def _trend_point(code, g, sk, inv_gmax, x, ms, md):  # pragma: no cover - via te
     return ok, (sk - ms if ok else np.float32(0.0)), (d - md if ok else np.float32(0.0))
 
 
-@functools.lru_cache(maxsize=None)
+def _bits(v):  # pragma: no cover - compiled only
+    """The bits of a float >= 0 as a signed integer of its width, in the order of the values
+    (compiled code: see the overload)."""
+    raise NotImplementedError("_bits runs in compiled code only")
+
+
+@overload(_bits, jit_options={"cache": True})
+def _bits_impl(v):
+    if v == types.float32:
+        return lambda v: np.float32(v).view(np.int32)
+    return lambda v: np.float64(v).view(np.int64)
+
+
+def _from_bits(b):  # pragma: no cover - compiled only
+    """The float of :func:`_bits` (compiled code: see the overload)."""
+    raise NotImplementedError("_from_bits runs in compiled code only")
+
+
+@overload(_from_bits, jit_options={"cache": True})
+def _from_bits_impl(b):
+    if b == types.int32:
+        return lambda b: np.int32(b).view(np.float32)
+    return lambda b: np.int64(b).view(np.float64)
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _code_row(g, act, x, inv_gmax, codes, lo, hi, bits_max, bits_min):  # pragma: no cover
+    """Codes of the reads g of one time (a SIMD loop), see :func:`one_read_kernel`; (min, max)
+    of lo, hi and the bits of the reads binned (bits_max, bits_min: the largest and smallest
+    integers of their width), and True when a read is negative or +inf."""
+    bad = False
+    for j in range(g.shape[0]):
+        v = g[j]
+        active = act[j] != 0
+        ok = (v == v) & active
+        b = bin_of_simd(np.float64(v) * inv_gmax - x)
+        bits = _bits(v)
+        codes[j] = np.int32(b if ok else (MISSING if active else DROPPED))
+        lo = min(lo, bits if ok else bits_max)
+        hi = max(hi, bits if ok else bits_min)
+        bad |= (v < 0.0) | (v == np.inf)
+    return lo, hi, bad
+
+
+@nb.njit(nogil=True, error_model="numpy")
+def _transpose(g, m, out, s):  # pragma: no cover - via tests
+    """out[k * PASS_DEVICES + j] = g[j * T + k] for the m devices of g (SIMD shuffles); T =
+    len(s), a tuple."""
+    t_n = len(s)
+    for j in range(m):
+        for k in range(t_n):
+            out[k * PASS_DEVICES + j] = g[j * t_n + k]
+
+
+@nb.njit(nogil=True, fastmath=_SUMS, error_model="numpy")
+def _trend_pass(gt, codes, x, inv_gmax, s, m):  # pragma: no cover - via tests
+    """(sum over the m devices read at >= 3 times of their residual sum of squares around their
+    line in s (a tuple of the T float32 log-times), its dof); SIMD across devices, in float32
+    per device."""
+    t_n = len(s)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    rss_sum = zero
+    dof = zero
+    x32 = np.float32(x)
+    c32 = np.float32(inv_gmax)
+    for j in range(m):
+        n = zero
+        ss = zero
+        sd = zero
+        for k in range(t_n):
+            r = k * PASS_DEVICES + j
+            ok, sk, dk = _trend_point(codes[r], gt[r], s[k], c32, x32, zero, zero)
+            n += one if ok else zero
+            ss += sk
+            sd += dk
+        inv_n = one / (n if n > zero else one)
+        ms = ss * inv_n
+        md = sd * inv_n
+        sxx = zero
+        sxy = zero
+        syy = zero
+        for k in range(t_n):
+            r = k * PASS_DEVICES + j
+            _, ds, dd = _trend_point(codes[r], gt[r], s[k], c32, x32, ms, md)
+            sxx += ds * ds
+            sxy += ds * dd
+            syy += dd * dd
+        rss = syy - sxy * sxy / (sxx if sxx > zero else one)
+        three = (n >= _F32_3) & (rss > zero)
+        rss_sum += rss if three else zero
+        dof += n - _F32_2 if n >= _F32_3 else zero
+    return np.float64(rss_sum), np.float64(dof)
+
+
+@nb.njit(cache=True, nogil=True)
+def _one_read(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl,
+              bits_max, bits_min):  # pragma: no cover - via tests
+    """:func:`one_read_kernel`'s kernel; s a tuple of the T float32 log-times."""
+    t_n = len(s)
+    n = g_target.shape[0]
+    g3 = g.reshape(n, t_n, 1)
+    act = np.empty(PASS_DEVICES, np.uint8)
+    gt = np.empty(PASS_DEVICES * t_n, g.dtype)
+    codes = np.empty(PASS_DEVICES * t_n, np.int32)
+    lo = np.full(t_n, bits_max)
+    hi = np.full(t_n, bits_min)
+    bad = False
+    a = 0
+    while a < n:  # one run of devices with the same target
+        target = g_target[a]
+        e = a + 1
+        while e < n and g_target[e] == target:
+            e += 1
+        lev = _level(levels, target)
+        if lev < 0:
+            a = e
+            continue
+        x = x_lv[lev]
+        lo[:] = bits_max
+        hi[:] = bits_min
+        for p in range(a, e, PASS_DEVICES):
+            q = min(e, p + PASS_DEVICES)
+            m = q - p
+            excluded = 0.0
+            stuck = 0.0
+            for j in range(m):  # devices left out
+                ok = use[p + j]
+                excluded += 0.0 if ok else 1.0
+                if ok and stuck_below > 0 and _is_stuck(g3, p + j, inv_gmax, stuck_below):
+                    ok = False
+                    stuck += 1.0
+                act[j] = ok
+            _transpose(g[p * t_n:q * t_n], m, gt, s)
+            for k in range(t_n):
+                r0 = k * PASS_DEVICES
+                lo[k], hi[k], bad_k = _code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
+                                                codes[r0:r0 + m], lo[k], hi[k], bits_max,
+                                                bits_min)
+                bad |= bad_k
+            rss, dof = _trend_pass(gt, codes, x, inv_gmax, s, m)
+            lvl[lev, 0] += m - excluded - stuck
+            lvl[lev, 1] += excluded
+            lvl[lev, 2] += stuck
+            lvl[lev, 3] += rss
+            lvl[lev, 4] += dof
+            for k in range(t_n):  # one histogram at a time (it stays in the L1 cache)
+                row = hist[lev, k]
+                cb = codes[k * PASS_DEVICES:k * PASS_DEVICES + m]
+                for j in range(m):
+                    row[cb[j]] += 1
+        for k in range(t_n):
+            sums[lev, k, 0] += hist[lev, k, MISSING]
+            hist[lev, k, MISSING] = 0
+            hist[lev, k, DROPPED] = 0
+            if lo[k] <= hi[k]:  # a read binned: its d as in chunk_kernel
+                d_lo = np.float64(_from_bits(lo[k])) * inv_gmax - x
+                d_hi = np.float64(_from_bits(hi[k])) * inv_gmax - x
+                lohi[lev, k, 0] = min(lohi[lev, k, 0], d_lo)
+                lohi[lev, k, 1] = max(lohi[lev, k, 1], d_hi)
+        a = e
+    return bad
+
+
 def one_read_kernel(t_n: int, float64: bool = False):
     """:func:`chunk_kernel` for one read per time (R = 1) at read times shared by all devices,
-    compiled for ``t_n`` times and float32 reads (float64 with ``float64``; cached in memory
-    and on disk; LLVM unrolls the loops over times): the same histograms, extremes and sums,
+    for ``t_n`` times and float32 reads (float64 with ``float64``; compiled per number of
+    times, which LLVM takes from the length of a tuple of the log-times and unrolls the loops
+    over, and cached on disk): the same histograms, extremes and sums,
     from SIMD passes over a level's devices and one scalar loop that adds the histogram
     counts.
 
@@ -439,134 +602,14 @@ def one_read_kernel(t_n: int, float64: bool = False):
     histogram at a time.
     """
 
-    zero, one = np.float32(0.0), np.float32(1.0)
-    ft, bt = (np.float64, np.int64) if float64 else (np.float32, np.int32)
-    bits_max, bits_min = bt(np.iinfo(bt).max), bt(np.iinfo(bt).min)
-    f_zero, f_inf = ft(0.0), ft(np.inf)
+    bt = np.int64 if float64 else np.int32
+    big, small = bt(np.iinfo(bt).max), bt(np.iinfo(bt).min)
 
-    @nb.njit(nogil=True, error_model="numpy")
-    def code_row(g, act, x, inv_gmax, codes, lo, hi):
-        """Codes of the reads g of one time (a SIMD loop); (min, max) of lo, hi and the bits
-        of the reads binned, and True when a read is negative or +inf."""
-        bad = False
-        for j in range(g.shape[0]):
-            v = g[j]
-            active = act[j] != 0
-            ok = (v == v) & active
-            b = bin_of_simd(np.float64(v) * inv_gmax - x)
-            bits = ft(v).view(bt)
-            codes[j] = np.int32(b if ok else (MISSING if active else DROPPED))
-            lo = min(lo, bits if ok else bits_max)
-            hi = max(hi, bits if ok else bits_min)
-            bad |= (v < f_zero) | (v == f_inf)
-        return lo, hi, bad
-
-    @nb.njit(nogil=True, error_model="numpy")
-    def transpose(g, m, out):
-        """out[k * PASS_DEVICES + j] = g[j * T + k] for the m devices of g (SIMD shuffles)."""
-        for j in range(m):
-            for k in range(t_n):
-                out[k * PASS_DEVICES + j] = g[j * t_n + k]
-
-    @nb.njit(nogil=True, fastmath=_SUMS, error_model="numpy")
-    def trend_pass(gt, codes, x, inv_gmax, s, m):
-        """(sum over devices read at >= 3 times of their residual sum of squares around their
-        line in s, its dof); SIMD across devices, in float32 per device."""
-        rss_sum = zero
-        dof = zero
-        x32 = np.float32(x)
-        c32 = np.float32(inv_gmax)
-        for j in range(m):
-            n = zero
-            ss = zero
-            sd = zero
-            for k in range(t_n):
-                r = k * PASS_DEVICES + j
-                ok, sk, dk = _trend_point(codes[r], gt[r], s[k], c32, x32, zero, zero)
-                n += one if ok else zero
-                ss += sk
-                sd += dk
-            inv_n = one / (n if n > zero else one)
-            ms = ss * inv_n
-            md = sd * inv_n
-            sxx = zero
-            sxy = zero
-            syy = zero
-            for k in range(t_n):
-                r = k * PASS_DEVICES + j
-                _, ds, dd = _trend_point(codes[r], gt[r], s[k], c32, x32, ms, md)
-                sxx += ds * ds
-                sxy += ds * dd
-                syy += dd * dd
-            rss = syy - sxy * sxy / (sxx if sxx > zero else one)
-            three = (n >= _F32_3) & (rss > zero)
-            rss_sum += rss if three else zero
-            dof += n - _F32_2 if n >= _F32_3 else zero
-        return np.float64(rss_sum), np.float64(dof)
-
-    @nb.njit(cache=True, nogil=True)
     def chunk(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lohi, sums, lvl):
-        n = g_target.shape[0]
-        g3 = g.reshape(n, t_n, 1)
-        s32 = s.astype(np.float32)
-        act = np.empty(PASS_DEVICES, np.uint8)
-        gt = np.empty(PASS_DEVICES * t_n, ft)
-        codes = np.empty(PASS_DEVICES * t_n, np.int32)
-        lo = np.empty(t_n, bt)
-        hi = np.empty(t_n, bt)
-        bad = False
-        a = 0
-        while a < n:  # one run of devices with the same target
-            target = g_target[a]
-            e = a + 1
-            while e < n and g_target[e] == target:
-                e += 1
-            lev = _level(levels, target)
-            if lev < 0:
-                a = e
-                continue
-            x = x_lv[lev]
-            lo[:] = bits_max
-            hi[:] = bits_min
-            for p in range(a, e, PASS_DEVICES):
-                q = min(e, p + PASS_DEVICES)
-                m = q - p
-                excluded = 0.0
-                stuck = 0.0
-                for j in range(m):  # devices left out
-                    ok = use[p + j]
-                    excluded += 0.0 if ok else 1.0
-                    if ok and stuck_below > 0 and _is_stuck(g3, p + j, inv_gmax, stuck_below):
-                        ok = False
-                        stuck += 1.0
-                    act[j] = ok
-                transpose(g[p * t_n:q * t_n], m, gt)
-                for k in range(t_n):
-                    r0 = k * PASS_DEVICES
-                    lo[k], hi[k], bad_k = code_row(gt[r0:r0 + m], act[:m], x, inv_gmax,
-                                                   codes[r0:r0 + m], lo[k], hi[k])
-                    bad |= bad_k
-                rss, dof = trend_pass(gt, codes, x, inv_gmax, s32, m)
-                lvl[lev, 0] += m - excluded - stuck
-                lvl[lev, 1] += excluded
-                lvl[lev, 2] += stuck
-                lvl[lev, 3] += rss
-                lvl[lev, 4] += dof
-                for k in range(t_n):  # one histogram at a time (it stays in the L1 cache)
-                    row = hist[lev, k]
-                    cb = codes[k * PASS_DEVICES:k * PASS_DEVICES + m]
-                    for j in range(m):
-                        row[cb[j]] += 1
-            for k in range(t_n):
-                sums[lev, k, 0] += hist[lev, k, MISSING]
-                hist[lev, k, MISSING] = 0
-                hist[lev, k, DROPPED] = 0
-                if lo[k] <= hi[k]:  # a read binned: its d as in chunk_kernel
-                    d_lo = np.float64(bt(lo[k]).view(ft)) * inv_gmax - x
-                    d_hi = np.float64(bt(hi[k]).view(ft)) * inv_gmax - x
-                    lohi[lev, k, 0] = min(lohi[lev, k, 0], d_lo)
-                    lohi[lev, k, 1] = max(lohi[lev, k, 1], d_hi)
-            a = e
-        return bad
+        s32 = tuple(np.asarray(s, np.float32))
+        if len(s32) != t_n:
+            raise ValueError(f"one_read_kernel: {len(s32)} log-times for t_n = {t_n}")
+        return _one_read(g, g_target, use, levels, x_lv, inv_gmax, s32, stuck_below, hist,
+                         lohi, sums, lvl, big, small)
 
     return chunk

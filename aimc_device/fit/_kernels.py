@@ -694,13 +694,196 @@ def _count_patterns(listed, mask, used, lev, slot_of, masks, n_slots, counts, sl
     return n_slots, n_idx, n_used
 
 
-@functools.lru_cache(maxsize=None)
+@nb.njit(nogil=True, fastmath=_CONTRACT, error_model="numpy")
+def _log_pass(g, n_b, e_gmax, ln_m_gmax, y, L32):
+    """y[k * BLOCK + j] = ln(g / g_max) of read k of device j (time-major); T = len(L32)
+    (a tuple: its length is known to the compiler, which unrolls the loop over the reads)."""
+    t_n = len(L32)
+    odd = False
+    for j in range(n_b):
+        for k in range(t_n):
+            yk, o = _log_read(g[j * t_n + k], e_gmax, ln_m_gmax)
+            y[k * BLOCK + j] = yk
+            odd |= o
+    return odd
+
+
+@nb.njit(nogil=True, fastmath=_CONTRACT, error_model="numpy")
+def _line_pass(y, n_b, L, keep, everyone, slope_a, rss_a, three_a, xp_a, used_a, mask_a,
+               listed_a):
+    """Each device's line through its reads taken (y not NaN), SIMD across devices (the
+    loops over the T reads unrolled; every load unconditional, selects on values; all in
+    float32 and int32, so 8 devices at once). listed = 1 for a kept device to count in the
+    scalar loop: one with a read not taken, or any (``everyone``). ``L`` is a tuple of the T
+    float32 log-times (its length known to the compiler, which unrolls the loops over reads).
+    """
+    t_n = len(L)
+    zero, one = _F(0.0), _F(1.0)
+    full = (1 << t_n) - 1  # all reads taken
+    for j in range(n_b):
+        nc = zero
+        sl = zero
+        sy = zero
+        mask = 0
+        for k in range(t_n):
+            yk = y[k * BLOCK + j]
+            lk = L[k]
+            pk = yk == yk
+            nc += one if pk else zero
+            sl += lk if pk else zero
+            sy += yk if pk else zero
+            mask |= np.int32(pk) << k
+        inv_n = one / (nc if nc > zero else one)
+        ml = sl * inv_n
+        my = sy * inv_n
+        sxx = zero
+        sxy = zero
+        for k in range(t_n):
+            dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
+            sxx += dl * dl
+            sxy += dl * dy
+        ok = (nc >= _F(2.0)) & (sxx > _F(1e-10) * (sxx + nc * ml * ml))
+        slope = sxy / (sxx if ok else one)
+        inter = my - slope * ml
+        rss = zero
+        for k in range(t_n):
+            dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
+            e = dy - slope * dl
+            rss += e * e
+        # a line, no read of 0 S (-inf), x_P within e^+-87
+        ok &= (abs(slope) < _F(np.inf)) & (abs(inter) < _F(LN_XP_MAX))
+        xp = _exp_f32(inter if ok else zero)
+        kept = keep[j] == 0
+        used = kept & ok
+        three = used & (nc >= _F(3.0))
+        slope_a[j] = slope if used else zero
+        rss_a[j] = rss if three else zero
+        three_a[j] = one if three else zero
+        xp_a[j] = xp if used else zero
+        used_a[j] = one if used else zero
+        mask_a[j] = mask
+        listed_a[j] = kept & (everyone | (mask != full))
+
+
+@nb.njit(cache=True, nogil=True, error_model="numpy")
+def _lines(g, L, L32, f2, keep, g_target, levels, by_programmed, g_max, edges, out_level,
+           out_lt, out_rn):
+    """:func:`lines_kernel`'s kernel; L32 the float32 log-times as a tuple (T = its length)."""
+    t_n = len(L32)
+    full = (1 << t_n) - 1  # all reads taken
+    n = keep.shape[0]
+    n_blocks = out_level.shape[0]
+    n_lev = levels.shape[0]
+    n_grp = out_rn.shape[1]
+    n_edges = edges.shape[0]
+    ln_gmax = np.log(g_max)
+    e_gmax, ln_m_gmax = _split_gmax(ln_gmax)
+    slot_of = np.full(1 << t_n, -1, np.int64)
+    cap = min(1 << t_n, MAX_PATTERNS)
+    masks = np.zeros(cap, np.int64)
+    slot_of[full] = 0  # slot 0: all reads taken
+    masks[0] = full
+    n_slots = 1
+    counts = np.zeros((cap, n_lev, 2))  # devices kept without / with a usable line
+    used_grp = np.zeros((cap, n_grp)) if by_programmed else np.zeros((0, 0))
+    y = np.empty(BLOCK * t_n, np.float32)
+    slope_a = np.empty(BLOCK, np.float32)
+    rss_a = np.empty(BLOCK, np.float32)
+    three_a = np.empty(BLOCK, np.float32)
+    used_a = np.empty(BLOCK, np.float32)
+    xp_a = np.empty(BLOCK, np.float32)
+    mask_a = np.empty(BLOCK, np.int32)
+    listed_a = np.empty(BLOCK, np.uint8)
+    slots = np.empty(BLOCK, np.int64)
+    bad = False
+    for b in range(n_blocks):
+        first = b * BLOCK
+        stop = min(n, first + BLOCK)
+        n_b = stop - first
+        gb = g[first * t_n:stop * t_n]
+        kb = keep[first:stop]
+        if _log_pass(gb, n_b, e_gmax, ln_m_gmax, y, L32):
+            bad |= _log_odd(gb, t_n, ln_gmax, y, BLOCK)
+        _line_pass(y, n_b, L32, kb, by_programmed, slope_a, rss_a, three_a, xp_a, used_a,
+                   mask_a, listed_a)
+        a = 0
+        while a < n_b:  # one run of devices with the same target
+            lev = np.searchsorted(levels, g_target[first + a])
+            e = a + _run_length(g_target[first + a:stop])
+            ck, c1, c2, c3, c5, c6, r2, r3 = _run_sums(kb[a:e], used_a[a:e], slope_a[a:e],
+                                                       xp_a[a:e], rss_a[a:e], three_a[a:e])
+            _add_level(out_level, b, lev, e - a, c1, c2, c3, 0.0, c5 * g_max,
+                       c6 * (g_max * g_max), 0.0, ck - c1, (e - a) - ck)
+            # devices per (pattern, level): those listed (a read not taken; every kept
+            # one for "programmed") counted one by one, the others (all reads taken) are
+            # the rest of the sums
+            n_slots, n_listed, n_used = _count_patterns(listed_a[a:e], mask_a[a:e],
+                                                        used_a[a:e], lev, slot_of, masks,
+                                                        n_slots, counts, slots[a:e])
+            if n_slots < 0:
+                return -1
+            if by_programmed:
+                for j in range(a, e):
+                    if used_a[j] == 0.0:
+                        continue
+                    xref = xp_a[j]  # group: the bin of x_P = g_P / g_max
+                    grp = min(max(np.searchsorted(edges, xref) - 1, 0), n_edges - 2)
+                    out_rn[b, grp, 0] += 1.0
+                    out_rn[b, grp, 1] += xref
+                    if three_a[j] != 0.0:
+                        out_rn[b, grp, 2] += 1.0
+                        out_rn[b, grp, 3] += rss_a[j]
+                        used_grp[slots[j], grp] += 1.0
+            else:
+                counts[0, lev, 0] += (ck - n_listed) - (c1 - n_used)
+                counts[0, lev, 1] += c1 - n_used
+                out_rn[b, lev, 0] += c1
+                out_rn[b, lev, 2] += r2
+                out_rn[b, lev, 3] += r3
+            a = e
+    # per (level or group, time): counts per pattern times the pattern's values
+    w = np.zeros(t_n)
+    v = np.zeros(t_n)
+    h1 = np.zeros(t_n)  # 1 - h_k for a read taken, else 0
+    for s in range(n_slots):
+        mask = masks[s]
+        _pattern_weights(mask, L, w, v, h1)
+        nc = 0
+        for k in range(t_n):
+            nc += (mask >> k) & 1
+        for lev in range(n_lev):
+            cu = counts[s, lev, 1]
+            ck = counts[s, lev, 0] + cu
+            for k in range(t_n):
+                if not (mask >> k) & 1:
+                    out_lt[lev, k, 6] += ck
+                elif cu > 0.0:
+                    out_lt[lev, k, 0] += cu
+                    out_lt[lev, k, 1] += cu * f2[k]
+                    out_lt[lev, k, 2] += cu * w[k]
+                    out_lt[lev, k, 3] += cu * (w[k] * w[k])
+                    out_lt[lev, k, 4] += cu * v[k]
+                    out_lt[lev, k, 5] += cu * (v[k] * v[k])
+        if nc < 3:
+            continue
+        for grp in range(n_grp):
+            c = used_grp[s, grp] if by_programmed else counts[s, grp, 1]
+            if c > 0.0:
+                for k in range(t_n):
+                    if (mask >> k) & 1:
+                        out_rn[0, grp, 4 + 3 * t_n + k] += c * h1[k]
+                        out_rn[0, grp, 4 + 4 * t_n + k] += c * (h1[k] * f2[k])
+    return 1 if bad else 0
+
+
 def lines_kernel(t_n: int):
     """The kernel for one read per time (R = 1) at read times shared by all devices, compiled
-    for ``t_n`` read times (cached in memory and on disk; LLVM unrolls the loops over times).
+    for ``t_n`` read times (cached on disk; LLVM unrolls the loops over times, whose number it
+    takes from the length of a tuple of the log-times).
 
-    ``lines(g, L, f2, keep, g_target, levels, by_programmed, g_max, edges, out_level, out_lt,
-    out_rn) -> int`` adds the sums of :func:`general_kernel` (without repeats) of one chunk.
+    ``lines(g, L, L32, f2, keep, g_target, levels, by_programmed, g_max, edges, out_level,
+    out_lt, out_rn) -> int`` adds the sums of :func:`general_kernel` (without repeats) of one
+    chunk; ``L32`` is ``tuple(L.astype(np.float32))``.
 
     Per BLOCK of devices, in passes that are plain SIMD loops (no branch on a read taken or
     not: masks and selects, 8 devices at once in float32 with AVX2):
@@ -750,180 +933,7 @@ def lines_kernel(t_n: int):
     """
     if not 2 <= t_n <= MAX_PATTERN_TIMES:
         raise ValueError(f"lines_kernel: t_n = {t_n}; 2 to {MAX_PATTERN_TIMES} read times")
-    zero, one = _F(0.0), _F(1.0)
-    full = (1 << t_n) - 1  # all reads taken
-
-    @nb.njit(nogil=True, fastmath=_CONTRACT, error_model="numpy")
-    def log_pass(g, n_b, e_gmax, ln_m_gmax, y):
-        """y[k * BLOCK + j] = ln(g / g_max) of read k of device j (time-major)."""
-        odd = False
-        for j in range(n_b):
-            for k in range(t_n):
-                yk, o = _log_read(g[j * t_n + k], e_gmax, ln_m_gmax)
-                y[k * BLOCK + j] = yk
-                odd |= o
-        return odd
-
-    @nb.njit(nogil=True, fastmath=_CONTRACT, error_model="numpy")
-    def line_pass(y, n_b, L, keep, everyone, slope_a, rss_a, three_a, xp_a, used_a, mask_a,
-                  listed_a):
-        """Each device's line through its reads taken (y not NaN), SIMD across devices (the
-        loops over the T reads unrolled; every load unconditional, selects on values; all in
-        float32 and int32, so 8 devices at once). listed = 1 for a kept device to count in the
-        scalar loop: one with a read not taken, or any (``everyone``)."""
-        for j in range(n_b):
-            nc = zero
-            sl = zero
-            sy = zero
-            mask = 0
-            for k in range(t_n):
-                yk = y[k * BLOCK + j]
-                lk = L[k]
-                pk = yk == yk
-                nc += one if pk else zero
-                sl += lk if pk else zero
-                sy += yk if pk else zero
-                mask |= np.int32(pk) << k
-            inv_n = one / (nc if nc > zero else one)
-            ml = sl * inv_n
-            my = sy * inv_n
-            sxx = zero
-            sxy = zero
-            for k in range(t_n):
-                dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
-                sxx += dl * dl
-                sxy += dl * dy
-            ok = (nc >= _F(2.0)) & (sxx > _F(1e-10) * (sxx + nc * ml * ml))
-            slope = sxy / (sxx if ok else one)
-            inter = my - slope * ml
-            rss = zero
-            for k in range(t_n):
-                dl, dy = _centred(y[k * BLOCK + j], L[k], ml, my)
-                e = dy - slope * dl
-                rss += e * e
-            # a line, no read of 0 S (-inf), x_P within e^+-87
-            ok &= (abs(slope) < _F(np.inf)) & (abs(inter) < _F(LN_XP_MAX))
-            xp = _exp_f32(inter if ok else zero)
-            kept = keep[j] == 0
-            used = kept & ok
-            three = used & (nc >= _F(3.0))
-            slope_a[j] = slope if used else zero
-            rss_a[j] = rss if three else zero
-            three_a[j] = one if three else zero
-            xp_a[j] = xp if used else zero
-            used_a[j] = one if used else zero
-            mask_a[j] = mask
-            listed_a[j] = kept & (everyone | (mask != full))
-
-    @nb.njit(cache=True, nogil=True, error_model="numpy")
-    def lines(g, L, f2, keep, g_target, levels, by_programmed, g_max, edges, out_level,
-              out_lt, out_rn):
-        n = keep.shape[0]
-        n_blocks = out_level.shape[0]
-        n_lev = levels.shape[0]
-        n_grp = out_rn.shape[1]
-        n_edges = edges.shape[0]
-        ln_gmax = np.log(g_max)
-        e_gmax, ln_m_gmax = _split_gmax(ln_gmax)
-        L32 = L.astype(np.float32)
-        slot_of = np.full(1 << t_n, -1, np.int64)
-        cap = min(1 << t_n, MAX_PATTERNS)
-        masks = np.zeros(cap, np.int64)
-        slot_of[full] = 0  # slot 0: all reads taken
-        masks[0] = full
-        n_slots = 1
-        counts = np.zeros((cap, n_lev, 2))  # devices kept without / with a usable line
-        used_grp = np.zeros((cap, n_grp)) if by_programmed else np.zeros((0, 0))
-        y = np.empty(BLOCK * t_n, np.float32)
-        slope_a = np.empty(BLOCK, np.float32)
-        rss_a = np.empty(BLOCK, np.float32)
-        three_a = np.empty(BLOCK, np.float32)
-        used_a = np.empty(BLOCK, np.float32)
-        xp_a = np.empty(BLOCK, np.float32)
-        mask_a = np.empty(BLOCK, np.int32)
-        listed_a = np.empty(BLOCK, np.uint8)
-        slots = np.empty(BLOCK, np.int64)
-        bad = False
-        for b in range(n_blocks):
-            first = b * BLOCK
-            stop = min(n, first + BLOCK)
-            n_b = stop - first
-            gb = g[first * t_n:stop * t_n]
-            kb = keep[first:stop]
-            if log_pass(gb, n_b, e_gmax, ln_m_gmax, y):
-                bad |= _log_odd(gb, t_n, ln_gmax, y, BLOCK)
-            line_pass(y, n_b, L32, kb, by_programmed, slope_a, rss_a, three_a, xp_a, used_a,
-                      mask_a, listed_a)
-            a = 0
-            while a < n_b:  # one run of devices with the same target
-                lev = np.searchsorted(levels, g_target[first + a])
-                e = a + _run_length(g_target[first + a:stop])
-                ck, c1, c2, c3, c5, c6, r2, r3 = _run_sums(kb[a:e], used_a[a:e], slope_a[a:e],
-                                                           xp_a[a:e], rss_a[a:e], three_a[a:e])
-                _add_level(out_level, b, lev, e - a, c1, c2, c3, 0.0, c5 * g_max,
-                           c6 * (g_max * g_max), 0.0, ck - c1, (e - a) - ck)
-                # devices per (pattern, level): those listed (a read not taken; every kept
-                # one for "programmed") counted one by one, the others (all reads taken) are
-                # the rest of the sums
-                n_slots, n_listed, n_used = _count_patterns(listed_a[a:e], mask_a[a:e],
-                                                            used_a[a:e], lev, slot_of, masks,
-                                                            n_slots, counts, slots[a:e])
-                if n_slots < 0:
-                    return -1
-                if by_programmed:
-                    for j in range(a, e):
-                        if used_a[j] == 0.0:
-                            continue
-                        xref = xp_a[j]  # group: the bin of x_P = g_P / g_max
-                        grp = min(max(np.searchsorted(edges, xref) - 1, 0), n_edges - 2)
-                        out_rn[b, grp, 0] += 1.0
-                        out_rn[b, grp, 1] += xref
-                        if three_a[j] != 0.0:
-                            out_rn[b, grp, 2] += 1.0
-                            out_rn[b, grp, 3] += rss_a[j]
-                            used_grp[slots[j], grp] += 1.0
-                else:
-                    counts[0, lev, 0] += (ck - n_listed) - (c1 - n_used)
-                    counts[0, lev, 1] += c1 - n_used
-                    out_rn[b, lev, 0] += c1
-                    out_rn[b, lev, 2] += r2
-                    out_rn[b, lev, 3] += r3
-                a = e
-        # per (level or group, time): counts per pattern times the pattern's values
-        w = np.zeros(t_n)
-        v = np.zeros(t_n)
-        h1 = np.zeros(t_n)  # 1 - h_k for a read taken, else 0
-        for s in range(n_slots):
-            mask = masks[s]
-            _pattern_weights(mask, L, w, v, h1)
-            nc = 0
-            for k in range(t_n):
-                nc += (mask >> k) & 1
-            for lev in range(n_lev):
-                cu = counts[s, lev, 1]
-                ck = counts[s, lev, 0] + cu
-                for k in range(t_n):
-                    if not (mask >> k) & 1:
-                        out_lt[lev, k, 6] += ck
-                    elif cu > 0.0:
-                        out_lt[lev, k, 0] += cu
-                        out_lt[lev, k, 1] += cu * f2[k]
-                        out_lt[lev, k, 2] += cu * w[k]
-                        out_lt[lev, k, 3] += cu * (w[k] * w[k])
-                        out_lt[lev, k, 4] += cu * v[k]
-                        out_lt[lev, k, 5] += cu * (v[k] * v[k])
-            if nc < 3:
-                continue
-            for grp in range(n_grp):
-                c = used_grp[s, grp] if by_programmed else counts[s, grp, 1]
-                if c > 0.0:
-                    for k in range(t_n):
-                        if (mask >> k) & 1:
-                            out_rn[0, grp, 4 + 3 * t_n + k] += c * h1[k]
-                            out_rn[0, grp, 4 + 4 * t_n + k] += c * (h1[k] * f2[k])
-        return 1 if bad else 0
-
-    return lines
+    return _lines
 
 
 @nb.njit([nb.float32[::1](nb.float32[::1]), nb.float64[::1](nb.float64[::1])], cache=True,

@@ -296,7 +296,8 @@ def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g
         out_level = np.zeros((n_blocks, st.x.size, N_LEVEL_SUMS))
         out_lt = np.zeros((st.x.size, t_n, N_LT_SUMS))
         out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
-        status = lines_kernel(t_n)(g.reshape(-1), np.ascontiguousarray(L[0]),
+        L0 = np.ascontiguousarray(L[0])
+        status = lines_kernel(t_n)(g.reshape(-1), L0, tuple(L0.astype(np.float32)),
                                    np.ascontiguousarray(f2[0]), keep,
                                    np.ascontiguousarray(g_target), levels,
                                    st.reference != "target", st.g_max, PROGRAMMED_BINS,
