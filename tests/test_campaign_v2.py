@@ -467,6 +467,38 @@ def test_lines_kernel_matches_numpy_reference_and_general_kernel(reference, monk
     np.testing.assert_allclose(dropped.sum_nu, general.sum_nu, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lines_kernel_odd_reads_and_dtypes_match_general_kernel(dtype):
+    # reads outside float32's normal range (a subnormal one; 1e-45 S in float64) take np.log
+    # in lines_kernel too; float64 reads are logged from their float32 rounding
+    ds = pcm.simulate_campaign(PRESET, 4, 90, times=NOMINAL[:5], repeats=1, rng=6, missing=0.1,
+                               dtype=dtype)
+    g = ds["g"].values
+    g[4, 1, 0] = 1e-40
+    g[8, 3, 0] = 1e-45 if dtype == np.float64 else 2e-39
+    st = fit.campaign_statistics(ds, chunk_devices=100)
+    general = fit.campaign_statistics(ds, chunk_devices=100, general=True)
+    for key in ("n", "n_unusable", "rn_nrss"):
+        np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
+    for key in ("sum_nu", "sum_nu2", "sum_gp", "sum_gp2", "lt", "rn_h1"):
+        np.testing.assert_allclose(getattr(st, key), getattr(general, key), rtol=1e-5,
+                                   err_msg=key)
+    np.testing.assert_allclose(st.rn_rss, general.rn_rss, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value, match", [(-1e-7, r"negative conductance .*\(6, 2, 0\)"),
+                                          (np.inf, r"inf at index \(6, 2, 0\)")])
+def test_fits_of_one_read_per_time_name_a_bad_read(value, match):
+    # lines_kernel and one_read_kernel find the read; the error names it
+    ds = pcm.simulate_campaign(PRESET, 4, 60, times=NOMINAL[:5], repeats=1, rng=2, missing=0.1)
+    ds["g"].values[6, 2, 0] = value
+    with pytest.raises(MeasurementFormatError, match=match):
+        fit.campaign_statistics(ds, chunk_devices=50)
+    with pytest.raises(MeasurementFormatError, match="negative or infinite conductance at "
+                                                     "device 6"):
+        fit.fit_empirical(ds, chunk_devices=50)
+
+
 def test_float32_logs_leave_the_fit_unchanged_well_below_its_standard_errors(monkeypatch):
     # lines_kernel takes ln(g / g_max) in float32 arithmetic (a polynomial, ~1 float32 rounding);
     # general_kernel from np.log in float64: the fitted coefficients agree to < 1 % of their
@@ -503,32 +535,50 @@ def test_lines_kernel_hands_a_chunk_with_too_many_patterns_to_general_kernel():
         np.testing.assert_array_equal(getattr(st, key), getattr(general, key), err_msg=key)
 
 
-def test_log_and_exp_cells_match_numpy():
-    from aimc_device.fit._kernels import exp_cells, log_cells
+def test_log_cells_matches_numpy_over_the_whole_float32_range():
+    # lines_kernel's logarithm (the same _log_read): float32 arithmetic from the bits of the
+    # read, within about one float32 rounding of the exact value, np.log for the reads outside
+    # float32's normal range; NaN stays NaN (a read not taken), 0 S gives -inf
+    from aimc_device.fit._kernels import log_cells
 
     rng = np.random.default_rng(3)
+    every_exponent = np.ldexp(1.0 + rng.random(254 * 20), np.repeat(np.arange(-126, 128), 20))
     x = np.concatenate([rng.uniform(1e-7, 3e-5, 5000), 10.0 ** rng.uniform(-37, 38, 5000),
-                        [np.nan, 0.0, 1e-40, 1.2e-38, np.float32(3.4e38), np.inf]])
+                        every_exponent, np.sqrt([0.5, 2.0]), np.nextafter(np.sqrt(0.5), [0, 1]),
+                        [np.nan, 0.0, 1e-40, 1e-45, 1.1754942e-38, 1.1754944e-38,
+                         np.float32(3.4e38), 1.0, 25e-6]])
     x = x.astype(np.float32)
     ln_gmax = np.log(25e-6)
     with np.errstate(divide="ignore"):
         ref = np.log(x.astype(np.float64)) - ln_gmax
-    for g, bits in ((x, x.view(np.int32)), (x.astype(np.float64), np.zeros(0, np.int32))):
+    for g in (x, x.astype(np.float64)):
         out = np.empty(x.size, np.float32)
-        log_cells(g, bits, 0, x.size, ln_gmax, out)
+        assert not log_cells(g, ln_gmax, out)
         np.testing.assert_array_equal(np.isnan(out), np.isnan(ref))
         np.testing.assert_array_equal(out[~np.isfinite(ref)], ref[~np.isfinite(ref)])
         ok = np.isfinite(ref)
-        # within about one float32 rounding of the exact value
-        np.testing.assert_array_less(np.abs(out[ok] - ref[ok]), 1.5e-7 * np.maximum(1.0,
-                                                                                    np.abs(ref[ok])))
-    v = np.concatenate([rng.uniform(-30.0, 2.0, 5000), rng.uniform(-760.0, 720.0, 5000),
-                        [np.nan, -np.inf, np.inf, 0.0, -700.0, 700.0]])
-    out = np.empty_like(v)
-    exp_cells(v, out, np.empty(v.size, np.int64))
-    with np.errstate(over="ignore"):
-        want = np.exp(v)
-    np.testing.assert_allclose(out, want, rtol=1e-15, atol=0)
+        err = np.abs(out[ok] - ref[ok]) / np.maximum(1.0, np.abs(ref[ok]))
+        assert err.max() < 1.5e-7, (g.dtype, err.max(), x[ok][np.argmax(err)])
+    # float64 reads beyond float32's range take np.log; negative or +inf reads are reported
+    big = np.array([1e-300, 1e-50, 1e50, 1e300, 1e-6])
+    out = np.empty(big.size, np.float32)
+    assert not log_cells(big, ln_gmax, out)
+    np.testing.assert_allclose(out, (np.log(big) - ln_gmax).astype(np.float32), rtol=1e-7)
+    for bad in (-1e-6, np.inf, -0.0 - 1e-40):
+        assert log_cells(np.array([1e-6, bad], np.float32), ln_gmax, np.empty(2, np.float32))
+
+
+def test_exp_cells_matches_numpy():
+    # lines_kernel's exp of ln(g_P / g_max) (the same _exp_f32), float32 within |x| < 87
+    from aimc_device.fit._kernels import exp_cells
+
+    rng = np.random.default_rng(4)
+    v = np.concatenate([rng.uniform(-30.0, 2.0, 5000), rng.uniform(-86.9, 86.9, 5000),
+                        np.arange(-86, 87) * np.log(2.0), [0.0, -86.99, 86.99]]).astype(np.float32)
+    out = np.empty(v.size, np.float32)
+    exp_cells(v, out)
+    want = np.exp(v.astype(np.float64))
+    np.testing.assert_allclose(out, want, rtol=2.5e-7, atol=0)
 
 
 def test_fast_path_matches_general_path():

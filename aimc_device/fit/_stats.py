@@ -22,10 +22,10 @@ variance s2_k [S^2]. Then
 
 Three paths compute the same sums (:mod:`._kernels`): a fast one for campaigns with R >= 2
 reads at every cell and one set of read times (one least-squares weight vector for all devices,
-SIMD over the chunk); for one read per time at shared read times, one pass that keeps the
-least-squares weights per pattern of reads taken (lines_kernel); and a general one, one device
-at a time, for everything else (general_kernel). A chunk with a missing read leaves the fast
-path.
+SIMD over the chunk); for one read per time at shared read times, SIMD passes over blocks of
+devices in float32 that count the devices per pattern of reads taken, whose least-squares
+weights give the per-time sums (lines_kernel); and a general one, one device at a time, for
+everything else (general_kernel). A chunk with a missing read leaves the fast path.
 
 Only sums are kept (a few arrays of length levels x times) besides the chunks in flight:
 ``g_target`` and ``valid`` stream with the reads, so memory does not grow with the devices.
@@ -284,10 +284,11 @@ def _fast_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: n
 
 
 def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g: np.ndarray,
-                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray, lines: bool = True):
+                  L: np.ndarray, f2: np.ndarray, keep: np.ndarray, check, lines: bool = True):
     """Per-level, per-level-and-time and per-group sums of any chunk: lines_kernel for one read
     per time at shared read times (``lines``), else cells_kernel with repeats, a numpy log and
-    general_kernel."""
+    general_kernel. ``check()`` raises on a negative or infinite read: called first on the
+    general path, and when lines_kernel finds such a read."""
     n, t_n, r_n = g.shape
     g = np.ascontiguousarray(g)
     if lines and r_n == 1 and L.shape[0] == 1 and t_n <= MAX_PATTERN_TIMES:
@@ -295,13 +296,17 @@ def _general_sums(st: CampaignStats, g_target: np.ndarray, levels: np.ndarray, g
         out_level = np.zeros((n_blocks, st.x.size, N_LEVEL_SUMS))
         out_lt = np.zeros((st.x.size, t_n, N_LT_SUMS))
         out_rn = np.zeros((n_blocks, st.n_groups, rn_columns(t_n)))
-        g2 = g.reshape(n, t_n)
-        bits = g2.reshape(-1).view(np.int32) if g.dtype == np.float32 else np.zeros(0, np.int32)
-        if lines_kernel(t_n)(g2, bits, np.ascontiguousarray(L[0]), np.ascontiguousarray(f2[0]),
-                             keep, np.ascontiguousarray(g_target, dtype=np.float64), levels,
-                             st.reference != "target", st.g_max, PROGRAMMED_BINS, out_level,
-                             out_lt, out_rn):
+        L0 = np.ascontiguousarray(L[0])
+        status = lines_kernel(t_n)(g.reshape(-1), L0, tuple(L0.astype(np.float32)),
+                                   np.ascontiguousarray(f2[0]), keep,
+                                   np.ascontiguousarray(g_target), levels,
+                                   st.reference != "target", st.g_max, PROGRAMMED_BINS,
+                                   out_level, out_lt, out_rn)
+        if status > 0:
+            check()
+        if status == 0:
             return out_level.sum(axis=0), out_lt, out_rn.sum(axis=0)
+    check()
     inv_gmax = 1.0 / st.g_max
     none32 = np.zeros((0, 0), np.float32)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -575,12 +580,11 @@ def campaign_statistics(ds: xr.Dataset, prior: PCMModel | None = None,
         out = _fast_sums(st, g_target, levels, g, w4, keep, ws) if fast else None
         if out is not None:
             return out, keep, True
-        src.check(start, g)
         t_eq = src.equivalent_times(start, stop, ws.t)
         L = log_time(t_eq, t0)
         f2 = read_noise_log_time(t_eq, t0, t_read, st.read_noise_time)
-        return (_general_sums(st, g_target, levels64, g, L, f2, keep, not general),
-                keep, False)
+        return (_general_sums(st, g_target, levels64, g, L, f2, keep,
+                              lambda: src.check(start, g), not general), keep, False)
 
     def collect(result, start):
         sums, keep, was_fast = result

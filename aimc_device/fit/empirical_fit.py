@@ -15,7 +15,8 @@ gathers per level x_k and time index m:
   identified by the data and comes from the ``prior`` the user names, and the model and report
   say so;
 - a uniform sample of up to ``sample_devices`` devices per level (the smallest hashes of their
-  indices: order-independent), all their reads, for the rank correlations.
+  indices: order-independent, picked in a first pass over g_target in threads), all their
+  reads, for the rank correlations.
 
 Then:
 
@@ -48,7 +49,7 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import VECTOR_CHUNK_DEVICES, default_chunk_devices, target_levels
+from ..io.measurements import default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
@@ -64,6 +65,8 @@ MIN_DEVICES_PER_LEVEL = 3
 SAMPLE_DEVICES = 1000
 #: Key of the hash that picks the sampled devices.
 _SAMPLE_KEY = np.uint64(0x5EED_0F_5A_4D_9E_E5)
+#: Devices per chunk of the pass that picks the sampled devices (g_target and valid only).
+_SAMPLE_CHUNK = 2**20
 _BIN_LO, _BIN_HI = EK.bin_edges()
 
 
@@ -257,27 +260,72 @@ def _targets(read, start: int, stop: int, out: np.ndarray | None = None) -> np.n
 # ------------------------------------------------------------------------------ the pass
 class _Accumulator:
     """One worker thread's histograms (integer counts, extremes: order-independent); int32
-    counts (half the cache footprint of int64) unless a level could hold 2^31 devices."""
+    counts (half the cache footprint of int64) unless a level could hold 2^31 devices; the
+    columns past N_BINS are work space of EK.one_read_kernel."""
 
     def __init__(self, k: int, t_n: int, n: int):
-        self.hist = np.zeros((k, t_n, EK.N_BINS), np.int32 if n < 2**31 else np.int64)
+        self.hist = np.zeros((k, t_n, EK.HIST_COLUMNS), np.int32 if n < 2**31 else np.int64)
         self.lohi = np.empty((k, t_n, 2))
         self.lohi[..., 0] = np.inf
         self.lohi[..., 1] = -np.inf
         self.buf = None
 
 
+def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
+            n_workers: int | None):
+    """A pass over g_target (and valid) in threads, one number per device: the targets checked,
+    and per level the ``k_samp`` devices with the smallest hashes of their indices among those
+    ``use`` keeps (a uniform sample that does not depend on the order, for the rank
+    correlations). Returns (sel_idx (S,) sorted device indices, sel_lev (S,) their levels,
+    sel_row (S,) their rows lev * k_samp + 0 ... size[lev] - 1, size (K,), counts (K,) the
+    devices ``use`` keeps per level)."""
+    n, k = ds.sizes["device"], levels.size
+    read_target = device_chunk_reader(ds, "g_target")
+    local, heaps, lock = threading.local(), [], threading.Lock()
+
+    def work(start: int) -> None:
+        stop = min(n, start + _SAMPLE_CHUNK)
+        state = getattr(local, "heaps", None)
+        if state is None:  # this thread's heaps (EK.bottom_k_add)
+            state = local.heaps = EK.bottom_k_state(k, k_samp)
+            with lock:
+                heaps.append(state)
+        gt = _targets(read_target, start, stop)
+        _check_targets(where, gt, g_max)
+        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, *state)
+
+    workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(work, range(0, n, _SAMPLE_CHUNK)))
+    counts = sum((h[3] for h in heaps), np.zeros(k, np.int64))
+    chosen = []
+    for lev in range(k):  # the smallest among the threads' smallest: as one pass over all
+        hh = np.concatenate([h[0][lev, :h[2][lev]] for h in heaps])
+        ii = np.concatenate([h[1][lev, :h[2][lev]] for h in heaps])
+        chosen.append(np.sort(ii[np.argsort(hh)[:k_samp]]))  # hashes are distinct
+    size = np.array([c.size for c in chosen], np.int64)
+    none = np.zeros(0, np.int64)
+    sel_idx = np.concatenate(chosen + [none])
+    sel_lev = np.repeat(np.arange(k), size)
+    sel_row = np.concatenate([lev * k_samp + np.arange(m) for lev, m in enumerate(size)] + [none])
+    order = np.argsort(sel_idx, kind="stable")
+    return sel_idx[order], sel_lev[order], sel_row[order], size, counts
+
+
 def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-            sel_idx, sel_row, n_rows, chunk_devices, progress, n_workers):
+            sampled, k_samp, chunk_devices, progress, n_workers):
+    """One pass over the campaign in threads: (hist, lohi, sums, lvl, tsum, sample); sample
+    (K * k_samp, T) holds the rows of the ``sampled`` devices (:func:`_sample`)."""
     n, t_n, r_n = ds.sizes["device"], ds.sizes["time"], ds.sizes["repeat"]
     k = levels.size
+    sel_idx, sel_lev, sel_row = sampled[:3]
     read_target = device_chunk_reader(ds, "g_target")
     read = device_chunk_reader(ds)
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(t_n, r_n, ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
     chunk_devices = max(1, int(chunk_devices))
     s_common = None if t_common is None else np.log1p(t_common / t0)[None, :]
-    sample = np.full((max(n_rows, 1), t_n), np.nan)
+    sample = np.full((max(k * k_samp, 1), t_n), np.nan)
     local = threading.local()
     accs, lock = [], threading.Lock()
     inv_gmax = 1.0 / g_max
@@ -312,24 +360,28 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
                 raise FitError(f"{where}: times: negative read time among devices "
                                f"{start}:{stop}; times are measured from the end of programming")
             s = np.log1p(tt / t0)
-        p0, p1 = np.searchsorted(sel_idx, [start, stop])
         sums = np.zeros((k, t_n, EK.N_CELL_SUMS))
         lvl = np.zeros((k, EK.N_LEVEL_SUMS))
         tsum = np.zeros((t_n, 4))
         tsum[:, 2], tsum[:, 3] = np.inf, -np.inf
         g = np.ascontiguousarray(g)
-        bad = EK.first_bad_device(g)
-        if bad >= 0:
-            i = start + bad
-            raise MeasurementFormatError(where, "g", f"negative or infinite conductance at "
-                                         f"device {i}", "conductances are >= 0 and finite (NaN "
-                                         "marks a read that was not taken); check the units "
-                                         "and the sign convention")
-        EK.chunk_kernel(g, gt, np.ascontiguousarray(u), levels, x_lv,
-                        inv_gmax, np.ascontiguousarray(s), stuck, acc.hist, acc.lohi, sums, lvl,
-                        tsum, sel_idx[p0:p1] - start, sel_row[p0:p1], sample)
-        if s_common is None:
-            _time_extremes(s, g, tsum)
+        u = np.ascontiguousarray(u)
+        s = np.ascontiguousarray(s)
+        if r_n == 1 and s_common is not None:  # one read per time at shared times
+            kernel = EK.one_read_kernel(t_n, g.dtype == np.float64)
+            if kernel(g.reshape(-1), gt, u, levels, x_lv, inv_gmax, s[0], stuck, acc.hist,
+                      acc.lohi, sums, lvl):
+                _raise_bad_read(where, start, g)
+        else:
+            _raise_bad_read(where, start, g)
+            EK.chunk_kernel(g, gt, u, levels, x_lv, inv_gmax, s, stuck, acc.hist, acc.lohi,
+                            sums, lvl, tsum)
+            if s_common is None:
+                _time_extremes(s, g, tsum)
+        p0, p1 = np.searchsorted(sel_idx, [start, stop])
+        if p1 > p0:  # the sampled devices of this chunk: their reads, their repeats' spread
+            EK.sample_rows(g, sel_idx[p0:p1] - start, sel_row[p0:p1], sel_lev[p0:p1], u,
+                           inv_gmax, s, stuck, sample, sums)
         return sums, lvl, tsum
 
     starts = range(0, n, chunk_devices)
@@ -364,13 +416,37 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
             add(pending.popleft().result())
     if bar is not None:
         bar.close()
-    hist = accs[0].hist.astype(np.int64)
+    hist = accs[0].hist[..., :EK.N_BINS].astype(np.int64)
     lohi = accs[0].lohi
     for acc in accs[1:]:
-        hist += acc.hist
+        hist += acc.hist[..., :EK.N_BINS]
         lohi[..., 0] = np.minimum(lohi[..., 0], acc.lohi[..., 0])
         lohi[..., 1] = np.maximum(lohi[..., 1], acc.lohi[..., 1])
     return hist, lohi, sums, lvl, tsum, sample
+
+
+def _check_targets(where: str, gt: np.ndarray, g_max: float) -> None:
+    """Raise on a NaN, inf, negative target or one above g_max [S]."""
+    if gt.size == 0:
+        return
+    lo, hi = float(gt.min()), float(gt.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+        raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
+                                     "targets are finite conductances >= 0 [S]")
+    if hi > g_max * (1 + 1e-6):
+        raise FitError(f"{where}: g_target: targets up to {hi:.4g} S exceed g_max = "
+                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
+
+
+def _raise_bad_read(where: str, start: int, g: np.ndarray) -> None:
+    """Raise naming the first device of the chunk (first device ``start``) with a negative or
+    infinite read, if any."""
+    bad = EK.first_bad_device(g)
+    if bad >= 0:
+        raise MeasurementFormatError(where, "g", f"negative or infinite conductance at device "
+                                     f"{start + bad}", "conductances are >= 0 and finite (NaN "
+                                     "marks a read that was not taken); check the units and the "
+                                     "sign convention")
 
 
 def _time_extremes(s: np.ndarray, g: np.ndarray, tsum: np.ndarray) -> None:
@@ -427,11 +503,6 @@ def _adjacent_max(rho: np.ndarray, t_n: int) -> np.ndarray:
     return np.clip(out, 0.0, 1.0)
 
 
-def _normal_scores(a: np.ndarray) -> np.ndarray:
-    """Van der Waerden scores Phi^-1((rank - 1/2) / n) along the first axis."""
-    return special.ndtri((stats.rankdata(a, axis=0) - 0.5) / a.shape[0])
-
-
 def _score_correlation(za: np.ndarray, zb: np.ndarray) -> float:
     den = np.sqrt(np.dot(za, za) * np.dot(zb, zb))
     return float(np.dot(za, zb) / den) if den > 0 else 1.0
@@ -439,22 +510,32 @@ def _score_correlation(za: np.ndarray, zb: np.ndarray) -> float:
 
 def _rank_correlations(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(van der Waerden correlation of consecutive columns (T - 1,), pairs used) of a (n, T)
-    block of reads; NaN where fewer than MIN_DEVICES_PER_LEVEL pairs."""
+    block of reads; NaN where fewer than MIN_DEVICES_PER_LEVEL pairs.
+
+    Each pair of times m, m + 1 is ranked over the devices read at both, in one call: the
+    columns themselves when no read is missing, else the pairs side by side, NaN elsewhere (NaN
+    left out); the van der Waerden scores Phi^-1((rank - 1/2) / n), n the devices ranked, and
+    their correlation.
+    """
     t_n = block.shape[1]
     rho = np.full(t_n - 1, np.nan)
     ok = np.isfinite(block)
-    pairs = (ok[:, :-1] & ok[:, 1:]).sum(axis=0)
-    full = ok.all(axis=1)
-    scores = _normal_scores(block[full]) if full.sum() >= MIN_DEVICES_PER_LEVEL else None
-    for m in range(t_n - 1):
-        if pairs[m] < MIN_DEVICES_PER_LEVEL:
-            continue
-        if scores is not None and pairs[m] == full.sum():  # no missing read: scores once
-            rho[m] = _score_correlation(scores[:, m], scores[:, m + 1])
-        else:
-            both = ok[:, m] & ok[:, m + 1]
-            z = _normal_scores(block[both][:, m:m + 2])
-            rho[m] = _score_correlation(z[:, 0], z[:, 1])
+    both = ok[:, :-1] & ok[:, 1:]
+    pairs = both.sum(axis=0)
+    if t_n < 2 or not np.any(pairs >= MIN_DEVICES_PER_LEVEL):
+        return rho, pairs
+    if ok.all():
+        z = special.ndtri((stats.rankdata(block, axis=0) - 0.5) / block.shape[0])
+        za, zb = z[:, :-1], z[:, 1:]
+    else:
+        cols = np.stack([np.where(both, block[:, :-1], np.nan),
+                         np.where(both, block[:, 1:], np.nan)], axis=2)  # (n, T - 1, 2)
+        ranks = stats.rankdata(cols, axis=0, nan_policy="omit")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            z = np.nan_to_num(special.ndtri((ranks - 0.5) / pairs[None, :, None]), nan=0.0)
+        za, zb = z[..., 0], z[..., 1]
+    for m in np.flatnonzero(pairs >= MIN_DEVICES_PER_LEVEL):
+        rho[m] = _score_correlation(za[:, m], zb[:, m])
     return rho, pairs
 
 
@@ -560,34 +641,16 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
         raise FitError(f"{where}: g_target: {levels.size} distinct targets among {n} devices; "
                        "the empirical fit needs devices grouped in levels (equal targets), "
                        f"at least {MIN_DEVICES_PER_LEVEL} per level")
-    # a pass over g_target (one number per device): checks, the sampled devices
     k_samp = max(1, int(sample_devices))
-    hh, idx, size, counts = EK.bottom_k_state(levels.size, k_samp)
-    read_target = device_chunk_reader(ds, "g_target")
-    top = 0.0
-    for start in range(0, n, VECTOR_CHUNK_DEVICES):
-        stop = min(n, start + VECTOR_CHUNK_DEVICES)
-        gt = _targets(read_target, start, stop)
-        if not np.all(np.isfinite(gt)) or np.any(gt < 0):
-            raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
-                                         "targets are finite conductances >= 0 [S]")
-        top = max(top, float(gt.max()) if gt.size else 0.0)
-        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, hh, idx, size, counts)
-    if top > g_max * (1 + 1e-6):
-        raise FitError(f"{where}: g_target: targets up to {top:.4g} S exceed g_max = "
-                       f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")
+    sampled = _sample(ds, where, levels, g_max, use, k_samp, n_workers)
+    size, counts = sampled[3:]
     if counts.sum() == 0:
         raise FitError(f"{where}: every device is excluded (valid mask / exclude); nothing "
                        "to fit")
     x_lv = levels.astype(np.float64) / g_max
-    rows = np.arange(levels.size)[:, None] * k_samp + np.arange(k_samp)[None, :]
-    have = idx >= 0
-    order = np.argsort(idx[have], kind="stable")
-    sel_idx = np.ascontiguousarray(idx[have][order])
-    sel_row = np.ascontiguousarray(rows[have][order])
     hist, lohi, sums, lvl, tsum, sample = _stream(
         ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, stuck_below,
-        sel_idx, sel_row, levels.size * k_samp, chunk_devices, progress, n_workers)
+        sampled, k_samp, chunk_devices, progress, n_workers)
     notes = []
     # ---- levels and times
     n_dev, n_stuck = lvl[:, 0], lvl[:, 2]

@@ -169,9 +169,9 @@ def _check_finite(path, field: str, arr: np.ndarray, offset: int = 0,
 
 
 def check_conductances(path, field: str, arr: np.ndarray, offset: int = 0,
-                       allow_nan: bool = False) -> None:
+                       allow_nan: bool = False) -> float:
     """Finite (or NaN, with ``allow_nan``: a read not taken) and >= 0; ``offset`` is the first
-    device of a chunk (for the message)."""
+    device of a chunk (for the message). Returns the largest value (0 for none) [S]."""
     arr = np.asarray(arr)
     # Two cheap reductions first (fmin/fmax skip NaN); locate the culprit only when something is
     # wrong.
@@ -187,6 +187,7 @@ def check_conductances(path, field: str, arr: np.ndarray, offset: int = 0,
             path, field, f"negative conductance {float(lo):.3g} at index "
             f"{tuple(int(i) for i in idx)}", "conductances are >= 0; clip the reads at 0 or "
             "check the sign convention and units")
+    return float(hi)
 
 
 def check_read_times(path, field: str, t: np.ndarray, offset: int = 0) -> None:
@@ -620,7 +621,7 @@ def _run_heads(values: np.ndarray) -> np.ndarray:
     equal values, then np.unique of those (fast when equal targets are stored together)."""
     if values.size == 0:
         return values
-    heads = values[np.concatenate([[True], values[1:] != values[:-1]])]
+    heads = values[np.concatenate([[0], np.flatnonzero(values[1:] != values[:-1]) + 1])]
     return np.unique(heads[~np.isnan(heads)])
 
 
@@ -632,8 +633,7 @@ def _scan_targets(src: "_H5Slice", g_max: float) -> None:
     levels = np.zeros(0, src.dtype)
     for start in range(0, n, VECTOR_CHUNK_DEVICES):
         chunk = src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
-        check_conductances(src.path, "/g_target", chunk, offset=start)
-        top = max(top, float(chunk.max()) if chunk.size else 0.0)
+        top = max(top, check_conductances(src.path, "/g_target", chunk, offset=start))
         if levels is not None:
             levels = np.union1d(levels, _run_heads(chunk))
             if levels.size > _MAX_LEVELS:
@@ -1195,10 +1195,12 @@ class ExclusionRecord:
 
     def add(self, start: int, codes: np.ndarray) -> None:
         """Record a chunk's reason codes; ``start`` is its first device."""
-        if not codes.any():
+        dropped = np.flatnonzero(codes)  # few: the reasons are sorted out among them only
+        if dropped.size == 0:
             return
+        dropped_codes = codes[dropped]
         for code, reason in EXCLUSION_REASONS.items():
-            idx = np.flatnonzero(codes == code)
+            idx = dropped[dropped_codes == code]
             if idx.size == 0:
                 continue
             self.n_dropped[reason] += int(idx.size)
