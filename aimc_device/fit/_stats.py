@@ -48,6 +48,7 @@ from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE,
                                check_conductances, check_campaign, check_read_times,
                                root_quantity, field_name, target_levels)
 from ..pcm import PCMModel, equivalent_time
+from ..pcm.formulas import log_time
 from ._kernels import (BLOCK, MAX_PATTERN_TIMES, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel,
                        distinct_values, general_kernel, lines_kernel, moments_kernel, rn_columns,
                        sums_kernel)
@@ -190,11 +191,6 @@ class CampaignStats:
     def missing_reads(self) -> np.ndarray:
         """(T,) reads not taken at each time, over the kept devices (general-path chunks)."""
         return self.lt[:, :, 6].sum(axis=0)
-
-
-def log_time(t_eq, t0: float) -> np.ndarray:
-    """L = ln((t_eq + t0) / t0), dimensionless (Eq. 8); t_eq, t0 [s]."""
-    return np.log1p(np.asarray(t_eq, dtype=np.float64) / t0)
 
 
 def read_noise_log_time(t_eq, t0: float, t_read: float, read_noise_time: str) -> np.ndarray:

@@ -52,6 +52,7 @@ from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, reso
 from ..io.measurements import default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
+from ..pcm.formulas import log_time
 from ..pcm.formulas import read_noise_std as pcm_read_noise_std
 from . import _empirical_kernels as EK
 from ._stats import FIT_CHUNK_BYTES, FitError
@@ -324,7 +325,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
     if chunk_devices is None:
         chunk_devices = default_chunk_devices(t_n, r_n, ds["g"].dtype.itemsize, FIT_CHUNK_BYTES)
     chunk_devices = max(1, int(chunk_devices))
-    s_common = None if t_common is None else np.log1p(t_common / t0)[None, :]
+    s_common = None if t_common is None else log_time(t_common, t0)[None, :]
     sample = np.full((max(k * k_samp, 1), t_n), np.nan)
     local = threading.local()
     accs, lock = [], threading.Lock()
@@ -359,7 +360,7 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
             if np.any(tt < 0):
                 raise FitError(f"{where}: times: negative read time among devices "
                                f"{start}:{stop}; times are measured from the end of programming")
-            s = np.log1p(tt / t0)
+            s = log_time(tt, t0)
         sums = np.zeros((k, t_n, EK.N_CELL_SUMS))
         lvl = np.zeros((k, EK.N_LEVEL_SUMS))
         tsum = np.zeros((t_n, 4))
@@ -712,7 +713,7 @@ def fit_empirical(ds: xr.Dataset, *, times=None, exclude=None, prior=None, probs
                 qd, pts = _hazen_quantiles(hist[a, m], lohi[a, m, 0], lohi[a, m, 1], probs)
                 q_meas[a, m] = x_k[a] + qd
                 cdf_points[a, m] = pts
-    s_nodes = np.log1p(t_nodes / t0)
+    s_nodes = log_time(t_nodes, t0)
     for a in range(kk.size):
         good = np.isfinite(q_meas[a, :, 0])
         if not good.any():
