@@ -412,29 +412,21 @@ def _trend_point(code, g, sk, inv_gmax, x, ms, md):  # pragma: no cover - via te
     return ok, (sk - ms if ok else np.float32(0.0)), (d - md if ok else np.float32(0.0))
 
 
-def _bits(v):  # pragma: no cover - compiled only
-    """The bits of a float >= 0 as a signed integer of its width, in the order of the values
-    (compiled code: see the overload)."""
+def _bits(x):  # pragma: no cover - compiled only
+    """The bits of a float32 or float64 x as an integer of its width, and of such an integer
+    as the float (compiled code, see the overload). For floats >= 0 the order of the bits is
+    the order of the values."""
     raise NotImplementedError("_bits runs in compiled code only")
 
 
+_BITS_OF = {types.float32: (np.float32, np.int32), types.float64: (np.float64, np.int64),
+            types.int32: (np.int32, np.float32), types.int64: (np.int64, np.float64)}
+
+
 @overload(_bits, jit_options={"cache": True})
-def _bits_impl(v):
-    if v == types.float32:
-        return lambda v: np.float32(v).view(np.int32)
-    return lambda v: np.float64(v).view(np.int64)
-
-
-def _from_bits(b):  # pragma: no cover - compiled only
-    """The float of :func:`_bits` (compiled code: see the overload)."""
-    raise NotImplementedError("_from_bits runs in compiled code only")
-
-
-@overload(_from_bits, jit_options={"cache": True})
-def _from_bits_impl(b):
-    if b == types.int32:
-        return lambda b: np.int32(b).view(np.float32)
-    return lambda b: np.int64(b).view(np.float64)
+def _bits_impl(x):
+    cast, view = _BITS_OF[x]
+    return lambda x: cast(x).view(view)
 
 
 @nb.njit(nogil=True, error_model="numpy")
@@ -567,8 +559,8 @@ def _one_read(g, g_target, use, levels, x_lv, inv_gmax, s, stuck_below, hist, lo
             hist[lev, k, MISSING] = 0
             hist[lev, k, DROPPED] = 0
             if lo[k] <= hi[k]:  # a read binned: its d as in chunk_kernel
-                d_lo = np.float64(_from_bits(lo[k])) * inv_gmax - x
-                d_hi = np.float64(_from_bits(hi[k])) * inv_gmax - x
+                d_lo = np.float64(_bits(lo[k])) * inv_gmax - x
+                d_hi = np.float64(_bits(hi[k])) * inv_gmax - x
                 lohi[lev, k, 0] = min(lohi[lev, k, 0], d_lo)
                 lohi[lev, k, 1] = max(lohi[lev, k, 1], d_hi)
         a = e
