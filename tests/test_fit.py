@@ -259,17 +259,3 @@ def test_moments_kernel_matches_numpy(repeats, dtype):
         h = g.copy()
         h[7, 2, repeats - 1] = bad
         assert moments_kernel(repeats)(h.reshape(-1), np.float32(1 / 25e-6), m, s2, rel, x) == 1
-
-
-def test_distinct_values_in_any_order():
-    from aimc_device.fit._kernels import distinct_values
-
-    rng = np.random.default_rng(0)
-    levels = rng.uniform(0, 1, 70)
-    for a in (np.repeat(levels, 30), rng.choice(levels, 5000)):
-        a = a.copy()
-        a[::97] = np.nan
-        for dt in (np.float32, np.float64):
-            b = a.astype(dt)
-            np.testing.assert_array_equal(distinct_values(b), np.unique(b[~np.isnan(b)]))
-    assert distinct_values(np.empty(0)).size == 0

@@ -45,7 +45,7 @@ import numpy as np
 
 __all__ = ["BLOCK", "N_LEVEL_SUMS", "N_LT_SUMS", "LN_XP_MAX", "MAX_PATTERN_TIMES",
            "moments_kernel", "sums_kernel", "cells_kernel", "general_kernel", "lines_kernel",
-           "log_cells", "exp_cells", "rn_columns", "distinct_values"]
+           "log_cells", "exp_cells", "rn_columns"]
 
 #: Devices per partial sum (fixed, so that sums are the same on any number of threads).
 BLOCK = 2048
@@ -934,35 +934,3 @@ def lines_kernel(t_n: int):
     if not 2 <= t_n <= MAX_PATTERN_TIMES:
         raise ValueError(f"lines_kernel: t_n = {t_n}; 2 to {MAX_PATTERN_TIMES} read times")
     return _lines
-
-
-@nb.njit([nb.float32[::1](nb.float32[::1]), nb.float64[::1](nb.float64[::1])], cache=True,
-         nogil=True)
-def distinct_values(a):
-    """The sorted distinct values of ``a`` (NaN excluded), in one pass.
-
-    A binary search in the values found so far per run of equal values, so O(n log K) for K
-    distinct values and O(n) when equal values are stored together, as campaigns usually are.
-    """
-    found = np.empty(16, a.dtype)
-    k = 0
-    n = a.size
-    i = 0
-    while i < n:
-        val = a[i]
-        i += 1
-        while i < n and a[i] == val:  # the rest of the run
-            i += 1
-        if val != val:
-            continue
-        pos = np.searchsorted(found[:k], val)
-        if pos < k and found[pos] == val:
-            continue
-        if k == found.size:
-            bigger = np.empty(2 * k, a.dtype)
-            bigger[:k] = found
-            found = bigger
-        found[pos + 1:k + 1] = found[pos:k].copy()
-        found[pos] = val
-        k += 1
-    return found[:k].copy()

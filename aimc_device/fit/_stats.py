@@ -50,8 +50,7 @@ from ..io.measurements import (CONDUCTANCE_UNITS, DEFAULT_REFERENCE_TEMPERATURE,
 from ..pcm import PCMModel, equivalent_time
 from ..pcm.formulas import log_time
 from ._kernels import (BLOCK, MAX_PATTERN_TIMES, N_LEVEL_SUMS, N_LT_SUMS, cells_kernel,
-                       distinct_values, general_kernel, lines_kernel, moments_kernel, rn_columns,
-                       sums_kernel)
+                       general_kernel, lines_kernel, moments_kernel, rn_columns, sums_kernel)
 
 __all__ = ["CampaignStats", "FitError", "campaign_statistics", "PROGRAMMED_BINS",
            "campaign_temperatures", "log_time", "read_noise_log_time", "CampaignChunk",
