@@ -136,6 +136,23 @@ def test_ideal_attention_with_kdim_vdim_and_transformer_decoder():
 
 
 # -------------------------------------------------------------- one weight-noise draw per call
+def test_grouped_layer_draws_the_weight_noise_of_all_groups_at_once(count_draws):
+    # docs/model.md sec. 8: one draw per mini-batch; a grouped layer's G tiles in one draw, the
+    # gradient back to each group's own weights.
+    torch.manual_seed(16)
+    a = anl.convert(nn.Conv2d(8, 8, 3, groups=4, padding=1), STD, DEV, rng=0).train()
+    x = torch.randn(2, 8, 5, 5)
+    a(x).square().mean().backward()
+    assert count_draws == [(8, 18)]  # 4 groups x 2 outputs, 2 channels x 9 kernel elements
+    assert all(g.tile.weight.grad is not None and bool(g.tile.weight.grad.abs().sum() > 0)
+               for g in a.group_layers)
+    a.eval()
+    count_draws.clear()
+    with torch.no_grad():
+        a(x)
+    assert count_draws == []
+
+
 def test_gru_and_attention_draw_their_weight_noise_once_per_call(count_draws):
     # docs/model.md sec. 8: one draw per mini-batch. A GRU reads W_hh once per time step; cross-
     # attention reads the in-projection once per input: one draw per crossbar per call.

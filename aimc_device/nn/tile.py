@@ -75,10 +75,12 @@ def grouped_operands(tiles, device: torch.device, dtype: torch.dtype) -> dict | 
     per group, equal shapes) as :func:`~aimc_device.crossbar.analog_conv` takes them with
     ``groups=len(tiles)``: crossbar tile k of every group stacked along the outputs, the input
     ranges (n_tiles, groups), the digital factors (n_tiles, out); the per-MVM draws from the
-    first group's generator. None when a group's programmed array has read asymmetry (which
-    needs the unfolded patches).
+    first group's generator; in training, the weight noise of every group in one draw from the
+    first group's stream (docs/model.md sec. 8: one draw per mini-batch). None when a group's
+    programmed array has read asymmetry (which needs the unfolded patches).
     """
-    ops = [t.operands(device, dtype) for t in tiles]
+    ops = [t.operands(device, dtype, noisy_weight=w)
+           for t, w in zip(tiles, _joint_noisy_weights(tiles, dtype))]
     if any(o["asymmetry"] is not None for o in ops):
         return None
     n_tiles = len(ops[0]["w_tiles"])
@@ -93,6 +95,22 @@ def grouped_operands(tiles, device: torch.device, dtype: torch.dtype) -> dict | 
                 alpha=torch.stack([o["alpha"] for o in ops], dim=1),
                 out_scale=torch.cat([o["out_scale"] for o in ops], dim=1),
                 generator=ops[0]["generator"], zeta=zeta)
+
+
+def _joint_noisy_weights(tiles, dtype: torch.dtype) -> list:
+    """Each tile's w~ plus its training noise, drawn for all tiles at once from the first
+    tile's stream (tiles of one layer's groups: equal shapes and noise settings), the gradient
+    to each tile's clean weight; [None, ...] where each tile draws its own (not training, no
+    noise, a held draw, or settings that differ)."""
+    first = tiles[0]
+    setting = (first.device_model, first.training_noise_time, first.noise_scale)
+    if not first.training or first.device_model is None or first.noise_scale == 0.0 or any(
+            t._held_draw is not None or (t.device_model, t.training_noise_time, t.noise_scale)
+            != setting or t.weight.shape != first.weight.shape for t in tiles):
+        return [None] * len(tiles)
+    w = torch.cat([t.weight for t in tiles]).to(dtype)
+    noisy = _NoisyWeight.apply(w, *setting[:3], first._np_rng)
+    return list(noisy.split(first.out_features))
 
 
 class AnalogTile(nn.Module):
@@ -274,10 +292,12 @@ class AnalogTile(nn.Module):
         rows = x.detach().reshape(-1, self.in_features)
         return torch.stack([p.abs().amax() for p in torch.split(rows, self.tile_sizes, dim=1)])
 
-    def operands(self, device: torch.device, dtype: torch.dtype) -> dict:
+    def operands(self, device: torch.device, dtype: torch.dtype, noisy_weight=None) -> dict:
         """What the crossbar's MVM needs for the current mode (see the module docstring).
 
         ``dtype``: that of the weights (the parameters are cast to it, with their gradient).
+        ``noisy_weight``: in training, the tile's w~ with its weight noise already drawn (by
+        :func:`grouped_operands` for all groups at once); None: drawn here.
         Returns a dict with ``w_tiles`` (list of (out, in_k) normalised weights), ``out_scale``
         ((n_tiles, out) digital factor), ``alpha``, ``generator`` (per-MVM draws),
         ``asymmetry`` and ``zeta`` (programmed read asymmetry and S-ADC gains, or None).
@@ -285,7 +305,7 @@ class AnalogTile(nn.Module):
         ops = dict(alpha=self.alpha, generator=self._generator(device), asymmetry=None,
                    zeta=None)
         if self.training:
-            w = self._noisy_weight(dtype)
+            w = self._noisy_weight(dtype) if noisy_weight is None else noisy_weight
         elif self._array is not None:
             ops.update(self._programmed_operands(device, dtype))
             return ops
