@@ -38,6 +38,7 @@ def _np(t: torch.Tensor | None):
 # ---------------------------------------------------------------------------- dense tiles
 _NO_OFFSETS = np.zeros(6, dtype=np.intp)  # Products.at of terms that each start at (0, 0)
 
+
 def _aux_products(xd, w, cfg, options, z):
     """The kernel's :class:`_K.Products` of one tile from its DAC outputs xd (no gradient) and
     its signal z = W~ xd (rows, out): (W~ o P) xd and [|xd|; xd^2] against |W~| (Eqs. 14-18),
@@ -267,8 +268,8 @@ def _conv_tile_products(x4, w, conv4, cfg, options, groups=1):
     shape = (n_out, x4.shape[1] // groups, *ks)
     conv2d = functools.partial(torch.nn.functional.conv2d, groups=groups)
     has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
-    nonneg = has_ir and groups == 1 and bool(x4.min() >= 0)  # then |x~| = x~: one input for
-    # three products
+    # inputs after a ReLU: |x~| = x~, one input for three products
+    nonneg = has_ir and groups == 1 and bool(x4.min() >= 0)
     adt = torch.bfloat16 if options.bfloat16_products and x4.dtype == torch.float32 else x4.dtype
 
     def rows(y):  # (batch, out, H', W') -> (batch * H' * W', out), free for channels-last

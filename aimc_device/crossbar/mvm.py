@@ -144,9 +144,8 @@ def analog_mvm(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale, 
         x = x.contiguous()
     grad = _needs_grad(x, alpha, out_scale, *w_tiles)
     if fast and not grad:  # the caller's own tensors: constants derived from them are kept
-        out = _fast.linear_eval(x, w_tiles, cfg, *(g if isinstance(g, torch.Tensor) else c
-                                                   for g, c in zip(given, (alpha, out_scale))),
-                                generator, options)
+        a, s = (g if isinstance(g, torch.Tensor) else c for g, c in zip(given, (alpha, out_scale)))
+        out = _fast.linear_eval(x, w_tiles, cfg, a, s, generator, options)
         return out[0] if squeeze else out
     if not fast and _stackable(w_tiles, cfg, asymmetry):
         out = _reference_stacked(x, w_tiles, cfg, alpha, out_scale, generator, zeta)

@@ -109,7 +109,7 @@ def _joint_noisy_weights(tiles, dtype: torch.dtype) -> list:
             != setting or t.weight.shape != first.weight.shape for t in tiles):
         return [None] * len(tiles)
     w = torch.cat([t.weight for t in tiles]).to(dtype)
-    noisy = _NoisyWeight.apply(w, *setting[:3], first._np_rng)
+    noisy = _NoisyWeight.apply(w, *setting, first._np_rng)
     return list(noisy.split(first.out_features))
 
 
