@@ -1195,7 +1195,9 @@ class ExclusionRecord:
 
     def add(self, start: int, codes: np.ndarray) -> None:
         """Record a chunk's reason codes; ``start`` is its first device."""
-        dropped = np.flatnonzero(codes)  # few: the reasons are sorted out among them only
+        # A bool mask first: numpy's nonzero is ~10x faster on bool than on uint8. Few devices
+        # are dropped; the reasons are sorted out among them only.
+        dropped = np.flatnonzero(codes != 0)
         if dropped.size == 0:
             return
         dropped_codes = codes[dropped]
