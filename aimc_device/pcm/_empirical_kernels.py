@@ -24,6 +24,7 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from .numba_builds import serial_and_parallel
 from ._kernels import PERTURB_PARALLEL_MIN, STREAM_PROGRAM, STREAM_READ, normal
 
 #: Stream of the rank innovations between consecutive measured times (programming key).
@@ -162,10 +163,8 @@ _QUANTILE_SIG = nb.void(nb.float64[::1], nb.float64[::1], nb.float64, _T1, _T1, 
                         nb.float64, nb.float64[::1])
 # Each kernel in a parallel and a serial build: below PERTURB_PARALLEL_MIN devices waking the
 # thread pool costs more than the work (the same numbers either way: keyed by device index).
-_read_parallel = nb.njit(_READ_SIG, cache=True, parallel=True)(_read)
-_read_serial = nb.njit(_READ_SIG, cache=True)(_read)
-_quantile_parallel = nb.njit(_QUANTILE_SIG, cache=True, parallel=True)(_quantile)
-_quantile_serial = nb.njit(_QUANTILE_SIG, cache=True)(_quantile)
+_read_serial, _read_parallel = serial_and_parallel(_read, _READ_SIG)
+_quantile_serial, _quantile_parallel = serial_and_parallel(_quantile, _QUANTILE_SIG)
 
 
 def read_kernel(g_target, *args):

@@ -29,6 +29,8 @@ import numba as nb
 import numpy as np
 from numba import prange
 
+from .numba_builds import serial_and_parallel
+
 # --- Ziggurat tables (256 layers, 52-bit mantissa), built once from the recurrence of [1]. -----
 _ZIG_R = 3.6541528853610088  # right edge of the base layer
 _ZIG_V = 0.00492867323399  # area of each layer under exp(-x^2/2)
@@ -314,8 +316,7 @@ def _perturb(g, table, inv_h, scale, key, out):  # pragma: no cover - via tests
             out[i] = g[i] + scale * std * z[k]
 
 
-_perturb_parallel = nb.njit(cache=True, parallel=True)(_perturb)
-_perturb_serial = nb.njit(cache=True)(_perturb)
+_perturb_serial, _perturb_parallel = serial_and_parallel(_perturb)
 #: Devices from which :func:`perturb_kernel` runs in parallel: below, waking the thread pool
 #: costs more than the work (about 0.2 ms per call inside a training step on the dev VM).
 PERTURB_PARALLEL_MIN = 1 << 15
