@@ -8,7 +8,8 @@ Usage::
 1. Throughput: a campaign file of ``--throughput-gb`` is read raw with h5py (the same device
    chunks, into memory, nothing computed) and fitted with ``fit.fit_pcm(io.read_measurements())``
    and ``fit.fit_empirical(io.read_measurements())``; best of ``--repeat`` runs each, alternating,
-   all from the page cache. Prints the rates [GB/s] and fit / raw (target >= 0.5) for each family.
+   all from the page cache. Prints the rates [GB/s] and fit / raw for each family (from the page
+   cache the raw read is a memory copy: a stricter test than part 2's file larger than RAM).
    Twice: a version-1 campaign (8 repeated reads at every time, the PCM fit's fast path) and a
    version-2 lab-like campaign of the same size (one read per time, 5 % of the reads missing: the
    general path); ``--no-v2`` skips the second, ``--no-v1`` the first. Rates and ratios are
@@ -139,7 +140,7 @@ def throughput(path: str, args, label: str, families, **kw) -> None:
         c_fit = min(r[1] for r in fitted[fam])
         print(f"  fit_{fam:<10s}{gb / w_fit:6.2f} GB/s wall ({w_fit:.3f} s), CPU {c_fit:.3f} "
               f"s (all threads, {c_fit / cells * 1e9:.2f} ns per read); ratio fit / raw "
-              f"{w_raw / w_fit:5.2f} wall-clock rate (target >= 0.50), {c_raw / c_fit:.2f} in "
+              f"{w_raw / w_fit:5.2f} wall-clock rate (page cache), {c_raw / c_fit:.2f} in "
               "CPU time")
     os.unlink(path)
 
@@ -205,7 +206,8 @@ def main(argv=None) -> None:
                       f"for a file {size_big / size_small:.0f}x larger")
                 print(f"  raw h5py read of the big file before and after: {raw_before:.1f} s, "
                       f"{raw_after:.1f} s ({size_big / raw:.2f} GB/s); ratio fit / raw "
-                      f"{raw / b['wall_s']:.2f} wall-clock rate (target >= 0.50)")
+                      f"{raw / b['wall_s']:.2f} wall-clock rate (target >= 0.50 for a file larger than "
+                      "RAM)")
                 raw_before = raw_after
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
