@@ -346,6 +346,27 @@ def test_eval_constants_follow_in_place_changes_of_the_operands():
             y = y_new
 
 
+@pytest.mark.parametrize("cfg", [CrossbarConfig(max_rows=40),
+                                 CrossbarConfig(max_rows=40, ir_drop=0.0, w_noise=0.0)],
+                         ids=["full", "periphery"])
+def test_eval_in_blocks_of_rows_equals_one_block(cfg, monkeypatch):
+    # A call without gradient of many rows runs in blocks of rows; the draws are keyed by the
+    # row of the call, so the numbers are those of one block, noise included.
+    from aimc_device.crossbar import _fast
+    g = _gen(11)
+    w = [torch.rand(6, 36, generator=g) * 2 - 1 for _ in range(2)]
+    alpha, scale = torch.ones(2), torch.rand(2, 6, generator=g) + 0.5
+    x = torch.randn(37, 72, generator=g)
+    with torch.no_grad():
+        whole = analog_mvm(x, w, cfg, alpha, scale, generator=_gen(5), options=FAST)
+        monkeypatch.setattr(_fast, "EVAL_BLOCK_BYTES", 10 * 6 * 4)  # blocks of 10 rows
+        assert _fast._row_block(37, 6, 4) == 10
+        blocks = analog_mvm(x, w, cfg, alpha, scale, generator=_gen(5), options=FAST)
+        other = analog_mvm(x, w, cfg, alpha, scale, generator=_gen(6), options=FAST)
+    torch.testing.assert_close(blocks, whole, rtol=0, atol=0)
+    assert not torch.equal(other, whole)  # noise is on: another key, other numbers
+
+
 def test_config_derived_conditions():
     cfg = CrossbarConfig()
     assert cfg.has_ir_drop and cfg.has_short_term_noise and cfg.has_noise

@@ -64,7 +64,7 @@ _S32 = np.uint64(32)
 _MASK32 = np.uint64(0xFFFFFFFF)
 
 Stage = namedtuple("Stage", "unit on2 wn2 iru c1 c2 c3 s_out levels row_f mask_bound key "
-                            "noisy accumulate")
+                            "noisy accumulate row0")
 Stage.__doc__ = """Per-call scalars of an output stage, in the arrays' precision (see :func:`stage`).
 
 unit: normalised input per unit of the products' inputs (the DAC level size, or 1); on2:
@@ -73,7 +73,9 @@ polynomial (``periphery.IR_DROP_POLY``, Eq. 16);
 s_out: ADC levels per output unit, None for no ADC; levels: the largest ADC level (with no ADC:
 the bound b_out the outputs are clipped to, inf for none); row_f: the digital factor common to
 all outputs; mask_bound: bound of the straight-through mask; key: the draws' key; noisy: whether
-any noise is drawn; accumulate: add to the outputs instead of writing them."""
+any noise is drawn; accumulate: add to the outputs instead of writing them; row0: the index of
+the arrays' first row among the rows of the call, even (a call done in blocks of rows draws, for
+each block, the numbers of those rows of the whole call)."""
 
 Products = namedtuple("Products", "z w_px abs_x x2 at")
 Products.__doc__ = """A tile's products, C-ordered (rows, >= cols) arrays: z = W~ x~ in its first
@@ -110,7 +112,7 @@ def _stage(cfg, n_rows, dtype, unit, row_f, accumulate) -> Stage:
                  s_out=ft(s_out) if s_out > 0.0 else None,
                  levels=ft(levels if s_out > 0.0 else cfg.out_bound), row_f=ft(row_f),
                  mask_bound=ft(cfg.out_bound), key=np.uint64(0), noisy=cfg.has_noise,
-                 accumulate=accumulate)
+                 accumulate=accumulate, row0=0)
 
 
 # Element access that maps a switched-off term (None) to zero or to nothing at compile time: a
@@ -218,8 +220,8 @@ def _output_stage(p, s, o):  # pragma: no cover - via tests
         b0 = item * rows
         b1 = min(n_rows, b0 + rows)
         v = np.empty(rows * nc + 1, dtype=o.out.dtype)
-        if s.noisy:  # standard normals, element e = row * cols + col
-            _normals(s.key, b0 * nc, (b1 - b0) * nc, v)
+        if s.noisy:  # standard normals, element e = row * cols + col (row of the call)
+            _normals(s.key, (s.row0 + b0) * nc, (b1 - b0) * nc, v)
         else:
             v[:] = zero
         for b in range(b0, b1):  # two branch-free (vectorised) passes per row
@@ -239,8 +241,9 @@ def output_stage(products: Products, s: Stage, o: Outputs, parallel=None) -> Non
     """o.out (+)= row_f col_f Q_out(z u + dy_IR + sqrt(sigma_out^2 + sigma_i^2) xi) (+ bias)
     (Eqs. 1, 2, 5, 14-16), one pass over blocks of rows, in parallel for large calls.
 
-    The draws depend on (key, row, column) only: the same key gives the same numbers on any
-    thread count. ``parallel``: None (by size), True or False.
+    The draws depend on (key, s.row0 + row, column) only: the same key gives the same numbers
+    on any thread count, and a call done in blocks of rows (even ``s.row0``) the numbers of the
+    whole call. ``parallel``: None (by size), True or False.
     """
     if parallel is None:
         parallel = o.out.size >= STAGE_PARALLEL_MIN
