@@ -287,13 +287,15 @@ def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
     def work(start: int) -> None:
         stop = min(n, start + _SAMPLE_CHUNK)
         state = getattr(local, "heaps", None)
-        if state is None:  # this thread's heaps (EK.bottom_k_add)
+        if state is None:  # this thread's heaps (EK.bottom_k_add) and read buffers
             state = local.heaps = EK.bottom_k_state(k, k_samp)
+            local.gt = np.empty(min(n, _SAMPLE_CHUNK), ds["g_target"].dtype)
+            local.valid = np.empty(min(n, _SAMPLE_CHUNK), bool)
             with lock:
                 heaps.append(state)
-        gt = _targets(read_target, start, stop)
+        gt = _targets(read_target, start, stop, local.gt)
         _check_targets(where, gt, g_max)
-        EK.bottom_k_add(gt, start, levels, use(start, stop), _SAMPLE_KEY, *state)
+        EK.bottom_k_add(gt, start, levels, use(start, stop, local.valid), _SAMPLE_KEY, *state)
 
     workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
     with ThreadPoolExecutor(max_workers=workers) as pool:

@@ -631,8 +631,9 @@ def _scan_targets(src: "_H5Slice", g_max: float) -> None:
     n = src.shape[0]
     top = 0.0
     levels = np.zeros(0, src.dtype)
+    buf = np.empty(min(n, VECTOR_CHUNK_DEVICES), src.dtype)
     for start in range(0, n, VECTOR_CHUNK_DEVICES):
-        chunk = src[start:min(n, start + VECTOR_CHUNK_DEVICES)]
+        chunk = src.read_into(start, min(n, start + VECTOR_CHUNK_DEVICES), buf)
         top = max(top, check_conductances(src.path, "/g_target", chunk, offset=start))
         if levels is not None:
             levels = np.union1d(levels, _run_heads(chunk))
