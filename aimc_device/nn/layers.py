@@ -158,7 +158,11 @@ class AnalogLinear(AnalogLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         require_tensor(x, type(self).__name__)
         y = self.tile(x)
-        return y if self.bias is None else y + self.bias
+        if self.bias is None:
+            return y
+        # Without a graph the tile's fresh output takes the bias in place (no second buffer of
+        # the output's size to map and fill)
+        return y.add_(self.bias) if not torch.is_grad_enabled() else y + self.bias
 
 
 class _AnalogConvNd(AnalogLayer):
