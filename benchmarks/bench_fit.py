@@ -206,8 +206,8 @@ def main(argv=None) -> None:
                       f"for a file {size_big / size_small:.0f}x larger")
                 print(f"  raw h5py read of the big file before and after: {raw_before:.1f} s, "
                       f"{raw_after:.1f} s ({size_big / raw:.2f} GB/s); ratio fit / raw "
-                      f"{raw / b['wall_s']:.2f} wall-clock rate (target >= 0.50 for a file larger than "
-                      "RAM)")
+                      f"{raw / b['wall_s']:.2f} wall-clock rate (target >= 0.50 for a file "
+                      "larger than RAM)")
                 raw_before = raw_after
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

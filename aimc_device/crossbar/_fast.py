@@ -118,8 +118,7 @@ class _EvalPlan:
 #: Bytes of a tile's products per block of rows in a call without gradient: a call with more
 #: rows runs in blocks of rows, so that its work buffers (DAC levels, products) stay below the
 #: allocator's threshold for mapping a block of its own (32 MiB at most in glibc) and are reused
-#: from block to block, not mapped and page-faulted afresh (8192 x 2048 outputs in float32: 50500
-#: page faults per call in one block, 16400 in blocks, as many as the floating-point layer).
+#: from block to block, not mapped and page-faulted afresh on every call.
 EVAL_BLOCK_BYTES = 8 << 20
 
 

@@ -49,7 +49,7 @@ import xarray as xr
 from scipy import optimize, special, stats
 
 from ..io import MeasurementFormatError, device_chunk_reader, is_card_path, resolve_device_model
-from ..io.measurements import default_chunk_devices, target_levels
+from ..io.measurements import check_conductances, default_chunk_devices, target_levels
 from ..pcm import EmpiricalModel, PCMModel
 from ..pcm.empirical import DEFAULT_HORIZON, DEFAULT_PROBS, central_width
 from ..pcm.formulas import log_time
@@ -294,7 +294,7 @@ def _sample(ds, where: str, levels: np.ndarray, g_max: float, use, k_samp: int,
             with lock:
                 heaps.append(state)
         gt = _targets(read_target, start, stop, local.gt)
-        _check_targets(where, gt, g_max)
+        _check_targets(where, start, gt, g_max)
         EK.bottom_k_add(gt, start, levels, use(start, stop, local.valid), _SAMPLE_KEY, *state)
 
     workers = max(1, numba.get_num_threads() if n_workers is None else int(n_workers))
@@ -428,14 +428,10 @@ def _stream(ds, where, levels, x_lv, g_max, t0, t_common, t_source, use, rule, s
     return hist, lohi, sums, lvl, tsum, sample
 
 
-def _check_targets(where: str, gt: np.ndarray, g_max: float) -> None:
-    """Raise on a NaN, inf, negative target or one above g_max [S]."""
-    if gt.size == 0:
-        return
-    lo, hi = float(gt.min()), float(gt.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
-        raise MeasurementFormatError(where, "g_target", "NaN, inf or negative target",
-                                     "targets are finite conductances >= 0 [S]")
+def _check_targets(where: str, start: int, gt: np.ndarray, g_max: float) -> None:
+    """Raise on a NaN, inf or negative target (naming it; ``start``: the chunk's first device)
+    or one above g_max [S]."""
+    hi = check_conductances(where, "g_target", gt, offset=start)
     if hi > g_max * (1 + 1e-6):
         raise FitError(f"{where}: g_target: targets up to {hi:.4g} S exceed g_max = "
                        f"{g_max:.4g} S; check the units of g_target and attrs['g_max']")

@@ -318,7 +318,8 @@ def _perturb(g, table, inv_h, scale, key, out):  # pragma: no cover - via tests
 
 _perturb_serial, _perturb_parallel = serial_and_parallel(_perturb)
 #: Devices from which :func:`perturb_kernel` runs in parallel: below, waking the thread pool
-#: costs more than the work (about 0.2 ms per call inside a training step on the dev VM).
+#: costs more than the work (about 0.2 ms per call inside a training step on a 2-core x86-64
+#: machine).
 PERTURB_PARALLEL_MIN = 1 << 15
 
 
