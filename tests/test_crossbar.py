@@ -656,3 +656,26 @@ def test_dac_kernel_matches_torch_quantizer(dtype):
             ref = torch.from_numpy(x[:, start:start + n] * (dtype(127.0) * row_inv[:, None]))
             ref = ref.round().clamp(-127, 127).numpy()
             np.testing.assert_array_equal(lev, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "one_channel"])
+def test_image_dac_kernel_matches_torch_quantizer(dtype, layout):
+    # The image DAC of a convolution's evaluation: integer levels with a range per channel,
+    # laid out channels last, from an NCHW or a channels-last batch.
+    from aimc_device.crossbar import _kernels as K
+
+    rng = np.random.default_rng(6)
+    c = 1 if layout == "one_channel" else 5
+    x = torch.from_numpy(rng.uniform(-3, 3, (3, c, 7, 9)).astype(dtype))
+    x[1, 0, 2, 3] = np.nan
+    x[2, -1, 4, 4] = 0.5 / 127 * 1.7  # a tie after scaling: rounds half to even like torch
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    inv = (1 / rng.uniform(0.5, 3, c)).astype(dtype)
+    inv[-1] = dtype(1 / 1.7)
+    ref = (x * torch.from_numpy(dtype(127.0) * inv).reshape(1, -1, 1, 1)).round().clamp(-127, 127)
+    for kernel in (K.dac_image_serial, K.dac_image_parallel):
+        lev = np.empty((3, 7, 9, c), dtype)
+        kernel(x.permute(0, 2, 3, 1).numpy(), inv, 127.0, 127.0, lev)
+        np.testing.assert_array_equal(lev, ref.permute(0, 2, 3, 1).numpy())

@@ -189,6 +189,10 @@ def test_grouped_convolution_equals_one_convolution_per_group(seed, groups, c_g,
                              **kw) for g in range(groups)]
         y_groups = torch.cat(parts, dim=1)
         _assert_close_up_to_adc_ties(y.detach(), y_groups.detach(), cfg, factor, 1e-9)
+        with torch.no_grad():  # evaluation: the same function (the DAC in integer levels)
+            y_eval = analog_conv(x, tiles, cfg, alpha, scale, groups=groups, bias=bias,
+                                 options=options, **kw)
+        _assert_close_up_to_adc_ties(y_eval, y.detach(), cfg, factor, 1e-9)
         w = weights[:y.numel()].reshape(y.shape)
         results[name] = (y.detach(), torch.autograd.grad((y * w).sum(), leaves),
                          torch.autograd.grad((y_groups * w).sum(), leaves))
@@ -230,9 +234,10 @@ def test_grouped_convolution_ideal_is_torch_and_noise_per_tile(options):
 
 
 @pytest.mark.parametrize("options", [FAST, REFERENCE], ids=["fast", "reference"])
-@pytest.mark.parametrize("layer", ["linear", "conv"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv few rows", "depthwise"])
 def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):
-    # The same generator state gives the same draw whether a gradient is taken or not.
+    # The same generator state gives the same draw whether a gradient is taken or not (on the
+    # fast backend: every path of a convolution tile, in training and in evaluation).
     g = _gen(0)
     cfg = CrossbarConfig(max_rows=40)
     w = [torch.rand(6, 36, generator=g) * 2 - 1 for _ in range(2)]
@@ -242,6 +247,16 @@ def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):
 
         def run(inp, gen):
             return analog_mvm(inp, w, cfg, alpha, scale, generator=gen, options=options)
+    elif layer != "conv":  # 9 rows per tile: the convolution tile runs whole in Numba
+        groups = 3 if layer == "depthwise" else 1
+        x = torch.randn(2, 3, 5, 5, generator=g)
+        w1 = [torch.rand(6, 27 // groups, generator=g) * 2 - 1]
+        a1 = torch.rand(1, groups, generator=g) + 0.5
+
+        def run(inp, gen):
+            return analog_conv(inp, w1, cfg, a1, scale[:1], channel_sizes=[3 // groups],
+                               kernel_size=(3, 3), padding=(1, 1), groups=groups,
+                               generator=gen, options=options)
     else:
         x = torch.randn(2, 8, 5, 5, generator=g)
 

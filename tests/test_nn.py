@@ -562,6 +562,90 @@ def test_conv_stage_equals_convolution_products(make_conv, shape, out_bits, relu
         torch.testing.assert_close(g_direct, g_conv, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("make_conv,shape", [
+    (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4), (3, 4, 9, 8)),  # depthwise
+    (lambda: nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=3),
+     (2, 3, 9, 8)),  # two outputs per channel
+    (lambda: nn.Conv1d(3, 3, 5, padding=2, stride=2, groups=3), (3, 3, 23)),
+])
+@pytest.mark.parametrize("out_bits", [8, None])
+def test_one_channel_stage_equals_convolution_products(make_conv, shape, out_bits, monkeypatch):
+    # A grouped convolution whose groups each read one input channel (depthwise) runs whole in
+    # one Numba pass that sums the products tap by tap from the image (crossbar._kernels.
+    # one_channel_stage). With every nonideality on it must give the numbers of the products
+    # computed as oneDNN convolutions: the same draws, values and gradients, in training and
+    # in evaluation after programming.
+    from aimc_device.crossbar import _kernels
+    cfg = STD.replace(out_bound=3.0, out_bits=out_bits)
+    torch.manual_seed(5)
+    conv = make_conv()
+    a = anl.convert(nn.Sequential(conv), cfg, DEV, rng=0).double().train()
+    layer = a[0]
+    tiles = [g.tile for g in layer.group_layers]
+    calls = []
+    kernel = _kernels.one_channel_stage
+    monkeypatch.setattr(_kernels, "one_channel_stage", lambda *args: (calls.append(1),
+                                                                      kernel(*args)))
+    x = torch.randn(*shape, dtype=torch.float64) * 2
+    x.requires_grad_()
+    leaves = [x, layer.bias] + [p for t in tiles for p in (t.weight, t.alpha, t.gamma, t.kappa)]
+    outs, grads, evals = [], [], []
+    for max_rows in (_kernels.CONV_STAGE_MAX_ROWS, 0):
+        monkeypatch.setattr(_kernels, "CONV_STAGE_MAX_ROWS", max_rows)
+        for t in tiles:
+            t.reseed(np.random.SeedSequence(9))
+        a.train()
+        y = a(x)
+        outs.append(y.detach())
+        grads.append(torch.autograd.grad((y * torch.randn_like(y, generator=torch.Generator()
+                                                                .manual_seed(1))).sum(), leaves))
+        anl.program(a, rng=3)
+        a.eval()
+        with torch.no_grad():
+            evals.append(a(x))
+        for t in tiles:
+            t.forget_programming()
+    assert len(calls) == 2  # the one-channel kernel ran in training and in evaluation
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(evals[0], evals[1], rtol=1e-12, atol=1e-12)
+    for g_direct, g_conv in zip(*grads):
+        torch.testing.assert_close(g_direct, g_conv, rtol=1e-10, atol=1e-10)
+
+
+def test_grouped_layer_operands_follow_changes_of_its_groups():
+    # A programmed grouped layer keeps its groups' joint operands between evaluations; they
+    # follow an in-place change of a group's input range, drift and programming again.
+    cfg = STD.replace(out_noise=0.0, w_noise=0.0, ir_drop=0.0)
+    torch.manual_seed(2)
+    a = anl.convert(nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=4)), cfg, DEV,
+                    rng=0).eval()
+    anl.program(a, rng=1)
+    tiles = [g.tile for g in a[0].group_layers]
+    x = torch.randn(2, 4, 6, 6)
+
+    def fresh():
+        for t in tiles:
+            t._operand_copy = t._grouped_copy = None
+        return a(x)
+
+    with torch.no_grad():
+        y0 = a(x)
+        assert tiles[0]._grouped_copy is not None
+        torch.testing.assert_close(a(x), y0, rtol=0, atol=0)
+        tiles[2].alpha.mul_(1.5)  # in place
+        y1 = a(x)
+        assert not torch.equal(y1[:, 4:6], y0[:, 4:6])
+        torch.testing.assert_close(y1, fresh(), rtol=0, atol=0)
+        anl.drift(a, 86400.0, rng=2)
+        y2 = a(x)
+        assert not torch.equal(y2, y1)
+        torch.testing.assert_close(y2, fresh(), rtol=0, atol=0)
+        anl.program(a, rng=3)
+        y3 = a(x)
+        assert not torch.equal(y3, y2)
+        torch.testing.assert_close(y3, fresh(), rtol=0, atol=0)
+
+
 def ctypes_libc():
     import ctypes
     import ctypes.util

@@ -16,6 +16,7 @@ from aimc_device.pcm import numba_builds
 
 PAIRS = [(XK._output_stage_serial, XK._output_stage_parallel),
          (XK.dac_levels_serial, XK.dac_levels_parallel),
+         (XK.dac_image_serial, XK.dac_image_parallel),
          (XK._stage_backward_serial, XK._stage_backward_parallel),
          (PK._perturb_serial, PK._perturb_parallel),
          (EK._read_serial, EK._read_parallel),

@@ -318,6 +318,69 @@ def _conv_tile_products(x4, w, conv4, cfg, options, groups=1):
     return _K.Products(z=z, w_px=w_px, abs_x=abs_x, x2=x2, at=at)
 
 
+def _conv_tile_forward(x4, w, conv4, groups, cfg, options, stage, outputs):
+    """The products and the output stage of one convolution tile into ``outputs``: x4 (batch,
+    C, H, W) channels-last, the DAC's outputs in the units of ``stage.unit``; w (out, C / groups
+    * kernel elements) contiguous; conv4 the 2-d geometry (kernel_size, stride, padding,
+    dilation, spatial). Tiles of few rows run whole in Numba, from the image itself
+    (:func:`_K.one_channel_stage` when each group reads one input channel, else
+    :func:`_K.conv_stage`), larger ones through oneDNN's convolutions
+    (:func:`_conv_tile_products`) and :func:`_K.output_stage`."""
+    n_out, n_rows = w.shape
+    if n_rows > _K.CONV_STAGE_MAX_ROWS:
+        _K.output_stage(_conv_tile_products(x4, w, conv4, cfg, options, groups), stage, outputs)
+        return
+    has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
+    wabs = weight_form(w, "abs").numpy()
+    cw = _K.ConvWeights(w.numpy(), weight_form(w, "px").numpy() if has_ir else None,
+                        wabs if has_ir else None, wabs if has_st else None)
+    geom = np.array([v for part in conv4 for v in part] + [n_out // groups], dtype=np.intp)
+    image = x4.permute(0, 2, 3, 1).numpy()
+    if groups > 1 and x4.shape[1] == groups:  # one input channel per group (depthwise)
+        cw = _K.ConvWeights(*(None if a is None else np.ascontiguousarray(a.T) for a in cw))
+        _K.one_channel_stage(image, geom, cw, stage, outputs)
+    else:
+        _K.conv_stage(image, geom, cw, stage, outputs)
+
+
+def conv_eval(x, alpha, w, factor, cfg, options, conv, key, out=None):
+    """One convolution tile on the fast backend without gradient: the forward of
+    :class:`ConvTileSTE`, with the DAC in integer levels (Eq. 5) in one Numba pass that also
+    lays the image out channels last (:func:`_K.dac_image`).
+
+    x (batch, C, *spatial) in w's dtype; alpha: the tile's input range, a scalar or per input
+    channel (1, C, 1[, 1]); factor (out,): the digital factor of each column; conv: as for
+    :class:`ConvTileSTE`. Returns the output pixels as rows (batch * prod(spatial_out), out),
+    channels last; with ``out`` (such rows) given, the tile's output is added to it.
+    """
+    kernel_size, stride, padding, dilation, spatial, groups = conv
+    x, wd = x.detach(), w.detach().contiguous()
+    dtype = wd.dtype
+    n_out, n_rows = wd.shape
+    if cfg.inp_bits:
+        s_in, limit = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
+        x4 = x.unsqueeze(2) if x.dim() == 3 else x
+        b, c, h, wid = x4.shape
+        lev = torch.empty((b, h, wid, c), dtype=dtype)
+        inv = (1.0 / alpha.detach().reshape(-1).to(dtype)).expand(c).contiguous()
+        _K.dac_image(x4.permute(0, 2, 3, 1).numpy(), inv.numpy(), s_in, limit, lev.numpy())
+        x4, unit = one_channel_last(lev.permute(0, 3, 1, 2)), 1.0 / s_in
+    else:  # no quantiser: the DAC's bound alone
+        x4 = quantize(x / alpha.detach(), None, cfg.inp_bound)
+        x4 = x4.unsqueeze(2) if x4.dim() == 3 else x4
+        x4, unit = one_channel_last(x4.contiguous(memory_format=torch.channels_last)), 1.0
+    conv4 = conv[:5] if x.dim() == 4 else (
+        (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
+    accumulate = out is not None
+    if not accumulate:
+        out = torch.empty((x4.shape[0] * math.prod(conv4[4]), n_out), dtype=dtype)
+    col_f = factor.detach().reshape(-1).to(dtype).expand(n_out).contiguous().numpy()
+    stage = _K.stage(cfg, n_rows, _NP_DTYPE[dtype], key, unit=unit, accumulate=accumulate)
+    _conv_tile_forward(x4, wd, conv4, groups, cfg, options, stage,
+                       _K.Outputs(out.numpy(), col_f, None, None, None))
+    return out
+
+
 class ConvTileSTE(torch.autograd.Function):
     """One convolution tile on CPU, training or evaluation: factor * Q_out(W~ * x~ + dy_IR +
     noise) (Eqs. 1, 2, 5, 14-16), with the gradients of :class:`_StageSTE` (straight-through
@@ -355,17 +418,7 @@ class ConvTileSTE(torch.autograd.Function):
         stb = _StageBuffers((x4.shape[0] * int(np.prod(conv4[4])), n_out), wd.dtype, factor, cfg,
                             bias)
         stage = _K.stage(cfg, n_rows, _NP_DTYPE[wd.dtype], key, row_f=stb.row_f)
-        if n_rows <= _K.CONV_STAGE_MAX_ROWS:
-            has_ir, has_st = cfg.has_ir_drop, cfg.has_short_term_noise
-            wabs = weight_form(wd, "abs").numpy()
-            cw = _K.ConvWeights(wd.numpy(), weight_form(wd, "px").numpy() if has_ir else None,
-                                wabs if has_ir else None, wabs if has_st else None)
-            geom = np.array([v for part in conv4 for v in part] + [n_out // groups],
-                            dtype=np.intp)
-            _K.conv_stage(x4.permute(0, 2, 3, 1).numpy(), geom, cw, stage, stb.outputs)
-        else:
-            _K.output_stage(_conv_tile_products(x4, wd, conv4, cfg, options, groups), stage,
-                            stb.outputs)
+        _conv_tile_forward(x4, wd, conv4, groups, cfg, options, stage, stb.outputs)
         ctx.conv = conv
         ctx.dac_bound = cfg.inp_bound if math.isfinite(cfg.inp_bound) else None
         return stb.finish(ctx, factor, xt, xs, alpha, w)

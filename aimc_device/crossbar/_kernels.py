@@ -386,6 +386,96 @@ def _conv_stage(x, geom, cw, s, o):  # pragma: no cover - via tests
                 _adc_out(r0 + p, i, noise[i, p], s, o)
 
 
+@nb.njit(cache=True)
+def _one_channel_products(r0, npx, x, geom, w, wpx, wabs, wsq, prod):  # pragma: no cover
+    """prod[k, p, i] for k = W~ x~, (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 2, 15, 18, 14; 0 for
+    a switched-off term) of output pixels r0 .. r0 + npx - 1 of a grouped convolution whose
+    groups each read one input channel (depthwise): column i reads channel i // geom[10]. Taken
+    straight from the channels-last image, tap by tap, the columns along the vector; the
+    weights are (kernel elements, cols)."""
+    _, h_in, w_in, _ = x.shape
+    kh, kw, sh, sw, ph, pw, dh, dw, oh_n, ow_n, per_group = (
+        geom[0], geom[1], geom[2], geom[3], geom[4], geom[5], geom[6], geom[7], geom[8],
+        geom[9], geom[10])
+    nc = w.shape[1]
+    xr = np.empty(nc, dtype=x.dtype)  # the inputs of the columns, one tap
+    prod[:, :npx] = 0.0
+    for p in range(npx):
+        r = r0 + p
+        ow = r % ow_n
+        t = r // ow_n
+        oh = t % oh_n
+        b = t // oh_n
+        z, px, ab, sq = prod[0, p], prod[1, p], prod[2, p], prod[3, p]
+        for ki in range(kh):
+            ih = oh * sh - ph + ki * dh
+            if ih < 0 or ih >= h_in:
+                continue
+            for kj in range(kw):
+                iw = ow * sw - pw + kj * dw
+                if iw < 0 or iw >= w_in:
+                    continue
+                tap = ki * kw + kj
+                xv = x[b, ih, iw]
+                if per_group > 1:  # column i's input: channel i // per_group
+                    xv = xr
+                    for i in range(nc):
+                        xv[i] = x[b, ih, iw, i // per_group]
+                wt = w[tap]
+                for i in range(nc):
+                    z[i] += wt[i] * xv[i]
+                if wpx is not None:
+                    wp, wa = wpx[tap], wabs[tap]
+                    for i in range(nc):
+                        px[i] += wp[i] * xv[i]
+                        ab[i] += wa[i] * abs(xv[i])
+                if wsq is not None:
+                    ws = wsq[tap]
+                    for i in range(nc):
+                        sq[i] += ws[i] * (xv[i] * xv[i])
+
+
+@nb.njit(cache=True, parallel=True)
+def _one_channel_stage(x, geom, cw, s, o):  # pragma: no cover - via tests
+    """:func:`one_channel_stage`, blocks of output pixels in parallel."""
+    n_px, nc = o.out.shape
+    per = max(2, (_CONV_ITEM_SIZE // max(nc, 1)) // 2 * 2)
+    for item in prange((n_px + per - 1) // per):
+        r0 = item * per
+        npx = min(n_px, r0 + per) - r0
+        prod = np.empty((4, per, nc), dtype=o.out.dtype)
+        v = np.empty(per * nc + 1, dtype=o.out.dtype)
+        _one_channel_products(r0, npx, x, geom, cw.w, cw.wpx, cw.wabs, cw.wsq, prod)
+        if s.noisy:  # standard normals, element e = pixel * cols + col
+            _normals(s.key, r0 * nc, npx * nc, v)
+        else:
+            v[:] = 0.0
+        for p in range(npx):  # two branch-free (vectorised) passes per pixel
+            r = v[p * nc:(p + 1) * nc]
+            for i in range(nc):  # the pre-ADC values, in place of the normals
+                r[i] = _pre_adc(prod[0, p, i], prod[1, p, i], prod[2, p, i], prod[3, p, i],
+                                r[i], s)
+            for i in range(nc):
+                _adc_out(r0 + p, i, r[i], s, o)
+
+
+def one_channel_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
+    """:func:`conv_stage` for a grouped convolution whose groups each read one input channel
+    (depthwise, with geom[10] output columns per channel): the products are summed tap by tap
+    straight from the channels-last image, along the columns, without gathering patches (a
+    patch of every group per pixel, most of it read by no column); the same numbers as
+    :func:`conv_stage` up to the order of the sums, the same draws. The weights of ``cw`` are
+    transposed: (kernel elements, cols) C order."""
+    if geom.shape != (11,):  # the kernel reads every entry unchecked
+        raise ValueError(f"one_channel_stage: geom must hold 11 entries, got shape {geom.shape}")
+    if x.shape[3] * geom[10] != o.out.shape[1] or cw.w.shape != (geom[0] * geom[1],
+                                                                 o.out.shape[1]):
+        raise ValueError("one_channel_stage: expected one input channel per group, the weights "
+                         f"(kernel elements, cols); got x {x.shape}, w {cw.w.shape}, outputs "
+                         f"{o.out.shape}, {geom[10]} columns per group")
+    _one_channel_stage(x, geom, cw, s, o)
+
+
 def conv_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
     """The whole forward of a convolution tile with few rows, one pass per block of output
     pixels: the patches gathered from the image, the products W~ x~, (W~ o P) x~, |W~| |x~|,
@@ -438,6 +528,43 @@ def dac_levels(x, *args):
     out = args[-1]
     kernel = dac_levels_parallel if out.size >= PARALLEL_MIN_SIZE else dac_levels_serial
     kernel(x, *args)
+
+
+def _dac_image(x, ch_inv, s_in, limit, out):  # pragma: no cover - via tests
+    """DAC of Eq. 5 for a batch of images, in integer levels, one pass:
+    out[b, h, w, c] = clip(rint(x[b, h, w, c] s_in / a_c), -limit, limit).
+
+    x : (batch, H, W, C) inputs, any strides (an NCHW tensor seen channels last, or a
+    channels-last one); ch_inv : (C,), 1 / a per channel (the input range of its tile);
+    out : (batch, H, W, C) C order. NaN stays NaN (as in torch)."""
+    b_n, h_n, w_n, c_n = out.shape
+    sf = x.dtype.type(s_in)
+    lim = x.dtype.type(limit)
+    for bh in prange(b_n * h_n):
+        src = x[bh // h_n, bh % h_n]  # (W, C)
+        dst = out[bh // h_n, bh % h_n]
+        if c_n == 1 or src.strides[1] == src.itemsize:  # channels contiguous
+            for w in range(w_n):
+                for c in range(c_n):
+                    v = np.rint(src[w, c] * (sf * ch_inv[c]))
+                    v = lim if v > lim else v
+                    dst[w, c] = -lim if v < -lim else v
+        else:  # NCHW: each channel's row contiguous, written with the channels' stride
+            for c in range(c_n):
+                f = sf * ch_inv[c]
+                for w in range(w_n):
+                    v = np.rint(src[w, c] * f)
+                    v = lim if v > lim else v
+                    dst[w, c] = -lim if v < -lim else v
+
+
+dac_image_serial, dac_image_parallel = serial_and_parallel(_dac_image)
+
+
+def dac_image(x, ch_inv, s_in, limit, out):
+    """Dispatch to the serial or the parallel image DAC by size (same numbers from both)."""
+    kernel = dac_image_parallel if out.size >= PARALLEL_MIN_SIZE else dac_image_serial
+    kernel(x, ch_inv, s_in, limit, out)
 
 
 #: Rows per partial sum of the stage's backward (fixed: the same sums on any thread count).

@@ -277,6 +277,10 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
         a_out = alpha[k, 0] if groups == 1 else alpha[k].repeat_interleave(n_out // groups)
         if fast:
             geometry = (kernel_size, stride, padding, dilation, spatial, groups)
+            if not grad:  # the tiles' outputs summed in place
+                out = _fast.conv_eval(xk, a_in, w, a_out * out_scale[k], cfg, options,
+                                      geometry, _fast.stage_key(generator), out)
+                continue
             yk = _fast.ConvTileSTE.apply(xk, a_in, w, a_out * out_scale[k], None, cfg, options,
                                          geometry, _fast.stage_key(generator))
         else:
@@ -292,7 +296,8 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
                                  _tile_item(zeta, k), prod, a_out)
         out = yk if out is None else (out + yk if grad else out.add_(yk))
     if bias is not None:  # after the stage: with a bias the Numba stage ran 8x slower
-        out = out + bias
+        out = out + bias if torch.is_grad_enabled() and (grad or bias.requires_grad) \
+            else out.add_(bias)
     return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
 
 
