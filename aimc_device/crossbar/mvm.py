@@ -250,20 +250,22 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
     w0 = w_tiles[0]
     n_out = w0.shape[0]
     x = x.to(w0.dtype)
-    if dims == 2:  # channels-last: each product's (rows, out) layout is then a free view
+    alpha = _as_tensor(alpha, w0).reshape(len(w_tiles), groups)
+    out_scale = _as_tensor(out_scale, w0)
+    options = options or current_options()
+    fast = _fast_backend(x, cfg, None, options) and dims <= 2
+    grad = _needs_grad(x, alpha, out_scale, *w_tiles)
+    if dims == 2 and (grad or not fast):
+        # channels-last: each product's (rows, out) layout is then a free view (the DAC of an
+        # evaluation on the fast backend writes its levels channels last from either layout)
         x = _ChannelsLast.apply(x) if x.requires_grad else x.contiguous(
             memory_format=torch.channels_last)
         x = _fast.one_channel_last(x)
-    alpha = _as_tensor(alpha, w0).reshape(len(w_tiles), groups)
-    out_scale = _as_tensor(out_scale, w0)
     if groups * sum(channel_sizes) != x.shape[1] or len(channel_sizes) != len(w_tiles):
         raise ValueError(f"x: {x.shape[1]} channels; the tiles hold {list(channel_sizes)} "
                          f"channels of each of {groups} groups")
     if n_out % groups:
         raise ValueError(f"w_tiles: {n_out} outputs do not split into groups={groups}")
-    options = options or current_options()
-    fast = _fast_backend(x, cfg, None, options) and dims <= 2
-    grad = _needs_grad(x, alpha, out_scale, *w_tiles)
     spatial = [(size + 2 * p - d * (k - 1) - 1) // s_ + 1 for size, k, s_, p, d in
                zip(x.shape[2:], kernel_size, stride, padding, dilation)]
     bcast = (1, -1) + (1,) * dims  # a per-channel factor against (batch, C, *spatial)
