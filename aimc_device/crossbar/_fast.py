@@ -31,6 +31,11 @@ def stage_key(gen) -> np.uint64:
     return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
 
 
+def stage_keys(gen, n: int) -> list:
+    """The keys of n tiles' draws: those of n calls of :func:`stage_key`, in one draw."""
+    return [np.uint64(k) for k in torch.randint(0, 2 ** 62, (n,), generator=gen).tolist()]
+
+
 def _np(t: torch.Tensor | None):
     return None if t is None else t.numpy()
 
@@ -43,6 +48,8 @@ def _aux_products(xd, w, cfg, options, z):
     """The kernel's :class:`_K.Products` of one tile from its DAC outputs xd (no gradient) and
     its signal z = W~ xd (rows, out): (W~ o P) xd and [|xd|; xd^2] against |W~| (Eqs. 14-18),
     in bfloat16 under ``options.aux_bfloat16`` (float32 only), read back in z's precision."""
+    if not (cfg.has_ir_drop or cfg.has_short_term_noise):
+        return _K.Products(z=z.numpy(), w_px=None, abs_x=None, x2=None, at=_NO_OFFSETS)
     dt = z.dtype
     adt = torch.bfloat16 if options.bfloat16_products and dt == torch.float32 else dt
     b = xd.shape[0]
@@ -151,7 +158,7 @@ def linear_eval(x, w_tiles, cfg, alpha, out_scale, generator, options):
     x = x.detach()
     rows = x.shape[0]
     out = torch.empty((rows, plan.n_out), dtype=x.dtype)
-    keys = [stage_key(generator) for _ in plan.tiles]  # one per tile and call
+    keys = stage_keys(generator, len(plan.tiles))  # one per tile and call
     step = _row_block(rows, plan.n_out, x.element_size())
     for r0 in range(0, rows, step):
         xb = x[r0:r0 + step]

@@ -94,7 +94,8 @@ class AnalogLayer(nn.Module):
 
     def parameter_dtype(self) -> torch.dtype:
         """The dtype of the layer's parameters (a module cast casts them all)."""
-        return next(self.parameters()).dtype
+        own = next((p for p in self._parameters.values() if p is not None), None)
+        return (own if own is not None else next(self.parameters())).dtype
 
     def compute_dtype(self) -> torch.dtype:
         """The dtype of the analog computation: that of the layer's parameters, or float32 for
