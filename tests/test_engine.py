@@ -457,3 +457,12 @@ def test_cuda_networks_train_program_and_evaluate():
             y = a(x)
         y = y[0] if isinstance(y, tuple) else y
         assert y.device.type == "cuda" and bool(torch.isfinite(y).all()), name
+
+
+def test_stage_keys_in_one_draw_equal_one_draw_per_tile():
+    # linear_eval takes the keys of all its tiles in one draw of the generator: the same keys,
+    # and the same generator state after, as one draw per tile (analog_conv's tiles)
+    from aimc_device.crossbar import _fast
+    g1, g2 = _gen(4), _gen(4)
+    assert _fast.stage_keys(g1, 5) == [_fast.stage_key(g2) for _ in range(5)]
+    assert torch.equal(g1.get_state(), g2.get_state())
