@@ -234,7 +234,8 @@ def test_grouped_convolution_ideal_is_torch_and_noise_per_tile(options):
 
 
 @pytest.mark.parametrize("options", [FAST, REFERENCE], ids=["fast", "reference"])
-@pytest.mark.parametrize("layer", ["linear", "conv", "conv few rows", "depthwise"])
+@pytest.mark.parametrize("layer", ["linear", "conv", "conv few rows", "depthwise",
+                                   "1x1 stride 2"])
 def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):
     # The same generator state gives the same draw whether a gradient is taken or not (on the
     # fast backend: every path of a convolution tile, in training and in evaluation).
@@ -247,6 +248,14 @@ def test_noise_is_drawn_the_same_with_and_without_grad(options, layer):
 
         def run(inp, gen):
             return analog_mvm(inp, w, cfg, alpha, scale, generator=gen, options=options)
+    elif layer == "1x1 stride 2":  # evaluation reads every second row and column only
+        x = torch.randn(2, 8, 7, 6, generator=g)
+        w1 = [torch.rand(6, 8, generator=g) * 2 - 1]
+
+        def run(inp, gen):
+            return analog_conv(inp, w1, cfg, alpha[:1], scale[:1], channel_sizes=[8],
+                               kernel_size=(1, 1), stride=(2, 2), generator=gen,
+                               options=options)
     elif layer != "conv":  # 9 rows per tile: the convolution tile runs whole in Numba
         groups = 3 if layer == "depthwise" else 1
         x = torch.randn(2, 3, 5, 5, generator=g)

@@ -364,6 +364,10 @@ def conv_eval(x, alpha, w, factor, cfg, options, conv, key, out=None):
     x, wd = x.detach(), w.detach().contiguous()
     dtype = wd.dtype
     n_out, n_rows = wd.shape
+    if max(kernel_size) == 1 and not any(padding) and max(stride) > 1:
+        # a 1x1 kernel without padding reads every stride-th input only: those alone are read
+        x = x[(..., *(slice(None, None, st) for st in stride))]
+        stride = (1,) * len(stride)
     if cfg.inp_bits:
         s_in, limit = quantizer_levels(cfg.inp_bits, cfg.inp_bound)
         x4 = x.unsqueeze(2) if x.dim() == 3 else x
@@ -376,7 +380,7 @@ def conv_eval(x, alpha, w, factor, cfg, options, conv, key, out=None):
         x4 = quantize(x / alpha.detach(), None, cfg.inp_bound)
         x4 = x4.unsqueeze(2) if x4.dim() == 3 else x4
         x4, unit = one_channel_last(x4.contiguous(memory_format=torch.channels_last)), 1.0
-    conv4 = conv[:5] if x.dim() == 4 else (
+    conv4 = (kernel_size, stride, padding, dilation, spatial) if x.dim() == 4 else (
         (1, *kernel_size), (1, *stride), (0, *padding), (1, *dilation), (1, *spatial))
     accumulate = out is not None
     if not accumulate:
