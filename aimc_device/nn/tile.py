@@ -82,9 +82,11 @@ def grouped_operands(tiles, device: torch.device, dtype: torch.dtype) -> dict | 
     """
     first = tiles[0]
     held = None
-    if not first.training and all(t._array is not None for t in tiles):
-        # programmed, evaluating: the joint operands are kept while every group's array, its
-        # state and its input ranges are the same (as each tile keeps its own copy)
+    if not (first.training or torch.is_grad_enabled()) and all(t._array is not None
+                                                             for t in tiles):
+        # programmed, evaluating without a graph: the joint operands are kept while every
+        # group's array, its state and its input ranges are the same (as each tile keeps its
+        # own copy)
         alphas = [t.alpha for t in tiles]
         held = ((device, dtype), [a._version for a in alphas], alphas + [
             v for t in tiles for v in (t._array, t._array.w_tiles, t._array.comp,
