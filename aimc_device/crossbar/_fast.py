@@ -3,10 +3,11 @@
 Serves :mod:`aimc_device.crossbar.mvm` where its dispatch rule allows (CPU, float32/float64, the
 elements of the standard model). Per tile: the DAC (Eq. 5), the signal W~ x~ (Eq. 2) and the
 auxiliary products (W~ o P) x~, |W~| |x~|, |W~| x~^2 (Eqs. 14-18) as GEMMs or convolutions,
-then one Numba pass for the rest (:func:`_kernels.output_stage`). Training: the same forward,
-with the straight-through backward of the ADC (docs/model.md sec. 8) in :class:`_StageSTE` and
-:class:`_ConvTileSTE`; only the signal carries a gradient. Private; the tests compare it with
-the torch reference.
+then one Numba pass for the rest (:func:`_kernels.output_stage`). Without gradient
+(:func:`linear_eval`, :func:`conv_eval`) the DAC runs in integer levels in one Numba pass.
+Training: the same forward, with the straight-through backward of the ADC (docs/model.md sec.
+8) in :class:`_StageSTE` and :class:`ConvTileSTE`; only the signal carries a gradient.
+Private; the tests compare it with the torch reference.
 
 References
 ----------
@@ -397,10 +398,11 @@ class ConvTileSTE(torch.autograd.Function):
     noise) (Eqs. 1, 2, 5, 14-16), with the gradients of :class:`_StageSTE` (straight-through
     ADC) and then those of the convolution W~ * x~ and of the DAC to ``x``, ``alpha`` and ``w``.
 
-    The products come from the image itself inside :func:`_K.conv_stage` for tiles of few rows
-    (at most ``_K.CONV_STAGE_MAX_ROWS``: there the work scales with the outputs, and the
-    products are cheaper computed than read back from memory), else from oneDNN convolutions
-    (:func:`_conv_tile_products`) read in place by :func:`_K.output_stage`.
+    The products come from the image itself inside Numba for tiles of few rows (at most
+    ``_K.CONV_STAGE_MAX_ROWS``: there the work scales with the outputs, and the products are
+    cheaper computed than read back from memory), else from oneDNN convolutions
+    (:func:`_conv_tile_products`) read in place by :func:`_K.output_stage`; see
+    :func:`_conv_tile_forward`. Without a gradient to take, :func:`conv_eval` runs instead.
 
     ``x`` is the tile's input (batch, C, H, W) (or (batch, C, L)) and ``alpha`` its input range
     (a scalar, or per channel (1, C, 1, 1) for the tiles of a grouped convolution): the DAC
