@@ -18,7 +18,7 @@ from aimc_device import crossbar, fit, io, pcm
 from aimc_device.cli import main
 from aimc_device.crossbar.state import export_state, import_state
 from aimc_device.fit.choice import chance_limit
-from aimc_device.study._tasks import ModelSpec, build_analog
+from aimc_device.study._tasks import ModelSpec
 
 
 def _rram(levels=8, devices=200, seed=3):
