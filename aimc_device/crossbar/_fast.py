@@ -27,14 +27,15 @@ from .periphery import quantize, quantizer_levels, straight_through_mask, weight
 _F = torch.nn.functional.linear
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
-def stage_key(gen) -> np.uint64:
-    """The key of one tile's draws, taken from the generator (one draw of it)."""
-    return np.uint64(int(torch.randint(0, 2 ** 62, (1,), generator=gen)))
-
-
 def stage_keys(gen, n: int) -> list:
-    """The keys of n tiles' draws: those of n calls of :func:`stage_key`, in one draw."""
+    """The keys of n tiles' draws, taken from the generator (one draw of it, one key per tile:
+    the same keys as n draws of one)."""
     return [np.uint64(k) for k in torch.randint(0, 2 ** 62, (n,), generator=gen).tolist()]
+
+
+def stage_key(gen) -> np.uint64:
+    """The key of one tile's draws (:func:`stage_keys`)."""
+    return stage_keys(gen, 1)[0]
 
 
 def _np(t: torch.Tensor | None):

@@ -494,6 +494,15 @@ def conv_stage(x, geom, cw: ConvWeights, s: Stage, o: Outputs) -> None:
     _conv_stage(x, geom, cw, s, o)
 
 
+@nb.njit(cache=True, inline="always")
+def _dac_level(v, f, lim):  # pragma: no cover - via tests
+    """The DAC level of input v (Eq. 5): rint(v f) clipped to [-lim, lim], f = s_in / a (NaN
+    stays NaN); branch-free, so that the loops over it vectorise."""
+    q = np.rint(v * f)
+    q = lim if q > lim else q
+    return -lim if q < -lim else q
+
+
 _DAC_SIG = ["void({t}[:, ::1], intp, {t}[::1], float64, float64, {t}[:, ::1])".format(t=t)
             for t in ("float32", "float64")]
 
@@ -513,9 +522,7 @@ def _dac_levels(x, start, row_inv, s_in, limit, out):  # pragma: no cover - via 
         row = x[b, start:start + n]  # row views: LLVM vectorises (5x faster than x[b, start + i])
         dst = out[b]
         for i in range(n):
-            v = np.rint(row[i] * s)
-            v = lim if v > lim else v
-            dst[i] = -lim if v < -lim else v
+            dst[i] = _dac_level(row[i], s, lim)
 
 
 # Rows split over both cores: each core then holds the levels its GEMM threads read next (a
@@ -546,16 +553,12 @@ def _dac_image(x, ch_inv, s_in, limit, out):  # pragma: no cover - via tests
         if c_n == 1 or src.strides[1] == src.itemsize:  # channels contiguous
             for w in range(w_n):
                 for c in range(c_n):
-                    v = np.rint(src[w, c] * (sf * ch_inv[c]))
-                    v = lim if v > lim else v
-                    dst[w, c] = -lim if v < -lim else v
+                    dst[w, c] = _dac_level(src[w, c], sf * ch_inv[c], lim)
         else:  # NCHW: each channel's row contiguous, written with the channels' stride
             for c in range(c_n):
                 f = sf * ch_inv[c]
                 for w in range(w_n):
-                    v = np.rint(src[w, c] * f)
-                    v = lim if v > lim else v
-                    dst[w, c] = -lim if v < -lim else v
+                    dst[w, c] = _dac_level(src[w, c], f, lim)
 
 
 dac_image_serial, dac_image_parallel = serial_and_parallel(_dac_image)

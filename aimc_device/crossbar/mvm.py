@@ -298,8 +298,7 @@ def analog_conv(x: torch.Tensor, w_tiles, cfg: CrossbarConfig, alpha, out_scale,
                                  _tile_item(zeta, k), prod, a_out)
         out = yk if out is None else (out + yk if grad else out.add_(yk))
     if bias is not None:  # after the stage: with a bias the Numba stage ran 8x slower
-        out = out + bias if torch.is_grad_enabled() and (grad or bias.requires_grad) \
-            else out.add_(bias)
+        out = out + bias if grad or _needs_grad(bias) else out.add_(bias)
     return out.reshape(x.shape[0], *spatial, n_out).movedim(-1, 1)
 
 
