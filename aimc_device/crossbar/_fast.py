@@ -363,7 +363,9 @@ def conv_eval(x, alpha, w, factor, cfg, options, conv, key, out=None):
     channels last; with ``out`` (such rows) given, the tile's output is added to it.
     """
     kernel_size, stride, padding, dilation, spatial, groups = conv
-    x, wd = x.detach(), w.detach().contiguous()
+    x = x.detach()
+    # a programmed layer's own weights where possible: their |W~| and W~ o P stay cached on them
+    wd = w if not w.requires_grad and w.is_contiguous() else w.detach().contiguous()
     dtype = wd.dtype
     n_out, n_rows = wd.shape
     if max(kernel_size) == 1 and not any(padding) and max(stride) > 1:
