@@ -2,6 +2,8 @@
 spawned process imports the module of its function)."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,9 @@ def _mlp(seed=0):  # as test_nn._mlp
 
 
 def ddp_worker(rank, world, out):
+    # importing the package does not load Dynamo (about a second and a half per process)
+    with open(f"{out}/rank{rank}.dynamo", "w") as fh:
+        fh.write(str("torch._dynamo" in sys.modules))
     import torch.distributed as dist
 
     # a file store: no TCP port to race for

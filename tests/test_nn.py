@@ -385,6 +385,8 @@ def test_distributed_data_parallel_two_processes(tmp_path):
     for k in s0:  # gradients were averaged: both replicas hold the same parameters
         torch.testing.assert_close(s0[k], s1[k], rtol=1e-6, atol=1e-7)
     assert not torch.equal(s0["0.tile.weight"], anl.convert(_mlp(0), STD, DEV)[0].tile.weight)
+    # a process that imports aimc_device.nn (and this worker) has not loaded Dynamo
+    assert (tmp_path / "rank0.dynamo").read_text() == "False"
 
 
 # ------------------------------------------------------------ HWA beats direct mapping

@@ -22,6 +22,8 @@ import contextlib
 import functools
 import math
 import re
+import sys
+import types
 from types import SimpleNamespace
 
 import numpy as np
@@ -54,9 +56,11 @@ def analog_forward(forward):
     """Decorator of an analog layer's ``forward``: kept out of ``torch.compile`` graphs, and
     autocast-aware.
 
-    - ``torch.compile``: Dynamo does not trace it (``torch.compiler.disable``); the analog
-      layer runs eagerly between the compiled parts of the model, and its own state (noise
-      scale, programmed arrays, generators) places no guards, so nothing recompiles per step.
+    - ``torch.compile``: Dynamo does not trace it (``torch.compiler.disable``, applied from
+      the first time the forward is looked up with Dynamo loaded, see :class:`_OutOfGraphs`);
+      the analog layer runs eagerly between the compiled parts of the model, and its own state
+      (noise scale, programmed arrays, generators) places no guards, so nothing recompiles per
+      step.
     - ``torch.autocast``: the analog MVM runs with autocast off, on inputs cast to the layer's
       compute dtype (float32 or float64, the precisions the crossbar engine computes in), and
       the floating-point outputs come back in the autocast dtype (bfloat16 or float16), as
@@ -83,7 +87,27 @@ def analog_forward(forward):
                           **{k: _cast_floats(v, dtype) for k, v in kwargs.items()})
         return _cast_floats(out, out_dtype)
 
-    return torch.compiler.disable(run)
+    return _OutOfGraphs(run)
+
+
+class _OutOfGraphs:
+    """A method kept out of ``torch.compile`` graphs: the function itself while Dynamo is not
+    loaded (no graph can be traced then, and importing Dynamo takes about as long as importing
+    torch), else its ``torch.compiler.disable`` wrapper, made once. ``torch.compile`` loads
+    Dynamo before it traces anything, so every lookup of the method in a traced model gets the
+    wrapper."""
+
+    def __init__(self, fn):
+        functools.update_wrapper(self, fn)
+        self.fn, self.disabled = fn, None
+
+    def __get__(self, obj, objtype=None):
+        fn = self.fn
+        if "torch._dynamo" in sys.modules:
+            if self.disabled is None:
+                self.disabled = torch.compiler.disable(fn)
+            fn = self.disabled
+        return fn if obj is None else types.MethodType(fn, obj)
 
 
 class AnalogLayer(nn.Module):
