@@ -27,6 +27,7 @@ from .periphery import quantize, quantizer_levels, straight_through_mask, weight
 _F = torch.nn.functional.linear
 _NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
+
 def stage_keys(gen, n: int) -> list:
     """The keys of n tiles' draws, taken from the generator (one draw of it, one key per tile:
     the same keys as n draws of one)."""
